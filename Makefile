@@ -1,0 +1,30 @@
+# The two commands of the README.  Both set up what they need first (scripts/setup.sh).
+SHELL := /bin/bash
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+
+.PHONY: demo test setup setup-test sanity pytest clean
+
+## make demo: set up, then run the main job on the simulated default (see README)
+demo: setup
+	ansible-playbook playbooks/demo.yml
+
+## make test: set up, then run every test (pytest, ansible-test sanity)
+test: setup-test
+	scripts/run-tests.sh
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh --test
+
+pytest: setup-test
+	$(VENV)/bin/python -m pytest
+
+sanity: setup-test
+	scripts/ansible-sanity.sh
+
+clean:
+	rm -rf .demo build test-artifacts

@@ -1,0 +1,50 @@
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The one error type of the dstack formats, and the hex parsing every format shares."""
+
+import re
+
+_HEX_RE = re.compile(r"\A(?:[0-9a-fA-F]{2})*\Z")
+
+
+class DstackError(ValueError):
+    """Bad input or a failed check.
+
+    The message names the field and the reason. It never carries the value of a secret, so it is
+    safe to show to a user or write to a log.
+    """
+
+    def __init__(self, field, reason):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+def parse_hex(value, field, length=None, allow_empty=False):
+    """Return the bytes of a hex string (an optional 0x prefix is accepted).
+
+    `length`, when given, is the exact byte length required (an int or a tuple of allowed ints).
+    The error names the field and what is wrong, never the value itself.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    else:
+        if not isinstance(value, str):
+            raise DstackError(field, f"must be a hex string, not {type(value).__name__}")
+        text = value.strip()
+        if text[:2] in ("0x", "0X"):
+            text = text[2:]
+        if not _HEX_RE.match(text):
+            if len(text) % 2:
+                raise DstackError(field, f"is not hex: odd number of digits ({len(text)})")
+            raise DstackError(field, "is not hex: it has characters outside 0-9 and a-f")
+        data = bytes.fromhex(text)
+    if not data and not allow_empty and length != 0:
+        raise DstackError(field, "must not be empty")
+    if length is not None:
+        allowed = (length,) if isinstance(length, int) else tuple(length)
+        if len(data) not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise DstackError(field, f"must be {want} bytes ({2 * allowed[0]} hex digits), got {len(data)} bytes")
+    return data

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Sets up everything `make demo` and `make test` need, and is quick when it is all there already:
+#   1. Debian packages (apt-get, only the missing ones),
+#   2. the project venv .venv/ with the Python dependencies (pip, only when pyproject.toml changed),
+#   3. the collection link .venv/collections/ansible_collections/dstack/tee -> this checkout.
+# Usage: scripts/setup.sh [--test]   (--test also installs what the test suite needs)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+WITH_TEST=0
+[[ "${1:-}" == "--test" ]] && WITH_TEST=1
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+# ---- 1. Debian packages -------------------------------------------------------------------
+APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
+# Later issues add here: podman runc pebble wireguard-go ... (one list, one install step).
+
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+fi
+if ((${#missing[@]})); then
+  step "installing Debian packages: ${missing[*]}"
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || die "need root (or sudo) to apt-get install: ${missing[*]}"
+    SUDO="sudo"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq || die "apt-get update failed (is a Debian mirror reachable?)"
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+else
+  step "Debian packages: all present"
+fi
+
+# ---- 2. the venv ----------------------------------------------------------------------------
+# Prefer the first python3 on PATH that is 3.11 or newer (pyenv's on the project machines,
+# Debian's /usr/bin/python3 on a fresh Debian 12).
+PY=""
+for cand in "${PYTHON:-}" python3 /usr/bin/python3 python3.12 python3.11; do
+  [[ -n "$cand" ]] || continue
+  if command -v "$cand" >/dev/null 2>&1 \
+     && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    PY="$cand"; break
+  fi
+done
+[[ -n "$PY" ]] || die "no Python 3.11 or newer found (set PYTHON=/path/to/python3.11)"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  step "creating the venv .venv/ with $("$PY" --version)"
+  "$PY" -m venv "$VENV" || die "python -m venv failed (Debian needs python3-venv)"
+fi
+
+extras=""
+((WITH_TEST)) && extras="[test]"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)$extras"
+stamp="$VENV/.dstack-setup-stamp"
+have="$(cat "$stamp" 2>/dev/null || true)"
+# A stamp made with [test] also satisfies a plain setup.
+if [[ "$have" != "$want" && "$have" != "${want}[test]" ]]; then
+  step "installing Python packages into .venv/ (pip, about 30 s the first time)"
+  log="$VENV/pip-install.log"
+  if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+         && "$VENV/bin/python" -m pip install -e "$ROOT$extras"; } >"$log" 2>&1; then
+    tail -n 25 "$log" >&2
+    die "pip install -e .$extras failed (is PyPI reachable? full log: $log)"
+  fi
+  echo "$want" > "$stamp"
+else
+  step "Python packages: up to date"
+fi
+
+# ---- 3. the collection, importable and findable by Ansible ------------------------------------
+COLL="$VENV/collections/ansible_collections/dstack"
+mkdir -p "$COLL"
+if [[ "$(readlink "$COLL/tee" 2>/dev/null)" != "$ROOT" ]]; then
+  ln -sfn "$ROOT" "$COLL/tee"
+fi
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$VENV/collections" > "$site/dstack_tee_collection.pth"
+"$VENV/bin/python" -c 'import ansible_collections.dstack.tee.plugins.module_utils' \
+  || die "the collection is not importable from .venv (see above)"
+step "ready: .venv/ (activate with: . .venv/bin/activate)"
