@@ -6,7 +6,7 @@
 dstack-reference sections 6.1, 6.2 and 2.5. compose_hash is SHA-256 of the exact bytes of
 app-compose.json, so those bytes are made here and nowhere else: keys sorted recursively, compact
 separators, UTF-8 without escaping, NaN and infinities as null, and top-level fields that are
-None left out. These are the bytes `dstack_sdk.get_compose_hash` hashes.
+None (or NaN or infinite) left out. These are the bytes `dstack_sdk.get_compose_hash` hashes.
 """
 
 import hashlib
@@ -81,7 +81,7 @@ def render(app_compose):
     """The exact bytes of app-compose.json for a dict (deterministic)."""
     if not isinstance(app_compose, dict):
         raise DstackError("app_compose", f"must be a mapping, not {type(app_compose).__name__}")
-    top = {k: v for k, v in app_compose.items() if v is not None}
+    top = {k: v for k, v in app_compose.items() if _canonical(v) is not None}
     text = json.dumps(_canonical(top), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
     return text.encode("utf-8")

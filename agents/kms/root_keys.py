@@ -1,0 +1,117 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The KMS root keys: made once, stored 0600, loaded on every start, never overwritten.
+
+Files in the state directory (dstack's names, dstack-reference 5.1):
+  root-ca.key    P-256 root CA key, PKCS#8 PEM
+  root-ca.crt    its self-signed certificate ("Dstack KMS CA")
+  root-k256.key  secp256k1 root key, raw 32 bytes
+"""
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+
+ROOT_CA_KEY = "root-ca.key"
+ROOT_CA_CERT = "root-ca.crt"
+ROOT_K256_KEY = "root-k256.key"
+CA_VALIDITY_DAYS = 3650
+
+
+@dataclass(frozen=True)
+class RootKeys:
+    ca_key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    k256_key: bytes
+
+    @property
+    def k256_pubkey(self):
+        """The compressed SEC1 public key that signs env keys and app keys (hex in GetMeta)."""
+        return kdf.k256_public_key(self.k256_key)
+
+    def env_pubkey_response(self, app_id, now=None):
+        """GetAppEnvEncryptPubKey: {public_key, signature, timestamp, signature_v1}, hex bytes."""
+        app = parse_hex(app_id, "app_id", length=20)
+        timestamp = int(time.time()) if now is None else int(now)
+        public_key = env_crypt.x25519_public_key(kdf.env_crypt_key(self.ca_key, app))
+        signature, signature_v1 = kdf.sign_env_pubkey(self.k256_key, app, public_key, timestamp)
+        return {"public_key": public_key.hex(), "signature": signature.hex(),
+                "timestamp": timestamp, "signature_v1": signature_v1.hex()}
+
+
+def _self_signed_ca(key):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Dstack KMS CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CA_VALIDITY_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+
+
+def _read(path, field):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+
+
+def load(state_dir):
+    """Load the root keys; refuse, naming the file, when one is missing, corrupt or unreadable."""
+    ca_pem = _read(os.path.join(state_dir, ROOT_CA_KEY), ROOT_CA_KEY)
+    try:
+        ca_key = serialization.load_pem_private_key(ca_pem, password=None)
+    except (ValueError, TypeError):
+        raise DstackError(ROOT_CA_KEY, "is corrupt: not a PEM private key") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.curve.name != "secp256r1":
+        raise DstackError(ROOT_CA_KEY, "is not a P-256 key")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(_read(os.path.join(state_dir, ROOT_CA_CERT), ROOT_CA_CERT))
+    except ValueError:
+        raise DstackError(ROOT_CA_CERT, "is corrupt: not a PEM certificate") from None
+    if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
+        raise DstackError(ROOT_CA_CERT, f"does not belong to {ROOT_CA_KEY}")
+    k256 = _read(os.path.join(state_dir, ROOT_K256_KEY), ROOT_K256_KEY)
+    if len(k256) != 32:
+        raise DstackError(ROOT_K256_KEY, f"is corrupt: {len(k256)} bytes, expected 32")
+    return RootKeys(ca_key, ca_cert, k256)
+
+
+def load_or_create(state_dir):
+    """(RootKeys, created): load the keys, or make them when the state directory has none at all.
+
+    A state directory with some of the files but not all is refused rather than completed, so
+    a lost file is never silently replaced by a new key.
+    """
+    paths = [os.path.join(state_dir, name) for name in (ROOT_CA_KEY, ROOT_CA_CERT, ROOT_K256_KEY)]
+    present = [p for p in paths if os.path.exists(p)]
+    if present:
+        return load(state_dir), False
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    k256 = os.urandom(32)
+    kdf.k256_public_key(k256)  # refuses the (astronomically unlikely) invalid scalar before storing
+    atomic_write(paths[2], k256, mode=0o600)
+    atomic_write(paths[0], ca_key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()), mode=0o600)
+    atomic_write(paths[1], _self_signed_ca(ca_key).public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return load(state_dir), True

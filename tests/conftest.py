@@ -1,0 +1,62 @@
+"""Shared test helpers: run the collection's modules for real, as Ansible runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+settings.register_profile("ci", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=20000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class ModuleResult(dict):
+    """A module's JSON result, plus the raw output text (to check that no secret appears)."""
+    raw = ""
+
+
+def run_module(name, args, check=False, diff=False):
+    """Run plugins/modules/<name>.py the way Ansible does: a JSON args file, JSON on stdout."""
+    payload = dict(args, _ansible_check_mode=check, _ansible_diff=diff, _ansible_no_log=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"ansible_collections.dstack.tee.plugins.modules.{name}"],
+        input=json.dumps({"ANSIBLE_MODULE_ARGS": payload}), capture_output=True, text=True,
+        timeout=60, check=False)
+    try:
+        result = ModuleResult(json.loads(proc.stdout))
+    except ValueError:
+        raise AssertionError(f"module {name} printed no JSON:\n{proc.stdout}\n{proc.stderr}") from None
+    result.raw = proc.stdout + proc.stderr
+    return result
+
+
+def run_playbook(playbook, *extra, env=None):
+    """ansible-playbook from the venv with the project's ansible.cfg; returns the CompletedProcess."""
+    full_env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+                    ANSIBLE_FORCE_COLOR="0", PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    full_env.update(env or {})
+    return subprocess.run([str(VENV_BIN / "ansible-playbook"), str(playbook), *extra],
+                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=600,
+                          check=False)
+
+
+@pytest.fixture
+def module():
+    return run_module
+
+
+@pytest.fixture
+def kms_state(tmp_path):
+    """A KMS state directory with fresh root keys."""
+    from ansible_collections.dstack.tee.agents.kms import root_keys
+    keys, _ = root_keys.load_or_create(str(tmp_path / "kms"))
+    return keys
