@@ -36,6 +36,8 @@ def run_module(name, args, check=False, diff=False):
     except ValueError:
         raise AssertionError(f"module {name} printed no JSON:\n{proc.stdout}\n{proc.stderr}") from None
     result.raw = proc.stdout + proc.stderr
+    # ansible-core 2.19 returns warnings as structured events; tests read their text.
+    result["warnings"] = [w["event"]["msg"] if isinstance(w, dict) else w for w in result.get("warnings", [])]
     return result
 
 
