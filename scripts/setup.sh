@@ -17,6 +17,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # ---- 1. Debian packages -------------------------------------------------------------------
 APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
 # Later issues add here: podman runc pebble wireguard-go ... (one list, one install step).
+# What only the tests need (ansible-test sanity's shellcheck test).
+((WITH_TEST)) && APT_PACKAGES+=(shellcheck)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -60,5 +60,5 @@ def module():
 def kms_state(tmp_path):
     """A KMS state directory with fresh root keys."""
     from ansible_collections.dstack.tee.agents.kms import root_keys
-    keys, _ = root_keys.load_or_create(str(tmp_path / "kms"))
+    keys, _created = root_keys.load_or_create(str(tmp_path / "kms"))
     return keys

@@ -61,7 +61,7 @@ def cmd_decrypt_env(args):
     os.makedirs(args.out_dir, mode=0o700, exist_ok=True)
     atomic_write(os.path.join(args.out_dir, ".decrypted-env"), env_crypt.render_dotenv(kept), mode=0o600)
     atomic_write(os.path.join(args.out_dir, ".decrypted-env.json"), env_crypt.render_json(kept), mode=0o600)
-    result = {"env_keys": [k for k, _ in kept], "dropped_envs": dropped,
+    result = {"env_keys": [key for key, _value in kept], "dropped_envs": dropped,
               "out_dir": os.path.abspath(args.out_dir)}
     if args.expect_env_file:
         # Compare with the clear source, naming variables only, never values.

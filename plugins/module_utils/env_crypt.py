@@ -194,7 +194,7 @@ def filter_allowed(items, allowed_envs):
     """(kept items, dropped names): keys not in allowed_envs are dropped, as dstack does."""
     allowed = set(allowed_envs or ())
     kept = [(k, v) for k, v in items if k in allowed]
-    dropped = [k for k, _ in items if k not in allowed]
+    dropped = [k for k, _value in items if k not in allowed]
     return kept, dropped
 
 

@@ -17,14 +17,17 @@ description:
   - Options left unset take dstack's defaults; optional fields left unset are not written.
   - The docker-compose text is parsed as YAML and refused, naming the line, when it does not parse.
 author:
-  - dstack.tee contributors
+  - dstack.tee contributors (@dstack-tee)
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: full
     details: The diff shows app-compose.json before and after, one field a line.
   idempotent:
+    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
     details: The file is written only when its bytes change.
 options:
@@ -192,8 +195,8 @@ FIELD_SPECS = dict(
     kms_enabled=dict(type="bool"),
     gateway_enabled=dict(type="bool"),
     local_key_provider_enabled=dict(type="bool"),
-    key_provider=dict(type="str"),
-    key_provider_id=dict(type="str"),
+    key_provider=dict(type="str", no_log=False),
+    key_provider_id=dict(type="str", no_log=False),
     public_logs=dict(type="bool"),
     public_sysinfo=dict(type="bool"),
     public_tcbinfo=dict(type="bool"),

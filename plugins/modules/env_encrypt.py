@@ -22,14 +22,17 @@ description:
     plaintext, keyed by a per-user secret (O(fingerprint_key_file)). The same input then
     reports no change. No value can be recovered from it.
 author:
-  - dstack.tee contributors
+  - dstack.tee contributors (@dstack-tee)
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: full
     details: The diff shows variable names and whether values changed, never a value.
   idempotent:
+    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
     details: Idempotent through the fingerprint file described above.
 options:
@@ -176,12 +179,12 @@ def main():
         argument_spec=dict(
             env=dict(type="dict", no_log=True),
             env_file=dict(type="path"),
-            public_key=dict(type="str", required=True),
+            public_key=dict(type="str", required=True, no_log=False),
             signature_v1=dict(type="str"),
             timestamp=dict(type="int"),
             signature=dict(type="str"),
             app_id=dict(type="str"),
-            kms_k256_pubkey=dict(type="str"),
+            kms_k256_pubkey=dict(type="str", no_log=False),
             verify_signature=dict(type="bool", default=True),
             allowed_envs=dict(type="list", elements="str"),
             dest=dict(type="path"),
@@ -225,7 +228,7 @@ def main():
     except DstackError as exc:
         module.fail_json(msg=str(exc), field=exc.field)
 
-    names = [k for k, _ in items]
+    names = [key for key, _value in items]
     plaintext = env_crypt.env_plaintext(items)
     result = dict(changed=False, env_keys=names, dropped_envs=dropped, signature=signature)
     dest = params["dest"]

@@ -84,7 +84,7 @@ def test_a_flipped_signature_byte_fails(position):
     root_k256 = os.urandom(32)
     trusted = kdf.k256_public_key(root_k256)
     now = int(time.time())
-    pub, _, sig_v1 = _signed(root_k256, now)
+    pub, _legacy, sig_v1 = _signed(root_k256, now)
     bad = bytearray(sig_v1)
     bad[position] ^= 0x01
     assert dstack_sdk.verify_env_encrypt_public_key(pub, bytes(bad), APP_ID.hex(), now) != "0x" + trusted.hex()
@@ -97,7 +97,7 @@ def test_a_flipped_public_key_or_other_app_fails():
     root_k256 = os.urandom(32)
     trusted = kdf.k256_public_key(root_k256)
     now = int(time.time())
-    pub, _, sig_v1 = _signed(root_k256, now)
+    pub, _legacy, sig_v1 = _signed(root_k256, now)
     with pytest.raises(DstackError, match="not made by the trusted KMS"):
         kdf.verify_env_pubkey(bytes([pub[0] ^ 1]) + pub[1:], APP_ID, trusted, signature_v1=sig_v1, timestamp=now)
     with pytest.raises(DstackError, match="not made by the trusted KMS"):
@@ -110,13 +110,13 @@ def test_a_stale_or_future_timestamp_fails():
     root_k256 = os.urandom(32)
     trusted = kdf.k256_public_key(root_k256)
     old = int(time.time()) - 301
-    pub, _, sig_v1 = _signed(root_k256, old)
+    pub, _legacy, sig_v1 = _signed(root_k256, old)
     assert dstack_sdk.verify_env_encrypt_public_key(pub, sig_v1, APP_ID.hex(), old) is None
     with pytest.raises(DstackError, match="stale") as err:
         kdf.verify_env_pubkey(pub, APP_ID, trusted, signature_v1=sig_v1, timestamp=old)
     assert err.value.field == "timestamp"
     future = int(time.time()) + 120
-    pub, _, sig_v1 = _signed(root_k256, future)
+    pub, _legacy, sig_v1 = _signed(root_k256, future)
     with pytest.raises(DstackError, match="future"):
         kdf.verify_env_pubkey(pub, APP_ID, trusted, signature_v1=sig_v1, timestamp=future)
     with pytest.raises(DstackError, match="missing"):
