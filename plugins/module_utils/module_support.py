@@ -34,13 +34,14 @@ def write_file(module, dest, data, field="dest"):
     Returns whether the bytes changed. In check mode nothing is written. The folder must exist,
     so that a typo in dest fails here instead of creating a tree.
     """
+    dest = os.path.abspath(dest)  # atomic_move needs a folder even for a bare file name
     before = read_bytes(dest)
     if before == data:
         return False
     if module.check_mode:
         # An earlier task of the same check run may be the one that would make the folder.
         return True
-    folder = os.path.dirname(os.path.abspath(dest))
+    folder = os.path.dirname(dest)
     if not os.path.isdir(folder):
         module.fail_json(msg=f"{field}: the folder {folder} does not exist", field=field)
     fd, tmp = tempfile.mkstemp(prefix=".dstack-", dir=folder)
