@@ -20,14 +20,11 @@ author:
   - dstack.tee contributors (@dstack-tee)
 attributes:
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: full
     details: The diff shows app-compose.json before and after, one field a line.
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
     details: The file is written only when its bytes change.
 options:
@@ -128,6 +125,7 @@ options:
     description: The RTMR3 event log version (1 or 2).
     type: int
 extends_documentation_fragment:
+  - dstack.tee.attributes
   - ansible.builtin.files
 seealso:
   - module: dstack.tee.env_encrypt

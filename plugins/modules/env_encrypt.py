@@ -25,14 +25,11 @@ author:
   - dstack.tee contributors (@dstack-tee)
 attributes:
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: full
     details: The diff shows variable names and whether values changed, never a value.
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
     details: Idempotent through the fingerprint file described above.
 options:
@@ -79,6 +76,7 @@ options:
     type: path
     default: ~/.ansible/dstack/env-fingerprint.key
 extends_documentation_fragment:
+  - dstack.tee.attributes
   - ansible.builtin.files
 seealso:
   - module: dstack.tee.app_compose
