@@ -1,0 +1,115 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""`dstack-verify`: verify a TDX quote (real or simulated) and print the boot info and every check.
+
+    dstack-verify QUOTE_FILE --collateral FILE [--event-log FILE] [--root-ca FILE | --sim-state DIR]
+                  [--at UNIX_SECONDS] [--pccs-url URL --cache-dir DIR] [--report-data HEX]
+                  [--allow-status S ...] [--allow-advisory ID ...] [--allow-debug]
+
+QUOTE_FILE holds the raw quote, its hex, or a guest agent's GetQuote response JSON
+({"quote": hex, "event_log": "...", ...}; its event log is then used unless --event-log is given).
+Prints JSON; exits 0 when every check passes, 1 when one fails (named on stderr), 2 on bad input.
+"""
+
+import argparse
+import json
+import sys
+
+from ansible_collections.dstack.tee.plugins.module_utils import attestation
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+
+
+def _read(path, field):
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_quote_input(data):
+    """(quote bytes, event_log or None) from raw bytes, hex text, or GetQuote response JSON."""
+    text = data.strip()
+    if text[:1] == b"{":
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise DstackError("QUOTE_FILE", f"looks like JSON but does not parse: {exc}") from None
+        if not isinstance(doc, dict) or "quote" not in doc:
+            raise DstackError("QUOTE_FILE", "is JSON without a \"quote\" field (expected a GetQuote response)")
+        return parse_hex(doc["quote"], "quote"), doc.get("event_log") or None
+    try:
+        decoded = text.decode("ascii")
+    except UnicodeDecodeError:
+        return data, None
+    if decoded and all(c in "0123456789abcdefABCDEFx" for c in decoded):
+        return parse_hex(decoded, "QUOTE_FILE"), None
+    return data, None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="dstack-verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("quote_file", metavar="QUOTE_FILE", help="raw quote, hex, or GetQuote JSON ('-' for stdin)")
+    parser.add_argument("--collateral", help="DCAP collateral JSON (QuoteCollateralV3 fields)")
+    parser.add_argument("--pccs-url", help="fetch collateral from this PCCS instead (cached per FMSPC)")
+    parser.add_argument("--cache-dir", default=".dstack-collateral", help="collateral cache for --pccs-url")
+    parser.add_argument("--event-log", help="the event log JSON (GetQuote's event_log)")
+    roots = parser.add_mutually_exclusive_group()
+    roots.add_argument("--root-ca", help="trust root certificate (PEM or DER); default: Intel SGX Root CA")
+    roots.add_argument("--sim-state", help="trust the simulated root CA of this simulator state directory")
+    parser.add_argument("--at", type=int, help="verify as at this Unix time (default: now)")
+    parser.add_argument("--report-data", help="require this report_data (hex, at most 64 bytes)")
+    parser.add_argument("--allow-status", action="append", default=[],
+                        help="also accept this TCB status (UpToDate is always accepted); repeatable")
+    parser.add_argument("--allow-advisory", action="append", default=[], help="accept this advisory ID; repeatable")
+    parser.add_argument("--allow-debug", action="store_true", help="accept a debug TD")
+    parser.add_argument("--require-event-log", action="store_true", help="fail when no event log is given")
+    return parser
+
+
+def run(args):
+    quote, event_log = read_quote_input(_read(args.quote_file, "QUOTE_FILE"))
+    if args.event_log:
+        event_log = _read(args.event_log, "--event-log").decode("utf-8", "replace")
+    if args.sim_state:
+        # Imported only here: trusting a simulator is an explicit choice.
+        from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
+        root = SimTdx(args.sim_state).root_ca_der
+    elif args.root_ca:
+        root = attestation.load_root_ca(_read(args.root_ca, "--root-ca"))
+    else:
+        root = None
+    if args.collateral:
+        collateral = attestation.load_collateral(args.collateral)
+    elif args.pccs_url:
+        collateral = attestation.CollateralCache(args.cache_dir, args.pccs_url).get(quote, args.at)
+    else:
+        raise DstackError("--collateral", "is required (or --pccs-url to fetch it)")
+    policy = attestation.Policy(
+        allowed_tcb_statuses=tuple(dict.fromkeys(["UpToDate", *args.allow_status])),
+        allowed_advisory_ids=tuple(args.allow_advisory), allow_debug=args.allow_debug,
+        expected_report_data=parse_hex(args.report_data, "--report-data") if args.report_data else None,
+        require_event_log=args.require_event_log)
+    return attestation.verify_quote(quote, collateral, root, policy, event_log, args.at)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except DstackError as exc:
+        print(f"dstack-verify: error: {exc}", file=sys.stderr)
+        return 2
+    json.dump(result.to_dict(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    for check in result.failures:
+        print(f"dstack-verify: FAILED {check.name}: {check.detail}", file=sys.stderr)
+    if result.ok:
+        print(f"dstack-verify: OK ({result.attestation_mode}, TCB {result.tcb_status})", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

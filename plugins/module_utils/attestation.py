@@ -1,0 +1,305 @@
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The one verifier for every quote, real or simulated (dstack-reference 7.3 and 7.4).
+
+verify_quote() runs every check and returns a Verification: each check with its result, and the
+boot info a KMS or an auth backend decides on. The DCAP part (quote signature, QE report, PCK
+chain, CRLs, TCB info and QE identity, dates) is dcap-qvl's; the trust root defaults to Intel's
+SGX Root CA and is the simulator's only when a caller passes it explicitly. On top of it: TCB
+status and advisory policy, debug TDs refused, optional expected report_data, the event log
+replayed against RTMR3 (and RTMR0-2 where the log has their events), identity events unique.
+"""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from ansible_collections.dstack.tee.plugins.module_utils import eventlog, tdx_quote
+from ansible_collections.dstack.tee.plugins.module_utils.tdx import pad_report_data
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.intel_root_ca import (
+    INTEL_SGX_ROOT_CA_PEM, INTEL_SGX_ROOT_CA_SHA256)
+
+try:
+    import dcap_qvl
+except ImportError:  # reported by callers through HAS_DCAP_QVL
+    HAS_DCAP_QVL = False
+else:
+    HAS_DCAP_QVL = True
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+except ImportError:
+    HAS_CRYPTOGRAPHY = False
+else:
+    HAS_CRYPTOGRAPHY = True
+
+MODE_TDX = "dstack-tdx"
+MODE_SIM = "dstack-sim"
+
+
+@dataclass
+class Policy:
+    """What a verifier accepts beyond a valid DCAP chain.
+
+    The defaults fail closed: only UpToDate, no advisories, no debug TDs, no simulated root.
+    """
+    allowed_tcb_statuses: tuple = ("UpToDate",)
+    allowed_advisory_ids: tuple = ()
+    allow_debug: bool = False
+    expected_report_data: bytes = None
+    require_event_log: bool = False
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+    skipped: bool = False
+
+    def to_dict(self):
+        out = {"name": self.name, "ok": self.ok, "detail": self.detail}
+        if self.skipped:
+            out["skipped"] = True
+        return out
+
+
+@dataclass
+class Verification:
+    """The outcome: every check made, and what the quote and event log say (the boot info)."""
+    checks: list = field(default_factory=list)
+    attestation_mode: str = ""
+    tcb_status: str = ""
+    advisory_ids: list = field(default_factory=list)
+    quote: object = None
+    boot_info: dict = field(default_factory=dict)
+
+    @property
+    def ok(self):
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def failures(self):
+        return [c for c in self.checks if not c.ok]
+
+    def add(self, name, ok, detail="", skipped=False):
+        self.checks.append(Check(name, bool(ok), detail, skipped))
+        return ok
+
+    def raise_for_failure(self):
+        """Raise DstackError naming the first failed check (for callers that only want yes or no)."""
+        if not self.ok:
+            first = self.failures[0] if self.failures else Check("verification", False, "no check ran")
+            raise DstackError(first.name, first.detail or "failed")
+        return self
+
+    def to_dict(self):
+        report = self.quote.report.to_dict() if self.quote else {}
+        return {"ok": self.ok, "attestation_mode": self.attestation_mode, "tcb_status": self.tcb_status,
+                "advisory_ids": list(self.advisory_ids), "boot_info": self.boot_info,
+                "report": report, "checks": [c.to_dict() for c in self.checks]}
+
+
+# ---- trust roots ------------------------------------------------------------------------------
+
+def intel_root_ca_der():
+    return x509.load_pem_x509_certificate(INTEL_SGX_ROOT_CA_PEM).public_bytes(serialization.Encoding.DER)
+
+
+def load_root_ca(data):
+    """DER bytes of a root CA certificate given as PEM or DER bytes."""
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
+        return x509.load_der_x509_certificate(data).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise DstackError("root_ca", "is not a PEM or DER certificate") from None
+
+
+def attestation_mode_for(root_ca_der):
+    return MODE_TDX if hashlib.sha256(root_ca_der).hexdigest() == INTEL_SGX_ROOT_CA_SHA256 else MODE_SIM
+
+
+# ---- collateral -------------------------------------------------------------------------------
+
+def load_collateral(source):
+    """A dcap_qvl QuoteCollateralV3 from a dict, a JSON string, or a path to a JSON file."""
+    if isinstance(source, dict):
+        text = json.dumps(source)
+    elif isinstance(source, str) and source.lstrip().startswith("{"):
+        text = source
+    else:
+        try:
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise DstackError("collateral", f"cannot read {source}: {exc.strerror}") from None
+    try:
+        return dcap_qvl.QuoteCollateralV3.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise DstackError("collateral", f"is not DCAP collateral JSON: {exc}") from None
+
+
+def _next_update(collateral_json):
+    """The earliest nextUpdate of the TCB info and QE identity (Unix seconds), or 0 if unknown."""
+    import datetime  # pylint: disable=import-outside-toplevel
+    times = []
+    for key in ("tcb_info", "qe_identity"):
+        try:
+            doc = json.loads(collateral_json[key])
+            stamp = doc["nextUpdate"].replace("Z", "+00:00")
+            times.append(datetime.datetime.fromisoformat(stamp).timestamp())
+        except (KeyError, ValueError, TypeError):
+            return 0
+    return min(times)
+
+
+class CollateralCache:
+    """Collateral from a PCCS, cached per FMSPC (and CA) in a folder until its nextUpdate."""
+
+    def __init__(self, cache_dir, pccs_url, fetch=None):
+        self.cache_dir = cache_dir
+        self.pccs_url = pccs_url
+        self._fetch = fetch or self._fetch_pccs
+
+    def _fetch_pccs(self, raw_quote):
+        import asyncio  # pylint: disable=import-outside-toplevel
+        try:
+            return json.loads(asyncio.run(dcap_qvl.get_collateral(self.pccs_url, raw_quote)).to_json())
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise DstackError("pccs_url", f"could not fetch collateral from {self.pccs_url}: {exc}") from None
+
+    def get(self, raw_quote, now=None):
+        now = time.time() if now is None else now
+        parsed = dcap_qvl.parse_quote(raw_quote)
+        path = os.path.join(self.cache_dir, f"{parsed.fmspc().lower()}-{parsed.ca()}.json")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                cached = json.load(handle)
+            if now < _next_update(cached):
+                return cached
+        except (OSError, ValueError):
+            pass
+        fresh = self._fetch(raw_quote)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        atomic_write(path, json.dumps(fresh).encode(), mode=0o644)
+        return fresh
+
+
+# ---- the verifier -----------------------------------------------------------------------------
+
+def _event_payloads(events):
+    return {e.name: e.payload for e in events}
+
+
+def boot_info_from(report, events, ppid, tcb_status, advisory_ids, mode):
+    """The boot info of dstack-reference 7.4, from a verified TD report and RTMR3 events."""
+    payloads = _event_payloads(events)
+    key_provider = payloads.get("key-provider")
+    mr_key_provider = hashlib.sha256(key_provider).digest() if key_provider is not None else bytes(32)
+    aggregated = report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + report.rtmr3
+    extra = report.mr_config_id + report.mr_owner + report.mr_owner_config
+    if any(extra):
+        aggregated += extra
+    return {
+        "attestation_mode": mode,
+        "app_id": payloads.get("app-id", b"").hex(),
+        "compose_hash": payloads.get("compose-hash", b"").hex(),
+        "instance_id": payloads.get("instance-id", b"").hex(),
+        "device_id": hashlib.sha256(ppid or b"").hexdigest(),
+        "mr_aggregated": hashlib.sha256(aggregated).hexdigest(),
+        "mr_system": hashlib.sha256(report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2
+                                    + mr_key_provider).hexdigest(),
+        "os_image_hash": payloads.get("os-image-hash", b"").hex(),
+        "key_provider_info": (key_provider or b"").hex(),
+        "key_provider": (key_provider or b"").decode("utf-8", "replace"),
+        "mr_kms": payloads.get("mr-kms", b"").hex(),
+        "tcb_status": tcb_status,
+        "advisory_ids": list(advisory_ids),
+    }
+
+
+def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log=None, now=None):
+    """Verify a quote and return a Verification with every check. Never raises on a bad quote.
+
+    collateral: a dict, JSON text, file path, or dcap_qvl QuoteCollateralV3. root_ca_der:
+    the trust root (Intel's SGX Root CA when None). event_log: GetQuote's event_log (JSON
+    text or list), or None.
+    """
+    policy = policy or Policy()
+    now = int(time.time() if now is None else now)
+    result = Verification()
+    root = root_ca_der if root_ca_der is not None else intel_root_ca_der()
+    result.attestation_mode = attestation_mode_for(root)
+
+    try:
+        quote = tdx_quote.parse_quote(raw_quote)
+    except DstackError as exc:
+        result.add("quote_format", False, exc.reason)
+        return result
+    result.quote = quote
+    result.add("quote_format", True, f"TDX quote v{quote.header.version}, {len(raw_quote)} bytes")
+
+    try:
+        if not isinstance(collateral, dcap_qvl.QuoteCollateralV3):
+            collateral = load_collateral(collateral)
+        claims = json.loads(dcap_qvl.QuoteVerifier(root_ca_der=root).verify_with_policy(
+            bytes(raw_quote), collateral, now, dcap_qvl.QuotePolicy.claims_only(now)).to_json())
+    except DstackError as exc:
+        result.add("dcap", False, str(exc))
+        return result
+    except (ValueError, RuntimeError) as exc:
+        result.add("dcap", False, f"{exc} (trust root: {result.attestation_mode} "
+                                  f"{hashlib.sha256(root).hexdigest()[:16]}..., time {now})")
+        return result
+    result.add("dcap", True, "quote signature, QE report, PCK chain to the trust root, CRLs, "
+                             "TCB info and QE identity verified by dcap-qvl")
+    tcb = claims.get("tcb", {})
+    result.tcb_status = tcb.get("status", "")
+    result.advisory_ids = list(tcb.get("advisory_ids") or [])
+    ppid = bytes(claims.get("platform", {}).get("pck", {}).get("ppid") or [])
+
+    result.add("tcb_status", result.tcb_status in policy.allowed_tcb_statuses,
+               f"{result.tcb_status} (allowed: {', '.join(policy.allowed_tcb_statuses)})")
+    refused = [a for a in result.advisory_ids if a not in policy.allowed_advisory_ids]
+    result.add("advisory_ids", not refused,
+               f"not allowed: {', '.join(refused)}" if refused else
+               (f"allowed: {', '.join(result.advisory_ids)}" if result.advisory_ids else "none"))
+    result.add("debug", policy.allow_debug or not quote.report.debug,
+               "debug TD (td_attributes bit 0 set): its memory is readable by the host"
+               if quote.report.debug else "not a debug TD")
+    if policy.expected_report_data is not None:
+        expected = pad_report_data(policy.expected_report_data)
+        result.add("report_data", quote.report.report_data == expected,
+                   "matches" if quote.report.report_data == expected else "differs from the expected value")
+
+    events = []
+    if event_log is None:
+        result.add("event_log", not policy.require_event_log,
+                   "no event log given: RTMR3 not replayed, no boot info from events", skipped=True)
+    else:
+        try:
+            replayed = eventlog.replay_event_log(event_log)
+            events = eventlog.runtime_events(event_log)
+        except DstackError as exc:
+            result.add("event_log", False, str(exc))
+        else:
+            result.add("event_log", True, f"{len(events)} runtime events up to system-ready")
+            entries = eventlog.parse_event_log(event_log)
+            for imr in range(4):
+                if imr != 3 and not any(e["imr"] == imr for e in entries):
+                    continue
+                ok = replayed[imr] == quote.report.rtmrs[imr]
+                result.add(f"rtmr{imr}_replay", ok, "the event log replays to the quote's RTMR%d" % imr
+                           if ok else f"the event log replays to {replayed[imr].hex()[:16]}..., "
+                                      f"the quote has {quote.report.rtmrs[imr].hex()[:16]}...")
+    result.boot_info = boot_info_from(quote.report, events, ppid, result.tcb_status, result.advisory_ids,
+                                      result.attestation_mode)
+    return result
+
