@@ -48,7 +48,7 @@ def compare(label, quote, collateral_json, root_der, now, event_log, seconds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--sim-state", help="simulator state directory (default: a temporary one)")
     args = parser.parse_args()

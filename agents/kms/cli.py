@@ -10,7 +10,10 @@
                          what the guest does with .encrypted-env, for simulation and tests only:
                          it needs the root key, which only the KMS holds
 
-The network service (`dstack-kms serve`) comes with the KMS issue.
+  dstack-kms serve       --state-dir DIR --listen HOST:PORT [--simulated] [--config kms.toml]
+                         [--sim-state DIR] [--auth-config FILE] [--workers N]
+                         the KMS over HTTPS (gunicorn); bootstraps the root keys on first start
+                         and writes DIR/root-ca.crt, which clients pin
 """
 
 import argparse
@@ -78,9 +81,69 @@ def cmd_decrypt_env(args):
     return result
 
 
+def cmd_serve(args):
+    """Run the KMS under gunicorn over HTTPS until stopped."""
+    import logging  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.kms import config as kms_config, tls  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.kms.app import create_app  # pylint: disable=import-outside-toplevel
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    auth = {"type": "local", "path": args.auth_config} if args.auth_config else None
+    config = kms_config.load_config(args.config, state_dir=args.state_dir, listen=args.listen,
+                                    mode="simulation" if args.simulated else None,
+                                    sim_state_dir=args.sim_state, workers=args.workers)
+    if auth:
+        config["auth"] = auth
+    host, _sep, port = (config.get("listen") or "127.0.0.1:8000").rpartition(":")
+    if not host or not port.isdigit():
+        raise DstackError("--listen", "must be HOST:PORT")
+    keys, created = root_keys.load_or_create(config["state_dir"])
+    print(f"dstack-kms: {'made new' if created else 'loaded'} root keys in {config['state_dir']} "
+          f"(root CA certificate: {os.path.join(config['state_dir'], root_keys.ROOT_CA_CERT)})", file=sys.stderr)
+    if config["auth"].get("type") == "local" and not os.path.exists(config["auth"]["path"]):
+        atomic_write(config["auth"]["path"], json.dumps(EMPTY_ALLOWLIST, indent=2).encode() + b"\n", mode=0o644)
+        print(f"dstack-kms: made an empty allowlist {config['auth']['path']} (it allows nothing yet)", file=sys.stderr)
+    names = ["localhost", "127.0.0.1", "::1", host.strip("[]"), config.get("domain")]
+    cert, key = tls.ensure_rpc_cert(config["state_dir"], keys, names)
+    app = create_app(config)  # fails here, before listening, on a bad configuration
+    print(f"dstack-kms: {config.get('mode', 'production')} mode, serving https://{host}:{port}/prpc/KMS.*",
+          file=sys.stderr)
+    _run_gunicorn(app, f"{host}:{port}", cert, key, int(config.get("workers") or 2))
+    return None
+
+
+EMPTY_ALLOWLIST = {"gatewayAppId": "", "osImages": [], "kms": {"mrAggregated": [], "devices": [],
+                                                               "allowAnyDevice": False}, "apps": {}}
+
+
+def _run_gunicorn(app, bind, cert, key, workers):
+    from gunicorn.app.base import BaseApplication  # pylint: disable=import-outside-toplevel
+
+    class Server(BaseApplication):  # pylint: disable=abstract-method
+        def load_config(self):
+            for name, value in {"bind": bind, "certfile": cert, "keyfile": key, "workers": workers,
+                                "threads": 4, "timeout": 60, "accesslog": "-",
+                                "errorlog": "-", "loglevel": "info"}.items():
+                self.cfg.set(name, value)
+
+        def load(self):
+            return app
+
+    Server().run()
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="dstack-kms", description="The dstack.tee key management service.")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the KMS over HTTPS")
+    serve.add_argument("--state-dir", help="the KMS state directory (root keys, nonces, audit log)")
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8000)")
+    serve.add_argument("--simulated", action="store_true", help="simulation mode: trust the simulated TDX root")
+    serve.add_argument("--config", help="a kms.toml")
+    serve.add_argument("--sim-state", help="the simulator state directory (default STATE_DIR/tdx-sim)")
+    serve.add_argument("--auth-config", help="the local allowlist (default STATE_DIR/auth-config.json)")
+    serve.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
+    serve.set_defaults(func=cmd_serve)
     for name, func, help_text in (
             ("init", cmd_init, "make the root keys if the state directory has none; print the meta"),
             ("meta", cmd_meta, "print the CA certificate and k256 public key"),
@@ -106,8 +169,9 @@ def main(argv=None):
     except DstackError as exc:
         print(f"dstack-kms: error: {exc}", file=sys.stderr)
         return 2
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    if result is not None:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
     return 0
 
 

@@ -4,7 +4,7 @@
 
     dstack-verify QUOTE_FILE --collateral FILE [--event-log FILE] [--root-ca FILE | --sim-state DIR]
                   [--at UNIX_SECONDS] [--pccs-url URL --cache-dir DIR] [--report-data HEX]
-                  [--allow-status S ...] [--allow-advisory ID ...] [--allow-debug]
+                  [--allow-status S ...] [--allow-advisory ID ...]
 
 QUOTE_FILE holds the raw quote, its hex, or a guest agent's GetQuote response JSON
 ({"quote": hex, "event_log": "...", ...}; its event log is then used unless --event-log is given).
@@ -50,7 +50,7 @@ def read_quote_input(data):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="dstack-verify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dstack-verify", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("quote_file", metavar="QUOTE_FILE", help="raw quote, hex, or GetQuote JSON ('-' for stdin)")
     parser.add_argument("--collateral", help="DCAP collateral JSON (QuoteCollateralV3 fields)")
     parser.add_argument("--pccs-url", help="fetch collateral from this PCCS instead (cached per FMSPC)")
@@ -64,7 +64,6 @@ def build_parser():
     parser.add_argument("--allow-status", action="append", default=[],
                         help="also accept this TCB status (UpToDate is always accepted); repeatable")
     parser.add_argument("--allow-advisory", action="append", default=[], help="accept this advisory ID; repeatable")
-    parser.add_argument("--allow-debug", action="store_true", help="accept a debug TD")
     parser.add_argument("--require-event-log", action="store_true", help="fail when no event log is given")
     return parser
 
@@ -89,7 +88,7 @@ def run(args):
         raise DstackError("--collateral", "is required (or --pccs-url to fetch it)")
     policy = attestation.Policy(
         allowed_tcb_statuses=tuple(dict.fromkeys(["UpToDate", *args.allow_status])),
-        allowed_advisory_ids=tuple(args.allow_advisory), allow_debug=args.allow_debug,
+        allowed_advisory_ids=tuple(args.allow_advisory),
         expected_report_data=parse_hex(args.report_data, "--report-data") if args.report_data else None,
         require_event_log=args.require_event_log)
     return attestation.verify_quote(quote, collateral, root, policy, event_log, args.at)

@@ -47,11 +47,11 @@ MODE_SIM = "dstack-sim"
 class Policy:
     """What a verifier accepts beyond a valid DCAP chain.
 
-    The defaults fail closed: only UpToDate, no advisories, no debug TDs, no simulated root.
+    The defaults fail closed: only UpToDate, no advisories, no simulated root. Debug TDs are
+    always refused (so is the host's view of their memory).
     """
     allowed_tcb_statuses: tuple = ("UpToDate",)
     allowed_advisory_ids: tuple = ()
-    allow_debug: bool = False
     expected_report_data: bytes = None
     require_event_log: bool = False
 
@@ -245,6 +245,10 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
         return result
     result.quote = quote
     result.add("quote_format", True, f"TDX quote v{quote.header.version}, {len(raw_quote)} bytes")
+    # Refused before anything else, by name (dcap-qvl refuses debug TDs too, less plainly).
+    result.add("debug", not quote.report.debug,
+               "debug TD (td_attributes bit 0 set): the host can read its memory" if quote.report.debug
+               else "not a debug TD")
 
     try:
         if not isinstance(collateral, dcap_qvl.QuoteCollateralV3):
@@ -271,9 +275,6 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
     result.add("advisory_ids", not refused,
                f"not allowed: {', '.join(refused)}" if refused else
                (f"allowed: {', '.join(result.advisory_ids)}" if result.advisory_ids else "none"))
-    result.add("debug", policy.allow_debug or not quote.report.debug,
-               "debug TD (td_attributes bit 0 set): its memory is readable by the host"
-               if quote.report.debug else "not a debug TD")
     if policy.expected_report_data is not None:
         expected = pad_report_data(policy.expected_report_data)
         result.add("report_data", quote.report.report_data == expected,
@@ -302,4 +303,3 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
     result.boot_info = boot_info_from(quote.report, events, ppid, result.tcb_status, result.advisory_ids,
                                       result.attestation_mode)
     return result
-

@@ -72,7 +72,7 @@ class _Struct:
 
 
 def _zeros(size):
-    return field(default_factory=lambda: bytes(size))
+    return field(default_factory=lambda: bytes(size))  # pylint: disable=invalid-field-call
 
 
 @dataclass

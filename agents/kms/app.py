@@ -1,0 +1,78 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The KMS HTTP API: routes at dstack's paths (/prpc/KMS.<Method>), JSON in and out.
+
+create_app(config) builds the Flask app; `dstack-kms serve` runs it under gunicorn over HTTPS.
+JSON POST and GET with query parameters both work (as dstack's pRPC does); errors are
+{"error": "..."} with 400 for bad input, 403 for a refused release, 429 for a nonce flood.
+"""
+
+import logging
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ansible_collections.dstack.tee.agents.kms.nonces import NonceFlood
+from ansible_collections.dstack.tee.agents.kms.service import KmsService, Refused
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+MAX_REQUEST_BYTES = 256 * 1024
+log = logging.getLogger("dstack.kms")
+
+
+def _params():
+    if request.method == "GET":
+        return request.args.to_dict()
+    if not request.data:
+        return {}
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise DstackError("request", "the body must be a JSON object")
+    return body
+
+
+def create_app(config):
+    """The KMS Flask app. `config` is the KMS configuration dict (see agents/kms/config.py)."""
+    app = Flask("dstack-kms")
+    app.config["MAX_CONTENT_LENGTH"] = int(config.get("max_request_bytes", MAX_REQUEST_BYTES))
+    service = KmsService(config)
+    app.extensions["dstack_kms"] = service
+
+    def route(name, handler):
+        def view():
+            return jsonify(handler(_params()))
+        view.__name__ = name
+        app.add_url_rule(f"/prpc/KMS.{name}", name, view, methods=["GET", "POST"])
+
+    route("GetMeta", lambda params: service.get_meta())
+    route("GetAppEnvEncryptPubKey", lambda params: service.env_pubkey(params.get("app_id", "")))
+    route("GetNonce", lambda params: service.new_nonce())
+    route("GetAppKey", lambda params: service.get_app_key(params, request.remote_addr or ""))
+
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "ok", "mode": service.mode})
+
+    @app.errorhandler(Refused)
+    def refused(exc):
+        log.warning("refused %s: %s", request.path, exc)
+        return jsonify({"error": str(exc)}), 403
+
+    @app.errorhandler(NonceFlood)
+    def flood(exc):
+        return jsonify({"error": str(exc)}), 429
+
+    @app.errorhandler(DstackError)
+    def bad_input(exc):
+        return jsonify({"error": str(exc)}), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        return jsonify({"error": exc.description or exc.name}), exc.code
+
+    @app.errorhandler(Exception)
+    def internal(exc):  # no traceback, no detail that could hold a secret
+        log.exception("internal error on %s", request.path)
+        return jsonify({"error": f"internal error ({type(exc).__name__})"}), 500
+
+    return app

@@ -1,0 +1,144 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Auth backends: who may get keys. Every backend fails closed: any error is a refusal.
+
+local     an auth-simple-compatible JSON allowlist (dstack-reference 5.3), re-read when it changes
+webhook   dstack's bootAuth protocol: POST <url>/bootAuth/app with the boot info, camelCase
+ethereum  DstackKms.isAppAllowed through web3 (comes with the contracts issue)
+"""
+
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+BACKENDS = ("local", "webhook", "ethereum")
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    reason: str = ""
+    gateway_app_id: str = ""
+
+
+def webhook_body(boot_info):
+    """The bootAuth request body: exactly the reference's camelCase fields, hex without 0x."""
+    return {
+        "attestationMode": boot_info.get("attestation_mode", ""),
+        "mrAggregated": boot_info.get("mr_aggregated", ""),
+        "osImageHash": boot_info.get("os_image_hash", ""),
+        "mrSystem": boot_info.get("mr_system", ""),
+        "appId": boot_info.get("app_id", ""),
+        "composeHash": boot_info.get("compose_hash", ""),
+        "instanceId": boot_info.get("instance_id", ""),
+        "deviceId": boot_info.get("device_id", ""),
+        "keyProviderInfo": boot_info.get("key_provider_info", ""),
+        "tcbStatus": boot_info.get("tcb_status", ""),
+        "advisoryIds": list(boot_info.get("advisory_ids", [])),
+    }
+
+
+def _hex0x(value):
+    text = str(value or "").lower()
+    return text if text.startswith("0x") else "0x" + text
+
+
+class LocalAllowlist:
+    """auth-simple's rules over its auth-config.json, re-read whenever the file changes."""
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp = None
+        self._config = None
+
+    def _load(self):
+        try:
+            stat = os.stat(self.path)
+        except OSError as exc:
+            raise DstackError("auth.local", f"cannot read the allowlist {self.path}: {exc.strerror}") from None
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    with open(self.path, encoding="utf-8") as handle:
+                        config = json.load(handle)
+                except (OSError, ValueError) as exc:
+                    raise DstackError("auth.local", f"the allowlist {self.path} is not valid JSON: {exc}") from None
+                if not isinstance(config, dict):
+                    raise DstackError("auth.local", "the allowlist must be a JSON object")
+                self._config, self._stamp = config, stamp
+            return self._config
+
+    def is_app_allowed(self, boot_info):
+        config = self._load()
+        gateway = str(config.get("gatewayAppId", ""))
+        if boot_info.get("tcb_status") != "UpToDate":
+            return Decision(False, f"TCB status {boot_info.get('tcb_status')!r} is not UpToDate", gateway)
+        os_images = {_hex0x(h) for h in config.get("osImages", [])}
+        if _hex0x(boot_info.get("os_image_hash")) not in os_images:
+            return Decision(False, "OS image is not allowed", gateway)
+        apps = {_hex0x(k): v for k, v in (config.get("apps") or {}).items()}
+        app = apps.get(_hex0x(boot_info.get("app_id")))
+        if not isinstance(app, dict):
+            return Decision(False, "app not registered", gateway)
+        if _hex0x(boot_info.get("compose_hash")) not in {_hex0x(h) for h in app.get("composeHashes", [])}:
+            return Decision(False, "compose hash not allowed", gateway)
+        devices = {_hex0x(d) for d in app.get("devices", [])}
+        if not app.get("allowAnyDevice") and devices and _hex0x(boot_info.get("device_id")) not in devices:
+            return Decision(False, "device not allowed", gateway)
+        return Decision(True, "", gateway)
+
+
+class Webhook:
+    """dstack's bootAuth webhook; timeouts, errors and anything but {"isAllowed": true} deny."""
+
+    def __init__(self, url, timeout=5.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def is_app_allowed(self, boot_info):
+        body = json.dumps(webhook_body(boot_info)).encode("utf-8")
+        request = urllib.request.Request(self.url + "/bootAuth/app", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # nosec: configured URL
+                answer = json.loads(response.read(64 * 1024))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return Decision(False, f"auth webhook failed, so denied: {getattr(exc, 'reason', exc)}")
+        if not isinstance(answer, dict) or answer.get("isAllowed") is not True:
+            reason = answer.get("reason") if isinstance(answer, dict) else None
+            return Decision(False, f"auth webhook denied: {reason or 'no isAllowed=true in its answer'}")
+        return Decision(True, str(answer.get("reason") or ""), str(answer.get("gatewayAppId") or ""))
+
+
+def make_backend(config):
+    """The backend named by config["type"]; errors name the setting."""
+    kind = config.get("type", "local")
+    if kind == "local":
+        if not config.get("path"):
+            raise DstackError("auth.path", "is required for the local allowlist")
+        return LocalAllowlist(config["path"])
+    if kind == "webhook":
+        if not config.get("url"):
+            raise DstackError("auth.url", "is required for the webhook backend")
+        return Webhook(config["url"], float(config.get("timeout", 5.0)))
+    if kind == "ethereum":
+        raise DstackError("auth.type", "the ethereum backend is not available yet (it comes with the contracts)")
+    raise DstackError("auth.type", f"unknown backend {str(kind)[:20]!r} (expected one of {', '.join(BACKENDS)})")
+
+
+def decide(backend, boot_info):
+    """Ask a backend, turning any exception into a refusal: the KMS fails closed."""
+    try:
+        decision = backend.is_app_allowed(boot_info)
+    except DstackError as exc:
+        return Decision(False, f"auth backend error, so denied: {exc}")
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        return Decision(False, f"auth backend error, so denied: {type(exc).__name__}")
+    return decision if isinstance(decision, Decision) else Decision(False, "auth backend gave no decision")

@@ -1,0 +1,53 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""KMS configuration: a TOML file (kms.toml), then DSTACK_KMS_* environment variables, then flags.
+
+Keys (all optional but state_dir):
+    state_dir, mode ("production" | "simulation"), listen ("HOST:PORT"), domain,
+    sim_state_dir, root_ca, collateral, pccs_url, collateral_cache_dir, audit_log,
+    nonce_ttl, max_nonces, gateway_app_id, workers,
+    [policy] allowed_tcb_statuses, allowed_advisory_ids
+    [auth]   type ("local" | "webhook" | "ethereum"), path, url, timeout
+Environment: DSTACK_KMS_<KEY> for the top-level keys (DSTACK_KMS_MODE=simulation, ...) and
+DSTACK_KMS_AUTH_<KEY> for [auth].
+"""
+
+import os
+import tomllib
+
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+TOP_KEYS = ("state_dir", "mode", "listen", "domain", "sim_state_dir", "root_ca", "collateral", "pccs_url",
+            "collateral_cache_dir", "audit_log", "nonce_ttl", "max_nonces", "gateway_app_id", "workers")
+AUTH_KEYS = ("type", "path", "url", "timeout")
+
+
+def load_config(path=None, environ=None, **overrides):
+    config = {}
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                config = tomllib.load(handle)
+        except OSError as exc:
+            raise DstackError("config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise DstackError("config", f"{path} is not valid TOML: {exc}") from None
+    environ = os.environ if environ is None else environ
+    for key in TOP_KEYS:
+        if f"DSTACK_KMS_{key.upper()}" in environ:
+            config[key] = environ[f"DSTACK_KMS_{key.upper()}"]
+    auth = dict(config.get("auth") or {})
+    for key in AUTH_KEYS:
+        if f"DSTACK_KMS_AUTH_{key.upper()}" in environ:
+            auth[key] = environ[f"DSTACK_KMS_AUTH_{key.upper()}"]
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    if not config.get("state_dir"):
+        raise DstackError("state_dir", "is required (--state-dir, state_dir in the config, or DSTACK_KMS_STATE_DIR)")
+    state = config["state_dir"] = os.path.abspath(config["state_dir"])
+    auth.setdefault("type", "local")
+    if auth["type"] == "local":
+        auth.setdefault("path", os.path.join(state, "auth-config.json"))
+    config["auth"] = auth
+    if config.get("mode", "production") == "simulation" and not config.get("root_ca"):
+        config.setdefault("sim_state_dir", os.path.join(state, "tdx-sim"))
+    return config

@@ -1,0 +1,184 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The KMS's decisions, apart from HTTP: metadata, env keys, nonces, attested key release, SignCert."""
+
+import hashlib
+import json
+import os
+import threading
+import time
+
+from ansible_collections.dstack.tee.agents.kms import root_keys
+from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
+from ansible_collections.dstack.tee.agents.kms.auth import decide, make_backend
+from ansible_collections.dstack.tee.agents.kms.nonces import NonceStore
+from ansible_collections.dstack.tee.plugins.module_utils import attestation, kdf, key_release
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+
+MODES = ("production", "simulation")
+SIM_COLLATERAL_REFRESH = 3600
+
+
+class Refused(DstackError):
+    """Key release refused: the reason is recorded in the audit log and sent to the requester."""
+
+
+class KmsService:
+    def __init__(self, config):
+        self.config = config
+        self.mode = config.get("mode", "production")
+        if self.mode not in MODES:
+            raise DstackError("mode", f"must be production or simulation, not {str(self.mode)[:20]!r}")
+        self.state_dir = config["state_dir"]
+        self.keys, self.created = root_keys.load_or_create(self.state_dir)
+        self.nonces = NonceStore(os.path.join(self.state_dir, "nonces.sqlite3"),
+                                 ttl=int(config.get("nonce_ttl", 60)),
+                                 max_outstanding=int(config.get("max_nonces", 10000)))
+        self.audit = AuditLog(config.get("audit_log") or os.path.join(self.state_dir, "audit.log"))
+        self.auth = make_backend(config.get("auth") or {})
+        self.gateway_app_id = str(config.get("gateway_app_id", ""))
+        policy = config.get("policy") or {}
+        self.allowed_statuses = tuple(policy.get("allowed_tcb_statuses", ["UpToDate"]))
+        self.allowed_advisories = tuple(policy.get("allowed_advisory_ids", []))
+        self._sim = None
+        self._collateral = None
+        self._collateral_at = 0
+        self._lock = threading.Lock()
+        self.root_ca_der = self._trust_root()
+
+    # ---- trust -------------------------------------------------------------------------------
+
+    def _trust_root(self):
+        if self.mode == "production":
+            if self.config.get("sim_state_dir") or self.config.get("root_ca"):
+                raise DstackError("mode", "production trusts Intel's SGX Root CA only: remove sim_state_dir and root_ca")
+            return attestation.intel_root_ca_der()
+        if self.config.get("sim_state_dir"):
+            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
+            self._sim = SimTdx(self.config["sim_state_dir"])
+            return self._sim.root_ca_der
+        if self.config.get("root_ca"):
+            with open(self.config["root_ca"], "rb") as handle:
+                return attestation.load_root_ca(handle.read())
+        raise DstackError("sim_state_dir", "simulation mode needs the simulator's state directory (or root_ca)")
+
+    def collateral(self, raw_quote):
+        now = time.time()
+        if self._sim is not None:
+            with self._lock:
+                if self._collateral is None or now - self._collateral_at > SIM_COLLATERAL_REFRESH:
+                    self._collateral = attestation.load_collateral(self._sim.collateral_json())
+                    self._collateral_at = now
+                return self._collateral
+        if self.config.get("collateral"):
+            return self.config["collateral"]
+        if self.config.get("pccs_url"):
+            cache = attestation.CollateralCache(
+                self.config.get("collateral_cache_dir") or os.path.join(self.state_dir, "collateral"),
+                self.config["pccs_url"])
+            return cache.get(raw_quote)
+        raise DstackError("collateral", "no collateral source: set collateral (a file) or pccs_url")
+
+    # ---- methods -----------------------------------------------------------------------------
+
+    def get_meta(self):
+        return {
+            "ca_cert": self.keys.ca_cert.public_bytes(root_keys.serialization.Encoding.PEM).decode(),
+            "k256_pubkey": self.keys.k256_pubkey.hex(),
+            "mode": self.mode,
+            "attestation_mode": attestation.attestation_mode_for(self.root_ca_der),
+            "is_dev": self.mode == "simulation",
+            "allow_any_upgrade": False,
+            "gateway_app_id": self.gateway_app_id,
+            "kms_contract_address": "",
+            "chain_id": None,
+            "app_auth_implementation": "",
+            "bootstrap_info": None,
+        }
+
+    def env_pubkey(self, app_id):
+        return self.keys.env_pubkey_response(app_id)
+
+    def new_nonce(self):
+        nonce, expires = self.nonces.issue()
+        return {"nonce": nonce.hex(), "expires_at": int(expires)}
+
+    def _attest(self, request, expected_report_data, method, remote_addr):
+        """Verify the requester's quote and event log, and ask the auth backend. Returns boot info."""
+        quote = parse_hex(request.get("quote", ""), "quote")
+        audit = {"method": method, "quote_sha256": hashlib.sha256(quote).hexdigest(), "kms_mode": self.mode,
+                 "remote_addr": remote_addr}
+        try:
+            vm_config = _vm_config(request.get("vm_config"))
+            policy = attestation.Policy(allowed_tcb_statuses=self.allowed_statuses,
+                                        allowed_advisory_ids=self.allowed_advisories,
+                                        expected_report_data=expected_report_data, require_event_log=True)
+            result = attestation.verify_quote(quote, self.collateral(quote), self.root_ca_der, policy,
+                                              request.get("event_log"))
+            boot = dict(result.boot_info)
+            audit.update({k: boot.get(k) for k in ("app_id", "compose_hash", "instance_id", "device_id")},
+                         tcb_status=result.tcb_status, attestation_mode=result.attestation_mode)
+            if not result.ok:
+                failed = result.failures[0]
+                raise Refused(failed.name, failed.detail)
+            if self.mode == "production" and result.attestation_mode != attestation.MODE_TDX:
+                raise Refused("attestation_mode", "a production KMS refuses quotes that chain to a simulated root")
+            if len(boot["app_id"]) != 40:
+                raise Refused("app_id", "the event log has no 20-byte app-id event")
+            boot["os_image_hash"] = vm_config.get("os_image_hash", "")
+            audit["os_image_hash"] = boot["os_image_hash"]
+            decision = decide(self.auth, boot)
+            if not decision.allowed:
+                raise Refused("auth", decision.reason or "denied")
+        except DstackError as exc:
+            self.audit.record(decision="refuse", reason=str(exc), **audit)
+            raise Refused(exc.field, exc.reason) from None
+        return boot, decision, audit
+
+    def get_app_key(self, request, remote_addr=""):
+        """Attested key release: nonce, quote bound to the ephemeral key, auth; keys sealed to that key."""
+        try:
+            nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
+            eph = parse_hex(request.get("ephemeral_public_key", ""), "ephemeral_public_key", length=32)
+            self.nonces.consume(nonce)
+        except DstackError as exc:
+            self.audit.record(method="GetAppKey", decision="refuse", reason=str(exc), kms_mode=self.mode,
+                              remote_addr=remote_addr)
+            raise Refused(exc.field, exc.reason) from None
+        boot, decision, audit = self._attest(request, key_release.key_release_report_data(nonce, eph),
+                                             "GetAppKey", remote_addr)
+        keys = kdf.derive_app_keys(self.keys.ca_key, self.keys.k256_key, boot["app_id"], boot["instance_id"])
+        gateway = decision.gateway_app_id or self.gateway_app_id
+        payload = {
+            "disk_crypt_key": keys.disk_crypt_key.hex(),
+            "env_crypt_key": keys.env_crypt_key.hex(),
+            "k256_key": keys.k256_key.hex(),
+            "k256_signature": keys.k256_signature.hex(),
+            "gateway_app_id": gateway,
+            "tproxy_app_id": gateway,
+            "ca_cert": self.keys.ca_cert.public_bytes(root_keys.serialization.Encoding.PEM).decode(),
+            "os_image_hash": boot["os_image_hash"],
+            "key_provider": {"name": "kms", "id": self.key_provider_id()},
+        }
+        self.audit.record(decision="release", reason="", **audit)
+        return key_release.seal(payload, nonce, eph)
+
+    def key_provider_id(self):
+        """The KMS's key-provider id: its root CA public key (SubjectPublicKeyInfo DER), hex."""
+        return self.keys.ca_cert.public_key().public_bytes(
+            root_keys.serialization.Encoding.DER,
+            root_keys.serialization.PublicFormat.SubjectPublicKeyInfo).hex()
+
+
+def _vm_config(value):
+    if value in (None, ""):
+        return {}
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        raise DstackError("vm_config", "is not a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise DstackError("vm_config", "is not a JSON object")
+    return parsed

@@ -1,0 +1,62 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The KMS's HTTPS certificate, issued by its own root CA (clients pin root-ca.crt)."""
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+
+RPC_KEY = "rpc.key"
+RPC_CERT = "rpc.crt"
+VALIDITY_DAYS = 365
+
+
+def _san(names):
+    entries = []
+    for name in dict.fromkeys(n for n in names if n):
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def ensure_rpc_cert(state_dir, root, names):
+    """(cert path, key path): reuse the RPC certificate when it covers `names`, else issue a new one."""
+    cert_path, key_path = os.path.join(state_dir, RPC_CERT), os.path.join(state_dir, RPC_KEY)
+    wanted = {str(n) for n in names if n}
+    try:
+        with open(cert_path, "rb") as handle:
+            cert = x509.load_pem_x509_certificate(handle.read())
+        have = {str(v) for v in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                .get_values_for_type(x509.DNSName)}
+        have |= {str(v) for v in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                 .get_values_for_type(x509.IPAddress)}
+        fresh = cert.not_valid_after_utc - datetime.timedelta(days=30) > datetime.datetime.now(datetime.timezone.utc)
+        if wanted <= have and fresh and os.path.exists(key_path):
+            return cert_path, key_path
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        pass
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dstack-kms rpc")]))
+            .issuer_name(root.ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=VALIDITY_DAYS))
+            .add_extension(_san(sorted(wanted)), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(root.ca_key, hashes.SHA256()))
+    atomic_write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()), mode=0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return cert_path, key_path

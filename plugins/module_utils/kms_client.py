@@ -1,0 +1,68 @@
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A client of the KMS API (/prpc/KMS.*): used by the env_encrypt module, the guest agent and tests.
+
+HTTPS is checked against the KMS root CA certificate when one is given (the KMS issues its own
+server certificate from it); otherwise against the system's trust store.
+"""
+
+import json
+import urllib.error
+
+from ansible.module_utils.urls import open_url
+
+from ansible_collections.dstack.tee.plugins.module_utils import key_release
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+
+
+class KmsRefused(DstackError):
+    """The KMS answered, and said no (HTTP 403): the reason is the KMS's."""
+
+
+class KmsClient:
+    def __init__(self, url, ca_cert=None, timeout=30.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.ca_cert = ca_cert
+
+    def call(self, method, params=None):
+        """POST JSON to /prpc/KMS.<method>; the answer's JSON, or DstackError naming what failed."""
+        body = json.dumps(params or {}).encode("utf-8")
+        try:
+            with open_url(f"{self.url}/prpc/KMS.{method}", data=body, method="POST",
+                          headers={"Content-Type": "application/json"}, timeout=self.timeout,
+                          ca_path=self.ca_cert, validate_certs=True, use_proxy=False) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read()).get("error", "")
+            except (ValueError, AttributeError):
+                reason = exc.reason
+            if exc.code == 403:
+                raise KmsRefused("kms", f"{method} refused: {reason}") from None
+            raise DstackError("kms", f"{method} failed with HTTP {exc.code}: {reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise DstackError("kms_url", f"cannot reach the KMS at {self.url}: {getattr(exc, 'reason', exc)}") from None
+        except ValueError:
+            raise DstackError("kms", f"{method} did not answer JSON") from None
+
+    def get_meta(self):
+        return self.call("GetMeta")
+
+    def get_app_env_encrypt_pubkey(self, app_id):
+        return self.call("GetAppEnvEncryptPubKey", {"app_id": parse_hex(app_id, "app_id", length=20).hex()})
+
+    def get_app_key(self, provider, event_log, vm_config=""):
+        """Attested key release: nonce, quote binding it and an ephemeral key, then open the sealed keys.
+
+        `provider` is a TEE provider (tdx.open_provider); `event_log` the JSON event log whose
+        RTMR3 the quote will show.
+        """
+        nonce = parse_hex(self.call("GetNonce")["nonce"], "nonce", length=key_release.NONCE_SIZE)
+        private_key, public_key = key_release.new_ephemeral_key()
+        quote = provider.get_quote(key_release.key_release_report_data(nonce, public_key))
+        answer = self.call("GetAppKey", {"nonce": nonce.hex(), "ephemeral_public_key": public_key.hex(),
+                                         "quote": quote.hex(), "event_log": event_log,
+                                         "vm_config": vm_config})
+        return key_release.open_sealed(answer, nonce, private_key)

@@ -1,0 +1,117 @@
+"""The real `dstack-kms serve` process over HTTPS: bootstrap, key release, allowlist reload, restart."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dstack_sdk
+import pytest
+
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused
+from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
+from test_kms import APP_ID, COMPOSE_HASH, VM_CONFIG, allowlist, boot
+
+KMS = str(Path(sys.executable).parent / "dstack-kms")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class KmsProcess:
+    def __init__(self, state_dir, port):
+        self.state_dir, self.port = state_dir, port
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+            [KMS, "serve", "--simulated", "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}",
+             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("dstack-kms exited:\n" + self.proc.stdout.read())
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("dstack-kms did not listen within 30 s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.stdout.read() if self.proc else ""
+
+    def client(self):
+        return KmsClient(f"https://127.0.0.1:{self.port}", ca_cert=str(self.state_dir / "root-ca.crt"))
+
+
+@pytest.fixture
+def kms(tmp_path):
+    server = KmsProcess(tmp_path / "kms", free_port())
+    yield server
+    server.stop()
+
+
+def test_serve_release_reload_restart(kms, tmp_path):
+    kms.start()
+    assert (kms.state_dir / "root-ca.crt").exists()
+    assert oct((kms.state_dir / "root-k256.key").stat().st_mode & 0o777) == "0o600"
+    client = kms.client()
+    meta = client.get_meta()
+    assert meta["mode"] == "simulation"
+    answer = client.get_app_env_encrypt_pubkey(APP_ID)
+    assert dstack_sdk.verify_env_encrypt_public_key(bytes.fromhex(answer["public_key"]),
+                                                    bytes.fromhex(answer["signature_v1"]), APP_ID,
+                                                    answer["timestamp"]) == "0x" + meta["k256_pubkey"]
+
+    # A CVM on the same simulated platform, with its own RTMRs.
+    cvm = SimTdx(str(kms.state_dir / "tdx-sim"), rtmr_state=str(tmp_path / "cvm-rtmrs.json"))
+    # The fresh allowlist allows nothing...
+    with pytest.raises(KmsRefused, match="OS image is not allowed|app not registered"):
+        client.get_app_key(cvm, boot(cvm), VM_CONFIG)
+    # ... until the operator adds the app; the KMS re-reads the file on change.
+    allowlist(kms.state_dir / "auth-config.json")
+    keys = client.get_app_key(cvm, boot(cvm), VM_CONFIG)
+    assert len(bytes.fromhex(keys["env_crypt_key"])) == 32
+
+    kms.stop()
+    kms.start()
+    again = kms.client().get_app_key(cvm, boot(cvm), VM_CONFIG)
+    assert again["disk_crypt_key"] == keys["disk_crypt_key"] and again["k256_key"] == keys["k256_key"]
+    audit = [json.loads(line) for line in (kms.state_dir / "audit.log").read_text().splitlines()]
+    assert [a["decision"] for a in audit] == ["refuse", "release", "release"]
+    assert all(a["compose_hash"] == COMPOSE_HASH for a in audit)
+
+
+def test_https_is_checked_against_the_kms_root(kms, tmp_path):
+    kms.start()
+    other = tmp_path / "other.crt"
+    other.write_bytes(SimTdx(str(tmp_path / "x")).root_ca_pem)
+    with pytest.raises(DstackError, match="cannot reach the KMS"):
+        KmsClient(f"https://127.0.0.1:{kms.port}", ca_cert=str(other)).get_meta()
+
+
+def test_corrupt_root_key_refuses_to_start(tmp_path):
+    server = KmsProcess(tmp_path / "kms", free_port())
+    server.start()
+    server.stop()
+    (server.state_dir / "root-ca.key").write_text("garbage")
+    proc = subprocess.run([KMS, "serve", "--simulated", "--state-dir", str(server.state_dir), "--listen",
+                           f"127.0.0.1:{server.port}"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "root-ca.key: is corrupt" in proc.stderr
+    assert (server.state_dir / "root-ca.key").read_text() == "garbage"
