@@ -1,4 +1,4 @@
-"""Fuzzing the quote parser: over mutated real (and simulated) quotes it raises only QuoteError.
+"""Fuzzing the quote parser: over mutated real, simulated and synthetic quotes it raises only QuoteError.
 
 CI runs a few thousand cases per property. A longer run:
     HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/unit/test_tdx_quote_fuzz.py
@@ -7,12 +7,14 @@ CI runs a few thousand cases per property. A longer run:
 
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from ansible_collections.dstack.tee.plugins.module_utils import tdx_quote as tq
+from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tdx" / "tdx_quote"
 FUZZ_EXAMPLES = 20000 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 3000
@@ -28,6 +30,9 @@ def _seeds():
     seeds.append(tq.Quote(tq.QuoteHeader(), tq.TdReport10(), bytes(64), bytes(64), cert).to_bytes())
     seeds.append(tq.Quote(tq.QuoteHeader(version=5), tq.TdReport15(), bytes(64), bytes(64), cert,
                           body_type=tq.BODY_TYPE_TD15).to_bytes())
+    # And a simulated quote, signed through the simulated DCAP chain.
+    with tempfile.TemporaryDirectory() as state:
+        seeds.append(SimTdx(state).get_quote(b"fuzz"))
     return seeds
 
 
