@@ -40,9 +40,19 @@ options:
     description: A C(.env) file (C(KEY=value) lines, C(export), quotes and comments allowed).
     type: path
   public_key:
-    description: The app's env-encryption public key (X25519, 32 bytes, hex), as GetAppEnvEncryptPubKey returns it.
+    description:
+      - The app's env-encryption public key (X25519, 32 bytes, hex), as GetAppEnvEncryptPubKey returns it.
+      - Exactly one of O(public_key) and O(kms_url).
     type: str
-    required: true
+  kms_url:
+    description:
+      - Fetch the public key and its signatures from this KMS (GetAppEnvEncryptPubKey for O(app_id)).
+      - The signature is still checked against O(kms_k256_pubkey), which must come from your own
+        records, not from the same KMS answer.
+    type: str
+  kms_ca_cert:
+    description: The KMS root CA certificate (its C(root-ca.crt)) that the KMS's HTTPS certificate must chain to.
+    type: path
   signature_v1:
     description: The KMS signature over the public key with O(timestamp) (65 bytes, hex).
     type: str
@@ -94,6 +104,15 @@ EXAMPLES = r"""
     kms_k256_pubkey: "{{ kms_meta.k256_pubkey }}"
     dest: build/hello/encrypted-env
 
+- name: Fetch the key from the KMS and encrypt
+  dstack.tee.env_encrypt:
+    env_file: secrets.env
+    kms_url: https://kms.example.com:8000
+    kms_ca_cert: files/kms-root-ca.crt
+    app_id: "{{ app.app_id }}"
+    kms_k256_pubkey: "{{ kms_k256_pubkey }}"
+    dest: build/hello/encrypted-env
+
 - name: Encrypt values from the vault
   dstack.tee.env_encrypt:
     env:
@@ -140,6 +159,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
 from ansible_collections.dstack.tee.plugins.module_utils.module_support import (
     apply_file_attributes, read_bytes, read_text, write_file)
 
@@ -177,7 +197,9 @@ def main():
         argument_spec=dict(
             env=dict(type="dict", no_log=True),
             env_file=dict(type="path"),
-            public_key=dict(type="str", required=True, no_log=False),
+            public_key=dict(type="str", no_log=False),
+            kms_url=dict(type="str"),
+            kms_ca_cert=dict(type="path"),
             signature_v1=dict(type="str"),
             timestamp=dict(type="int"),
             signature=dict(type="str"),
@@ -189,9 +211,10 @@ def main():
             fingerprint_key_file=dict(type="path", default="~/.ansible/dstack/env-fingerprint.key",
                                       no_log=False),
         ),
-        mutually_exclusive=[("env", "env_file")],
-        required_one_of=[("env", "env_file")],
+        mutually_exclusive=[("env", "env_file"), ("public_key", "kms_url")],
+        required_one_of=[("env", "env_file"), ("public_key", "kms_url")],
         required_if=[("verify_signature", True, ("app_id", "kms_k256_pubkey"))],
+        required_by={"kms_url": "app_id"},
         supports_check_mode=True,
         add_file_common_args=True,
     )
@@ -206,6 +229,10 @@ def main():
             items = env_crypt.parse_dotenv(read_text(module, params["env_file"], "env_file"), "env_file")
         else:
             items = env_crypt.env_items(params["env"], "env")
+        if params["kms_url"]:
+            answer = KmsClient(params["kms_url"], params["kms_ca_cert"]).get_app_env_encrypt_pubkey(params["app_id"])
+            params.update(public_key=answer.get("public_key", ""), signature_v1=answer.get("signature_v1"),
+                          timestamp=answer.get("timestamp"), signature=answer.get("signature"))
         public_key = parse_hex(params["public_key"], "public_key", length=32)
         if params["verify_signature"]:
             signature = kdf.verify_env_pubkey(

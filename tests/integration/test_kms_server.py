@@ -115,3 +115,24 @@ def test_corrupt_root_key_refuses_to_start(tmp_path):
                            f"127.0.0.1:{server.port}"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and "root-ca.key: is corrupt" in proc.stderr
     assert (server.state_dir / "root-ca.key").read_text() == "garbage"
+
+
+def test_env_encrypt_module_fetches_the_key_from_the_kms(kms, tmp_path, module):
+    from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
+    from ansible_collections.dstack.tee.agents.kms import root_keys
+    kms.start()
+    meta = kms.client().get_meta()
+    args = {"env": {"TOKEN": "a-secret-token-value"}, "kms_url": f"https://127.0.0.1:{kms.port}",
+            "kms_ca_cert": str(kms.state_dir / "root-ca.crt"), "app_id": APP_ID,
+            "kms_k256_pubkey": meta["k256_pubkey"], "dest": str(tmp_path / "enc"),
+            "fingerprint_key_file": str(tmp_path / "fp.key")}
+    result = module("env_encrypt", args)
+    assert result["changed"] and result["signature"] == "v1", result.get("msg")
+    root = root_keys.load(str(kms.state_dir))
+    secret = kdf.env_crypt_key(root.ca_key, APP_ID)
+    assert env_crypt.decrypt_env((tmp_path / "enc").read_bytes(), secret) == [("TOKEN", "a-secret-token-value")]
+    # A KMS whose k256 key is not the trusted one is refused.
+    wrong = module("env_encrypt", dict(args, kms_k256_pubkey="02" + "11" * 32))
+    assert wrong["failed"] and "not made by the trusted KMS key" in wrong["msg"]
+    unreachable = module("env_encrypt", dict(args, kms_url="https://127.0.0.1:9"))
+    assert unreachable["failed"] and unreachable["msg"].startswith("kms_url: cannot reach the KMS")
