@@ -1,0 +1,110 @@
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""App certificates: the per-app CA (derived from the KMS root, dstack-reference 8) and the leaf
+certificates it issues for GetTlsKey, from a CSR.
+
+dstack's custom extensions (OID arc 1.3.6.1.4.1.62397.1) are written where a verifier reads
+them: app id (.3), certificate usage (.4: "app:ca" on the app CA), attestation (.8).
+"""
+
+import datetime
+
+from ansible_collections.dstack.tee.plugins.module_utils import kdf
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ImportError:
+    HAS_CRYPTOGRAPHY = False
+else:
+    HAS_CRYPTOGRAPHY = True
+
+OID_APP_ID = "1.3.6.1.4.1.62397.1.3"
+OID_CERT_USAGE = "1.3.6.1.4.1.62397.1.4"
+OID_ATTESTATION = "1.3.6.1.4.1.62397.1.8"
+APP_CA_DAYS = 3650
+LEAF_DEFAULT_DAYS = 365
+
+
+def _ext(oid, value):
+    return x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value)
+
+
+def pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def app_ca(root_ca_key, root_ca_cert, app_id):
+    """(key, certificate) of an app's CA: derive_p256(rootCA, [app_id, "app-ca"]), signed by the root CA."""
+    app = parse_hex(app_id, "app_id", length=20)
+    key = kdf.app_ca_key(root_ca_key, app)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Dstack App CA {app.hex()[:16]}")]))
+            .issuer_name(root_ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(min(now + datetime.timedelta(days=APP_CA_DAYS), root_ca_cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_ext(OID_APP_ID, app), critical=False)
+            .add_extension(_ext(OID_CERT_USAGE, b"app:ca"), critical=False)
+            .sign(root_ca_key, hashes.SHA256()))
+    return key, cert
+
+
+def load_csr(csr_pem):
+    """A CSR from PEM (text or bytes), its self-signature checked."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode() if isinstance(csr_pem, str) else csr_pem)
+    except ValueError:
+        raise DstackError("csr", "is not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise DstackError("csr", "its signature does not verify")
+    return csr
+
+
+def issue_leaf(ca_key, ca_cert, csr, app_id, alt_names=(), usage_server_auth=True, usage_client_auth=False,
+               not_before=None, not_after=None, attestation=None):
+    """A leaf certificate for the CSR's key, issued by the app CA; the subject is the CSR's."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start = datetime.datetime.fromtimestamp(not_before, datetime.timezone.utc) if not_before else \
+        now - datetime.timedelta(minutes=5)
+    end = datetime.datetime.fromtimestamp(not_after, datetime.timezone.utc) if not_after else \
+        now + datetime.timedelta(days=LEAF_DEFAULT_DAYS)
+    if end <= start:
+        raise DstackError("not_after", "must be after not_before")
+    end = min(end, ca_cert.not_valid_after_utc)
+    builder = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca_cert.subject)
+               .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(end)
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(_ext(OID_APP_ID, parse_hex(app_id, "app_id", length=20)), critical=False))
+    names = [x509.DNSName(n) for n in alt_names if n]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if usage_server_auth else []) + \
+        ([ExtendedKeyUsageOID.CLIENT_AUTH] if usage_client_auth else [])
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    if attestation:
+        builder = builder.add_extension(_ext(OID_ATTESTATION, attestation), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+class LocalCertSigner:
+    """Signs CSRs with an app CA derived from root keys held locally (the simulator's GetTlsKey)."""
+
+    def __init__(self, root_ca_key, root_ca_cert, app_id):
+        self.root_ca_cert = root_ca_cert
+        self.app_id = app_id
+        self.ca_key, self.ca_cert = app_ca(root_ca_key, root_ca_cert, app_id)
+
+    def sign(self, csr_pem, **options):
+        leaf = issue_leaf(self.ca_key, self.ca_cert, load_csr(csr_pem), self.app_id, **options)
+        return [pem(leaf), pem(self.ca_cert), pem(self.root_ca_cert)]
