@@ -48,6 +48,7 @@ def create_app(config):
     route("GetAppEnvEncryptPubKey", lambda params: service.env_pubkey(params.get("app_id", "")))
     route("GetNonce", lambda params: service.new_nonce())
     route("GetAppKey", lambda params: service.get_app_key(params, request.remote_addr or ""))
+    route("SignCert", lambda params: service.sign_cert(params, request.remote_addr or ""))
 
     @app.get("/health")
     def health():

@@ -12,7 +12,7 @@ from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
 from ansible_collections.dstack.tee.agents.kms.auth import decide, make_backend
 from ansible_collections.dstack.tee.agents.kms.nonces import NonceStore
-from ansible_collections.dstack.tee.plugins.module_utils import attestation, kdf, key_release
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, kdf, key_release
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 MODES = ("production", "simulation")
@@ -162,6 +162,30 @@ class KmsService:
         }
         self.audit.record(decision="release", reason="", **audit)
         return key_release.seal(payload, nonce, eph)
+
+    def sign_cert(self, request, remote_addr=""):
+        """SignCert for GetTlsKey: an attested CVM's CSR, signed by its app's CA; [leaf, app CA, root CA]."""
+        try:
+            nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
+            csr = app_certs.load_csr(request.get("csr", ""))
+            self.nonces.consume(nonce)
+        except DstackError as exc:
+            self.audit.record(method="SignCert", decision="refuse", reason=str(exc), kms_mode=self.mode,
+                              remote_addr=remote_addr)
+            raise Refused(exc.field, exc.reason) from None
+        csr_der = csr.public_bytes(root_keys.serialization.Encoding.DER)
+        boot, _decision, audit = self._attest(request, key_release.sign_cert_report_data(nonce, csr_der),
+                                              "SignCert", remote_addr)
+        ca_key, ca_cert = app_certs.app_ca(self.keys.ca_key, self.keys.ca_cert, boot["app_id"])
+        alt_names = request.get("alt_names") or []
+        if not isinstance(alt_names, list) or not all(isinstance(n, str) for n in alt_names):
+            raise DstackError("alt_names", "must be a list of names")
+        leaf = app_certs.issue_leaf(ca_key, ca_cert, csr, boot["app_id"], alt_names=alt_names,
+                                    usage_server_auth=bool(request.get("usage_server_auth", True)),
+                                    usage_client_auth=bool(request.get("usage_client_auth", False)),
+                                    not_before=request.get("not_before"), not_after=request.get("not_after"))
+        self.audit.record(decision="release", reason="certificate signed", **audit)
+        return {"certificate_chain": [app_certs.pem(leaf), app_certs.pem(ca_cert), app_certs.pem(self.keys.ca_cert)]}
 
     def key_provider_id(self):
         """The KMS's key-provider id: its root CA public key (SubjectPublicKeyInfo DER), hex."""

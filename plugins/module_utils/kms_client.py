@@ -66,3 +66,38 @@ class KmsClient:
                                          "quote": quote.hex(), "event_log": event_log,
                                          "vm_config": vm_config})
         return key_release.open_sealed(answer, nonce, private_key)
+
+    def sign_cert(self, provider, event_log_fn, csr_pem, vm_config="", **options):
+        """SignCert: a quote binding the nonce and the CSR, then [leaf, app CA, root CA] PEMs.
+
+        event_log_fn() gives the event log after the quote is taken (the two must agree).
+        """
+        nonce = parse_hex(self.call("GetNonce")["nonce"], "nonce", length=key_release.NONCE_SIZE)
+        csr_der = _csr_der(csr_pem)
+        quote = provider.get_quote(key_release.sign_cert_report_data(nonce, csr_der))
+        request = {"nonce": nonce.hex(), "csr": csr_pem if isinstance(csr_pem, str) else csr_pem.decode(),
+                   "quote": quote.hex(), "event_log": event_log_fn(), "vm_config": vm_config}
+        request.update({k: v for k, v in options.items() if v is not None})
+        return self.call("SignCert", request)["certificate_chain"]
+
+
+def _csr_der(csr_pem):
+    from cryptography import x509  # pylint: disable=import-outside-toplevel
+    from cryptography.hazmat.primitives import serialization  # pylint: disable=import-outside-toplevel
+    data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
+    try:
+        return x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise DstackError("csr", "is not a PEM certificate signing request") from None
+
+
+class KmsCertSigner:
+    """The guest agent's GetTlsKey signer: the KMS's SignCert, attested with this CVM's quote."""
+
+    def __init__(self, client, context):
+        self.client = client
+        self.context = context
+
+    def sign(self, csr_pem, **options):
+        return self.client.sign_cert(self.context.provider, lambda: json.dumps(self.context.event_log()),
+                                     csr_pem, self.context.vm_config(), **options)

@@ -308,3 +308,41 @@ def test_bad_requests_get_json_errors(tmp_path, sim):
     assert big.status_code == 413 and "error" in big.get_json()
     assert client.client.get("/prpc/KMS.GetAppEnvEncryptPubKey?app_id=" + APP_ID).get_json()["public_key"]
     assert os.stat(os.path.join(str(tmp_path / "kms"), "root-k256.key")).st_mode & 0o077 == 0
+
+
+def _csr(common_name="app.example"):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])).sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_sign_cert_for_an_attested_cvm(tmp_path, sim):
+    from cryptography import x509
+    app, client = make_kms(tmp_path, sim)
+    log = boot(sim)
+    chain = client.sign_cert(sim, lambda: log, _csr(), VM_CONFIG, alt_names=["app.example"])
+    leaf, app_ca, root = [x509.load_pem_x509_certificate(p.encode()) for p in chain]
+    leaf.verify_directly_issued_by(app_ca)
+    app_ca.verify_directly_issued_by(root)
+    assert root == app.extensions["dstack_kms"].keys.ca_cert
+    assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == ["app.example"]
+    # The app CA key is the one dstack derives: derive_p256(rootCA, [app_id, "app-ca"]).
+    root_keys_ = app.extensions["dstack_kms"].keys
+    assert app_ca.public_key().public_numbers() == kdf.app_ca_key(root_keys_.ca_key, APP_ID).public_key().public_numbers()
+
+
+def test_sign_cert_refuses_a_quote_bound_to_another_csr(tmp_path, sim):
+    app, client = make_kms(tmp_path, sim)
+    log = boot(sim)
+
+    class OtherCsr:
+        def get_quote(self, report_data):
+            return sim.get_quote(key_release.sign_cert_report_data(b"\0" * 32, b"other"))
+
+    _refused(app, client, lambda: client.sign_cert(OtherCsr(), lambda: log, _csr(), VM_CONFIG), "report_data")
