@@ -17,6 +17,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # ---- 1. Debian packages -------------------------------------------------------------------
 APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
 # Later issues add here: podman runc pebble wireguard-go ... (one list, one install step).
+# The simulated CVM's container runner (machine-recipes.md: podman with runc; images made
+# locally from busybox-static), also what `make demo` will run apps with.
+APT_PACKAGES+=(podman runc podman-compose busybox-static)
 # What only the tests need (ansible-test sanity's shellcheck test).
 ((WITH_TEST)) && APT_PACKAGES+=(shellcheck)
 

@@ -21,10 +21,17 @@ class KmsRefused(DstackError):
 
 
 class KmsClient:
-    def __init__(self, url, ca_cert=None, timeout=30.0):
+    def __init__(self, url, ca_cert=None, timeout=30.0, validate_certs=True):
+        """ca_cert: path of the KMS root CA certificate to check HTTPS against.
+
+        validate_certs=False is for a CVM that does not know its KMS's CA yet: it then relies on
+        the sealed answer (only its ephemeral key opens it) and on checking the KMS's root
+        against the key_provider_id the app pinned, which the key-provider event measures.
+        """
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.ca_cert = ca_cert
+        self.validate_certs = validate_certs
 
     def call(self, method, params=None):
         """POST JSON to /prpc/KMS.<method>; the answer's JSON, or DstackError naming what failed."""
@@ -32,7 +39,7 @@ class KmsClient:
         try:
             with open_url(f"{self.url}/prpc/KMS.{method}", data=body, method="POST",
                           headers={"Content-Type": "application/json"}, timeout=self.timeout,
-                          ca_path=self.ca_cert, validate_certs=True, use_proxy=False) as response:
+                          ca_path=self.ca_cert, validate_certs=self.validate_certs, use_proxy=False) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             try:

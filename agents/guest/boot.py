@@ -1,0 +1,262 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The CVM boot: what dstack-util setup does (dstack-reference 2.3, 6, 7.3), one named step at a time.
+
+    read-config     app-compose.json (required), .sys-config.json, .encrypted-env, .instance_info
+    instance-id     app_id and instance_id (the seed kept in the work folder and told to the host)
+    measure         RTMR3: system-preparing, app-id, compose-hash, instance-id, boot-mr-done
+    keys            key_provider kms: attested key release from the KMS; none: a fresh seed;
+                    local: refused here (no SGX local key provider in this environment)
+    measure-system  RTMR3: os-image-hash, key-provider, storage-fs, system-ready
+    env             decrypt .encrypted-env, drop names not in allowed_envs (logged by name),
+                    write .decrypted-env and .decrypted-env.json (0600)
+    gateway         join the gateway (a seam: done by the gateway issue)
+    containers      start the compose services (docker compose or podman-compose)
+
+Progress and errors go to boot.json in the work folder and, when .sys-config.json names a
+host_api_url (http://...), to the host as HostApi.Notify events: POST <host_api_url>/Notify
+{"event": "boot.progress" | "boot.error" | "instance.info", "payload": "..."}. A failed step
+stops the boot with the step named; files are written whole (atomically) or not at all; no
+secret value is logged.
+"""
+
+import json
+import logging
+import os
+import time
+import urllib.error
+
+from ansible.module_utils.urls import open_url
+
+from ansible_collections.dstack.tee.agents.guest import measure
+from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
+from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
+
+log = logging.getLogger("dstack.guest.boot")
+STEPS = ("read-config", "instance-id", "measure", "keys", "measure-system", "env", "gateway", "containers")
+
+
+class BootFailed(DstackError):
+    """A boot step failed; field is the step."""
+
+
+class HostNotifier:
+    """Boot progress to boot.json and, when configured, to the host's HostApi.Notify."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.state = {"stage": "", "done": False, "error": "", "events": []}
+        self.url = ""
+
+    def configure(self, sys_config):
+        url = str(sys_config.get("host_api_url") or "")
+        self.url = url.rstrip("/") if url.startswith(("http://", "https://")) else ""
+
+    def notify(self, event, payload):
+        entry = {"event": event, "payload": payload, "timestamp_ms": int(time.time() * 1000)}
+        self.state["events"] = (self.state["events"] + [entry])[-20:]
+        atomic_write(self.ctx.paths.boot_state, json.dumps(self.state, indent=2).encode(), mode=0o644)
+        if self.url:
+            try:
+                open_url(self.url + "/Notify", data=json.dumps({"event": event, "payload": payload}).encode(),
+                         method="POST", headers={"Content-Type": "application/json"}, timeout=5, use_proxy=False)
+            except (urllib.error.URLError, OSError) as exc:
+                log.warning("could not tell the host %s: %s", event, getattr(exc, "reason", exc))
+
+    def progress(self, stage, message):
+        self.state["stage"] = stage
+        log.info("%s: %s", stage, message)
+        self.notify("boot.progress", f"{stage}: {message}")
+
+    def failed(self, stage, reason):
+        self.state.update(stage=stage, error=reason)
+        log.error("boot failed at %s: %s", stage, reason)
+        self.notify("boot.error", f"{stage}: {reason}")
+
+    def done(self):
+        self.state.update(done=True, stage="running")
+        self.notify("boot.progress", "running")
+
+
+class Boot:
+    """One boot of one CVM. `kms_client` / `runner` may be given (tests, other engines)."""
+
+    def __init__(self, ctx, kms_client=None, runner=None, sockets=None, port_map=None, gateway=None):
+        self.ctx = ctx
+        self.kms_client = kms_client
+        self.runner = runner
+        self.sockets = sockets or {}
+        self.port_map = port_map
+        self.gateway = gateway
+        self.notifier = HostNotifier(ctx)
+        self.app = {}
+        self.sys_config = {}
+        self.app_id = self.instance_id = self.compose_hash = ""
+        self.keys = {}
+        self.env = []
+
+    def run(self):
+        """Run every step; raise BootFailed naming the step that failed."""
+        self._power_on()
+        for step in STEPS:
+            try:
+                getattr(self, "step_" + step.replace("-", "_"))()
+            except DstackError as exc:
+                self.notifier.failed(step, str(exc))
+                raise BootFailed(step, str(exc)) from None
+            except OSError as exc:
+                self.notifier.failed(step, f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})")
+                raise BootFailed(step, str(exc.strerror or exc)) from None
+        self.notifier.done()
+        return self
+
+    def _power_on(self):
+        """A simulated TD starts with zero RTMRs and an empty runtime log, as a real one does."""
+        reset = getattr(self.ctx.provider, "reset_rtmrs", None)
+        if reset is not None:
+            reset()
+            if os.path.exists(self.ctx.paths.runtime_log):
+                os.unlink(self.ctx.paths.runtime_log)
+
+    # ---- the steps ---------------------------------------------------------------------------
+
+    def step_read_config(self):
+        self.sys_config = self.ctx.sys_config()
+        self.notifier.configure(self.sys_config)
+        self.app = compose.validate(self.ctx.app_compose())
+        self.compose_hash = self.ctx.compose_hash()
+        self.notifier.progress("read-config", f"app {self.app['name']!r}, compose_hash {self.compose_hash}")
+
+    def step_instance_id(self):
+        provider = compose.key_provider_of(self.app)
+        given = self._instance_info().get("app_id", "")
+        # Without a KMS the measured app id is always compose_hash[0:20] (dstack-reference 6.2).
+        self.app_id = compose.app_id_for(self.compose_hash, given if provider == "kms" else None)
+        if self.app.get("no_instance_id"):
+            self.instance_id, seed = "", ""
+        else:
+            seed = self._instance_info().get("instance_id_seed") or self.ctx.instance().get("instance_id_seed")
+            if provider == "none" or not seed:
+                seed = os.urandom(20).hex()
+            self.instance_id = compose.instance_id_for(seed, self.app_id)
+        info = {"instance_id_seed": seed, "instance_id": self.instance_id, "app_id": self.app_id}
+        atomic_write(self.ctx.paths.instance, json.dumps(info).encode(), mode=0o600)
+        self.notifier.notify("instance.info", json.dumps(info))
+        self.notifier.progress("instance-id", f"app_id {self.app_id}, instance_id {self.instance_id or '(none)'}")
+
+    def _instance_info(self):
+        path = self.ctx.paths.instance_info
+        if not os.path.exists(path):
+            return {}
+        with open(path, encoding="utf-8") as handle:
+            try:
+                info = json.load(handle)
+            except ValueError:
+                raise DstackError(".instance_info", "is not JSON") from None
+        return info if isinstance(info, dict) else {}
+
+    def step_measure(self):
+        if self.ctx.runtime_events():
+            raise DstackError("rtmr3", "already holds runtime events: a boot runs once per power-on")
+        measure.measure_identity(self.ctx, self.app_id, self.compose_hash, self.instance_id)
+        self.notifier.progress("measure", "app-id, compose-hash and instance-id measured into RTMR3")
+
+    def step_keys(self):
+        provider = compose.key_provider_of(self.app)
+        if provider == "kms":
+            self.keys = self._keys_from_kms()
+        elif provider == "none":
+            seed = os.urandom(32)
+            derived = kdf.seed_app_keys(seed)
+            self.keys = {"disk_crypt_key": derived["disk_crypt_key"].hex(), "env_crypt_key": "",
+                         "k256_key": derived["k256_key"].hex(), "k256_signature": "", "gateway_app_id": "",
+                         "ca_cert": "", "key_provider": {"None": {"key": seed.hex()}}}
+        else:
+            raise DstackError("key_provider", f"{provider!r} is not available here (no SGX local key provider)")
+        self.ctx.write_app_keys(self.keys)
+        self.notifier.progress("keys", f"app keys from key provider {provider}")
+
+    def _keys_from_kms(self):
+        urls = self.sys_config.get("kms_urls") or []
+        if not urls and not self.kms_client:
+            raise DstackError("kms_urls", "are missing from .sys-config.json, and the app uses the KMS")
+        client = self.kms_client or self._kms_client(urls[0])
+        keys = client.get_app_key(self.ctx.provider, json.dumps(self.ctx.event_log()), self.ctx.vm_config())
+        provider = keys.get("key_provider") or {}
+        pinned = (self.app.get("key_provider_id") or "").lower().removeprefix("0x")
+        if pinned and pinned != str(provider.get("id", "")).lower():
+            raise DstackError("key_provider_id", "the KMS's root key is not the one app-compose pins")
+        return {"disk_crypt_key": keys["disk_crypt_key"], "env_crypt_key": keys["env_crypt_key"],
+                "k256_key": keys["k256_key"], "k256_signature": keys["k256_signature"],
+                "gateway_app_id": keys.get("gateway_app_id", ""), "ca_cert": keys.get("ca_cert", ""),
+                "os_image_hash": keys.get("os_image_hash", ""),
+                "key_provider": {"Kms": {"url": client.url, "pubkey": provider.get("id", "")}}}
+
+    def _kms_client(self, url):
+        ca_pem = self.sys_config.get("kms_ca_cert")
+        if ca_pem:
+            path = self.ctx.paths.work("kms-ca.crt")
+            atomic_write(path, ca_pem.encode(), mode=0o644)
+            return KmsClient(url, ca_cert=path)
+        log.warning("no kms_ca_cert in .sys-config.json: the KMS's HTTPS certificate is not checked; the "
+                    "keys are still sealed to this boot, and the KMS root is measured (key-provider)")
+        return KmsClient(url, validate_certs=False)
+
+    def step_measure_system(self):
+        provider = compose.key_provider_of(self.app)
+        provider_id = (self.keys.get("key_provider", {}).get("Kms") or {}).get("pubkey", "")
+        os_image = self.keys.get("os_image_hash") or _vm_config_field(self.ctx.vm_config(), "os_image_hash")
+        measure.measure_system(self.ctx, provider, provider_id, os_image_hash=os_image,
+                               storage_fs=self.app.get("storage_fs") or "ext4")
+        self.notifier.progress("measure-system", "os-image-hash, key-provider, storage-fs, system-ready measured")
+
+    def step_env(self):
+        if not os.path.exists(self.ctx.paths.encrypted_env):
+            self.env = []
+            self._write_env()
+            self.notifier.progress("env", "no encrypted env")
+            return
+        with open(self.ctx.paths.encrypted_env, "rb") as handle:
+            blob = handle.read()
+        if not self.keys.get("env_crypt_key"):
+            raise DstackError(".encrypted-env", "is present but this key provider gives no env key")
+        items = env_crypt.decrypt_env(blob, parse_hex(self.keys["env_crypt_key"], "env_crypt_key", length=32),
+                                      ".encrypted-env")
+        self.env, dropped = env_crypt.filter_allowed(items, self.app.get("allowed_envs") or [])
+        for name in dropped:
+            log.warning("env: dropped %s: not in allowed_envs", name)
+        self._write_env()
+        self.notifier.progress("env", f"{len(self.env)} variables ({', '.join(k for k, _v in self.env) or 'none'})"
+                               + (f", dropped {', '.join(dropped)}" if dropped else ""))
+
+    def _write_env(self):
+        atomic_write(self.ctx.paths.decrypted_env, env_crypt.render_dotenv(self.env), mode=0o600)
+        atomic_write(self.ctx.paths.decrypted_env_json, env_crypt.render_json(self.env), mode=0o600)
+
+    def step_gateway(self):
+        if not self.app.get("gateway_enabled") or not self.sys_config.get("gateway_urls"):
+            self.notifier.progress("gateway", "not used")
+            return
+        if self.gateway is None:
+            self.notifier.progress("gateway", "skipped: gateway registration is not available yet")
+            return
+        self.gateway(self)
+        self.notifier.progress("gateway", "registered")
+
+    def step_containers(self):
+        if self.app.get("runner", "docker-compose") not in ("docker-compose", "nerdctl-compose"):
+            raise DstackError("runner", f"{self.app.get('runner')!r} is not supported by this agent")
+        runner = self.runner or ComposeRunner(f"dstack-{(self.instance_id or self.app_id)[:12]}", self.ctx.paths.work_dir)
+        runner.up(self.app["docker_compose_file"], dict(self.env), self.sockets, self.port_map)
+        self.notifier.progress("containers", "compose services started")
+
+
+def _vm_config_field(vm_config, name):
+    try:
+        return str(json.loads(vm_config or "{}").get(name, ""))
+    except (ValueError, AttributeError):
+        return ""

@@ -1,0 +1,161 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Runs the app's docker-compose services: docker compose where a Docker engine answers, else podman.
+
+The app's compose file is rewritten once, into the work folder, so that:
+- every service gets the CVM's guest-agent sockets mounted at /var/run/dstack.sock and
+  /var/run/tappd.sock (where the app declares them, their source is replaced by this CVM's socket);
+- published ports follow the VM's port map (`port_map`: CVM port -> "host_address:host_port"),
+  when one is given (the process backend, where CVMs share the host's network).
+The runner is given only the app's allowed env values (plus PATH and the container settings),
+so the compose file can interpolate nothing else.
+"""
+
+import os
+import shutil
+import subprocess
+
+import yaml
+
+from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+
+GUEST_SOCKETS = {"/var/run/dstack.sock": "dstack", "/run/dstack.sock": "dstack",
+                 "/var/run/dstack/dstack.sock": "dstack", "/var/run/tappd.sock": "tappd", "/run/tappd.sock": "tappd"}
+MOUNT_POINTS = {"dstack": "/var/run/dstack.sock", "tappd": "/var/run/tappd.sock"}
+# podman on these machines (machine-recipes.md): runc (crun fails with hybrid cgroups) and
+# explicit rlimits (the defaults need CAP_SYS_RESOURCE).
+CONTAINERS_CONF = """[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+"""
+
+
+def _split_volume(entry):
+    if isinstance(entry, dict):
+        return entry.get("source"), entry.get("target"), entry
+    parts = str(entry).split(":")
+    return parts[0], parts[1] if len(parts) > 1 else None, entry
+
+
+def rewrite_compose(compose_text, sockets, port_map=None):
+    """The app's compose, with this CVM's sockets mounted and ports mapped; YAML text."""
+    doc = parse_compose_yaml(compose_text, "docker_compose_file")
+    for name, service in doc["services"].items():
+        volumes = []
+        mounted = set()
+        for entry in service.get("volumes") or []:
+            source, target, original = _split_volume(entry)
+            kind = GUEST_SOCKETS.get(source or "")
+            if kind and sockets.get(kind):
+                mounted.add(target)
+                if isinstance(original, dict):
+                    volumes.append(dict(original, source=sockets[kind]))
+                else:
+                    rest = str(original).split(":")[1:]
+                    volumes.append(":".join([sockets[kind], *rest]))
+            else:
+                volumes.append(original)
+        for kind, target in MOUNT_POINTS.items():
+            if sockets.get(kind) and target not in mounted:
+                volumes.append(f"{sockets[kind]}:{target}")
+        service["volumes"] = volumes
+        if port_map is not None and service.get("ports"):
+            service["ports"] = [_map_port(p, port_map, name) for p in service["ports"]]
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _map_port(entry, port_map, service):
+    """'8080:80' publishes CVM port 8080; on a shared host it becomes port_map[8080]:80."""
+    text = str(entry.get("published", "")) + ":" + str(entry.get("target")) if isinstance(entry, dict) else str(entry)
+    proto = ""
+    if "/" in text:
+        text, proto = text.rsplit("/", 1)
+        proto = "/" + proto
+    parts = text.split(":")
+    if len(parts) < 2:
+        raise DstackError("ports", f"service {service!r} publishes {entry!r} without a CVM port; use CVM:CONTAINER")
+    cvm_port, container_port = parts[-2], parts[-1]
+    host = port_map.get(int(cvm_port)) if cvm_port.isdigit() else None
+    if host is None:
+        raise DstackError("ports", f"service {service!r} publishes CVM port {cvm_port}, which the VM's port map "
+                                   "does not forward")
+    return f"{host}:{container_port}{proto}"
+
+
+class ComposeRunner:
+    """docker compose or podman-compose, for one CVM's project."""
+
+    def __init__(self, project, work_dir, engine="auto"):
+        self.project = project
+        self.work_dir = work_dir
+        self.engine = self._pick(engine)
+        self.compose_file = os.path.join(work_dir, "docker-compose.yaml")
+
+    @staticmethod
+    def _pick(engine):
+        if engine != "auto":
+            return engine
+        if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=20,
+                                                     check=False).returncode == 0:
+            return "docker"
+        if shutil.which("podman-compose"):
+            return "podman"
+        raise DstackError("runner", "no container engine: need docker (with an engine) or podman-compose")
+
+    def _env(self, app_env):
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": self.work_dir}
+        if self.engine == "podman":
+            conf = os.environ.get("CONTAINERS_CONF") or os.path.join(self.work_dir, "containers.conf")
+            if not os.path.exists(conf):
+                atomic_write(conf, CONTAINERS_CONF.encode(), mode=0o644)
+            env["CONTAINERS_CONF"] = conf
+        env.update(app_env)
+        return env
+
+    def _command(self, *args):
+        if self.engine == "docker":
+            return ["docker", "compose", "-p", self.project, "-f", self.compose_file, *args]
+        return ["podman-compose", "-p", self.project, "-f", self.compose_file, *args]
+
+    def up(self, compose_text, app_env, sockets, port_map=None):
+        """Write the rewritten compose file and start the services, detached."""
+        atomic_write(self.compose_file, rewrite_compose(compose_text, sockets, port_map).encode(), mode=0o600)
+        proc = subprocess.run(self._command("up", "-d"), capture_output=True, text=True, cwd=self.work_dir,
+                              env=self._env(app_env), timeout=600, check=False)
+        # podman-compose echoes its `podman run -e KEY=value` lines: never log its output unscrubbed.
+        if proc.returncode != 0:
+            raise DstackError("containers", f"{self.engine} compose up failed (exit {proc.returncode}): "
+                                            f"{scrub(_last_line(proc.stderr or proc.stdout), app_env.values())}")
+
+    def down(self):
+        if not os.path.exists(self.compose_file):
+            return
+        subprocess.run(self._command("down"), capture_output=True, text=True, cwd=self.work_dir,
+                       env=self._env({}), timeout=300, check=False)
+
+    def ps(self):
+        """[(container name, status)] of this project's containers."""
+        if self.engine == "docker":
+            cmd = ["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
+                   "--format", "{{.Names}}\t{{.Status}}"]
+        else:
+            cmd = ["podman", "ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
+                   "--format", "{{.Names}}\t{{.Status}}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self._env({}), timeout=60, check=False)
+        return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
+
+
+def scrub(text, secrets):
+    """text with every secret value replaced by ***."""
+    for value in sorted((v for v in secrets if v and len(v) >= 3), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def _last_line(text):
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
