@@ -212,3 +212,35 @@ def test_a_reboot_measures_a_fresh_td_with_the_same_identity(tmp_path, module, w
     # gives the same keys (the disk stays readable across reboots).
     assert again.instance_id == boot.instance_id and ctx.read_rtmrs()[3] == first_rtmr3
     assert ctx.app_keys()["disk_crypt_key"] == first_keys["disk_crypt_key"]
+
+
+def test_the_keys_a_boot_gets_are_dstacks_recomputed_by_hand(tmp_path, module, world):
+    """Recompute dstack-reference 8 from the KMS's root key files, without the project's kdf."""
+    import hashlib
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    boot, _runner, ctx = _boot_without_containers(tmp_path, module, world)
+    boot.run()
+    keys = ctx.app_keys()
+    root_ca = serialization.load_pem_private_key((tmp_path / "kms" / "root-ca.key").read_bytes(), None)
+    root_k256 = (tmp_path / "kms" / "root-k256.key").read_bytes()
+    app_id, instance_id = bytes.fromhex(boot.app_id), bytes.fromhex(boot.instance_id)
+
+    def hkdf(ikm, info):
+        return HKDF(hashes.SHA256(), 32, b"RATLS", info).derive(ikm)
+
+    def dh_secret(info):
+        scalar = root_ca.private_numbers().private_value.to_bytes(32, "big")
+        child = ec.derive_private_key(int.from_bytes(hkdf(scalar, info), "big"), ec.SECP256R1())
+        der = child.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+        return hashlib.sha256(der).hexdigest()
+
+    assert keys["disk_crypt_key"] == dh_secret(app_id + instance_id + b"app-disk-crypt-key")
+    assert keys["env_crypt_key"] == dh_secret(app_id + b"env-encrypt-key")
+    assert keys["k256_key"] == hkdf(root_k256, app_id + b"app-key").hex()
+    # instance_id = SHA-256(seed || app_id)[0:20], with the seed the boot kept
+    seed = bytes.fromhex(ctx.instance()["instance_id_seed"])
+    assert boot.instance_id == hashlib.sha256(seed + app_id).digest()[:20].hex()
