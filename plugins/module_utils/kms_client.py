@@ -8,19 +8,15 @@ server certificate from it); otherwise against the system's trust store.
 """
 
 import json
-import urllib.error
-
-from ansible.module_utils.urls import open_url
 
 from ansible_collections.dstack.tee.plugins.module_utils import key_release
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.prpc import PrpcClient, Refused
+
+KmsRefused = Refused  # the KMS answered, and said no (HTTP 403): the reason is the KMS's
 
 
-class KmsRefused(DstackError):
-    """The KMS answered, and said no (HTTP 403): the reason is the KMS's."""
-
-
-class KmsClient:
+class KmsClient(PrpcClient):
     def __init__(self, url, ca_cert=None, timeout=30.0, validate_certs=True):
         """ca_cert: path of the KMS root CA certificate to check HTTPS against.
 
@@ -28,31 +24,7 @@ class KmsClient:
         the sealed answer (only its ephemeral key opens it) and on checking the KMS's root
         against the key_provider_id the app pinned, which the key-provider event measures.
         """
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.ca_cert = ca_cert
-        self.validate_certs = validate_certs
-
-    def call(self, method, params=None):
-        """POST JSON to /prpc/KMS.<method>; the answer's JSON, or DstackError naming what failed."""
-        body = json.dumps(params or {}).encode("utf-8")
-        try:
-            with open_url(f"{self.url}/prpc/KMS.{method}", data=body, method="POST",
-                          headers={"Content-Type": "application/json"}, timeout=self.timeout,
-                          ca_path=self.ca_cert, validate_certs=self.validate_certs, use_proxy=False) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                reason = json.loads(exc.read()).get("error", "")
-            except (ValueError, AttributeError):
-                reason = exc.reason
-            if exc.code == 403:
-                raise KmsRefused("kms", f"{method} refused: {reason}") from None
-            raise DstackError("kms", f"{method} failed with HTTP {exc.code}: {reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise DstackError("kms_url", f"cannot reach the KMS at {self.url}: {getattr(exc, 'reason', exc)}") from None
-        except ValueError:
-            raise DstackError("kms", f"{method} did not answer JSON") from None
+        super().__init__(url, "KMS", field="kms_url", ca_cert=ca_cert, timeout=timeout, validate_certs=validate_certs)
 
     def get_meta(self):
         return self.call("GetMeta")

@@ -1,0 +1,130 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""`dstack-vmm`: the host VM manager.
+
+    dstack-vmm serve [--config vmm.toml] [--run-path DIR] [--listen HOST:PORT] [--backend process|libvirt]
+                     [--kms-url URL] [--kms-ca-cert FILE] [--sim-state DIR] [--token TOKEN ...]
+                     [--base-domain DOMAIN] [--os-image-hash HEX]
+
+Serves the JSON API (/prpc/Vmm.*), the web UI (/) and /logs with gunicorn (one worker: the VMM
+serializes changes to a VM). Listening on anything but loopback requires a token (--token, or
+DSTACK_VMM_TOKENS=comma,separated). On start it finds the VMs of its run path again and starts
+those that should run.
+"""
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+import tomllib
+
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
+        "os_image_hash", "gateway_urls", "libvirt_uri", "image_path")
+
+
+def load_config(args):
+    config = {}
+    if args.config:
+        try:
+            with open(args.config, "rb") as handle:
+                config = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise DstackError("--config", f"cannot read {args.config}: {exc}") from None
+    flags = {"run_path": args.run_path, "listen": args.listen, "backend": args.backend,
+             "kms_urls": [args.kms_url] if args.kms_url else None, "kms_ca_cert": args.kms_ca_cert,
+             "sim_state_dir": args.sim_state, "auth_tokens": args.token or None, "base_domain": args.base_domain,
+             "os_image_hash": args.os_image_hash}
+    config.update({k: v for k, v in flags.items() if v is not None})
+    if os.environ.get("DSTACK_VMM_TOKENS") and not config.get("auth_tokens"):
+        config["auth_tokens"] = [t for t in os.environ["DSTACK_VMM_TOKENS"].split(",") if t]
+    config.setdefault("run_path", "run")
+    config.setdefault("listen", "127.0.0.1:9080")
+    config.setdefault("backend", "process")
+    config["run_path"] = os.path.abspath(config["run_path"])
+    config.setdefault("sim_state_dir", os.path.join(config["run_path"], "tdx-sim"))
+    return config
+
+
+def make_backend(config):
+    if config["backend"] == "process":
+        from ansible_collections.dstack.tee.agents.vmm.backends.process import ProcessBackend  # pylint: disable=import-outside-toplevel
+        return ProcessBackend(config["run_path"], config["sim_state_dir"])
+    if config["backend"] == "libvirt":
+        from ansible_collections.dstack.tee.agents.vmm.backends.libvirt import LibvirtBackend  # pylint: disable=import-outside-toplevel
+        return LibvirtBackend(config.get("libvirt_uri", "qemu:///system"), image_dir=config.get("image_path", "images"))
+    raise DstackError("backend", f"unknown backend {str(config['backend'])[:20]!r} (expected process or libvirt)")
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def cmd_serve(args):
+    from ansible_collections.dstack.tee.agents.vmm.app import create_app  # pylint: disable=import-outside-toplevel
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_config(args)
+    host, _sep, port = config["listen"].rpartition(":")
+    if not host or not port.isdigit():
+        raise DstackError("--listen", "must be HOST:PORT")
+    if not _is_loopback(host) and not config.get("auth_tokens"):
+        raise DstackError("--token", f"is required when listening on {host} (anything but loopback)")
+    connect = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host.strip("[]")
+    config.setdefault("host_api_base", f"http://{connect}:{port}/host-api")
+    app = create_app(config, make_backend(config))
+    app.extensions["dstack_vmm"].recover()
+    print(f"dstack-vmm: {config['backend']} backend, run path {config['run_path']}, serving http://{host}:{port}/"
+          + (" (token required)" if config.get("auth_tokens") else ""), file=sys.stderr)
+    _run_gunicorn(app, f"{host}:{port}")
+
+
+def _run_gunicorn(app, bind):
+    from gunicorn.app.base import BaseApplication  # pylint: disable=import-outside-toplevel
+
+    class Server(BaseApplication):  # pylint: disable=abstract-method
+        def load_config(self):
+            for name, value in {"bind": bind, "workers": 1, "threads": 16, "timeout": 0,
+                                "accesslog": "-", "errorlog": "-", "loglevel": "info"}.items():
+                self.cfg.set(name, value)
+
+        def load(self):
+            return app
+
+    Server().run()
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="dstack-vmm", description="The dstack.tee host VM manager.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the VMM API and web UI")
+    serve.add_argument("--config", help="a vmm.toml")
+    serve.add_argument("--run-path", help="where VM run directories live (default ./run)")
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:9080)")
+    serve.add_argument("--backend", choices=["process", "libvirt"], help="CVM backend (default process)")
+    serve.add_argument("--kms-url", help="the KMS the CVMs get their keys from")
+    serve.add_argument("--kms-ca-cert", help="the KMS root CA certificate (root-ca.crt)")
+    serve.add_argument("--sim-state", help="the simulated TDX state directory (process backend)")
+    serve.add_argument("--token", action="append", help="an API token (repeatable)")
+    serve.add_argument("--base-domain", help="the gateway's base domain, for app URLs")
+    serve.add_argument("--os-image-hash", help="the OS image hash the CVMs report (vm_config)")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DstackError as exc:
+        print(f"dstack-vmm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
