@@ -320,6 +320,8 @@ class VmmService:
             "boot_progress": state.get("boot_progress", ""), "boot_error": state.get("boot_error", ""),
             "shutdown_progress": state.get("shutdown_progress", ""), "image_version": "",
             "compose_hash": hashlib.sha256(compose_text.encode()).hexdigest() if compose_text else "",
+            # Not in dstack's VmInfo: lets a client see whether the env it holds is the one deployed.
+            "encrypted_env_sha256": _sha256_or_empty(os.path.join(vm.shared_dir, ".encrypted-env")),
         }
         if not brief:
             info["configuration"] = {
@@ -395,6 +397,11 @@ def _read(path):
             return handle.read()
     except FileNotFoundError:
         return b""
+
+
+def _sha256_or_empty(path):
+    data = _read(path)
+    return hashlib.sha256(data).hexdigest() if data else ""
 
 
 def _port_free(address, port):

@@ -1,0 +1,273 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+DOCUMENTATION = r"""
+---
+module: cvm
+short_description: Manage a confidential VM (CVM) on a dstack.tee VMM
+version_added: 0.1.0
+description:
+  - Makes a CVM, found by O(name), be V(present), V(running), V(stopped) or V(absent) on a VMM
+    (C(dstack-vmm), its JSON API at C(/prpc/Vmm.*)).
+  - A CVM whose app-compose, encrypted env or ports differ from the options is updated in place
+    (UpdateVm), which keeps the instance's data; the new compose_hash must be authorized first.
+  - With O(wait=true) the task waits until the guest reports its boot finished, and fails with
+    the guest's boot error otherwise.
+author:
+  - dstack.tee contributors (@dstack-tee)
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details: The diff shows the CVM's name, compose_hash, encrypted env digest, ports and state.
+  idempotent:
+    support: full
+options:
+  vmm_url:
+    description: The VMM's URL.
+    type: str
+    default: http://127.0.0.1:9080
+  vmm_token:
+    description: The VMM API token, when the VMM requires one.
+    type: str
+  name:
+    description: The CVM's name (letters, digits, spaces and C(-_.@~!$^())), unique on the VMM.
+    type: str
+    required: true
+  state:
+    description: The desired state.
+    type: str
+    choices: [present, running, stopped, absent]
+    default: running
+  app_compose_file:
+    description: Path of the app-compose.json to run (its exact bytes are sent). Needed unless O(state=absent).
+    type: path
+  encrypted_env_file:
+    description: Path of the encrypted env (raw bytes, as M(dstack.tee.env_encrypt) writes it).
+    type: path
+  app_id:
+    description: The app id when it is not compose_hash[0:20] (an on-chain app), hex.
+    type: str
+  ports:
+    description: Ports forwarded from the host to the CVM.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      protocol:
+        description: tcp or udp.
+        type: str
+        default: tcp
+      host_port:
+        description: The host port.
+        type: int
+        required: true
+      vm_port:
+        description: The CVM port.
+        type: int
+        required: true
+      host_address:
+        description: The host address to listen on.
+        type: str
+        default: 127.0.0.1
+  vcpu:
+    description: Virtual CPUs.
+    type: int
+    default: 1
+  memory:
+    description: Memory in MiB.
+    type: int
+    default: 1024
+  disk_size:
+    description: Data disk size in GiB.
+    type: int
+    default: 10
+  image:
+    description: The guest image name (libvirt backend).
+    type: str
+    default: ""
+  wait:
+    description: Wait until the guest reports its boot finished (state running).
+    type: bool
+    default: true
+  wait_timeout:
+    description: Seconds to wait for the boot.
+    type: int
+    default: 300
+extends_documentation_fragment:
+  - dstack.tee.attributes
+seealso:
+  - module: dstack.tee.app_compose
+  - module: dstack.tee.env_encrypt
+"""
+
+EXAMPLES = r"""
+- name: Run the hello app
+  dstack.tee.cvm:
+    name: hello
+    app_compose_file: build/hello/app-compose.json
+    encrypted_env_file: build/hello/encrypted-env
+    ports:
+      - {host_port: 8080, vm_port: 8080}
+  register: cvm
+
+- name: Remove it
+  dstack.tee.cvm:
+    name: hello
+    state: absent
+"""
+
+RETURN = r"""
+id:
+  description: The CVM's VMM id.
+  returned: when the CVM exists
+  type: str
+app_id:
+  description: The app id (hex).
+  returned: when the CVM exists
+  type: str
+instance_id:
+  description: The instance id the guest reported (hex), empty before its first boot.
+  returned: when the CVM exists
+  type: str
+status:
+  description: The CVM's status (running, stopped, exited).
+  returned: when the CVM exists
+  type: str
+compose_hash:
+  description: SHA-256 of the app-compose.json the CVM runs.
+  returned: when the CVM exists
+  type: str
+app_url:
+  description: Where the app answers.
+  returned: when the CVM exists
+  type: str
+"""
+
+import hashlib
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.module_support import read_bytes
+from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
+
+
+def _ports(ports):
+    return sorted(({"protocol": p.get("protocol") or "tcp", "host_port": p["host_port"], "vm_port": p["vm_port"],
+                    "host_address": p.get("host_address") or "127.0.0.1"} for p in ports or []),
+                  key=lambda p: (p["protocol"], p["host_port"]))
+
+
+def _view(info):
+    if not info:
+        return {}
+    cfg = info.get("configuration") or {}
+    return {"name": info.get("name"), "compose_hash": info.get("compose_hash"),
+            "encrypted_env_sha256": info.get("encrypted_env_sha256", ""), "ports": _ports(cfg.get("ports")),
+            "status": info.get("status")}
+
+
+def _result(info):
+    return {k: info.get(k, "") for k in ("id", "app_id", "instance_id", "status", "compose_hash", "app_url")}
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            vmm_url=dict(type="str", default="http://127.0.0.1:9080"),
+            vmm_token=dict(type="str", no_log=True),
+            name=dict(type="str", required=True),
+            state=dict(type="str", default="running", choices=["present", "running", "stopped", "absent"]),
+            app_compose_file=dict(type="path"),
+            encrypted_env_file=dict(type="path"),
+            app_id=dict(type="str"),
+            ports=dict(type="list", elements="dict", default=[], options=dict(
+                protocol=dict(type="str", default="tcp"), host_port=dict(type="int", required=True),
+                vm_port=dict(type="int", required=True), host_address=dict(type="str", default="127.0.0.1"))),
+            vcpu=dict(type="int", default=1),
+            memory=dict(type="int", default=1024),
+            disk_size=dict(type="int", default=10),
+            image=dict(type="str", default=""),
+            wait=dict(type="bool", default=True),
+            wait_timeout=dict(type="int", default=300),
+        ),
+        required_if=[("state", "present", ("app_compose_file",)), ("state", "running", ("app_compose_file",))],
+        supports_check_mode=True,
+    )
+    p = module.params
+    client = VmmClient(p["vmm_url"], token=p["vmm_token"])
+    try:
+        current = client.find(p["name"])
+        result = _apply(module, client, current)
+    except DstackError as exc:
+        module.fail_json(msg=str(exc), field=exc.field)
+    module.exit_json(**result)
+
+
+def _desired(module):
+    p = module.params
+    compose = read_bytes(p["app_compose_file"]) if p["app_compose_file"] else None
+    if p["app_compose_file"] and compose is None:
+        raise DstackError("app_compose_file", f"{p['app_compose_file']} does not exist")
+    env = b""
+    if p["encrypted_env_file"]:
+        env = read_bytes(p["encrypted_env_file"])
+        if env is None:
+            raise DstackError("encrypted_env_file", f"{p['encrypted_env_file']} does not exist")
+    return compose, env
+
+
+def _apply(module, client, current):
+    p = module.params
+    state = p["state"]
+    before = _view(current)
+    if state == "absent":
+        if current and not module.check_mode:
+            client.call("RemoveVm", {"id": current["id"]})
+        return dict(changed=bool(current), diff=dict(before=before, after={}))
+    compose, env = _desired(module)
+    wanted = {"name": p["name"], "compose_hash": hashlib.sha256(compose).hexdigest() if compose else None,
+              "encrypted_env_sha256": hashlib.sha256(env).hexdigest() if env else "", "ports": _ports(p["ports"])}
+    config = {"name": p["name"], "compose_file": compose.decode("utf-8") if compose else "",
+              "encrypted_env": env.hex(), "ports": wanted["ports"], "vcpu": p["vcpu"], "memory": p["memory"],
+              "disk_size": p["disk_size"], "image": p["image"]}
+    if p["app_id"]:
+        config["app_id"] = p["app_id"]
+    changed = False
+    if current is None:
+        changed = True
+        if not module.check_mode:
+            vm_id = client.call("CreateVm", dict(config, stopped=state != "running"))["id"]
+            current = client.call("GetInfo", {"id": vm_id})["info"]
+    else:
+        differs = any(before.get(k) != wanted[k] for k in ("compose_hash", "encrypted_env_sha256", "ports"))
+        if differs:
+            changed = True
+            if not module.check_mode:
+                client.call("UpdateVm", {"id": current["id"], "compose_file": config["compose_file"],
+                                         "encrypted_env": config["encrypted_env"], "update_ports": True,
+                                         "ports": config["ports"], "start": state == "running"})
+        if state == "running" and current.get("status") != "running":
+            changed = True
+            if not module.check_mode:
+                client.call("StartVm", {"id": current["id"]})
+        if state == "stopped" and current.get("status") == "running":
+            changed = True
+            if not module.check_mode:
+                client.call("StopVm", {"id": current["id"]})
+    after = dict(wanted, status={"present": (current or {}).get("status", "stopped"), "running": "running",
+                                 "stopped": "stopped"}[state])
+    if current and not module.check_mode:
+        if state == "running" and p["wait"] and (changed or current.get("boot_progress") != "running"):
+            client.wait_running(current["id"], p["wait_timeout"])
+        current = client.call("GetInfo", {"id": current["id"]})["info"]
+    out = dict(changed=changed, diff=dict(before=before, after=after))
+    out.update(_result(current or {}))
+    return out
+
+
+if __name__ == "__main__":
+    main()
