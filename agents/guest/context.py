@@ -10,15 +10,18 @@ Config share (the host writes it; dstack-reference 2.3), GuestPaths.config_dir:
 Work folder (only the guest; mode 0700), GuestPaths.work_dir:
     .appkeys.json (0600)        the keys the KMS released (dstack-reference 6.4)
     runtime_events.log          RTMR3 runtime events, JSON lines {"event", "payload" (base64)}
+    runtime_events.log.lock     held while RTMR3 and that log change (events_locked)
     .decrypted-env(.json) 0600  the app's env after allowed_envs filtering
     instance.json               {instance_id_seed, instance_id, app_id}
     rtmrs.json                  this CVM's RTMRs, when the TEE is the simulator
     boot.json                   boot progress: {"stage", "done", "error", "events": [...]}
 """
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
@@ -144,15 +147,27 @@ class GuestContext:
         """The GetQuote event log: every runtime event as {imr, event_type, digest, event, event_payload}."""
         return [event.to_log_entry() for event in self.runtime_events()]
 
+    @contextmanager
+    def events_locked(self, exclusive=False):
+        """RTMR3 and the runtime log change together: an emitter holds this lock exclusively, a
+        quoter shared, so no quote sees an RTMR3 its event log does not replay to (workers,
+        threads and the boot all take it; flock on a fresh open excludes threads too)."""
+        with open(self.paths.runtime_log + ".lock", "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+
     def emit_event(self, name, payload=b""):
         if not isinstance(name, str) or not name:
             raise DstackError("event", "must be a non-empty name")
-        tdx.emit_runtime_event(self.provider, eventlog.RuntimeEvent(name, bytes(payload)), self.paths.runtime_log)
+        with self.events_locked(exclusive=True):
+            tdx.emit_runtime_event(self.provider, eventlog.RuntimeEvent(name, bytes(payload)), self.paths.runtime_log)
 
     def quote(self, report_data):
-        """(quote bytes, event log JSON text) for report_data (at most 64 bytes)."""
-        quote = self.provider.get_quote(tdx.pad_report_data(report_data))
-        return quote, json.dumps(self.event_log())
+        """(quote bytes, event log JSON text) for report_data (at most 64 bytes), taken together."""
+        padded = tdx.pad_report_data(report_data)
+        with self.events_locked():
+            quote = self.provider.get_quote(padded)
+            return quote, json.dumps(self.event_log())
 
     def read_rtmrs(self):
         return self.provider.read_rtmrs()

@@ -12,23 +12,13 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from ansible_collections.dstack.tee.agents.wsgi import request_params
 from ansible_collections.dstack.tee.agents.kms.nonces import NonceFlood
 from ansible_collections.dstack.tee.agents.kms.service import KmsService, Refused
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 MAX_REQUEST_BYTES = 256 * 1024
 log = logging.getLogger("dstack.kms")
-
-
-def _params():
-    if request.method == "GET":
-        return request.args.to_dict()
-    if not request.data:
-        return {}
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise DstackError("request", "the body must be a JSON object")
-    return body
 
 
 def create_app(config):
@@ -40,7 +30,7 @@ def create_app(config):
 
     def route(name, handler):
         def view():
-            return jsonify(handler(_params()))
+            return jsonify(handler(request_params()))
         view.__name__ = name
         app.add_url_rule(f"/prpc/KMS.{name}", name, view, methods=["GET", "POST"])
 

@@ -22,6 +22,7 @@ import os
 import sys
 
 from ansible_collections.dstack.tee.agents.kms import root_keys
+from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
@@ -108,28 +109,13 @@ def cmd_serve(args):
     app = create_app(config)  # fails here, before listening, on a bad configuration
     print(f"dstack-kms: {config.get('mode', 'production')} mode, serving https://{host}:{port}/prpc/KMS.*",
           file=sys.stderr)
-    _run_gunicorn(app, f"{host}:{port}", cert, key, int(config.get("workers") or 2))
+    run_gunicorn(app, bind=f"{host}:{port}", certfile=cert, keyfile=key, workers=int(config.get("workers") or 2),
+                 threads=4, timeout=60, accesslog="-", errorlog="-", loglevel="info")
     return None
 
 
 EMPTY_ALLOWLIST = {"gatewayAppId": "", "osImages": [], "kms": {"mrAggregated": [], "devices": [],
                                                                "allowAnyDevice": False}, "apps": {}}
-
-
-def _run_gunicorn(app, bind, cert, key, workers):
-    from gunicorn.app.base import BaseApplication  # pylint: disable=import-outside-toplevel
-
-    class Server(BaseApplication):  # pylint: disable=abstract-method
-        def load_config(self):
-            for name, value in {"bind": bind, "certfile": cert, "keyfile": key, "workers": workers,
-                                "threads": 4, "timeout": 60, "accesslog": "-",
-                                "errorlog": "-", "loglevel": "info"}.items():
-                self.cfg.set(name, value)
-
-        def load(self):
-            return app
-
-    Server().run()
 
 
 def build_parser():

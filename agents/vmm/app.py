@@ -16,23 +16,13 @@ import time
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
+from ansible_collections.dstack.tee.agents.wsgi import request_params
 from ansible_collections.dstack.tee.agents.vmm.service import VERSION, NotFound, VmmService
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 log = logging.getLogger("dstack.vmm")
-
-
-def _params():
-    if request.method == "GET":
-        return request.args.to_dict()
-    if not request.data:
-        return {}
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise DstackError("request", "the body must be a JSON object")
-    return body
 
 
 def create_app(config, backend):
@@ -56,7 +46,7 @@ def create_app(config, backend):
 
     def route(name, handler):
         def view():
-            return jsonify(handler(_params()))
+            return jsonify(handler(request_params()))
         view.__name__ = "vmm_" + name
         app.add_url_rule(f"/prpc/Vmm.{name}", view.__name__, view, methods=["GET", "POST"])
 
@@ -76,7 +66,7 @@ def create_app(config, backend):
 
     @app.post("/host-api/<vm_id>/<token>/Notify")
     def host_notify(vm_id, token):
-        body = _params()
+        body = request_params()
         return jsonify(service.host_notify(vm_id, token, body.get("event"), body.get("payload", "")))
 
     @app.get("/logs")

@@ -19,6 +19,7 @@ import os
 import sys
 import tomllib
 
+from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
@@ -80,22 +81,8 @@ def cmd_serve(args):
     app.extensions["dstack_vmm"].recover()
     print(f"dstack-vmm: {config['backend']} backend, run path {config['run_path']}, serving http://{host}:{port}/"
           + (" (token required)" if config.get("auth_tokens") else ""), file=sys.stderr)
-    _run_gunicorn(app, f"{host}:{port}")
-
-
-def _run_gunicorn(app, bind):
-    from gunicorn.app.base import BaseApplication  # pylint: disable=import-outside-toplevel
-
-    class Server(BaseApplication):  # pylint: disable=abstract-method
-        def load_config(self):
-            for name, value in {"bind": bind, "workers": 1, "threads": 16, "timeout": 0,
-                                "accesslog": "-", "errorlog": "-", "loglevel": "info"}.items():
-                self.cfg.set(name, value)
-
-        def load(self):
-            return app
-
-    Server().run()
+    run_gunicorn(app, bind=f"{host}:{port}", workers=1, threads=16, timeout=0, accesslog="-", errorlog="-",
+                 loglevel="info")
 
 
 def build_parser():

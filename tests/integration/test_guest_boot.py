@@ -17,7 +17,7 @@ import pytest
 from ansible_collections.dstack.tee.agents.guest.boot import Boot, BootFailed
 from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
-from ansible_collections.dstack.tee.plugins.module_utils import attestation, eventlog
+from ansible_collections.dstack.tee.plugins.module_utils import attestation
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from test_kms import make_kms
 
@@ -69,7 +69,7 @@ def _containers_conf(folder):
     return path
 
 
-def make_share(tmp_path, module, kms_client, secrets=SECRETS, compose=COMPOSE):
+def make_share(tmp_path, module, kms_client, secrets=None, compose=COMPOSE):
     """The config share as the VMM will lay it out, made with the foundation modules."""
     share = tmp_path / "share"
     share.mkdir()
@@ -79,7 +79,7 @@ def make_share(tmp_path, module, kms_client, secrets=SECRETS, compose=COMPOSE):
     assert app["changed"], app
     meta = kms_client.get_meta()
     pub = kms_client.get_app_env_encrypt_pubkey(app["app_id"])
-    sealed = module("env_encrypt", {"env": secrets, "public_key": pub["public_key"], "signature_v1": pub["signature_v1"],
+    sealed = module("env_encrypt", {"env": secrets or SECRETS, "public_key": pub["public_key"], "signature_v1": pub["signature_v1"],
                                     "timestamp": pub["timestamp"], "app_id": app["app_id"],
                                     "kms_k256_pubkey": meta["k256_pubkey"], "dest": str(share / ".encrypted-env"),
                                     "fingerprint_key_file": str(tmp_path / "fp.key")})

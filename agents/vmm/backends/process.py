@@ -10,110 +10,21 @@ running while the VMM restarts, and the VMM finds them again.
 
 import os
 import shlex
-import subprocess
 import sys
-import time
-import xmlrpc.client
-
-from supervisor.xmlrpc import SupervisorTransport
 
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, STOPPING, Backend
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
-
-SUPERVISORD_CONF = """[unix_http_server]
-file = {sock}
-chmod = 0700
-
-[supervisord]
-pidfile = {dir}/supervisord.pid
-logfile = {dir}/supervisord.log
-logfile_maxbytes = 10MB
-childlogdir = {dir}
-nodaemon = false
-silent = true
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisorctl]
-serverurl = unix://{sock}
-
-[include]
-files = {dir}/conf.d/*.conf
-"""
-
-PROGRAM_CONF = """[program:{name}]
-command = {command}
-directory = {run_dir}
-autostart = false
-autorestart = false
-startsecs = 1
-stopsignal = TERM
-stopwaitsecs = {stop_wait}
-stopasgroup = true
-killasgroup = true
-stdout_logfile = {run_dir}/stdout.log
-stdout_logfile_maxbytes = 10MB
-stderr_logfile = {run_dir}/stderr.log
-stderr_logfile_maxbytes = 10MB
-environment = {environment}
-"""
+from ansible_collections.dstack.tee.plugins.module_utils.supervisor import Supervisor, program_conf
 
 
 class ProcessBackend(Backend):
     name = "process"
 
     def __init__(self, run_path, sim_state_dir, guest_agent=None, stop_wait=60, extra_env=None):
-        self.dir = os.path.join(run_path, "supervisor")
-        self.sock = os.path.join(self.dir, "supervisor.sock")
+        self.supervisor = Supervisor(os.path.join(run_path, "supervisor"))
         self.sim_state_dir = sim_state_dir
         self.guest_agent = guest_agent or [os.path.join(os.path.dirname(sys.executable), "dstack-guest-agent")]
         self.stop_wait = stop_wait
         self.extra_env = dict(extra_env or {})
-        os.makedirs(os.path.join(self.dir, "conf.d"), mode=0o700, exist_ok=True)
-        self._proxy = None
-
-    # ---- supervisord --------------------------------------------------------------------------
-
-    @property
-    def rpc(self):
-        if self._proxy is None:
-            self.ensure_supervisord()
-            self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(
-                None, None, serverurl="unix://" + self.sock)).supervisor
-        return self._proxy
-
-    def _alive(self):
-        try:
-            xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(
-                None, None, serverurl="unix://" + self.sock)).supervisor.getState()
-            return True
-        except (OSError, xmlrpc.client.Fault):
-            return False
-
-    def ensure_supervisord(self):
-        """Start this VMM's supervisord unless it is running (it outlives the VMM)."""
-        if os.path.exists(self.sock) and self._alive():
-            return
-        conf = os.path.join(self.dir, "supervisord.conf")
-        atomic_write(conf, SUPERVISORD_CONF.format(sock=self.sock, dir=self.dir).encode(), mode=0o600)
-        supervisord = os.path.join(os.path.dirname(sys.executable), "supervisord")
-        proc = subprocess.run([supervisord, "-c", conf], capture_output=True, text=True, timeout=30, check=False)
-        if proc.returncode != 0:
-            raise DstackError("supervisord", f"did not start: {proc.stderr.strip()[-300:]}")
-        for _attempt in range(100):
-            if self._alive():
-                return
-            time.sleep(0.1)
-        raise DstackError("supervisord", f"did not answer on {self.sock}")
-
-    def shutdown_supervisord(self):
-        if os.path.exists(self.sock) and self._alive():
-            self.rpc.shutdown()
-        self._proxy = None
-
-    # ---- the backend ---------------------------------------------------------------------------
 
     @staticmethod
     def program(vm):
@@ -130,60 +41,31 @@ class ProcessBackend(Backend):
 
     def create(self, vm):
         env = {"PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.extra_env}
-        environment = ",".join(f'{k}="{v}"' for k, v in sorted(env.items()))
-        conf = PROGRAM_CONF.format(name=self.program(vm), command=self._command(vm), run_dir=vm.run_dir,
-                                   stop_wait=self.stop_wait, environment=environment.replace("%", "%%"))
-        path = os.path.join(self.dir, "conf.d", self.program(vm) + ".conf")
-        atomic_write(path, conf.encode(), mode=0o600)
-        self.rpc.reloadConfig()
-        try:
-            self.rpc.addProcessGroup(self.program(vm))
-        except xmlrpc.client.Fault as fault:
-            if "ALREADY_ADDED" not in fault.faultString:
-                raise DstackError("supervisord", f"cannot add {self.program(vm)}: {fault.faultString}") from None
-
-    def _info(self, vm):
-        try:
-            return self.rpc.getProcessInfo(self.program(vm))
-        except xmlrpc.client.Fault as fault:
-            if "BAD_NAME" in fault.faultString:
-                return None
-            raise
+        conf = program_conf(self.program(vm), self._command(vm), vm.run_dir, vm.stdout_log, vm.stderr_log,
+                            environment=env, stop_wait=self.stop_wait)
+        if self.supervisor.read_conf(self.program(vm)) != conf or self.supervisor.info(self.program(vm)) is None:
+            self.supervisor.define(self.program(vm), conf)
 
     def start(self, vm):
-        if self._info(vm) is None:
+        if self.supervisor.info(self.program(vm)) is None:
             self.create(vm)
-        try:
-            self.rpc.startProcess(self.program(vm), False)
-        except xmlrpc.client.Fault as fault:
-            if "ALREADY_STARTED" not in fault.faultString:
-                raise DstackError("start", f"supervisord could not start {vm.id}: {fault.faultString}") from None
+        self.supervisor.start(self.program(vm))
 
     def stop(self, vm, force=True):
-        info = self._info(vm)
-        if info is None or info["statename"] not in ("RUNNING", "STARTING", "BACKOFF"):
-            return
+        # The guest agent gets SIGTERM either way, so that its containers go down with it;
+        # a forced stop waits for it (and supervisord kills it after stopwaitsecs).
         if force:
-            # A power-off: the guest agent still gets SIGTERM first so its containers go down.
-            self.rpc.stopProcess(self.program(vm), True)
+            self.supervisor.stop(self.program(vm), wait=True)
         else:
-            self.rpc.signalProcess(self.program(vm), "TERM")
+            info = self.supervisor.info(self.program(vm))
+            if info and info["statename"] == "RUNNING":
+                self.supervisor.signal(self.program(vm), "TERM")
 
     def remove(self, vm):
-        if self._info(vm) is not None:
-            self.stop(vm, force=True)
-            try:
-                self.rpc.removeProcessGroup(self.program(vm))
-            except xmlrpc.client.Fault as fault:
-                if "BAD_NAME" not in fault.faultString:
-                    raise
-        path = os.path.join(self.dir, "conf.d", self.program(vm) + ".conf")
-        if os.path.exists(path):
-            os.unlink(path)
-        self.rpc.reloadConfig()
+        self.supervisor.undefine(self.program(vm))
 
     def status(self, vm):
-        info = self._info(vm)
+        info = self.supervisor.info(self.program(vm))
         if info is None:
             return STOPPED
         state = info["statename"]
@@ -196,5 +78,5 @@ class ProcessBackend(Backend):
         return STOPPED
 
     def pid(self, vm):
-        info = self._info(vm)
+        info = self.supervisor.info(self.program(vm))
         return info["pid"] if info else 0

@@ -1,0 +1,337 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""`dstack-guest-agent`: the in-CVM agent's command.
+
+  dstack-guest-agent serve --config-dir DIR --work-dir DIR [--socket PATH] [--tappd-socket PATH]
+                           [--socket-mode 0666] [--tee auto|tdx|sim] [--sim-state DIR]
+                           [--kms-url URL [--kms-ca-cert FILE]] [--workers N]
+      the socket API (agents/guest/api.py) over what the boot left in the work folder;
+      sockets default to /var/run/dstack.sock and /var/run/tappd.sock (--tappd-socket '' for none);
+      GetTlsKey certificates come from the KMS's SignCert when --kms-url is given
+
+  dstack-guest-agent simulate [--socket PATH] [--tappd-socket PATH] [--state-dir DIR] [--compose FILE]
+                              [--name NAME] [--socket-mode 0666]
+      a standalone simulator for app developers: a whole simulated CVM whose quotes verify
+      (under the simulated root), with keys from a local KMS root; serves until SIGTERM/SIGINT.
+      Defaults: ./dstack.sock, tappd.sock beside it, state in ./.dstack-sim. State directory:
+        tdx-sim/      the simulated TDX platform (SimTdx): its root CA and collateral verify quotes
+                      (dstack-verify --sim-state STATE/tdx-sim)
+        kms/          the local KMS root keys (root-ca.key, root-ca.crt, root-k256.key; 0600)
+        config/       the config share: app-compose.json, .sys-config.json
+        work/         the work folder: .appkeys.json (0600), runtime_events.log, instance.json, rtmrs.json
+      Everything is made once and kept; a changed --compose or --name makes a new app (new app id,
+      keys and measurements) on the same simulated platform and KMS.
+
+  dstack-guest-agent run --config-dir DIR --work-dir DIR [serve's options] [--project NAME]
+                         [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman]
+      a CVM's main process: serves the socket API, boots the app (agents/guest/boot.py: measure,
+      keys from the KMS, env, containers), and keeps it running until SIGTERM, when it takes the
+      containers down. A failed boot exits with code 2 and the failed step named.
+
+Subcommands are registered in COMMANDS (name, help, add_arguments, run).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import sys
+
+from ansible_collections.dstack.tee.agents.guest import measure, server
+from ansible_collections.dstack.tee.agents.guest.context import GuestContext
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
+from ansible_collections.dstack.tee.plugins.module_utils import kdf
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+
+PROG = "dstack-guest-agent"
+SIM_STATE_DIR = ".dstack-sim"
+SIM_APP_NAME = "dstack-sim-app"
+SIM_OS_IMAGE_HASH = hashlib.sha256(b"dstack.tee simulated guest image").hexdigest()
+SIM_VM_CONFIG = {"spec_version": 1, "os_image_hash": SIM_OS_IMAGE_HASH, "cpu_count": 2,
+                 "memory_size": 2 * 1024 ** 3, "num_gpus": 0, "num_nvswitches": 0, "hotplug_off": False}
+SAMPLE_COMPOSE = """\
+services:
+  app:
+    image: nginx:1.27-alpine
+    ports:
+      - "8080:80"
+    volumes:
+      - /var/run/dstack.sock:/var/run/dstack.sock
+"""
+
+
+def _say(message):
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _mode_argument(text):
+    try:
+        return server.parse_mode(text)
+    except DstackError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
+
+
+def add_socket_arguments(parser, socket_default, tappd_default, tappd_help):
+    parser.add_argument("--socket", default=socket_default, help=f"the DstackGuest API socket (default {socket_default})")
+    parser.add_argument("--tappd-socket", default=tappd_default, help=tappd_help)
+    parser.add_argument("--socket-mode", default="0666", type=_mode_argument,
+                        help="the sockets' mode, octal (default 0666: containers running as any user connect)")
+    parser.add_argument("--workers", type=int, default=server.DEFAULT_WORKERS, help="gunicorn worker processes (default 1)")
+
+
+def _serve(ctx, args, on_ready):
+    from ansible_collections.dstack.tee.agents.guest.api import create_app  # pylint: disable=import-outside-toplevel
+    app = create_app(ctx)
+    server.serve(app, [args.socket, args.tappd_socket], mode=args.socket_mode, workers=args.workers, on_ready=on_ready)
+
+
+# ---- serve --------------------------------------------------------------------------------------
+
+def add_serve_arguments(parser):
+    parser.add_argument("--config-dir", required=True, help="the config share (app-compose.json, .sys-config.json, ...)")
+    parser.add_argument("--work-dir", required=True, help="the guest's work folder (.appkeys.json, runtime_events.log, ...)")
+    add_socket_arguments(parser, server.DEFAULT_SOCKET, server.DEFAULT_TAPPD_SOCKET,
+                         f"the legacy Tappd socket (default {server.DEFAULT_TAPPD_SOCKET}; '' for none)")
+    parser.add_argument("--tee", choices=("auto", "tdx", "sim"), default="auto", help="the TEE provider (default auto)")
+    parser.add_argument("--sim-state", help="the simulated TDX state directory (with --tee sim, or auto without TDX)")
+    parser.add_argument("--kms-url", help="the KMS that signs GetTlsKey certificates (KMS.SignCert, attested)")
+    parser.add_argument("--kms-ca-cert", help="the KMS root CA certificate to check its HTTPS against")
+
+
+def cmd_serve(args):
+    ctx = GuestContext.open(args.config_dir, args.work_dir, tee=args.tee, sim_state_dir=args.sim_state)
+    if args.kms_url:
+        from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsCertSigner, KmsClient  # pylint: disable=import-outside-toplevel
+        ctx.cert_signer = KmsCertSigner(KmsClient(args.kms_url, ca_cert=args.kms_ca_cert), ctx)
+
+    def ready(paths):
+        _say(f"{ctx.attestation_mode}: serving on {', '.join(paths)}")
+
+    _serve(ctx, args, ready)
+
+
+# ---- simulate -----------------------------------------------------------------------------------
+
+def add_simulate_arguments(parser):
+    add_socket_arguments(parser, "dstack.sock", None, "the legacy Tappd socket (default: tappd.sock beside --socket; '' for none)")
+    parser.add_argument("--state-dir", default=SIM_STATE_DIR, help=f"where the simulated CVM lives (default ./{SIM_STATE_DIR})")
+    parser.add_argument("--compose", help="a docker-compose.yaml for the simulated app (default: a small sample)")
+    parser.add_argument("--name", default=SIM_APP_NAME, help=f"the app name (default {SIM_APP_NAME})")
+
+
+def _key_provider_id(root):
+    """The KMS key-provider id: its root CA SubjectPublicKeyInfo (DER), hex (as KMS GetAppKey says)."""
+    from cryptography.hazmat.primitives import serialization  # pylint: disable=import-outside-toplevel
+    return root.ca_cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo).hex()
+
+
+def simulated_cvm(state_dir, compose_text=SAMPLE_COMPOSE, name=SIM_APP_NAME):
+    """(GuestContext, summary): the simulated CVM in state_dir, made or completed as needed."""
+    from ansible_collections.dstack.tee.agents.kms import root_keys  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, pem  # pylint: disable=import-outside-toplevel
+
+    state_dir = os.path.abspath(state_dir)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    config_dir, work_dir = os.path.join(state_dir, "config"), os.path.join(state_dir, "work")
+    os.makedirs(config_dir, mode=0o755, exist_ok=True)
+    root, created = root_keys.load_or_create(os.path.join(state_dir, "kms"))
+    if created:
+        _say(f"made the local KMS root keys in {os.path.join(state_dir, 'kms')}")
+
+    app_compose_bytes = compose.render(compose.build(compose_text, name, key_provider="kms"))
+    compose_hash = compose.compose_hash(app_compose_bytes)
+    app_id = compose.app_id_for(compose_hash)
+    ctx = GuestContext.open(config_dir, work_dir, tee="sim", sim_state_dir=os.path.join(state_dir, "tdx-sim"),
+                            cert_signer=LocalCertSigner(root.ca_key, root.ca_cert, app_id))
+    same_app = os.path.exists(ctx.paths.app_compose) and ctx.app_compose_bytes() == app_compose_bytes
+    if same_app and ctx.instance().get("app_id") == app_id and any(e.name == "system-ready" for e in ctx.runtime_events()):
+        return ctx, {"app_id": app_id, "compose_hash": compose_hash, "instance_id": ctx.instance().get("instance_id", ""),
+                     "made": False}
+
+    # A new (or half-made) simulated CVM: the boot's work, with the local KMS root as the KMS.
+    atomic_write(ctx.paths.app_compose, app_compose_bytes, mode=0o644)
+    atomic_write(ctx.paths.sys_config, json.dumps({"vm_config": json.dumps(SIM_VM_CONFIG, separators=(",", ":"))},
+                                                  indent=2).encode(), mode=0o644)
+    ctx.provider.reset_rtmrs()
+    for path in (ctx.paths.runtime_log, ctx.paths.app_keys):
+        if os.path.exists(path):
+            os.unlink(path)
+    seed = secrets.token_bytes(20).hex()
+    instance_id = compose.instance_id_for(seed, app_id)
+    atomic_write(ctx.paths.instance, json.dumps({"instance_id_seed": seed, "instance_id": instance_id,
+                                                 "app_id": app_id}).encode(), mode=0o600)
+    measure.measure_identity(ctx, app_id, compose_hash, instance_id)
+    keys = kdf.derive_app_keys(root.ca_key, root.k256_key, app_id, instance_id)
+    provider_id = _key_provider_id(root)
+    ctx.write_app_keys({
+        "disk_crypt_key": keys.disk_crypt_key.hex(), "env_crypt_key": keys.env_crypt_key.hex(),
+        "k256_key": keys.k256_key.hex(), "k256_signature": keys.k256_signature.hex(),
+        "gateway_app_id": "", "tproxy_app_id": "", "ca_cert": pem(root.ca_cert), "os_image_hash": SIM_OS_IMAGE_HASH,
+        "key_provider": {"name": "kms", "id": provider_id},
+    })
+    measure.measure_system(ctx, "kms", provider_id, os_image_hash=SIM_OS_IMAGE_HASH, storage_fs="ext4")
+    return ctx, {"app_id": app_id, "compose_hash": compose_hash, "instance_id": instance_id, "made": True}
+
+
+def cmd_simulate(args):
+    compose_text = None
+    if args.compose:
+        try:
+            with open(args.compose, encoding="utf-8") as handle:
+                compose_text = handle.read()
+        except OSError as exc:
+            raise DstackError("--compose", f"cannot read {args.compose}: {exc.strerror}") from None
+    args.socket = os.path.abspath(args.socket)
+    if args.tappd_socket is None:
+        args.tappd_socket = os.path.join(os.path.dirname(args.socket), "tappd.sock")
+    elif args.tappd_socket:
+        args.tappd_socket = os.path.abspath(args.tappd_socket)
+    ctx, summary = simulated_cvm(args.state_dir, compose_text or SAMPLE_COMPOSE, args.name)
+    _say(f"{'made' if summary['made'] else 'reusing'} simulated CVM in {os.path.abspath(args.state_dir)}: "
+         f"app_id {summary['app_id']}, compose_hash {summary['compose_hash']}")
+
+    def ready(paths):
+        del paths
+        tappd = f" TAPPD_SIMULATOR_ENDPOINT={args.tappd_socket}" if args.tappd_socket else ""
+        print(f"{PROG}: simulating a dstack CVM (dstack-sim) on {args.socket}; point the SDK at it with: "
+              f"export DSTACK_SIMULATOR_ENDPOINT={args.socket}{tappd}", flush=True)
+
+    _serve(ctx, args, ready)
+
+
+# ---- run: a CVM's main process (serve + boot) -----------------------------------------------------
+
+def add_run_arguments(parser):
+    add_serve_arguments(parser)
+    parser.add_argument("--project", help="the compose project name (default: dstack-<instance id>)")
+    parser.add_argument("--port", action="append", default=[], metavar="VM_PORT=HOST:PORT",
+                        help="publish CVM port VM_PORT on HOST:PORT (the VM's port map; repeatable)")
+    parser.add_argument("--engine", choices=("auto", "docker", "podman"), default="auto",
+                        help="the container engine (default: docker when an engine answers, else podman)")
+
+
+def _port_map(entries):
+    ports = {}
+    for entry in entries:
+        vm_port, sep, host = entry.partition("=")
+        if not sep or not vm_port.isdigit() or ":" not in host:
+            raise DstackError("--port", f"{entry!r} is not VM_PORT=HOST:PORT")
+        ports[int(vm_port)] = host
+    return ports
+
+
+def _wait_socket(path, child, timeout=60):
+    import socket as socketlib  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if child.poll() is not None:
+            raise DstackError("serve", f"the socket API exited (code {child.returncode}) before listening")
+        with socketlib.socket(socketlib.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError:
+                time.sleep(0.1)
+    raise DstackError("serve", f"the socket API did not listen on {path} within {timeout} s")
+
+
+def cmd_run(args):
+    """Serve the socket API, boot the app, keep it running until SIGTERM; then stop its containers."""
+    import signal  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.guest.boot import Boot  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
+
+    ports = _port_map(args.port)
+    ctx = GuestContext.open(args.config_dir, args.work_dir, tee=args.tee, sim_state_dir=args.sim_state)
+    sys_config = ctx.sys_config()
+    serve_argv = [sys.executable, "-m", "ansible_collections.dstack.tee.agents.guest.cli", "serve",
+                  "--config-dir", args.config_dir, "--work-dir", args.work_dir, "--socket", args.socket,
+                  "--tappd-socket", args.tappd_socket or "", "--socket-mode", oct(args.socket_mode),
+                  "--tee", args.tee, "--workers", str(args.workers)]
+    if args.sim_state:
+        serve_argv += ["--sim-state", args.sim_state]
+    kms_url = args.kms_url or (sys_config.get("kms_urls") or [""])[0]
+    if kms_url:
+        serve_argv += ["--kms-url", kms_url]
+        kms_ca_cert = args.kms_ca_cert
+        if not kms_ca_cert and sys_config.get("kms_ca_cert"):
+            kms_ca_cert = ctx.paths.work("kms-ca.crt")
+            atomic_write(kms_ca_cert, sys_config["kms_ca_cert"].encode(), mode=0o644)
+        if kms_ca_cert:
+            serve_argv += ["--kms-ca-cert", kms_ca_cert]
+    child = subprocess.Popen(serve_argv)  # pylint: disable=consider-using-with
+    runner = None
+    stopping = {"now": False}
+
+    def stop(signum, frame):  # pylint: disable=unused-argument
+        stopping["now"] = True
+        _say(f"stopping (signal {signum}): containers down, socket API off")
+        if runner is not None:
+            runner.down()
+        if child.poll() is None:
+            child.terminate()
+        child.wait(timeout=30)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        _wait_socket(os.path.abspath(args.socket), child)
+        project = args.project or "dstack-" + (ctx.instance().get("instance_id") or "app")[:12]
+        runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine)
+        boot = Boot(ctx, runner=runner, sockets={"dstack": os.path.abspath(args.socket),
+                                                 "tappd": os.path.abspath(args.tappd_socket) if args.tappd_socket else ""},
+                    port_map=ports or None)
+        boot.run()
+        _say(f"booted: app_id {boot.app_id}, instance_id {boot.instance_id}, compose_hash {boot.compose_hash}")
+    except DstackError:
+        if child.poll() is None:
+            child.terminate()
+            child.wait(timeout=30)
+        raise
+    code = child.wait()
+    if not stopping["now"]:
+        runner.down()
+        raise DstackError("serve", f"the socket API exited with code {code}")
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+# (name, help, add_arguments, run). The boot subcommand is added here.
+COMMANDS = [
+    ("serve", "serve the socket API (DstackGuest and Tappd) of this CVM", add_serve_arguments, cmd_serve),
+    ("simulate", "run a simulated CVM with the socket API, for app development", add_simulate_arguments, cmd_simulate),
+    ("run", "a CVM's main process: serve the socket API, boot the app, keep it running", add_run_arguments, cmd_run),
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog=PROG, description="The dstack.tee guest agent.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments, run in COMMANDS:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(cmd)
+        cmd.set_defaults(func=run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except DstackError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
