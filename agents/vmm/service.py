@@ -170,8 +170,9 @@ class VmmService:
                 atomic_write(os.path.join(staging, "vm-manifest.json"), json.dumps(manifest, indent=2).encode())
                 atomic_write(os.path.join(staging, "host-api.token"), secrets.token_hex(16).encode(), mode=0o600)
                 vm = VmRecord(vm_id, staging, manifest)
-                self._write_share(vm, cfg["compose_file"], encrypted_env, cfg.get("user_config", ""),
-                                  cfg.get("app_id") or None)
+                # The app id is pinned in .instance_info from the start, so that an UpdateVm with a
+                # new compose keeps the app (and so its keys and data).
+                self._write_share(vm, cfg["compose_file"], encrypted_env, cfg.get("user_config", ""), app_id)
                 os.rename(staging, os.path.join(self.run_path, vm_id))
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -250,8 +251,7 @@ class VmmService:
             vm = self._record(req.get("id"))
             cfg = {"name": vm.name, "compose_file": req.get("compose_file") or self._share_text(vm, "app-compose.json"),
                    "ports": req["ports"] if req.get("update_ports") else vm.port_map,
-                   "app_id": vm.manifest.get("app_id") if os.path.exists(
-                       os.path.join(vm.shared_dir, ".instance_info")) else None}
+                   "app_id": vm.manifest.get("app_id")}
             # Everything is checked before the running VM is touched.
             _app, encrypted_env, app_id, ports = self._check_config(cfg, exclude_id=vm.id)
             if "encrypted_env" not in req:
@@ -317,7 +317,8 @@ class VmmService:
             "uptime": _uptime(state.get("started_at")) if status == RUNNING else "",
             "app_url": self._app_url(vm, instance_id), "app_id": vm.manifest.get("app_id", ""),
             "instance_id": instance_id, "exited_at": _iso(state.get("exited_at")) if status in (EXITED, STOPPED) else "",
-            "boot_progress": state.get("boot_progress", ""), "boot_error": state.get("boot_error", ""),
+            "boot_progress": state.get("boot_progress", ""),
+            "boot_error": state.get("boot_error", "") or (_last_error(vm.stderr_log) if status == EXITED else ""),
             "shutdown_progress": state.get("shutdown_progress", ""), "image_version": "",
             "compose_hash": hashlib.sha256(compose_text.encode()).hexdigest() if compose_text else "",
             # Not in dstack's VmInfo: lets a client see whether the env it holds is the one deployed.
@@ -397,6 +398,12 @@ def _read(path):
             return handle.read()
     except FileNotFoundError:
         return b""
+
+
+def _last_error(path):
+    """The last line of a CVM's stderr: why its process exited, when the guest could not report it."""
+    lines = [line for line in _read(path)[-8192:].decode("utf-8", "replace").splitlines() if line.strip()]
+    return "exited: " + lines[-1][:500] if lines else "exited"
 
 
 def _sha256_or_empty(path):

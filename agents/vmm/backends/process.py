@@ -13,6 +13,7 @@ import shlex
 import sys
 
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, STOPPING, Backend
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.supervisor import Supervisor, program_conf
 
 
@@ -40,6 +41,10 @@ class ProcessBackend(Backend):
         return " ".join(shlex.quote(a) for a in args)
 
     def create(self, vm):
+        longest = os.path.join(vm.run_dir, "tappd.sock")
+        if len(longest.encode()) > 107:
+            raise DstackError("run_path", f"is too deep: the CVM's socket {longest} would pass the 107-byte limit of "
+                                          "a unix socket path; use a shorter run path")
         env = {"PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.extra_env}
         conf = program_conf(self.program(vm), self._command(vm), vm.run_dir, vm.stdout_log, vm.stderr_log,
                             environment=env, stop_wait=self.stop_wait)
