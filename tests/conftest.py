@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,43 @@ settings.register_profile("ci", max_examples=200, deadline=None,
 settings.register_profile("long", max_examples=20000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+IMAGE = "localhost/dstack-test-busybox:latest"
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+needs_podman = pytest.mark.skipif(not (shutil.which("podman") and shutil.which("podman-compose")
+                                       and os.path.exists("/bin/busybox")),
+                                  reason="podman, podman-compose and busybox-static are installed by scripts/setup.sh")
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory):
+    """A local image from busybox-static (no registry here)."""
+    root = tmp_path_factory.mktemp("rootfs")
+    (root / "bin").mkdir()
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for applet in ("sh", "httpd", "env", "mkdir", "cat"):
+        os.symlink("busybox", root / "bin" / applet)
+    tar = tmp_path_factory.mktemp("img") / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    env = dict(os.environ, CONTAINERS_CONF=str(_containers_conf(tmp_path_factory.mktemp("conf"))))
+    subprocess.run(["podman", "import", "-q", str(tar), IMAGE], check=True, capture_output=True, env=env)
+    return IMAGE
+
+
+def _containers_conf(folder):
+    from ansible_collections.dstack.tee.agents.guest.compose_runner import CONTAINERS_CONF  # pylint: disable=import-outside-toplevel
+    path = folder / "containers.conf"
+    path.write_text(CONTAINERS_CONF)
+    return path
 
 
 class ModuleResult(dict):

@@ -6,9 +6,6 @@ and podman running a locally imported busybox image.
 
 import json
 import os
-import shutil
-import socket
-import subprocess
 import time
 import urllib.request
 
@@ -19,9 +16,9 @@ from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRu
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
 from ansible_collections.dstack.tee.plugins.module_utils import attestation
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
+from conftest import IMAGE, free_port, needs_podman
 from test_kms import make_kms
 
-IMAGE = "localhost/dstack-test-busybox:latest"
 OS_IMAGE = "11" * 32  # what test_kms's allowlist allows
 COMPOSE = f"""services:
   web:
@@ -35,38 +32,6 @@ COMPOSE = f"""services:
       NOT_DECLARED: ${{NOT_DECLARED}}
 """
 SECRETS = {"GREETING": "hello-from-the-cvm", "API_TOKEN": "token-0123456789", "NOT_DECLARED": "must-not-arrive"}
-
-needs_podman = pytest.mark.skipif(not (shutil.which("podman") and shutil.which("podman-compose")
-                                       and os.path.exists("/bin/busybox")),
-                                  reason="podman, podman-compose and busybox-static are installed by scripts/setup.sh")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def busybox_image(tmp_path_factory):
-    """A local image from busybox-static (no registry here)."""
-    root = tmp_path_factory.mktemp("rootfs")
-    (root / "bin").mkdir()
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    for applet in ("sh", "httpd", "env", "mkdir", "cat"):
-        os.symlink("busybox", root / "bin" / applet)
-    tar = tmp_path_factory.mktemp("img") / "rootfs.tar"
-    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
-    env = dict(os.environ, CONTAINERS_CONF=str(_containers_conf(tmp_path_factory.mktemp("conf"))))
-    subprocess.run(["podman", "import", "-q", str(tar), IMAGE], check=True, capture_output=True, env=env)
-    return IMAGE
-
-
-def _containers_conf(folder):
-    from ansible_collections.dstack.tee.agents.guest.compose_runner import CONTAINERS_CONF
-    path = folder / "containers.conf"
-    path.write_text(CONTAINERS_CONF)
-    return path
 
 
 def make_share(tmp_path, module, kms_client, secrets=None, compose=COMPOSE):

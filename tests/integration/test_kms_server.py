@@ -15,15 +15,10 @@ import pytest
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
+from conftest import free_port
 from test_kms import APP_ID, COMPOSE_HASH, VM_CONFIG, allowlist, boot
 
 KMS = str(Path(sys.executable).parent / "dstack-kms")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class KmsProcess:

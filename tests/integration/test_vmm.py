@@ -18,8 +18,8 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 from ansible_collections.dstack.tee.plugins.module_utils.prpc import Unauthorized
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
-from test_guest_boot import IMAGE, busybox_image, needs_podman  # noqa: F401 (fixture)
-from test_kms_server import KmsProcess, free_port
+from conftest import IMAGE, free_port, needs_podman
+from test_kms_server import KmsProcess
 
 BIN = Path(sys.executable).parent
 OS_IMAGE = "11" * 32
@@ -132,7 +132,7 @@ def _create(tmp_path, vmm, host_port, name="vmm-test"):
 
 
 @needs_podman
-def test_deploy_attest_restart_update_remove(short_tmp, module, stack, busybox_image):  # noqa: F811
+def test_deploy_attest_restart_update_remove(short_tmp, module, stack, busybox_image):
     tmp_path = short_tmp
     kms, vmm = stack
     app = app_files(tmp_path, module, kms)
