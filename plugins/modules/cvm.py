@@ -43,11 +43,22 @@ options:
     choices: [present, running, stopped, absent]
     default: running
   app_compose_file:
-    description: Path of the app-compose.json to run (its exact bytes are sent). Needed unless O(state=absent).
+    description:
+      - Path of the app-compose.json to run (its exact bytes are sent).
+      - One of O(app_compose_file) and O(app_compose) is needed unless O(state=absent).
     type: path
+  app_compose:
+    description:
+      - The app-compose content as a dict (RV(dstack.tee.app_compose#module:app_compose) of
+        M(dstack.tee.app_compose)); rendered to the same bytes that module writes. Useful in check
+        mode, before the file exists.
+    type: dict
   encrypted_env_file:
     description: Path of the encrypted env (raw bytes, as M(dstack.tee.env_encrypt) writes it).
     type: path
+  encrypted_env:
+    description: The encrypted env as hex (RV(dstack.tee.env_encrypt#module:encrypted_env)).
+    type: str
   app_id:
     description: The app id when it is not compose_hash[0:20] (an on-chain app), hex.
     type: str
@@ -150,7 +161,8 @@ app_url:
 import hashlib
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.module_support import read_bytes
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
@@ -182,7 +194,9 @@ def main():
             name=dict(type="str", required=True),
             state=dict(type="str", default="running", choices=["present", "running", "stopped", "absent"]),
             app_compose_file=dict(type="path"),
+            app_compose=dict(type="dict"),
             encrypted_env_file=dict(type="path"),
+            encrypted_env=dict(type="str", no_log=False),
             app_id=dict(type="str"),
             ports=dict(type="list", elements="dict", default=[], options=dict(
                 protocol=dict(type="str", default="tcp"), host_port=dict(type="int", required=True),
@@ -194,7 +208,9 @@ def main():
             wait=dict(type="bool", default=True),
             wait_timeout=dict(type="int", default=300),
         ),
-        required_if=[("state", "present", ("app_compose_file",)), ("state", "running", ("app_compose_file",))],
+        mutually_exclusive=[("app_compose_file", "app_compose"), ("encrypted_env_file", "encrypted_env")],
+        required_if=[("state", "present", ("app_compose_file", "app_compose"), True),
+                     ("state", "running", ("app_compose_file", "app_compose"), True)],
         supports_check_mode=True,
     )
     p = module.params
@@ -209,11 +225,16 @@ def main():
 
 def _desired(module):
     p = module.params
-    compose = read_bytes(p["app_compose_file"]) if p["app_compose_file"] else None
-    if p["app_compose_file"] and compose is None:
-        raise DstackError("app_compose_file", f"{p['app_compose_file']} does not exist")
+    if p["app_compose"] is not None:
+        compose = app_compose.render(app_compose.validate(p["app_compose"]))
+    else:
+        compose = read_bytes(p["app_compose_file"])
+        if compose is None:
+            raise DstackError("app_compose_file", f"{p['app_compose_file']} does not exist")
     env = b""
-    if p["encrypted_env_file"]:
+    if p["encrypted_env"]:
+        env = parse_hex(p["encrypted_env"], "encrypted_env")
+    elif p["encrypted_env_file"]:
         env = read_bytes(p["encrypted_env_file"])
         if env is None:
             raise DstackError("encrypted_env_file", f"{p['encrypted_env_file']} does not exist")

@@ -48,9 +48,11 @@ options:
     type: path
     required: true
   state:
-    description: started (defined and running), stopped (defined, not running), absent.
+    description:
+      - started (defined and running), stopped (defined, not running), absent, or restarted
+        (started, and restarted when it was running; always reports a change).
     type: str
-    choices: [started, stopped, absent]
+    choices: [started, stopped, restarted, absent]
     default: started
   wait_port:
     description: After starting, wait until this TCP port on 127.0.0.1 accepts connections.
@@ -114,11 +116,12 @@ def main():
             environment=dict(type="dict", default={}),
             log_dir=dict(type="path"),
             supervisor_dir=dict(type="path", required=True),
-            state=dict(type="str", default="started", choices=["started", "stopped", "absent"]),
+            state=dict(type="str", default="started", choices=["started", "stopped", "restarted", "absent"]),
             wait_port=dict(type="int"),
             wait_timeout=dict(type="int", default=60),
         ),
-        required_if=[("state", "started", ("command",)), ("state", "stopped", ("command",))],
+        required_if=[("state", "started", ("command",)), ("state", "stopped", ("command",)),
+                     ("state", "restarted", ("command",))],
         supports_check_mode=True,
     )
     if not sv.HAS_SUPERVISOR:
@@ -149,9 +152,10 @@ def _apply(module, supervisor, name):
     conf = sv.program_conf(name, " ".join(shlex.quote(a) for a in p["command"]), p["directory"],
                            os.path.join(log_dir, name + ".out.log"), os.path.join(log_dir, name + ".err.log"),
                            environment={k: str(v) for k, v in p["environment"].items()})
-    want_running = p["state"] == "started"
+    want_running = p["state"] in ("started", "restarted")
     is_running = before_state in sv.RUNNING_STATES
-    changed = conf != before_conf or info is None or want_running != is_running
+    restart = p["state"] == "restarted" and is_running
+    changed = conf != before_conf or info is None or want_running != is_running or restart
     after = {"conf": conf, "state": "RUNNING" if want_running else "STOPPED"}
     if module.check_mode or not changed:
         return dict(changed=changed, diff=dict(before=before, after=after), pid=info["pid"] if info else 0,
@@ -160,6 +164,8 @@ def _apply(module, supervisor, name):
         os.makedirs(log_dir, mode=0o700, exist_ok=True)
         if conf != before_conf or info is None:
             supervisor.define(name, conf)
+        if restart and conf == before_conf:
+            supervisor.stop(name)
         if want_running:
             supervisor.start(name, wait=True)
             if p["wait_port"]:
