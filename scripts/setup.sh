@@ -22,6 +22,10 @@ APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
 APT_PACKAGES+=(podman runc podman-compose busybox-static)
 # What only the tests need (ansible-test sanity's shellcheck test).
 ((WITH_TEST)) && APT_PACKAGES+=(shellcheck)
+# The libvirt backend's tests: libvirt-python's build (libvirt-dev, pkg-config), libvirtd with
+# QEMU/KVM for qemu:///system (the tests start the daemon), qemu-img, and xmllint for the schema checks.
+((WITH_TEST)) && APT_PACKAGES+=(libvirt-dev pkg-config libvirt-daemon-system libvirt-daemon-driver-qemu
+                                libvirt-clients qemu-system-x86 qemu-utils libxml2-utils)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then

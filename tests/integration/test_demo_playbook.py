@@ -1,33 +1,129 @@
-"""`make demo`'s playbook end to end: runs, reports the app's identity, and is idempotent."""
+"""The README's main command end to end: site.yml + deploy-app.yml on the simulated default.
+
+Runs `playbooks/demo.yml` for real (KMS and VMM under supervisord, the CVM as a supervised guest
+agent with podman), in a short temporary root with its own ports, then: a second run changes
+nothing, check mode changes nothing, the quote verifies with dstack-verify and names the local
+compose_hash, a compose change deploys as an update of the same instance, and bad input is
+refused before anything is made.
+"""
 
 import hashlib
+import json
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
 
-from conftest import ROOT, run_playbook
+import pytest
+
+from conftest import ROOT, free_port, needs_podman, run_playbook
+from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
+
+BIN = Path(sys.executable).parent
 
 
 def _recap(output):
     match = re.search(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", output)
-    assert match, output[-2000:]
+    assert match, output[-3000:]
     return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, match.groups())))
 
 
-def test_demo_runs_then_changes_nothing(tmp_path):
-    work = tmp_path / "demo"
-    extra = ("-e", f"demo_work_dir={work}")
-    first = run_playbook(ROOT / "playbooks" / "demo.yml", *extra)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr
-    assert _recap(first.stdout)["changed"] > 0
-    written = (work / "hello" / "app-compose.json").read_bytes()
-    assert f"compose_hash:    {hashlib.sha256(written).hexdigest()}" in first.stdout
-    assert "round trip:      2 values decrypted, all equal to the originals" in first.stdout
-    assert "dropped:         NOT_DECLARED" in first.stdout
-    # No secret value from examples/hello/secrets.env is printed.
-    for value in ("Hello from a confidential VM", "demo-token-0123456789", "dropped-by-the-guest"):
-        assert value not in first.stdout + first.stderr
+@pytest.fixture
+def demo_root():
+    root = Path(tempfile.mkdtemp(prefix="dd-", dir="/tmp"))
+    app = root / "hello"
+    shutil.copytree(ROOT / "examples" / "hello", app)
+    ports = {"kms": free_port(), "vmm": free_port(), "app": free_port()}
+    (app / "app.yml").write_text((app / "app.yml").read_text().replace("host_port: 8080", f"host_port: {ports['app']}"))
+    extra = ["-e", f"dstack_root={root}", "-e", f"dstack_kms_listen=127.0.0.1:{ports['kms']}",
+             "-e", f"dstack_kms_url=https://127.0.0.1:{ports['kms']}", "-e", f"dstack_vmm_listen=127.0.0.1:{ports['vmm']}",
+             "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}"]
+    yield root, app, ports, extra
+    _teardown(root, ports)
+    shutil.rmtree(root, ignore_errors=True)
 
-    second = run_playbook(ROOT / "playbooks" / "demo.yml", *extra)
-    assert second.returncode == 0 and _recap(second.stdout)["changed"] == 0, second.stdout[-3000:]
 
-    check = run_playbook(ROOT / "playbooks" / "demo.yml", "--check", *extra)
+def _teardown(root, ports):
+    try:
+        status = _vmm(ports, "Status")
+        for vm in status.get("vms", []):
+            _vmm(ports, "RemoveVm", {"id": vm["id"]})
+    except OSError:
+        pass
+    for conf in (root / "run" / "supervisor" / "supervisord.conf", root / "services" / "supervisord.conf"):
+        if conf.exists():
+            subprocess.run([str(BIN / "supervisorctl"), "-c", str(conf), "shutdown"], capture_output=True, check=False)
+
+
+def _vmm(ports, method, body=None):
+    request = urllib.request.Request(f"http://127.0.0.1:{ports['vmm']}/prpc/Vmm.{method}",
+                                     data=json.dumps(body or {}).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _deploy(app, extra, *flags):
+    return run_playbook(ROOT / "playbooks" / "deploy-app.yml", "-e", f"app_dir={app}", *extra, *flags)
+
+
+@needs_podman
+def test_demo_deploys_verifies_and_updates(demo_root):
+    root, app, ports, extra = demo_root
+    first = run_playbook(ROOT / "playbooks" / "demo.yml", *extra, "-e", f"app_dir={app}")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    built = (root / "build" / "hello" / "app-compose.json").read_bytes()
+    compose_hash = hashlib.sha256(built).hexdigest()
+    assert f"compose_hash:   {compose_hash}" in first.stdout
+    assert "verified, dstack-sim, TCB UpToDate" in first.stdout and "compose_hash matches" in first.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['app']}/", timeout=10) as response:
+        page = response.read().decode()
+    assert "Hello from a confidential VM" in page and "App key fingerprint" in page and "(no key" not in page
+    for secret in ("demo-token-0123456789", "dropped-by-the-guest"):
+        assert secret not in first.stdout + first.stderr
+
+    # The quote from the CVM's socket verifies with dstack-verify, and names the local compose_hash.
+    vm = _vmm(ports, "Status")["vms"][0]
+    sock = root / "run" / vm["id"] / "dstack.sock"
+    quote = subprocess.run(["curl", "-s", "--unix-socket", str(sock), "-X", "POST", "http://cvm/GetQuote", "-d",
+                            '{"report_data": "abcd"}'], capture_output=True, text=True, check=True).stdout
+    (root / "quote.json").write_text(quote)
+    (root / "collateral.json").write_text(SimTdx(str(root / "kms" / "tdx-sim")).collateral_json())
+    verify = subprocess.run([str(BIN / "dstack-verify"), str(root / "quote.json"), "--collateral",
+                             str(root / "collateral.json"), "--sim-state", str(root / "kms" / "tdx-sim")],
+                            capture_output=True, text=True, check=False)
+    assert verify.returncode == 0, verify.stderr
+    assert json.loads(verify.stdout)["boot_info"]["compose_hash"] == compose_hash
+
+    # Again: nothing changes; check mode changes nothing either.
+    again = _deploy(app, extra)
+    assert again.returncode == 0 and _recap(again.stdout)["changed"] == 0, again.stdout[-3000:]
+    check = _deploy(app, extra, "--check", "--diff")
     assert check.returncode == 0 and _recap(check.stdout)["changed"] == 0, check.stdout[-3000:]
+
+    # A compose change: check mode names the new compose_hash and changes nothing...
+    (app / "docker-compose.yaml").write_text((app / "docker-compose.yaml").read_text() + "# v2\n")
+    preview = _deploy(app, extra, "--check", "--diff")
+    assert preview.returncode == 0 and _recap(preview.stdout)["changed"] > 0, preview.stdout[-3000:]
+    assert (root / "build" / "hello" / "app-compose.json").read_bytes() == built
+    new_hash = re.search(r"Authorize compose_hash ([0-9a-f]{64})", preview.stdout).group(1)
+    assert new_hash != compose_hash
+    # ... then the update: same app, same instance, new compose_hash allowed beside the old one.
+    update = _deploy(app, extra)
+    assert update.returncode == 0, update.stdout[-4000:]
+    info = _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]
+    assert info["compose_hash"] == new_hash and info["instance_id"] == vm["instance_id"]
+    allow = json.loads((root / "kms" / "auth-config.json").read_text())
+    assert {"0x" + compose_hash, "0x" + new_hash} <= set(allow["apps"]["0x" + vm["app_id"]]["composeHashes"])
+
+
+def test_a_compose_file_that_does_not_parse_is_refused_before_anything_is_made(demo_root):
+    root, app, _ports, extra = demo_root
+    (app / "docker-compose.yaml").write_text("services: [broken\n")
+    result = run_playbook(ROOT / "playbooks" / "deploy-app.yml", "-e", f"app_dir={app}", *extra,
+                          "-e", "dstack_app_vmm_url=http://127.0.0.1:9")
+    assert result.returncode != 0
+    assert "compose_file: is not valid YAML at line 2" in result.stdout, result.stdout[-2000:]
+    assert not (root / "run").exists() and not (root / "kms").exists() and not (root / "build").exists()

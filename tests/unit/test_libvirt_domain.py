@@ -336,11 +336,20 @@ def test_libvirts_additions_do_not_count_as_a_difference():
         assert ld.normalized_current(_as_libvirt_reports(want), want) == want
 
 
+def test_values_libvirt_chooses_when_none_are_wanted_do_not_count():
+    want = ld.render_domain_xml(dataclasses.replace(NO_TEE, mac=None, uuid=None))
+    dom = ET.fromstring(_as_libvirt_reports(want))
+    ET.SubElement(dom.find("devices/interface"), "mac", address="52:54:00:12:34:56")
+    ET.SubElement(dom, "uuid").text = VM_ID
+    assert ld.normalized_current(ET.tostring(dom, encoding="unicode"), want) == want
+
+
 @pytest.mark.parametrize("changes", [
     {"vcpu": 4}, {"memory_mb": 4096}, {"cmdline": "console=hvc0"}, {"cid": 1001},
     {"mrconfigid": b"\x02" * 48}, {"tdx_policy": 0x10000001}, {"shared_dir": "/elsewhere"},
     {"port_forwards": ()}, {"port_forwards": SPEC.port_forwards[:1]}, {"rootfs": None},
     {"data_disk_format": "raw"}, {"no_tee": True}, {"title": None}, {"serial_log": None},
+    {"mac": "02:00:00:00:00:99"}, {"kernel": "/img/other"}, {"domain_type": "qemu"},
 ])
 def test_a_changed_value_is_a_difference_and_shows_in_the_projection(changes):
     defined = ld.render_domain_xml(SPEC)
