@@ -57,6 +57,7 @@ class VmmService:
         self.host_api_base = config.get("host_api_base", "")  # e.g. http://127.0.0.1:9080/host-api
         self.os_image_hash = config.get("os_image_hash", "")
         self._lock = threading.RLock()
+        self._k256 = ""
         self._cleanup_partial()
 
     # ---- records ----------------------------------------------------------------------------
@@ -358,8 +359,21 @@ class VmmService:
         except NotFound:
             return {"found": False}
 
+    def _kms_k256_pubkey(self):
+        """The KMS's k256 public key (cached), for deployers that check env-key signatures."""
+        if not self._k256 and self.kms_urls:
+            try:
+                self._k256 = KmsClient(self.kms_urls[0], ca_cert=self.kms_ca_cert, timeout=5).get_meta().get(
+                    "k256_pubkey", "")
+            except DstackError:
+                return ""
+        return self._k256
+
     def get_meta(self):
-        return {"kms": {"url": self.kms_urls[0] if self.kms_urls else "", "urls": self.kms_urls},
+        # kms.k256_pubkey is not in dstack's GetMeta: the web UI shows it, for the operator to
+        # compare with the key they pinned, before the page encrypts an env to a KMS-signed key.
+        return {"kms": {"url": self.kms_urls[0] if self.kms_urls else "", "urls": self.kms_urls,
+                        "k256_pubkey": self._kms_k256_pubkey()},
                 "gateway": {"url": self.gateway_urls[0] if self.gateway_urls else "", "base_domain": self.base_domain,
                             "port": 443, "agent_port": 8090, "urls": self.gateway_urls},
                 "resources": {"max_cvm_number": int(self.config.get("max_cvm_number", 100)),
