@@ -51,3 +51,47 @@ def request_params(list_fields=()):
                 raise DstackError("request", "the body must be a JSON object")
             params.update(body)
     return params
+
+
+def install_json_errors(app, log):
+    """JSON errors for every failure: {"error": "..."} with the right status, never a traceback.
+
+    A DstackError (bad input, named) is 400; an HTTP error keeps its status; anything else is a
+    500 that says only its type (the detail, which could hold a secret, goes to the log). Apps
+    register handlers for their own DstackError subclasses (403, 404, 429...) besides these;
+    Flask picks the most specific one.
+    """
+    from flask import jsonify, request  # pylint: disable=import-outside-toplevel
+    from werkzeug.exceptions import HTTPException  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
+
+    @app.errorhandler(DstackError)
+    def bad_input(exc):
+        return jsonify({"error": str(exc)}), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        return jsonify({"error": exc.description or exc.name}), exc.code
+
+    @app.errorhandler(Exception)
+    def internal(exc):
+        log.exception("internal error on %s", request.path)
+        return jsonify({"error": f"internal error ({type(exc).__name__})"}), 500
+
+
+def run_cli(prog, parser, argv=None):
+    """Parse, run args.func, print its JSON result; DstackError -> "PROG: error: ..." and exit code 2."""
+    import json  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
+
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except DstackError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0

@@ -39,6 +39,7 @@ import secrets
 import sys
 
 from ansible_collections.dstack.tee.agents.guest import measure, server
+from ansible_collections.dstack.tee.agents.wsgi import run_cli
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import kdf
@@ -321,16 +322,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        result = args.func(args)
-    except DstackError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    if result is not None:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    return 0
+    return run_cli(PROG, build_parser(), argv)
 
 
 if __name__ == "__main__":

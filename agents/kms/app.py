@@ -10,12 +10,10 @@ JSON POST and GET with query parameters both work (as dstack's pRPC does); error
 import logging
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
 
-from ansible_collections.dstack.tee.agents.wsgi import request_params
+from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
 from ansible_collections.dstack.tee.agents.kms.nonces import NonceFlood
 from ansible_collections.dstack.tee.agents.kms.service import KmsService, Refused
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 MAX_REQUEST_BYTES = 256 * 1024
 log = logging.getLogger("dstack.kms")
@@ -53,17 +51,5 @@ def create_app(config):
     def flood(exc):
         return jsonify({"error": str(exc)}), 429
 
-    @app.errorhandler(DstackError)
-    def bad_input(exc):
-        return jsonify({"error": str(exc)}), 400
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc):
-        return jsonify({"error": exc.description or exc.name}), exc.code
-
-    @app.errorhandler(Exception)
-    def internal(exc):  # no traceback, no detail that could hold a secret
-        log.exception("internal error on %s", request.path)
-        return jsonify({"error": f"internal error ({type(exc).__name__})"}), 500
-
+    install_json_errors(app, log)
     return app

@@ -22,7 +22,7 @@ import os
 import sys
 
 from ansible_collections.dstack.tee.agents.kms import root_keys
-from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
+from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
@@ -149,16 +149,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        result = args.func(args)
-    except DstackError as exc:
-        print(f"dstack-kms: error: {exc}", file=sys.stderr)
-        return 2
-    if result is not None:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    return 0
+    return run_cli("dstack-kms", build_parser(), argv)
 
 
 if __name__ == "__main__":

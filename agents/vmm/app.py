@@ -14,11 +14,9 @@ import os
 import time
 
 from flask import Flask, Response, jsonify, request, send_from_directory
-from werkzeug.exceptions import HTTPException
 
-from ansible_collections.dstack.tee.agents.wsgi import request_params
+from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
 from ansible_collections.dstack.tee.agents.vmm.service import VERSION, NotFound, VmmService
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -92,19 +90,7 @@ def create_app(config, backend):
     def not_found(exc):
         return jsonify({"error": str(exc)}), 404
 
-    @app.errorhandler(DstackError)
-    def bad_input(exc):
-        return jsonify({"error": str(exc)}), 400
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc):
-        return jsonify({"error": exc.description or exc.name}), exc.code
-
-    @app.errorhandler(Exception)
-    def internal(exc):
-        log.exception("internal error on %s", request.path)
-        return jsonify({"error": f"internal error ({type(exc).__name__})"}), 500
-
+    install_json_errors(app, log)
     return app
 
 

@@ -19,7 +19,7 @@ import os
 import sys
 import tomllib
 
-from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
+from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
@@ -104,13 +104,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except DstackError as exc:
-        print(f"dstack-vmm: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("dstack-vmm", build_parser(), argv)
 
 
 if __name__ == "__main__":

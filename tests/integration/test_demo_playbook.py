@@ -23,6 +23,7 @@ from conftest import ROOT, free_port, needs_podman, run_playbook
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 
 BIN = Path(sys.executable).parent
+TOKEN = "demo-vmm-token"
 
 
 def _recap(output):
@@ -40,7 +41,7 @@ def demo_root():
     (app / "app.yml").write_text((app / "app.yml").read_text().replace("host_port: 8080", f"host_port: {ports['app']}"))
     extra = ["-e", f"dstack_root={root}", "-e", f"dstack_kms_listen=127.0.0.1:{ports['kms']}",
              "-e", f"dstack_kms_url=https://127.0.0.1:{ports['kms']}", "-e", f"dstack_vmm_listen=127.0.0.1:{ports['vmm']}",
-             "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}"]
+             "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}", "-e", json.dumps({"dstack_vmm_tokens": [TOKEN]})]
     yield root, app, ports, extra
     _teardown(root, ports)
     shutil.rmtree(root, ignore_errors=True)
@@ -60,7 +61,8 @@ def _teardown(root, ports):
 
 def _vmm(ports, method, body=None):
     request = urllib.request.Request(f"http://127.0.0.1:{ports['vmm']}/prpc/Vmm.{method}",
-                                     data=json.dumps(body or {}).encode(), method="POST")
+                                     data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Authorization": "Bearer " + TOKEN})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -117,6 +119,29 @@ def test_demo_deploys_verifies_and_updates(demo_root):
     assert info["compose_hash"] == new_hash and info["instance_id"] == vm["instance_id"]
     allow = json.loads((root / "kms" / "auth-config.json").read_text())
     assert {"0x" + compose_hash, "0x" + new_hash} <= set(allow["apps"]["0x" + vm["app_id"]]["composeHashes"])
+
+    # Bad input is refused, named, before anything changes (the allowlist, the build, the VMs).
+    before = _state(root, ports)
+    other = root / "other"
+    shutil.copytree(app, other)
+    (other / "app.yml").write_text((app / "app.yml").read_text().replace("name: hello", "name: other"))
+    for flags, reason in (
+            (["-e", f"app_dir={other}", "-e", "dstack_app_kms_url=https://127.0.0.1:9"], "Status code was -1"),
+            (["-e", f"app_dir={other}", "-e", "dstack_app_vmm_token=wrong"], "Status code was 401"),
+            (["-e", f"app_dir={other}"], f"ports: host port {ports['app']} is already in use")):
+        refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, *flags)
+        assert refused.returncode != 0 and reason in refused.stdout, (reason, refused.stdout[-2500:])
+        assert _state(root, ports) == before
+    (other / "app.yml").write_text((app / "app.yml").read_text().replace("name: hello", "name: bad/name"))
+    refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={other}")
+    assert refused.returncode != 0 and "name: may hold only" in refused.stdout
+    assert _state(root, ports) == before
+
+
+def _state(root, ports):
+    """What a deployment changes: the allowlist, the build folder, the VMs."""
+    return ((root / "kms" / "auth-config.json").read_text(), sorted(p.name for p in (root / "build").iterdir()),
+            [vm["id"] for vm in _vmm(ports, "Status")["vms"]])
 
 
 def test_a_compose_file_that_does_not_parse_is_refused_before_anything_is_made(demo_root):
