@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ansible_collections.dstack.tee.agents.guest.compose_runner import CONTAINERS_CONF
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -58,15 +60,17 @@ def playbook(name, extra):
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}")
 
 
-def bare_podman(port):
+def bare_podman(port, conf):
+    """The same image, run by podman with the same settings as a CVM's runner, to its first answer."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CONTAINERS_CONF": str(conf)}
     start = time.time()
     name = f"bench-bare-{port}"
     subprocess.run(["podman", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:80",
-                    "localhost/dstack-hello:latest"], capture_output=True, check=True)
+                    "localhost/dstack-hello:latest"], capture_output=True, check=True, env=env)
     try:
         return first_answer(f"http://127.0.0.1:{port}/", time.time() + 60) - start
     finally:
-        subprocess.run(["podman", "rm", "-f", name], capture_output=True, check=False)
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, check=False, env=env)
 
 
 def main():
@@ -81,6 +85,8 @@ def main():
     extra = ["-e", f"dstack_root={root}", "-e", f"dstack_kms_listen=127.0.0.1:{ports['kms']}",
              "-e", f"dstack_kms_url=https://127.0.0.1:{ports['kms']}", "-e", f"dstack_vmm_listen=127.0.0.1:{ports['vmm']}",
              "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}", "-e", f"app_dir={app}"]
+    conf = root / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
     try:
         print("setting up the simulated default (site.yml, sample image)...", flush=True)
         playbook("demo.yml", extra)
@@ -97,7 +103,7 @@ def main():
             running = next(e["timestamp_ms"] for e in events if e["body"] == "running") / 1000
             totals.append(answered - start)
             boots.append(running - started)
-            bares.append(bare_podman(free_port()))
+            bares.append(bare_podman(free_port(), conf))
             print(f"  run {run}: deploy to first answer {totals[-1]:5.1f} s (boot {boots[-1]:4.1f} s); "
                   f"bare podman run {bares[-1]:4.2f} s", flush=True)
         total, boot, bare = statistics.median(totals), statistics.median(boots), statistics.median(bares)
