@@ -20,8 +20,9 @@ APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
 # The simulated CVM's container runner (machine-recipes.md: podman with runc; images made
 # locally from busybox-static), also what `make demo` will run apps with.
 APT_PACKAGES+=(podman runc podman-compose busybox-static)
-# What only the tests need (ansible-test sanity's shellcheck test).
-((WITH_TEST)) && APT_PACKAGES+=(shellcheck)
+# What only the tests need: ansible-test sanity's shellcheck; the VMM web UI's test in a real
+# headless Chromium (Debian's chromium and chromedriver, driven by Selenium).
+((WITH_TEST)) && APT_PACKAGES+=(shellcheck chromium chromium-driver)
 # The libvirt backend's tests: libvirt-python's build (libvirt-dev, pkg-config), libvirtd with
 # QEMU/KVM for qemu:///system (the tests start the daemon), qemu-img, and xmllint for the schema checks.
 ((WITH_TEST)) && APT_PACKAGES+=(libvirt-dev pkg-config libvirt-daemon-system libvirt-daemon-driver-qemu

@@ -270,14 +270,13 @@ def cmd_run(args):
     stopping = {"now": False}
 
     def stop(signum, frame):  # pylint: disable=unused-argument
+        # Only flag and pass the signal on: the main flow (blocked in child.wait()) takes the
+        # containers down once the socket API has exited. Waiting here would deadlock on
+        # Popen's wait lock, which the interrupted child.wait() holds.
         stopping["now"] = True
-        _say(f"stopping (signal {signum}): containers down, socket API off")
-        if runner is not None:
-            runner.down()
+        _say(f"stopping (signal {signum}): socket API off, then the containers")
         if child.poll() is None:
             child.terminate()
-        child.wait(timeout=30)
-        sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -294,11 +293,15 @@ def cmd_run(args):
         if child.poll() is None:
             child.terminate()
             child.wait(timeout=30)
+        if stopping["now"]:
+            return None
         raise
     code = child.wait()
-    if not stopping["now"]:
-        runner.down()
-        raise DstackError("serve", f"the socket API exited with code {code}")
+    runner.down()
+    if stopping["now"]:
+        _say("stopped")
+        return None
+    raise DstackError("serve", f"the socket API exited with code {code}")
 
 
 # ---- the command --------------------------------------------------------------------------------

@@ -32,7 +32,10 @@ def create_app(config, backend):
 
     @app.before_request
     def check_token():
-        if not tokens or request.path.startswith("/host-api/") or request.path == "/health":
+        # The page and its static files hold no secret and a browser cannot send a token for a
+        # page load: the UI asks for the token and sends it with every API call.
+        if (not tokens or request.path in ("/", "/health")
+                or request.path.startswith(("/host-api/", "/res/"))):
             return None
         given = request.headers.get("X-Admin-Token", "")
         auth = request.headers.get("Authorization", "")
@@ -91,6 +94,13 @@ def create_app(config, backend):
         return jsonify({"error": str(exc)}), 404
 
     install_json_errors(app, log)
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
     return app
 
 

@@ -231,7 +231,8 @@ class VmmService:
         with self._lock:
             vm = self._record(vm_id)
             self.backend.stop(vm, force=force)
-            self._set_state(vm, started=False, exited_at=time.time())
+            self._set_state(vm, started=False, exited_at=time.time(), boot_progress="",
+                            shutdown_progress="stopped" if force else "shutting down")
             self._event(vm, "stopped" if force else "shutdown", "")
             return {}
 

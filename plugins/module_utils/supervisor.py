@@ -79,7 +79,7 @@ class Supervisor:
     def __init__(self, folder):
         self.dir = os.path.abspath(folder)
         self.sock = os.path.join(self.dir, "supervisor.sock")
-        self._proxy = None
+        self._started = False
 
     def _server(self):
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(
@@ -96,10 +96,11 @@ class Supervisor:
 
     @property
     def rpc(self):
-        if self._proxy is None:
+        """A fresh XML-RPC proxy: one connection per call, so threads (the VMM's) never share one."""
+        if not self._started:
             self.ensure()
-            self._proxy = self._server()
-        return self._proxy
+            self._started = True
+        return self._server()
 
     def ensure(self):
         """Start this folder's supervisord unless it runs already."""
@@ -183,4 +184,4 @@ class Supervisor:
     def shutdown(self):
         if self.alive():
             self._server().shutdown()
-        self._proxy = None
+        self._started = False
