@@ -220,3 +220,37 @@ def test_a_taken_port_and_a_wrong_token_are_refused(short_tmp, module, stack):
     with pytest.raises(Unauthorized):
         VmmClient(f"http://127.0.0.1:{vmm.port}").call("Status")
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name != "supervisor"] == []
+
+
+@needs_podman
+def test_cvm_module_states(short_tmp, module, stack, busybox_image):
+    """dstack.tee.cvm through every state, as Ansible runs it: check mode, change, no change."""
+    tmp_path = short_tmp
+    kms, vmm = stack
+    app_files(tmp_path, module, kms)
+    port = free_port()
+    base = {"vmm_url": f"http://127.0.0.1:{vmm.port}", "vmm_token": vmm.token, "name": "mod-test",
+            "app_compose_file": str(tmp_path / "app-compose.json"),
+            "encrypted_env_file": str(tmp_path / "encrypted-env"), "ports": [{"host_port": port, "vm_port": 8080}]}
+
+    def run(state, check=False):
+        result = module("cvm", dict(base, state=state), check=check, diff=True)
+        assert not result.get("failed"), result.get("msg")
+        assert vmm.token not in result.raw  # the token is no_log
+        return result
+
+    assert run("present", check=True)["changed"] and vmm.client().call("Status")["vms"] == []
+    present = run("present")
+    assert present["changed"] and present["status"] in ("stopped", "exited") and present["app_id"]
+    assert run("present")["changed"] is False
+    running = run("running")
+    assert running["changed"] and running["status"] == "running" and running["instance_id"]
+    assert _get(f"http://127.0.0.1:{port}/").strip() == "hello-from-a-cvm"
+    assert run("running")["changed"] is False and run("running", check=True)["changed"] is False
+    assert run("stopped", check=True)["changed"] and vmm.client().call("Status")["vms"][0]["status"] == "running"
+    stopped = run("stopped")
+    assert stopped["changed"] and stopped["status"] != "running"
+    assert run("stopped")["changed"] is False
+    absent = run("absent")
+    assert absent["changed"] and absent["diff"]["before"]["name"] == "mod-test" and absent["diff"]["after"] == {}
+    assert run("absent")["changed"] is False and vmm.client().call("Status")["vms"] == []
