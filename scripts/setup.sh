@@ -23,6 +23,9 @@ APT_PACKAGES+=(podman runc podman-compose busybox-static)
 # What only the tests need: ansible-test sanity's shellcheck; the VMM web UI's test in a real
 # headless Chromium (Debian's chromium and chromedriver, driven by Selenium).
 ((WITH_TEST)) && APT_PACKAGES+=(shellcheck chromium chromium-driver)
+# node and npm for the contracts' compiler: Debian's, unless a node with npm is there already
+# (machines that ship their own Node.js have no Debian npm package, and must not get one).
+((WITH_TEST)) && ! command -v npm >/dev/null 2>&1 && APT_PACKAGES+=(nodejs npm)
 # The libvirt backend's tests: libvirt-python's build (libvirt-dev, pkg-config), libvirtd with
 # QEMU/KVM for qemu:///system (the tests start the daemon), qemu-img, and xmllint for the schema checks.
 ((WITH_TEST)) && APT_PACKAGES+=(libvirt-dev pkg-config libvirt-daemon-system libvirt-daemon-driver-qemu
@@ -96,4 +99,14 @@ site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pu
 echo "$VENV/collections" > "$site/dstack_tee_collection.pth"
 "$VENV/bin/python" -c 'import ansible_collections.dstack.tee.plugins.module_utils' \
   || die "the collection is not importable from .venv (see above)"
+# ---- 4. the contracts' toolchain (tests only): solc, OpenZeppelin, ganache from the lock file ---
+if ((WITH_TEST)) && [[ -f "$ROOT/contracts/package-lock.json" ]]; then
+  lock="$(sha256sum "$ROOT/contracts/package-lock.json" | cut -c1-16)"
+  if [[ "$(cat "$ROOT/contracts/node_modules/.dstack-stamp" 2>/dev/null)" != "$lock" ]]; then
+    step "installing the contracts' npm packages (solc, OpenZeppelin, ganache)"
+    (cd "$ROOT/contracts" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+      || die "npm ci in contracts/ failed (is the npm registry reachable?)"
+    echo "$lock" > "$ROOT/contracts/node_modules/.dstack-stamp"
+  fi
+fi
 step "ready: .venv/ (activate with: . .venv/bin/activate)"

@@ -4,7 +4,7 @@
 
 local     an auth-simple-compatible JSON allowlist (dstack-reference 5.3), re-read when it changes
 webhook   dstack's bootAuth protocol: POST <url>/bootAuth/app with the boot info, camelCase
-ethereum  DstackKms.isAppAllowed through web3 (comes with the contracts issue)
+ethereum  DstackKms.isAppAllowed through web3, cached per block
 """
 
 import json
@@ -117,6 +117,44 @@ class Webhook:
         return Decision(True, str(answer.get("reason") or ""), str(answer.get("gatewayAppId") or ""))
 
 
+class Ethereum:
+    """DstackKms.isAppAllowed through web3 (plugins/module_utils/contracts.py); errors deny.
+
+    Answers are cached per block: the same boot info asked again in the same block is answered
+    from the cache, so a flood of boots costs one chain call per block, and any change on the
+    chain (a new block) is seen at once.
+    """
+
+    def __init__(self, rpc_url, contract_address, chain_id, w3=None):
+        from ansible_collections.dstack.tee.plugins.module_utils import contracts  # pylint: disable=import-outside-toplevel
+        self.contracts = contracts
+        self.rpc_url, self.contract_address, self.chain_id, self.w3 = rpc_url, contract_address, int(chain_id), w3
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def _block(self):
+        try:
+            w3 = self.w3 or self.contracts.connect(self.rpc_url, self.chain_id)
+            return w3.eth.block_number
+        except Exception:  # pylint: disable=broad-exception-caught
+            return None
+
+    def is_app_allowed(self, boot_info):
+        block = self._block()
+        key = (block, json.dumps(boot_info, sort_keys=True))
+        with self._lock:
+            if block is not None and key in self._cache:
+                return self._cache[key]
+        allowed, reason = self.contracts.is_app_allowed(self.rpc_url, self.contract_address, self.chain_id,
+                                                        boot_info, w3=self.w3)
+        decision = Decision(bool(allowed), reason or ("" if allowed else "denied by DstackKms"))
+        with self._lock:
+            if block is not None:
+                self._cache = {k: v for k, v in self._cache.items() if k[0] == block}
+                self._cache[key] = decision
+        return decision
+
+
 def make_backend(config):
     """The backend named by config["type"]; errors name the setting."""
     kind = config.get("type", "local")
@@ -129,7 +167,10 @@ def make_backend(config):
             raise DstackError("auth.url", "is required for the webhook backend")
         return Webhook(config["url"], float(config.get("timeout", 5.0)))
     if kind == "ethereum":
-        raise DstackError("auth.type", "the ethereum backend is not available yet (it comes with the contracts)")
+        for name in ("rpc_url", "contract_address", "chain_id"):
+            if not config.get(name):
+                raise DstackError(f"auth.{name}", "is required for the ethereum backend")
+        return Ethereum(config["rpc_url"], config["contract_address"], config["chain_id"])
     raise DstackError("auth.type", f"unknown backend {str(kind)[:20]!r} (expected one of {', '.join(BACKENDS)})")
 
 

@@ -7,7 +7,7 @@ Keys (all optional but state_dir):
     sim_state_dir, root_ca, collateral, pccs_url, collateral_cache_dir, audit_log,
     nonce_ttl, max_nonces, gateway_app_id, workers,
     [policy] allowed_tcb_statuses, allowed_advisory_ids
-    [auth]   type ("local" | "webhook" | "ethereum"), path, url, timeout
+    [auth]   type ("local" | "webhook" | "ethereum"), path, url, timeout, rpc_url, contract_address, chain_id
 Environment: DSTACK_KMS_<KEY> for the top-level keys (DSTACK_KMS_MODE=simulation, ...) and
 DSTACK_KMS_AUTH_<KEY> for [auth].
 """
@@ -19,7 +19,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 
 TOP_KEYS = ("state_dir", "mode", "listen", "domain", "sim_state_dir", "root_ca", "collateral", "pccs_url",
             "collateral_cache_dir", "audit_log", "nonce_ttl", "max_nonces", "gateway_app_id", "workers")
-AUTH_KEYS = ("type", "path", "url", "timeout")
+AUTH_KEYS = ("type", "path", "url", "timeout", "rpc_url", "contract_address", "chain_id")
 
 
 def load_config(path=None, environ=None, **overrides):

@@ -33,7 +33,7 @@ def test_bad_configuration_names_the_setting(tmp_path, text, environ, field):
 
 
 @pytest.mark.parametrize("auth, field", [
-    ({"type": "local"}, "auth.path"), ({"type": "webhook"}, "auth.url"), ({"type": "ethereum"}, "auth.type"),
+    ({"type": "local"}, "auth.path"), ({"type": "webhook"}, "auth.url"), ({"type": "ethereum"}, "auth.rpc_url"),
     ({"type": "ldap"}, "auth.type")])
 def test_auth_backend_settings(auth, field):
     with pytest.raises(DstackError) as err:
