@@ -1,0 +1,225 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+DOCUMENTATION = r"""
+---
+module: app_contract
+short_description: Deploy a DstackApp contract and manage its compose hashes and devices on chain
+version_added: 0.1.0
+description:
+  - Deploys a C(DstackApp) through the KMS contract's C(deployAndRegisterApp) factory when
+    O(address) is not given, or attaches to an existing one. The app id is the contract's address.
+  - Makes the listed compose hashes and devices allowed (O(state=present)) or not allowed
+    (O(state=absent)), and sets whether any device may run the app. Only the transactions
+    needed are sent, each waited for.
+  - The current membership is read with the contract's view functions; in check mode no
+    transaction is sent.
+author:
+  - dstack.tee contributors (@dstack-tee)
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  idempotent:
+    support: full
+options:
+  rpc_url:
+    description: The chain's JSON-RPC endpoint (http:// or https://).
+    type: str
+    required: true
+  chain_id:
+    description: The chain id the RPC must serve.
+    type: int
+    required: true
+  private_key:
+    description:
+      - The owner's private key (32 bytes, hex). Required when a deployment or a change is needed.
+    type: str
+  kms_address:
+    description:
+      - The DstackKms whose factory deploys and registers the app; required when O(address) is
+        absent.
+    type: str
+  address:
+    description: The address of an existing DstackApp (its proxy). When absent, one is deployed.
+    type: str
+  compose_hashes:
+    description: Compose hashes (32 bytes, hex) to allow or disallow.
+    type: list
+    elements: str
+    default: []
+  devices:
+    description: Device ids (32 bytes, hex) to allow or disallow.
+    type: list
+    elements: str
+    default: []
+  allow_any_device:
+    description: Whether the app may run on any device.
+    type: bool
+  state:
+    description: Whether the listed compose hashes and devices are allowed or not.
+    type: str
+    choices: [present, absent]
+    default: present
+requirements:
+  - web3
+extends_documentation_fragment:
+  - dstack.tee.attributes
+"""
+
+EXAMPLES = r"""
+- name: Deploy the hello app's contract and allow its compose hash
+  dstack.tee.app_contract:
+    rpc_url: http://127.0.0.1:8545
+    chain_id: 1337
+    private_key: "{{ owner_key }}"
+    kms_address: "{{ kms.address }}"
+    compose_hashes: ["{{ app.compose_hash }}"]
+    allow_any_device: true
+  register: hello
+
+- name: Withdraw an old compose hash
+  dstack.tee.app_contract:
+    rpc_url: http://127.0.0.1:8545
+    chain_id: 1337
+    private_key: "{{ owner_key }}"
+    address: "{{ hello.address }}"
+    compose_hashes: ["{{ old_hash }}"]
+    state: absent
+"""
+
+RETURN = r"""
+address:
+  description: The DstackApp address (checksummed); null when it would be deployed in check mode.
+  returned: always
+  type: str
+app_id:
+  description: The app id (the address as lowercase hex without 0x); null when it would be deployed in check mode.
+  returned: always
+  type: str
+tx_hashes:
+  description: The hashes of the transactions sent, in order.
+  returned: always
+  type: list
+  elements: str
+"""
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.dstack.tee.plugins.module_utils import contracts
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+# option -> (view, add, remove)
+_SETS = {
+    "compose_hashes": ("allowedComposeHashes", "addComposeHash", "removeComposeHash"),
+    "devices": ("allowedDeviceIds", "addDevice", "removeDevice"),
+}
+
+
+class RecordingSigner(contracts.Signer):
+    """A Signer that keeps the hash of every transaction it sends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tx_hashes = []
+
+    def _send(self, tx, what):
+        receipt = super()._send(tx, what)
+        self.tx_hashes.append("0x" + bytes(receipt.transactionHash).hex())
+        return receipt
+
+
+def plan(app, params):
+    """(changes, before, after): changes are (function name, argument, field)."""
+    want = params["state"] == "present"
+    changes, before, after = [], {}, {}
+    for field, (view, add, remove) in _SETS.items():
+        values = []
+        for value in params[field]:
+            raw = contracts.bytes32(value, field)
+            if raw not in values:
+                values.append(raw)
+        current = [raw for raw in values if app.functions[view](raw).call()]
+        before[field] = sorted(raw.hex() for raw in current)
+        after[field] = sorted(raw.hex() for raw in values) if want else []
+        for raw in values:
+            if (raw in current) != want:
+                changes.append((add if want else remove, raw, field))
+    if params["allow_any_device"] is not None:
+        current = app.functions.allowAnyDevice().call()
+        before["allow_any_device"], after["allow_any_device"] = current, params["allow_any_device"]
+        if current != params["allow_any_device"]:
+            changes.append(("setAllowAnyDevice", params["allow_any_device"], "allow_any_device"))
+    return changes, before, after
+
+
+def run(module):
+    p = module.params
+    for field in _SETS:  # malformed input fails before anything is sent
+        for value in p[field]:
+            contracts.bytes32(value, field)
+    w3 = contracts.connect(p["rpc_url"], p["chain_id"])
+    signer = None
+    if p["private_key"] is not None:
+        signer = RecordingSigner(w3, p["private_key"])
+    deployed = False
+    address = p["address"]
+    if address is None:
+        if p["kms_address"] is None:
+            raise DstackError("kms_address", "is required to deploy a DstackApp (no address given)")
+        kms = contracts.contract(w3, "DstackKms", p["kms_address"])
+        if signer is None:
+            raise DstackError("private_key", "is required to deploy a DstackApp (no address given)")
+        if module.check_mode:
+            return dict(changed=True, address=None, app_id=None, tx_hashes=[])
+        address = contracts.deploy_app(signer, kms, allow_any_device=bool(p["allow_any_device"]))
+        deployed = True
+    app = contracts.contract(w3, "DstackApp", address)
+    changes, before, after = plan(app, p)
+    if changes and not deployed:
+        if signer is None:
+            raise DstackError("private_key", f"is required to change the DstackApp at {app.address}")
+        contracts.require_owner(app, signer)
+    if not module.check_mode:
+        for name, arg, field in changes:
+            signer.transact(app.functions[name](arg), field)
+    result = dict(changed=deployed or bool(changes), address=app.address, app_id=app.address[2:].lower(),
+                  tx_hashes=signer.tx_hashes if signer else [])
+    if module._diff:
+        result["diff"] = dict(before=before, after=after)
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            rpc_url=dict(type="str", required=True),
+            chain_id=dict(type="int", required=True),
+            private_key=dict(type="str", no_log=True),
+            kms_address=dict(type="str"),
+            address=dict(type="str"),
+            compose_hashes=dict(type="list", elements="str", default=[]),
+            devices=dict(type="list", elements="str", default=[]),
+            allow_any_device=dict(type="bool"),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+        ),
+        required_one_of=[("address", "kms_address")],
+        supports_check_mode=True,
+    )
+    if not contracts.HAS_WEB3:
+        module.fail_json(msg=missing_required_lib("web3"), exception=contracts.WEB3_IMPORT_ERROR)
+    try:
+        result = run(module)
+    except DstackError as exc:
+        module.fail_json(msg=str(exc), field=exc.field)
+    except Exception as exc:  # pylint: disable=broad-except
+        module.fail_json(msg=f"app_contract: {type(exc).__name__}: {exc}", exception=traceback.format_exc())
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+DOCUMENTATION = r"""
+---
+module: kms_contract
+short_description: Deploy a DstackKms governance contract and manage its allowlists on chain
+version_added: 0.1.0
+description:
+  - Deploys a C(DstackKms) contract (behind an ERC-1967 proxy) when O(address) is not given, or
+    attaches to an existing one.
+  - Makes the listed OS images, KMS aggregated measurements and KMS devices allowed
+    (O(state=present)) or not allowed (O(state=absent)), and sets the gateway app id and the app
+    implementation. Only the transactions needed are sent, each waited for.
+  - The current membership is read with the contract's view functions; in check mode no
+    transaction is sent.
+author:
+  - dstack.tee contributors (@dstack-tee)
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  idempotent:
+    support: full
+options:
+  rpc_url:
+    description: The chain's JSON-RPC endpoint (http:// or https://).
+    type: str
+    required: true
+  chain_id:
+    description: The chain id the RPC must serve.
+    type: int
+    required: true
+  private_key:
+    description:
+      - The owner's private key (32 bytes, hex). Required when a deployment or a change is needed.
+    type: str
+  address:
+    description:
+      - The address of an existing DstackKms (its proxy). When absent, a new DstackKms is deployed
+        and its address returned.
+    type: str
+  os_images:
+    description: OS image hashes (32 bytes, hex) to allow or disallow.
+    type: list
+    elements: str
+    default: []
+  kms_aggregated_mrs:
+    description: KMS aggregated measurements (32 bytes, hex) to allow or disallow.
+    type: list
+    elements: str
+    default: []
+  kms_devices:
+    description: KMS device ids (32 bytes, hex) to allow or disallow.
+    type: list
+    elements: str
+    default: []
+  gateway_app_id:
+    description: The gateway's app id the KMS tells apps.
+    type: str
+  app_implementation:
+    description: The address of the DstackApp implementation the factory deploys.
+    type: str
+  state:
+    description: Whether the listed OS images, measurements and devices are allowed or not.
+    type: str
+    choices: [present, absent]
+    default: present
+requirements:
+  - web3
+extends_documentation_fragment:
+  - dstack.tee.attributes
+"""
+
+EXAMPLES = r"""
+- name: Deploy a KMS contract allowing one OS image
+  dstack.tee.kms_contract:
+    rpc_url: http://127.0.0.1:8545
+    chain_id: 1337
+    private_key: "{{ owner_key }}"
+    os_images: ["{{ os_image_hash }}"]
+  register: kms
+
+- name: Withdraw an old OS image
+  dstack.tee.kms_contract:
+    rpc_url: http://127.0.0.1:8545
+    chain_id: 1337
+    private_key: "{{ owner_key }}"
+    address: "{{ kms.address }}"
+    os_images: ["{{ old_os_image_hash }}"]
+    state: absent
+"""
+
+RETURN = r"""
+address:
+  description: The DstackKms address (checksummed); null when it would be deployed in check mode.
+  returned: always
+  type: str
+tx_hashes:
+  description: The hashes of the transactions sent, in order.
+  returned: always
+  type: list
+  elements: str
+"""
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.dstack.tee.plugins.module_utils import contracts
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+# option -> (view, add, remove)
+_SETS = {
+    "os_images": ("allowedOsImages", "addOsImageHash", "removeOsImageHash"),
+    "kms_aggregated_mrs": ("kmsAllowedAggregatedMrs", "addKmsAggregatedMr", "removeKmsAggregatedMr"),
+    "kms_devices": ("kmsAllowedDeviceIds", "addKmsDevice", "removeKmsDevice"),
+}
+
+
+class RecordingSigner(contracts.Signer):
+    """A Signer that keeps the hash of every transaction it sends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tx_hashes = []
+
+    def _send(self, tx, what):
+        receipt = super()._send(tx, what)
+        self.tx_hashes.append("0x" + bytes(receipt.transactionHash).hex())
+        return receipt
+
+
+def plan(kms, params):
+    """(changes, before, after): changes are (function name, argument, field)."""
+    want = params["state"] == "present"
+    changes, before, after = [], {}, {}
+    for field, (view, add, remove) in _SETS.items():
+        values = []
+        for value in params[field]:
+            raw = contracts.bytes32(value, field)
+            if raw not in values:
+                values.append(raw)
+        current = [raw for raw in values if kms.functions[view](raw).call()]
+        before[field] = sorted(raw.hex() for raw in current)
+        after[field] = sorted(raw.hex() for raw in values) if want else []
+        for raw in values:
+            if (raw in current) != want:
+                changes.append((add if want else remove, raw, field))
+    if params["gateway_app_id"] is not None:
+        current = kms.functions.gatewayAppId().call()
+        before["gateway_app_id"], after["gateway_app_id"] = current, params["gateway_app_id"]
+        if current != params["gateway_app_id"]:
+            changes.append(("setGatewayAppId", params["gateway_app_id"], "gateway_app_id"))
+    if params["app_implementation"] is not None:
+        wanted = contracts.address(params["app_implementation"], "app_implementation")
+        current = kms.functions.appImplementation().call()
+        before["app_implementation"], after["app_implementation"] = current, wanted
+        if current != wanted:
+            changes.append(("setAppImplementation", wanted, "app_implementation"))
+    return changes, before, after
+
+
+def run(module):
+    p = module.params
+    for field in _SETS:  # malformed input fails before anything is sent
+        for value in p[field]:
+            contracts.bytes32(value, field)
+    w3 = contracts.connect(p["rpc_url"], p["chain_id"])
+    signer = None
+    if p["private_key"] is not None:
+        signer = RecordingSigner(w3, p["private_key"])
+    address = None
+    deployed = False
+    if p["address"] is None:
+        if signer is None:
+            raise DstackError("private_key", "is required to deploy a DstackKms (no address given)")
+        if module.check_mode:
+            return dict(changed=True, address=None, tx_hashes=[])
+        address = contracts.deploy_kms(signer)["kms_contract_address"]
+        deployed = True
+    kms = contracts.contract(w3, "DstackKms", address or p["address"])
+    changes, before, after = plan(kms, p)
+    if changes and not deployed:
+        if signer is None:
+            raise DstackError("private_key", f"is required to change the DstackKms at {kms.address}")
+        contracts.require_owner(kms, signer)
+    if not module.check_mode:
+        for name, arg, field in changes:
+            signer.transact(kms.functions[name](arg), field)
+    result = dict(changed=deployed or bool(changes), address=kms.address,
+                  tx_hashes=signer.tx_hashes if signer else [])
+    if module._diff:
+        result["diff"] = dict(before=before, after=after)
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            rpc_url=dict(type="str", required=True),
+            chain_id=dict(type="int", required=True),
+            private_key=dict(type="str", no_log=True),
+            address=dict(type="str"),
+            os_images=dict(type="list", elements="str", default=[]),
+            kms_aggregated_mrs=dict(type="list", elements="str", default=[]),
+            kms_devices=dict(type="list", elements="str", default=[]),
+            gateway_app_id=dict(type="str"),
+            app_implementation=dict(type="str"),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+        ),
+        supports_check_mode=True,
+    )
+    if not contracts.HAS_WEB3:
+        module.fail_json(msg=missing_required_lib("web3"), exception=contracts.WEB3_IMPORT_ERROR)
+    try:
+        result = run(module)
+    except DstackError as exc:
+        module.fail_json(msg=str(exc), field=exc.field)
+    except Exception as exc:  # pylint: disable=broad-except
+        module.fail_json(msg=f"kms_contract: {type(exc).__name__}: {exc}", exception=traceback.format_exc())
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

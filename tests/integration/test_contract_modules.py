@@ -1,0 +1,210 @@
+"""kms_contract and app_contract against a real JSON-RPC chain (ganache from contracts/node_modules).
+
+The modules run in a subprocess the way Ansible runs them, so the chain must be reachable over
+HTTP: the fixture starts ganache on a free port and stops it afterwards.
+"""
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test")
+
+from web3 import Web3  # noqa: E402
+
+from conftest import run_module  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+GANACHE = ROOT / "contracts" / "node_modules" / "ganache" / "dist" / "node" / "cli.js"
+CHAIN_ID = 1337
+KEY = "0x" + "42" * 32
+OTHER_KEY = "0x" + "43" * 32
+OS_IMAGE = "11" * 32
+OS_IMAGE_2 = "12" * 32
+COMPOSE = "aa" * 32
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chain():
+    if not GANACHE.exists():
+        pytest.skip("contracts/node_modules/ganache is missing (cd contracts && npm ci)")
+    node = shutil.which("node")
+    if not node:
+        pytest.skip("node is not installed (ganache needs it)")
+    port = _free_port()
+    proc = subprocess.Popen([node, str(GANACHE), "--host", "127.0.0.1", "--port", str(port),
+                             "--wallet.deterministic", "--chain.chainId", str(CHAIN_ID), "--logging.quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    w3 = Web3(Web3.HTTPProvider(url))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if w3.eth.chain_id == CHAIN_ID:
+                    break
+            except Exception:  # pylint: disable=broad-except
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("ganache did not start")
+            time.sleep(0.2)
+        for key in (KEY, OTHER_KEY):
+            account = w3.eth.account.from_key(key).address
+            w3.eth.wait_for_transaction_receipt(w3.eth.send_transaction(
+                {"from": w3.eth.accounts[0], "to": account, "value": 10 ** 20}))
+        yield url, w3
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _args(url, **extra):
+    return dict(rpc_url=url, chain_id=CHAIN_ID, private_key=KEY, **extra)
+
+
+def _nonce(w3, key=KEY):
+    return w3.eth.get_transaction_count(w3.eth.account.from_key(key).address)
+
+
+@pytest.fixture(scope="module")
+def kms(chain):
+    url, w3 = chain
+    result = run_module("kms_contract", _args(url))
+    assert not result.get("failed"), result
+    assert result["changed"] and w3.eth.get_code(result["address"])
+    assert len(result["tx_hashes"]) == 3  # app implementation, KMS implementation, proxy
+    return result["address"]
+
+
+def test_kms_contract_adds_an_os_image_once(chain, kms):
+    url, w3 = chain
+    args = _args(url, address=kms, os_images=[OS_IMAGE])
+
+    checked = run_module("kms_contract", args, check=True, diff=True)
+    nonce = _nonce(w3)
+    assert checked["changed"] and checked["tx_hashes"] == []
+    assert checked["diff"]["before"]["os_images"] == [] and checked["diff"]["after"]["os_images"] == [OS_IMAGE]
+    assert _nonce(w3) == nonce
+
+    first = run_module("kms_contract", args, diff=True)
+    assert first["changed"] and len(first["tx_hashes"]) == 1, first
+    assert first["diff"]["after"]["os_images"] == [OS_IMAGE]
+    assert _nonce(w3) == nonce + 1
+
+    second = run_module("kms_contract", args)
+    assert not second["changed"] and second["tx_hashes"] == []
+    assert _nonce(w3) == nonce + 1
+
+    # Without a key nothing can change, but an unchanged contract needs none.
+    keyless = dict(args)
+    del keyless["private_key"]
+    assert not run_module("kms_contract", keyless)["changed"]
+
+    absent = run_module("kms_contract", dict(args, os_images=[OS_IMAGE, OS_IMAGE_2], state="absent"))
+    assert absent["changed"] and len(absent["tx_hashes"]) == 1
+
+
+def test_kms_contract_sets_gateway_app_id(chain, kms):
+    url, _w3 = chain
+    args = _args(url, address=kms, gateway_app_id="ab" * 20, kms_devices=["01" * 32])
+    first = run_module("kms_contract", args)
+    assert first["changed"] and len(first["tx_hashes"]) == 2, first
+    assert not run_module("kms_contract", args)["changed"]
+
+
+def test_app_contract_deploys_and_manages_compose_hashes(chain, kms):
+    url, w3 = chain
+    checked = run_module("app_contract", _args(url, kms_address=kms, allow_any_device=True), check=True)
+    assert checked["changed"] and checked["address"] is None
+
+    nonce = _nonce(w3)
+    deployed = run_module("app_contract", _args(url, kms_address=kms, allow_any_device=True))
+    assert deployed["changed"] and len(deployed["tx_hashes"]) == 1, deployed
+    assert deployed["app_id"] == deployed["address"][2:].lower() and len(deployed["app_id"]) == 40
+    assert _nonce(w3) == nonce + 1
+    address = deployed["address"]
+
+    args = _args(url, address=address, compose_hashes=["0x" + COMPOSE], allow_any_device=True)
+    checked = run_module("app_contract", args, check=True, diff=True)
+    assert checked["changed"] and checked["diff"]["after"]["compose_hashes"] == [COMPOSE]
+    assert _nonce(w3) == nonce + 1
+
+    added = run_module("app_contract", args)
+    assert added["changed"] and len(added["tx_hashes"]) == 1
+    assert not run_module("app_contract", args)["changed"]
+
+    removed = run_module("app_contract", dict(args, state="absent"), diff=True)
+    assert removed["changed"] and len(removed["tx_hashes"]) == 1
+    assert removed["diff"]["before"]["compose_hashes"] == [COMPOSE]
+    assert removed["diff"]["after"]["compose_hashes"] == []
+    assert not run_module("app_contract", dict(args, state="absent"))["changed"]
+
+
+def test_clear_errors(chain, kms):
+    url, w3 = chain
+    wrong_chain = run_module("kms_contract", dict(_args(url, address=kms), chain_id=CHAIN_ID + 1))
+    assert wrong_chain["failed"] and wrong_chain["msg"].startswith("chain_id:")
+
+    unreachable = run_module("kms_contract", _args(f"http://127.0.0.1:{_free_port()}", address=kms))
+    assert unreachable["failed"] and unreachable["msg"].startswith("rpc_url:")
+
+    nonce = _nonce(w3, OTHER_KEY)
+    not_owner = run_module("kms_contract", dict(_args(url, address=kms, os_images=["13" * 32]),
+                                                private_key=OTHER_KEY))
+    assert not_owner["failed"] and not_owner["msg"].startswith("private_key:"), not_owner
+    assert "owner" in not_owner["msg"] and OTHER_KEY[2:] not in not_owner.raw
+    assert _nonce(w3, OTHER_KEY) == nonce
+
+    malformed = run_module("app_contract", _args(url, kms_address=kms, compose_hashes=["abc"]))
+    assert malformed["failed"] and malformed["msg"].startswith("compose_hashes:")
+    bad_length = run_module("kms_contract", _args(url, address=kms, os_images=["ab" * 31]))
+    assert bad_length["failed"] and bad_length["msg"].startswith("os_images:")
+
+
+def test_end_to_end_a_kms_on_the_chain_follows_the_modules(chain, tmp_path):
+    """Deploy DstackKms and an app with the modules on ganache; a KMS configured with the ethereum
+    backend (JSON-RPC to ganache) releases keys, refuses once the hash is removed, and refuses
+    when the OS image is withdrawn."""
+    from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsRefused
+    from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
+    import test_kms
+
+    url, _w3 = chain
+    kms_result = run_module("kms_contract", _args(url, os_images=[test_kms.OS_IMAGE]))
+    assert kms_result["changed"], kms_result
+    address = kms_result["address"]
+    app = run_module("app_contract", _args(url, kms_address=address, compose_hashes=[test_kms.COMPOSE_HASH],
+                                           allow_any_device=True))
+    assert app["changed"] and len(app["app_id"]) == 40, app
+    app_args = _args(url, address=app["address"], compose_hashes=[test_kms.COMPOSE_HASH])
+
+    sim = SimTdx(str(tmp_path / "sim"))
+    kms_app, client = test_kms.make_kms(tmp_path, sim, auth={"type": "ethereum", "rpc_url": url,
+                                                            "contract_address": address, "chain_id": CHAIN_ID})
+    assert client.get_app_key(sim, test_kms.boot(sim, app_id=app["app_id"]), test_kms.VM_CONFIG)["k256_key"]
+
+    assert run_module("app_contract", dict(app_args, state="absent"))["changed"]
+    with pytest.raises(KmsRefused, match="auth"):
+        client.get_app_key(sim, test_kms.boot(sim, app_id=app["app_id"]), test_kms.VM_CONFIG)
+
+    assert run_module("app_contract", app_args)["changed"]
+    assert run_module("kms_contract", _args(url, address=address, os_images=[test_kms.OS_IMAGE],
+                                            state="absent"))["changed"]
+    with pytest.raises(KmsRefused, match="auth"):
+        client.get_app_key(sim, test_kms.boot(sim, app_id=app["app_id"]), test_kms.VM_CONFIG)
+    decisions = [a["decision"] for a in kms_app.extensions["dstack_kms"].audit.read()]
+    assert decisions == ["release", "refuse", "refuse"]
