@@ -193,8 +193,8 @@ def test_end_to_end_a_kms_on_the_chain_follows_the_modules(chain, tmp_path):
     app_args = _args(url, address=app["address"], compose_hashes=[test_kms.COMPOSE_HASH])
 
     sim = SimTdx(str(tmp_path / "sim"))
-    kms_app, client = test_kms.make_kms(tmp_path, sim, auth={"type": "ethereum", "rpc_url": url,
-                                                            "contract_address": address, "chain_id": CHAIN_ID})
+    auth = {"type": "ethereum", "rpc_url": url, "contract_address": address, "chain_id": CHAIN_ID}
+    kms_app, client = test_kms.make_kms(tmp_path, sim, auth=auth)
     assert client.get_app_key(sim, test_kms.boot(sim, app_id=app["app_id"]), test_kms.VM_CONFIG)["k256_key"]
 
     assert run_module("app_contract", dict(app_args, state="absent"))["changed"]
