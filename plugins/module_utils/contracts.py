@@ -150,6 +150,7 @@ class Signer:
             raise DstackError(field, "is not a valid secp256k1 private key") from None
         self.w3 = w3
         self.address = self.account.address
+        self.tx_hashes = []  # every transaction sent, in order (the modules return them)
 
     def _send(self, tx, what):
         tx.setdefault("from", self.address)
@@ -170,6 +171,7 @@ class Signer:
             if type(exc).__name__ == "TransactionFailed":
                 raise DstackError(what, f"the transaction would revert: {revert_reason(exc)}") from None
             raise
+        self.tx_hashes.append("0x" + bytes(receipt.transactionHash).hex())
         if receipt.status != 1:
             raise DstackError(what, f"the transaction {tx_hash.hex()} reverted")
         return receipt
@@ -230,3 +232,37 @@ def require_owner(target, signer, field="private_key"):
     current = target.functions.owner().call()
     if current != signer.address:
         raise DstackError(field, f"the key's address {signer.address} is not the owner ({current}) of {target.address}")
+
+
+def plan_sets(contract, params, sets, state):
+    """The membership changes a module needs: (changes, before, after).
+
+    sets maps an option to (view function, add function, remove function); params[option] lists
+    32-byte hex values that should be present (state "present") or absent. changes are
+    (function name, argument, option) in a stable order; before/after show only listed values.
+    """
+    want = state == "present"
+    changes, before, after = [], {}, {}
+    for field, (view, add, remove) in sets.items():
+        values = []
+        for value in params.get(field) or []:
+            raw = bytes32(value, field)
+            if raw not in values:
+                values.append(raw)
+        current = [raw for raw in values if contract.functions[view](raw).call()]
+        before[field] = sorted(raw.hex() for raw in current)
+        after[field] = sorted(raw.hex() for raw in values) if want else []
+        for raw in values:
+            if (raw in current) != want:
+                changes.append((add if want else remove, raw, field))
+    return changes, before, after
+
+
+def plan_value(contract, getter, setter, field, wanted, changes, before, after):
+    """Add a setter call to `changes` when a scalar on chain differs from `wanted` (None: leave it)."""
+    if wanted is None:
+        return
+    current = contract.functions[getter]().call()
+    before[field], after[field] = current, wanted
+    if current != wanted:
+        changes.append((setter, wanted, field))

@@ -120,40 +120,11 @@ _SETS = {
 }
 
 
-class RecordingSigner(contracts.Signer):
-    """A Signer that keeps the hash of every transaction it sends."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tx_hashes = []
-
-    def _send(self, tx, what):
-        receipt = super()._send(tx, what)
-        self.tx_hashes.append("0x" + bytes(receipt.transactionHash).hex())
-        return receipt
-
-
 def plan(app, params):
     """(changes, before, after): changes are (function name, argument, field)."""
-    want = params["state"] == "present"
-    changes, before, after = [], {}, {}
-    for field, (view, add, remove) in _SETS.items():
-        values = []
-        for value in params[field]:
-            raw = contracts.bytes32(value, field)
-            if raw not in values:
-                values.append(raw)
-        current = [raw for raw in values if app.functions[view](raw).call()]
-        before[field] = sorted(raw.hex() for raw in current)
-        after[field] = sorted(raw.hex() for raw in values) if want else []
-        for raw in values:
-            if (raw in current) != want:
-                changes.append((add if want else remove, raw, field))
-    if params["allow_any_device"] is not None:
-        current = app.functions.allowAnyDevice().call()
-        before["allow_any_device"], after["allow_any_device"] = current, params["allow_any_device"]
-        if current != params["allow_any_device"]:
-            changes.append(("setAllowAnyDevice", params["allow_any_device"], "allow_any_device"))
+    changes, before, after = contracts.plan_sets(app, params, _SETS, params["state"])
+    contracts.plan_value(app, "allowAnyDevice", "setAllowAnyDevice", "allow_any_device", params["allow_any_device"],
+                         changes, before, after)
     return changes, before, after
 
 
@@ -165,7 +136,7 @@ def run(module):
     w3 = contracts.connect(p["rpc_url"], p["chain_id"])
     signer = None
     if p["private_key"] is not None:
-        signer = RecordingSigner(w3, p["private_key"])
+        signer = contracts.Signer(w3, p["private_key"])
     deployed = False
     address = p["address"]
     if address is None:

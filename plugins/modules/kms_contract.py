@@ -120,46 +120,15 @@ _SETS = {
 }
 
 
-class RecordingSigner(contracts.Signer):
-    """A Signer that keeps the hash of every transaction it sends."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tx_hashes = []
-
-    def _send(self, tx, what):
-        receipt = super()._send(tx, what)
-        self.tx_hashes.append("0x" + bytes(receipt.transactionHash).hex())
-        return receipt
-
-
 def plan(kms, params):
     """(changes, before, after): changes are (function name, argument, field)."""
-    want = params["state"] == "present"
-    changes, before, after = [], {}, {}
-    for field, (view, add, remove) in _SETS.items():
-        values = []
-        for value in params[field]:
-            raw = contracts.bytes32(value, field)
-            if raw not in values:
-                values.append(raw)
-        current = [raw for raw in values if kms.functions[view](raw).call()]
-        before[field] = sorted(raw.hex() for raw in current)
-        after[field] = sorted(raw.hex() for raw in values) if want else []
-        for raw in values:
-            if (raw in current) != want:
-                changes.append((add if want else remove, raw, field))
-    if params["gateway_app_id"] is not None:
-        current = kms.functions.gatewayAppId().call()
-        before["gateway_app_id"], after["gateway_app_id"] = current, params["gateway_app_id"]
-        if current != params["gateway_app_id"]:
-            changes.append(("setGatewayAppId", params["gateway_app_id"], "gateway_app_id"))
+    changes, before, after = contracts.plan_sets(kms, params, _SETS, params["state"])
+    contracts.plan_value(kms, "gatewayAppId", "setGatewayAppId", "gateway_app_id", params["gateway_app_id"],
+                         changes, before, after)
     if params["app_implementation"] is not None:
         wanted = contracts.address(params["app_implementation"], "app_implementation")
-        current = kms.functions.appImplementation().call()
-        before["app_implementation"], after["app_implementation"] = current, wanted
-        if current != wanted:
-            changes.append(("setAppImplementation", wanted, "app_implementation"))
+        contracts.plan_value(kms, "appImplementation", "setAppImplementation", "app_implementation", wanted,
+                             changes, before, after)
     return changes, before, after
 
 
@@ -171,7 +140,7 @@ def run(module):
     w3 = contracts.connect(p["rpc_url"], p["chain_id"])
     signer = None
     if p["private_key"] is not None:
-        signer = RecordingSigner(w3, p["private_key"])
+        signer = contracts.Signer(w3, p["private_key"])
     address = None
     deployed = False
     if p["address"] is None:

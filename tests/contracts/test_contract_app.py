@@ -6,6 +6,8 @@ pytest.importorskip("eth_tester", reason="web3[tester] is installed by scripts/s
 
 from evm_helpers import (ZERO32, boot_info, contract_at, deploy, deploy_app, events, h32, not_owner,  # noqa: E402
                          reverts, send)
+# The fixtures chain and setup, by name.
+from evm_helpers import chain, setup  # noqa: E402,F401  pylint: disable=unused-import
 
 APP_ADMIN = [
     ("addComposeHash", (h32("c2"),), "ComposeHashAdded", {"composeHash": h32("c2")}),

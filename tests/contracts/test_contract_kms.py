@@ -6,6 +6,8 @@ pytest.importorskip("eth_tester", reason="web3[tester] is installed by scripts/s
 
 from evm_helpers import (ZERO32, ZERO_ADDRESS, boot_info, contract_at, deploy, deploy_app, events, h32,  # noqa: E402
                          not_owner, reverts, send)
+# The fixtures chain and setup, by name.
+from evm_helpers import chain, setup  # noqa: E402,F401  pylint: disable=unused-import
 
 KMS_ADMIN = [
     ("addKmsAggregatedMr", (h32("mr"),), "KmsAggregatedMrAdded", {"mrAggregated": h32("mr")},

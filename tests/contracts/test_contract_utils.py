@@ -5,6 +5,8 @@ import pytest
 pytest.importorskip("eth_tester", reason="web3[tester] is installed by scripts/setup.sh")
 
 from evm_helpers import h32  # noqa: E402
+# The fixtures chain and setup, by name.
+from evm_helpers import chain, setup  # noqa: E402,F401  pylint: disable=unused-import
 
 from ansible_collections.dstack.tee.plugins.module_utils import contracts  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # noqa: E402
