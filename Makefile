@@ -4,7 +4,7 @@ VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: demo test setup setup-test sanity pytest clean
+.PHONY: demo test setup setup-test sanity pytest stop clean
 
 ## make demo: set up, then run the main job on the simulated default (see README)
 demo: setup
@@ -25,6 +25,11 @@ pytest: setup-test
 
 sanity: setup-test
 	scripts/ansible-sanity.sh
+
+## make stop: stop what make demo started (the CVMs first: their containers go down with them)
+stop:
+	-$(VENV)/bin/supervisorctl -c .demo/run/supervisor/supervisord.conf shutdown
+	-$(VENV)/bin/supervisorctl -c .demo/services/supervisord.conf shutdown
 
 clean:
 	rm -rf .demo build test-artifacts
