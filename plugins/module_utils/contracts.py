@@ -266,3 +266,21 @@ def plan_value(contract, getter, setter, field, wanted, changes, before, after):
     before[field], after[field] = current, wanted
     if current != wanted:
         changes.append((setter, wanted, field))
+
+
+def check_values(params, sets):
+    """Refuse a malformed 32-byte value of any listed option before anything is sent."""
+    for field in sets:
+        for value in params.get(field) or []:
+            bytes32(value, field)
+
+
+def apply_changes(contract, signer, changes, deployed, check_mode, what):
+    """The planned changes: the owner is checked first, then one transaction each (none in check mode)."""
+    if changes and not deployed:
+        if signer is None:
+            raise DstackError("private_key", f"is required to change the {what} at {contract.address}")
+        require_owner(contract, signer)
+    if not check_mode:
+        for name, arg, field in changes:
+            signer.transact(contract.functions[name](arg), field)

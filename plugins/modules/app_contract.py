@@ -130,9 +130,7 @@ def plan(app, params):
 
 def run(module):
     p = module.params
-    for field in _SETS:  # malformed input fails before anything is sent
-        for value in p[field]:
-            contracts.bytes32(value, field)
+    contracts.check_values(p, _SETS)  # malformed input fails before anything is sent
     w3 = contracts.connect(p["rpc_url"], p["chain_id"])
     signer = None
     if p["private_key"] is not None:
@@ -151,13 +149,7 @@ def run(module):
         deployed = True
     app = contracts.contract(w3, "DstackApp", address)
     changes, before, after = plan(app, p)
-    if changes and not deployed:
-        if signer is None:
-            raise DstackError("private_key", f"is required to change the DstackApp at {app.address}")
-        contracts.require_owner(app, signer)
-    if not module.check_mode:
-        for name, arg, field in changes:
-            signer.transact(app.functions[name](arg), field)
+    contracts.apply_changes(app, signer, changes, deployed, module.check_mode, "DstackApp")
     result = dict(changed=deployed or bool(changes), address=app.address, app_id=app.address[2:].lower(),
                   tx_hashes=signer.tx_hashes if signer else [])
     if module._diff:

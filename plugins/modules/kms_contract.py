@@ -134,9 +134,7 @@ def plan(kms, params):
 
 def run(module):
     p = module.params
-    for field in _SETS:  # malformed input fails before anything is sent
-        for value in p[field]:
-            contracts.bytes32(value, field)
+    contracts.check_values(p, _SETS)  # malformed input fails before anything is sent
     w3 = contracts.connect(p["rpc_url"], p["chain_id"])
     signer = None
     if p["private_key"] is not None:
@@ -152,13 +150,7 @@ def run(module):
         deployed = True
     kms = contracts.contract(w3, "DstackKms", address or p["address"])
     changes, before, after = plan(kms, p)
-    if changes and not deployed:
-        if signer is None:
-            raise DstackError("private_key", f"is required to change the DstackKms at {kms.address}")
-        contracts.require_owner(kms, signer)
-    if not module.check_mode:
-        for name, arg, field in changes:
-            signer.transact(kms.functions[name](arg), field)
+    contracts.apply_changes(kms, signer, changes, deployed, module.check_mode, "DstackKms")
     result = dict(changed=deployed or bool(changes), address=kms.address,
                   tx_hashes=signer.tx_hashes if signer else [])
     if module._diff:
