@@ -4,72 +4,21 @@ The modules run in a subprocess the way Ansible runs them, so the chain must be 
 HTTP: the fixture starts ganache on a free port and stops it afterwards.
 """
 
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test")
 
-from web3 import Web3  # noqa: E402
 
-from conftest import run_module  # noqa: E402
+from conftest import CHAIN_ID, KEY, OTHER_KEY, free_port, ganache_chain, run_module  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-GANACHE = ROOT / "contracts" / "node_modules" / "ganache" / "dist" / "node" / "cli.js"
-CHAIN_ID = 1337
-KEY = "0x" + "42" * 32
-OTHER_KEY = "0x" + "43" * 32
 OS_IMAGE = "11" * 32
 OS_IMAGE_2 = "12" * 32
 COMPOSE = "aa" * 32
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def chain():
-    if not GANACHE.exists():
-        pytest.skip("contracts/node_modules/ganache is missing (cd contracts && npm ci)")
-    node = shutil.which("node")
-    if not node:
-        pytest.skip("node is not installed (ganache needs it)")
-    port = _free_port()
-    proc = subprocess.Popen([node, str(GANACHE), "--host", "127.0.0.1", "--port", str(port),
-                             "--wallet.deterministic", "--chain.chainId", str(CHAIN_ID), "--logging.quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    w3 = Web3(Web3.HTTPProvider(url))
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if w3.eth.chain_id == CHAIN_ID:
-                    break
-            except Exception:  # pylint: disable=broad-except
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("ganache did not start")
-            time.sleep(0.2)
-        for key in (KEY, OTHER_KEY):
-            account = w3.eth.account.from_key(key).address
-            w3.eth.wait_for_transaction_receipt(w3.eth.send_transaction(
-                {"from": w3.eth.accounts[0], "to": account, "value": 10 ** 20}))
-        yield url, w3
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    yield from ganache_chain()
 
 
 def _args(url, **extra):
@@ -159,7 +108,7 @@ def test_clear_errors(chain, kms):
     wrong_chain = run_module("kms_contract", dict(_args(url, address=kms), chain_id=CHAIN_ID + 1))
     assert wrong_chain["failed"] and wrong_chain["msg"].startswith("chain_id:")
 
-    unreachable = run_module("kms_contract", _args(f"http://127.0.0.1:{_free_port()}", address=kms))
+    unreachable = run_module("kms_contract", _args(f"http://127.0.0.1:{free_port()}", address=kms))
     assert unreachable["failed"] and unreachable["msg"].startswith("rpc_url:")
 
     nonce = _nonce(w3, OTHER_KEY)
