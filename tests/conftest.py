@@ -35,6 +35,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def short_tmp():
+    """A short folder: CVM sockets live in the run path, and unix socket paths stop at 107 bytes."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    folder = Path(tempfile.mkdtemp(prefix="dvt-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 needs_podman = pytest.mark.skipif(not (shutil.which("podman") and shutil.which("podman-compose")
                                        and os.path.exists("/bin/busybox")),
                                   reason="podman, podman-compose and busybox-static are installed by scripts/setup.sh")

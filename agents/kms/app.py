@@ -37,6 +37,7 @@ def create_app(config):
     route("GetNonce", lambda params: service.new_nonce())
     route("GetAppKey", lambda params: service.get_app_key(params, request.remote_addr or ""))
     route("SignCert", lambda params: service.sign_cert(params, request.remote_addr or ""))
+    route("GetKmsKey", lambda params: service.get_kms_key(params, request.remote_addr or ""))
 
     @app.get("/health")
     def health():

@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-FIELDS = ("method", "decision", "reason", "app_id", "compose_hash", "instance_id", "device_id", "os_image_hash",
+FIELDS = ("method", "decision", "reason", "app_id", "compose_hash", "instance_id", "device_id", "os_image_hash", "mr_aggregated",
           "quote_sha256", "tcb_status", "attestation_mode", "kms_mode", "remote_addr")
 
 

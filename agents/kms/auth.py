@@ -3,8 +3,11 @@
 """Auth backends: who may get keys. Every backend fails closed: any error is a refusal.
 
 local     an auth-simple-compatible JSON allowlist (dstack-reference 5.3), re-read when it changes
-webhook   dstack's bootAuth protocol: POST <url>/bootAuth/app with the boot info, camelCase
-ethereum  DstackKms.isAppAllowed through web3, cached per block
+webhook   dstack's bootAuth protocol: POST <url>/bootAuth/app (or /bootAuth/kms) with the boot info
+ethereum  DstackKms.isAppAllowed (or isKmsAllowed) through web3, cached per block
+
+Each backend answers two questions: is_app_allowed (an app's CVM asks for its keys) and
+is_kms_allowed (a KMS replica asks for the root keys to onboard, KMS.GetKmsKey).
 """
 
 import json
@@ -75,14 +78,35 @@ class LocalAllowlist:
                 self._config, self._stamp = config, stamp
             return self._config
 
+    def _platform(self, config, boot_info):
+        """auth-simple's checks common to apps and KMSs: the reason to refuse, or None."""
+        if boot_info.get("tcb_status") != "UpToDate":
+            return f"TCB status {boot_info.get('tcb_status')!r} is not UpToDate"
+        os_images = {_hex0x(h) for h in config.get("osImages", [])}
+        if _hex0x(boot_info.get("os_image_hash")) not in os_images:
+            return "OS image is not allowed"
+        return None
+
+    def is_kms_allowed(self, boot_info):
+        config = self._load()
+        refused = self._platform(config, boot_info)
+        if refused:
+            return Decision(False, refused)
+        kms = config.get("kms") or {}
+        # An empty mrAggregated list allows no KMS at all (auth-simple's rule): onboarding is opt-in.
+        if _hex0x(boot_info.get("mr_aggregated")) not in {_hex0x(m) for m in kms.get("mrAggregated", [])}:
+            return Decision(False, "KMS aggregated MR is not allowed")
+        devices = {_hex0x(d) for d in kms.get("devices", [])}
+        if not kms.get("allowAnyDevice") and devices and _hex0x(boot_info.get("device_id")) not in devices:
+            return Decision(False, "KMS device is not allowed")
+        return Decision(True, "")
+
     def is_app_allowed(self, boot_info):
         config = self._load()
         gateway = str(config.get("gatewayAppId", ""))
-        if boot_info.get("tcb_status") != "UpToDate":
-            return Decision(False, f"TCB status {boot_info.get('tcb_status')!r} is not UpToDate", gateway)
-        os_images = {_hex0x(h) for h in config.get("osImages", [])}
-        if _hex0x(boot_info.get("os_image_hash")) not in os_images:
-            return Decision(False, "OS image is not allowed", gateway)
+        refused = self._platform(config, boot_info)
+        if refused:
+            return Decision(False, refused, gateway)
         apps = {_hex0x(k): v for k, v in (config.get("apps") or {}).items()}
         app = apps.get(_hex0x(boot_info.get("app_id")))
         if not isinstance(app, dict):
@@ -103,8 +127,14 @@ class Webhook:
         self.timeout = timeout
 
     def is_app_allowed(self, boot_info):
+        return self._ask("app", boot_info)
+
+    def is_kms_allowed(self, boot_info):
+        return self._ask("kms", boot_info)
+
+    def _ask(self, kind, boot_info):
         body = json.dumps(webhook_body(boot_info)).encode("utf-8")
-        request = urllib.request.Request(self.url + "/bootAuth/app", data=body, method="POST",
+        request = urllib.request.Request(f"{self.url}/bootAuth/{kind}", data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # nosec: configured URL
@@ -118,7 +148,7 @@ class Webhook:
 
 
 class Ethereum:
-    """DstackKms.isAppAllowed through web3 (plugins/module_utils/contracts.py); errors deny.
+    """DstackKms.isAppAllowed / isKmsAllowed through web3 (plugins/module_utils/contracts.py); errors deny.
 
     Answers are cached per block: the same boot info asked again in the same block is answered
     from the cache, so a flood of boots costs one chain call per block, and any change on the
@@ -140,13 +170,18 @@ class Ethereum:
             return None
 
     def is_app_allowed(self, boot_info):
+        return self._ask(self.contracts.is_app_allowed, boot_info)
+
+    def is_kms_allowed(self, boot_info):
+        return self._ask(self.contracts.is_kms_allowed, boot_info)
+
+    def _ask(self, question, boot_info):
         block = self._block()
-        key = (block, json.dumps(boot_info, sort_keys=True))
+        key = (block, question.__name__, json.dumps(boot_info, sort_keys=True))
         with self._lock:
             if block is not None and key in self._cache:
                 return self._cache[key]
-        allowed, reason = self.contracts.is_app_allowed(self.rpc_url, self.contract_address, self.chain_id,
-                                                        boot_info, w3=self.w3)
+        allowed, reason = question(self.rpc_url, self.contract_address, self.chain_id, boot_info, w3=self.w3)
         decision = Decision(bool(allowed), reason or ("" if allowed else "denied by DstackKms"))
         with self._lock:
             if block is not None:
@@ -174,10 +209,13 @@ def make_backend(config):
     raise DstackError("auth.type", f"unknown backend {str(kind)[:20]!r} (expected one of {', '.join(BACKENDS)})")
 
 
-def decide(backend, boot_info):
-    """Ask a backend, turning any exception into a refusal: the KMS fails closed."""
+def decide(backend, boot_info, kind="app"):
+    """Ask a backend whether an app ("app") or a KMS replica ("kms") may have keys.
+
+    Any exception is a refusal: the KMS fails closed.
+    """
     try:
-        decision = backend.is_app_allowed(boot_info)
+        decision = backend.is_kms_allowed(boot_info) if kind == "kms" else backend.is_app_allowed(boot_info)
     except DstackError as exc:
         return Decision(False, f"auth backend error, so denied: {exc}")
     except Exception as exc:  # pylint: disable=broad-exception-caught

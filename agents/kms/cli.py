@@ -10,6 +10,16 @@
                          what the guest does with .encrypted-env, for simulation and tests only:
                          it needs the root key, which only the KMS holds
 
+  dstack-kms onboard     --state-dir DIR --source-url URL [--source-ca FILE] [--guest-socket PATH]
+                         a KMS replica takes the root keys of a running KMS (KMS.GetKmsKey): it
+                         proves its boot with a quote from its guest agent (default
+                         /var/run/dstack.sock), and the source releases only if its auth backend
+                         allows this KMS (kms.mrAggregated / bootAuth/kms / DstackKms.isKmsAllowed);
+                         existing root keys are never replaced
+  dstack-kms attestation-info [--guest-socket PATH]
+                         what the source KMS's allowlist must name for this replica: its
+                         mr_aggregated, device_id and os_image_hash (as dstack's GetAttestationInfo)
+
   dstack-kms serve       --state-dir DIR --listen HOST:PORT [--simulated] [--config kms.toml]
                          [--sim-state DIR] [--auth-config FILE] [--workers N]
                          the KMS over HTTPS (gunicorn); bootstraps the root keys on first start
@@ -23,7 +33,7 @@ import sys
 
 from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
-from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
+from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, guest_client, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 
@@ -82,6 +92,47 @@ def cmd_decrypt_env(args):
     return result
 
 
+def cmd_attestation_info(args):
+    info = guest_client.info(args.guest_socket, field="--guest-socket")
+    names = ("mr_aggregated", "device_id", "os_image_hash", "app_id", "compose_hash", "instance_id")
+    return {name: info.get(name, "") for name in names}
+
+
+def cmd_onboard(args):
+    """Take the root keys of a running KMS, attested; never replace keys this state directory has."""
+    from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient  # pylint: disable=import-outside-toplevel
+
+    client = KmsClient(args.source_url, ca_cert=args.source_ca)
+    client.field = "--source-url"
+    meta = client.get_meta()
+    has_keys = any(os.path.exists(os.path.join(args.state_dir, name))
+                   for name in (root_keys.ROOT_CA_KEY, root_keys.ROOT_CA_CERT, root_keys.ROOT_K256_KEY))
+    if has_keys:
+        keys = root_keys.load(args.state_dir)
+        if keys.k256_pubkey.hex() != meta.get("k256_pubkey"):
+            raise DstackError("--state-dir", f"{args.state_dir} already holds other root keys; onboarding never "
+                                             "replaces them (move them away first to join this KMS)")
+        print(f"dstack-kms: {args.state_dir} already holds the root keys of {args.source_url}", file=sys.stderr)
+        return {"changed": False, "k256_pubkey": keys.k256_pubkey.hex(), "state_dir": os.path.abspath(args.state_dir),
+                "source_url": args.source_url}
+    print(f"dstack-kms: asking {args.source_url} for its root keys, attested by the quote of {args.guest_socket}",
+          file=sys.stderr)
+    received = client.get_kms_key(lambda report_data: guest_client.get_quote(args.guest_socket, report_data,
+                                                                             field="--guest-socket"))
+    try:
+        ca_key, ca_cert, k256 = (received["ca_key"].encode(), received["ca_cert"].encode(),
+                                 bytes.fromhex(received["k256_key"]))
+    except (KeyError, AttributeError, ValueError):
+        raise DstackError("--source-url", "GetKmsKey answered without {ca_key, ca_cert, k256_key}") from None
+    candidate = root_keys.parse(ca_key, ca_cert, k256, where="received ")
+    if candidate.k256_pubkey.hex() != meta.get("k256_pubkey") or ca_cert.decode().strip() != str(meta.get("ca_cert")).strip():
+        raise DstackError("--source-url", "the keys GetKmsKey released are not the ones the source's GetMeta shows")
+    keys, changed = root_keys.install(args.state_dir, ca_key, ca_cert, k256)
+    print(f"dstack-kms: onboarded: root keys stored in {args.state_dir} (0600)", file=sys.stderr)
+    return {"changed": changed, "k256_pubkey": keys.k256_pubkey.hex(), "state_dir": os.path.abspath(args.state_dir),
+            "source_url": args.source_url}
+
+
 def cmd_serve(args):
     """Run the KMS under gunicorn over HTTPS until stopped."""
     import logging  # pylint: disable=import-outside-toplevel
@@ -130,6 +181,17 @@ def build_parser():
     serve.add_argument("--auth-config", help="the local allowlist (default STATE_DIR/auth-config.json)")
     serve.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
     serve.set_defaults(func=cmd_serve)
+    onboard = sub.add_parser("onboard", help="take the root keys of a running KMS (attested onboarding)")
+    onboard.add_argument("--state-dir", required=True, help="this replica's state directory (gets the root keys)")
+    onboard.add_argument("--source-url", required=True, help="the running KMS, https://HOST:PORT")
+    onboard.add_argument("--source-ca", help="the source KMS's root-ca.crt to check its HTTPS against")
+    onboard.add_argument("--guest-socket", default=guest_client.DEFAULT_SOCKET,
+                         help=f"this CVM's guest agent socket, for the quote (default {guest_client.DEFAULT_SOCKET})")
+    onboard.set_defaults(func=cmd_onboard)
+    info = sub.add_parser("attestation-info", help="print what a source KMS's allowlist must name for this replica")
+    info.add_argument("--guest-socket", default=guest_client.DEFAULT_SOCKET,
+                      help=f"this CVM's guest agent socket (default {guest_client.DEFAULT_SOCKET})")
+    info.set_defaults(func=cmd_attestation_info)
     for name, func, help_text in (
             ("init", cmd_init, "make the root keys if the state directory has none; print the meta"),
             ("meta", cmd_meta, "print the CA certificate and k256 public key"),

@@ -74,25 +74,67 @@ def _read(path, field):
         raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
 
 
+def parse(ca_key_pem, ca_cert_pem, k256, where=""):
+    """RootKeys from their stored forms; refuse, naming the file, what is corrupt or mismatched."""
+    try:
+        ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    except (ValueError, TypeError):
+        raise DstackError(where + ROOT_CA_KEY, "is corrupt: not a PEM private key") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.curve.name != "secp256r1":
+        raise DstackError(where + ROOT_CA_KEY, "is not a P-256 key")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    except ValueError:
+        raise DstackError(where + ROOT_CA_CERT, "is corrupt: not a PEM certificate") from None
+    if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
+        raise DstackError(where + ROOT_CA_CERT, f"does not belong to {ROOT_CA_KEY}")
+    if len(k256) != 32:
+        raise DstackError(where + ROOT_K256_KEY, f"is corrupt: {len(k256)} bytes, expected 32")
+    kdf.k256_public_key(k256)  # refuses an invalid scalar
+    return RootKeys(ca_key, ca_cert, bytes(k256))
+
+
 def load(state_dir):
     """Load the root keys; refuse, naming the file, when one is missing, corrupt or unreadable."""
-    ca_pem = _read(os.path.join(state_dir, ROOT_CA_KEY), ROOT_CA_KEY)
-    try:
-        ca_key = serialization.load_pem_private_key(ca_pem, password=None)
-    except (ValueError, TypeError):
-        raise DstackError(ROOT_CA_KEY, "is corrupt: not a PEM private key") from None
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.curve.name != "secp256r1":
-        raise DstackError(ROOT_CA_KEY, "is not a P-256 key")
-    try:
-        ca_cert = x509.load_pem_x509_certificate(_read(os.path.join(state_dir, ROOT_CA_CERT), ROOT_CA_CERT))
-    except ValueError:
-        raise DstackError(ROOT_CA_CERT, "is corrupt: not a PEM certificate") from None
-    if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
-        raise DstackError(ROOT_CA_CERT, f"does not belong to {ROOT_CA_KEY}")
-    k256 = _read(os.path.join(state_dir, ROOT_K256_KEY), ROOT_K256_KEY)
-    if len(k256) != 32:
-        raise DstackError(ROOT_K256_KEY, f"is corrupt: {len(k256)} bytes, expected 32")
-    return RootKeys(ca_key, ca_cert, k256)
+    return parse(_read(os.path.join(state_dir, ROOT_CA_KEY), ROOT_CA_KEY),
+                 _read(os.path.join(state_dir, ROOT_CA_CERT), ROOT_CA_CERT),
+                 _read(os.path.join(state_dir, ROOT_K256_KEY), ROOT_K256_KEY))
+
+
+def _paths(state_dir):
+    return [os.path.join(state_dir, name) for name in (ROOT_CA_KEY, ROOT_CA_CERT, ROOT_K256_KEY)]
+
+
+def _store(state_dir, ca_key_pem, ca_cert_pem, k256):
+    ca_key_path, ca_cert_path, k256_path = _paths(state_dir)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    atomic_write(k256_path, k256, mode=0o600)
+    atomic_write(ca_key_path, ca_key_pem, mode=0o600)
+    atomic_write(ca_cert_path, ca_cert_pem, mode=0o644)
+
+
+def pem_forms(keys):
+    """(CA key PKCS#8 PEM, CA certificate PEM, k256 raw): what is stored, and what onboarding copies."""
+    return (keys.ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()),
+            keys.ca_cert.public_bytes(serialization.Encoding.PEM), keys.k256_key)
+
+
+def install(state_dir, ca_key_pem, ca_cert_pem, k256):
+    """Store root keys received from another KMS (onboarding). Returns (RootKeys, changed).
+
+    The keys are checked first (a bad set writes nothing). A state directory that already holds
+    root keys is never overwritten: the same keys again are no change, other keys are refused.
+    """
+    keys = parse(ca_key_pem, ca_cert_pem, k256, where="received ")
+    if any(os.path.exists(p) for p in _paths(state_dir)):
+        current = load(state_dir)
+        if pem_forms(current) == pem_forms(keys):
+            return current, False
+        raise DstackError("state_dir", f"{state_dir} already holds other root keys; onboarding never replaces them "
+                                       "(move them away first if this KMS must join another cluster)")
+    _store(state_dir, *pem_forms(keys))
+    return load(state_dir), True
 
 
 def load_or_create(state_dir):
@@ -101,17 +143,12 @@ def load_or_create(state_dir):
     A state directory with some of the files but not all is refused rather than completed, so
     a lost file is never silently replaced by a new key.
     """
-    paths = [os.path.join(state_dir, name) for name in (ROOT_CA_KEY, ROOT_CA_CERT, ROOT_K256_KEY)]
-    present = [p for p in paths if os.path.exists(p)]
-    if present:
+    if any(os.path.exists(p) for p in _paths(state_dir)):
         return load(state_dir), False
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     k256 = os.urandom(32)
     kdf.k256_public_key(k256)  # refuses the (astronomically unlikely) invalid scalar before storing
-    atomic_write(paths[2], k256, mode=0o600)
-    atomic_write(paths[0], ca_key.private_bytes(serialization.Encoding.PEM,
-                                                serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()), mode=0o600)
-    atomic_write(paths[1], _self_signed_ca(ca_key).public_bytes(serialization.Encoding.PEM), mode=0o644)
+    _store(state_dir, ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()),
+           _self_signed_ca(ca_key).public_bytes(serialization.Encoding.PEM), k256)
     return load(state_dir), True

@@ -1,6 +1,7 @@
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The KMS's decisions, apart from HTTP: metadata, env keys, nonces, attested key release, SignCert."""
+"""The KMS's decisions, apart from HTTP: metadata, env keys, nonces, attested key release, SignCert,
+and onboarding (GetKmsKey: the root keys, to an attested KMS replica its auth backend allows)."""
 
 import hashlib
 import json
@@ -103,8 +104,9 @@ class KmsService:
         nonce, expires = self.nonces.issue()
         return {"nonce": nonce.hex(), "expires_at": int(expires)}
 
-    def _attest(self, request, expected_report_data, method, remote_addr):
-        """Verify the requester's quote and event log, and ask the auth backend. Returns boot info."""
+    def _attest(self, request, expected_report_data, method, remote_addr, kind="app"):
+        """Verify the requester's quote and event log, and ask the auth backend (about an app, or a
+        KMS replica when kind is "kms"). Returns (boot info, decision, audit fields)."""
         quote = parse_hex(request.get("quote", ""), "quote")
         audit = {"method": method, "quote_sha256": hashlib.sha256(quote).hexdigest(), "kms_mode": self.mode,
                  "remote_addr": remote_addr}
@@ -123,11 +125,11 @@ class KmsService:
                 raise Refused(failed.name, failed.detail)
             if self.mode == "production" and result.attestation_mode != attestation.MODE_TDX:
                 raise Refused("attestation_mode", "a production KMS refuses quotes that chain to a simulated root")
-            if len(boot["app_id"]) != 40:
+            if kind == "app" and len(boot["app_id"]) != 40:
                 raise Refused("app_id", "the event log has no 20-byte app-id event")
             boot["os_image_hash"] = vm_config.get("os_image_hash", "")
-            audit["os_image_hash"] = boot["os_image_hash"]
-            decision = decide(self.auth, boot)
+            audit.update(os_image_hash=boot["os_image_hash"], mr_aggregated=boot["mr_aggregated"])
+            decision = decide(self.auth, boot, kind)
             if not decision.allowed:
                 raise Refused("auth", decision.reason or "denied")
         except DstackError as exc:
@@ -135,16 +137,21 @@ class KmsService:
             raise Refused(exc.field, exc.reason) from None
         return boot, decision, audit
 
-    def get_app_key(self, request, remote_addr=""):
-        """Attested key release: nonce, quote bound to the ephemeral key, auth; keys sealed to that key."""
+    def _release_request(self, request, method, remote_addr):
+        """(nonce, ephemeral public key) of a key-release request, the nonce consumed."""
         try:
             nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
             eph = parse_hex(request.get("ephemeral_public_key", ""), "ephemeral_public_key", length=32)
             self.nonces.consume(nonce)
         except DstackError as exc:
-            self.audit.record(method="GetAppKey", decision="refuse", reason=str(exc), kms_mode=self.mode,
+            self.audit.record(method=method, decision="refuse", reason=str(exc), kms_mode=self.mode,
                               remote_addr=remote_addr)
             raise Refused(exc.field, exc.reason) from None
+        return nonce, eph
+
+    def get_app_key(self, request, remote_addr=""):
+        """Attested key release: nonce, quote bound to the ephemeral key, auth; keys sealed to that key."""
+        nonce, eph = self._release_request(request, "GetAppKey", remote_addr)
         boot, decision, audit = self._attest(request, key_release.key_release_report_data(nonce, eph),
                                              "GetAppKey", remote_addr)
         keys = kdf.derive_app_keys(self.keys.ca_key, self.keys.k256_key, boot["app_id"], boot["instance_id"])
@@ -161,6 +168,18 @@ class KmsService:
             "key_provider": {"name": "kms", "id": self.key_provider_id()},
         }
         self.audit.record(decision="release", reason="", **audit)
+        return key_release.seal(payload, nonce, eph)
+
+    def get_kms_key(self, request, remote_addr=""):
+        """Onboarding: the root keys, sealed to an attested KMS replica the auth backend allows
+        (local kms.mrAggregated, webhook /bootAuth/kms, DstackKms.isKmsAllowed)."""
+        nonce, eph = self._release_request(request, "GetKmsKey", remote_addr)
+        _boot, _decision, audit = self._attest(
+            request, key_release.key_release_report_data(nonce, eph, key_release.KMS_KEY_TAG),
+            "GetKmsKey", remote_addr, kind="kms")
+        ca_key_pem, ca_cert_pem, k256 = root_keys.pem_forms(self.keys)
+        payload = {"ca_key": ca_key_pem.decode(), "ca_cert": ca_cert_pem.decode(), "k256_key": k256.hex()}
+        self.audit.record(decision="release", reason="root keys to a KMS replica", **audit)
         return key_release.seal(payload, nonce, eph)
 
     def sign_cert(self, request, remote_addr=""):

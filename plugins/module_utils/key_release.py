@@ -6,7 +6,8 @@
 1. The CVM asks the KMS for a nonce (KMS.GetNonce): 32 random bytes, single use, short-lived.
 2. It makes an ephemeral X25519 key and gets a quote whose report_data binds both:
        report_data = SHA-512( "dstack-kms-key-release-v1:" || nonce(32) || ephemeral_public_key(32) )
-   (for SignCert the preimage is "dstack-kms-sign-cert-v1:" || nonce || SHA-256(CSR DER)).
+   (for SignCert the preimage is "dstack-kms-sign-cert-v1:" || nonce || SHA-256(CSR DER); for
+   GetKmsKey, a KMS replica onboarding, "dstack-kms-get-kms-key-v1:" || nonce || ephemeral key).
 3. It presents the quote, its event log, the nonce and the ephemeral public key (KMS.GetAppKey).
    The KMS verifies the quote with that report_data expected, replays the event log, consumes
    the nonce, asks its auth backend, and only then answers with the keys sealed to the ephemeral
@@ -34,14 +35,15 @@ else:
 
 KEY_RELEASE_TAG = b"dstack-kms-key-release-v1"
 SIGN_CERT_TAG = b"dstack-kms-sign-cert-v1"
+KMS_KEY_TAG = b"dstack-kms-get-kms-key-v1"
 NONCE_SIZE = 32
 
 
-def key_release_report_data(nonce, ephemeral_public_key):
-    """The 64-byte report_data a key-release quote must carry."""
+def key_release_report_data(nonce, ephemeral_public_key, tag=KEY_RELEASE_TAG):
+    """The 64-byte report_data a key-release quote must carry (tag KMS_KEY_TAG for GetKmsKey)."""
     nonce = parse_hex(nonce, "nonce", length=NONCE_SIZE)
     pub = parse_hex(ephemeral_public_key, "ephemeral_public_key", length=32)
-    return hashlib.sha512(KEY_RELEASE_TAG + b":" + nonce + pub).digest()
+    return hashlib.sha512(tag + b":" + nonce + pub).digest()
 
 
 def sign_cert_report_data(nonce, csr_der):

@@ -46,6 +46,20 @@ class KmsClient(PrpcClient):
                                          "vm_config": vm_config})
         return key_release.open_sealed(answer, nonce, private_key)
 
+    def get_kms_key(self, attest):
+        """Onboarding (KMS.GetKmsKey): the source KMS's root keys {ca_key, ca_cert, k256_key}.
+
+        attest(report_data) must give this replica's {quote (hex), event_log, vm_config} over the
+        64-byte report_data, as the guest agent's GetQuote does (guest_client.get_quote).
+        """
+        nonce = parse_hex(self.call("GetNonce")["nonce"], "nonce", length=key_release.NONCE_SIZE)
+        private_key, public_key = key_release.new_ephemeral_key()
+        evidence = attest(key_release.key_release_report_data(nonce, public_key, key_release.KMS_KEY_TAG))
+        answer = self.call("GetKmsKey", {"nonce": nonce.hex(), "ephemeral_public_key": public_key.hex(),
+                                         "quote": evidence["quote"], "event_log": evidence.get("event_log", ""),
+                                         "vm_config": evidence.get("vm_config", "")})
+        return key_release.open_sealed(answer, nonce, private_key)
+
     def sign_cert(self, provider, event_log_fn, csr_pem, vm_config="", **options):
         """SignCert: a quote binding the nonce and the CSR, then [leaf, app CA, root CA] PEMs.
 

@@ -88,38 +88,11 @@ checks:
 
 import json
 import os
-import socket as socketlib
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible_collections.dstack.tee.plugins.module_utils import attestation
+from ansible_collections.dstack.tee.plugins.module_utils import attestation, guest_client
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
-
-
-def _get_quote(path, report_data):
-    """POST /GetQuote on a unix socket (HTTP/1.0, one request)."""
-    body = json.dumps({"report_data": report_data.hex()}).encode()
-    request = (b"POST /GetQuote HTTP/1.0\r\nHost: cvm\r\nContent-Type: application/json\r\n"
-               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    try:
-        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as conn:
-            conn.settimeout(60)
-            conn.connect(path)
-            conn.sendall(request)
-            chunks = []
-            while True:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-    except OSError as exc:
-        raise DstackError("socket", f"cannot ask {path} for a quote: {exc.strerror or exc}") from None
-    head, _sep, payload = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1:2]
-    if status != [b"200"]:
-        raise DstackError("socket", f"GetQuote answered {head.splitlines()[0][:80].decode(errors='replace')}: "
-                                    f"{payload[:200].decode(errors='replace')}")
-    return json.loads(payload)
 
 
 def main():
@@ -143,7 +116,7 @@ def main():
     try:
         nonce = os.urandom(32)
         if p["socket"]:
-            answer = _get_quote(p["socket"], nonce)
+            answer = guest_client.get_quote(p["socket"], nonce)
             expected_report_data = nonce
         else:
             with open(p["quote_file"], "rb") as handle:

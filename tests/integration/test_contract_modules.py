@@ -157,3 +157,35 @@ def test_end_to_end_a_kms_on_the_chain_follows_the_modules(chain, tmp_path):
         client.get_app_key(sim, test_kms.boot(sim, app_id=app["app_id"]), test_kms.VM_CONFIG)
     decisions = [a["decision"] for a in kms_app.extensions["dstack_kms"].audit.read()]
     assert decisions == ["release", "refuse", "refuse"]
+
+
+def test_end_to_end_kms_onboarding_follows_is_kms_allowed(chain, tmp_path):
+    """A KMS on the ethereum backend gives its root keys to a replica only while kms_contract lists
+    the replica's aggregated MR and device (DstackKms.isKmsAllowed), and stops once the MR is removed."""
+    from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsRefused
+    from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
+    import test_kms
+    from test_kms_onboard import replica
+
+    url, _w3 = chain
+    sim = SimTdx(str(tmp_path / "sim"))
+    attest, info = replica(sim)
+    kms_args = _args(url, os_images=[test_kms.OS_IMAGE], kms_devices=[info["device_id"]])
+    address = run_module("kms_contract", kms_args)["address"]
+    kms_args["address"] = address
+    auth = {"type": "ethereum", "rpc_url": url, "contract_address": address, "chain_id": CHAIN_ID}
+    kms_app, client = test_kms.make_kms(tmp_path, sim, auth=auth)
+    with pytest.raises(KmsRefused, match="auth"):
+        client.get_kms_key(attest)  # no aggregated MR listed yet
+
+    mr = dict(kms_args, kms_aggregated_mrs=[info["mr_aggregated"]])
+    checked = run_module("kms_contract", mr, check=True, diff=True)
+    assert checked["changed"] and checked["diff"]["after"]["kms_aggregated_mrs"] == [info["mr_aggregated"]]
+    assert run_module("kms_contract", mr)["changed"]
+    received = client.get_kms_key(attest)
+    assert received["k256_key"] == kms_app.extensions["dstack_kms"].keys.k256_key.hex()
+
+    assert run_module("kms_contract", dict(mr, state="absent"))["changed"]
+    with pytest.raises(KmsRefused, match="auth"):
+        client.get_kms_key(attest)
+    assert [a["decision"] for a in kms_app.extensions["dstack_kms"].audit.read()] == ["refuse", "release", "refuse"]

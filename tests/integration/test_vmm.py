@@ -70,16 +70,6 @@ class VmmProcess:
 
 
 @pytest.fixture
-def short_tmp():
-    """A short folder: CVM sockets live in the run path, and unix socket paths stop at 107 bytes."""
-    import shutil
-    import tempfile
-    folder = Path(tempfile.mkdtemp(prefix="dvt-", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
 def stack(short_tmp, module):
     tmp_path = short_tmp
     kms = KmsProcess(tmp_path / "kms", free_port()).start()
