@@ -11,6 +11,8 @@ version_added: 0.1.0
 description:
   - Deploys a C(DstackApp) through the KMS contract's C(deployAndRegisterApp) factory when
     O(address) is not given, or attaches to an existing one. The app id is the contract's address.
+    A new app gets its first compose hash and device in the factory call itself (one transaction).
+  - When a change fails after a deployment, the failure still returns the new contract's RV(address).
   - Makes the listed compose hashes and devices allowed (O(state=present)) or not allowed
     (O(state=absent)), and sets whether any device may run the app. Only the transactions
     needed are sent, each waited for.
@@ -145,11 +147,21 @@ def run(module):
             raise DstackError("private_key", "is required to deploy a DstackApp (no address given)")
         if module.check_mode:
             return dict(changed=True, address=None, app_id=None, tx_hashes=[])
-        address = contracts.deploy_app(signer, kms, allow_any_device=bool(p["allow_any_device"]))
+        # The first hash and device go into the factory call itself, so a new app is deployed
+        # and allowed in one transaction: no contract is left behind without its hash.
+        first = {field: contracts.bytes32(p[field][0], field) if p["state"] == "present" and p[field] else b"\0" * 32
+                 for field in _SETS}
+        address = contracts.deploy_app(signer, kms, allow_any_device=bool(p["allow_any_device"]),
+                                       compose_hash=first["compose_hashes"], device_id=first["devices"])
         deployed = True
     app = contracts.contract(w3, "DstackApp", address)
-    changes, before, after = plan(app, p)
-    contracts.apply_changes(app, signer, changes, deployed, module.check_mode, "DstackApp")
+    try:
+        changes, before, after = plan(app, p)
+        contracts.apply_changes(app, signer, changes, deployed, module.check_mode, "DstackApp")
+    except DstackError as exc:
+        if deployed:  # say where the new contract is, so the next run attaches to it
+            exc.deployed = app.address
+        raise
     result = dict(changed=deployed or bool(changes), address=app.address, app_id=app.address[2:].lower(),
                   tx_hashes=signer.tx_hashes if signer else [])
     if module._diff:
@@ -178,7 +190,10 @@ def main():
     try:
         result = run(module)
     except DstackError as exc:
-        module.fail_json(msg=str(exc), field=exc.field)
+        deployed = getattr(exc, "deployed", None)
+        extra = dict(address=deployed, app_id=deployed[2:].lower()) if deployed else {}
+        module.fail_json(msg=str(exc) + (f" (the DstackApp was deployed at {deployed})" if deployed else ""),
+                         field=exc.field, **extra)
     except Exception as exc:  # pylint: disable=broad-except
         module.fail_json(msg=f"app_contract: {type(exc).__name__}: {exc}", exception=traceback.format_exc())
     module.exit_json(**result)

@@ -102,6 +102,14 @@ def test_app_contract_deploys_and_manages_compose_hashes(chain, kms):
     assert removed["diff"]["after"]["compose_hashes"] == []
     assert not run_module("app_contract", dict(args, state="absent"))["changed"]
 
+    # A new app with hashes gets the first in the factory call: one transaction, then one per other hash.
+    two = ["0x" + COMPOSE, "bb" * 32]
+    nonce = _nonce(w3)
+    both = run_module("app_contract", _args(url, kms_address=kms, compose_hashes=two, allow_any_device=True), diff=True)
+    assert both["changed"] and len(both["tx_hashes"]) == 2 and _nonce(w3) == nonce + 2, both
+    assert both["diff"]["after"]["compose_hashes"] == [COMPOSE, "bb" * 32]
+    assert not run_module("app_contract", _args(url, address=both["address"], compose_hashes=two))["changed"]
+
 
 def test_clear_errors(chain, kms):
     url, w3 = chain

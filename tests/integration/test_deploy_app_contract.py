@@ -12,10 +12,8 @@ contract, or a wrong chain id, stops the run before the CVM or the build folder 
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -26,18 +24,11 @@ pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test
 
 from conftest import CHAIN_ID, KEY, OTHER_KEY, ROOT, free_port, ganache_chain, needs_podman, run_module, run_playbook  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.contract_artifacts import ARTIFACTS  # noqa: E402
+from test_demo_playbook import TOKEN, _recap, _teardown, _vmm  # noqa: E402
 
-BIN = Path(sys.executable).parent
-TOKEN = "contract-vmm-token"
 # What the simulated VMM reports as the OS image (vm_config.os_image_hash; roles/vmm's default).
 OS_IMAGE = "00" * 32
 OTHER_PUBKEY = "027f31ebc5462c1fdce1b737ecff52d37d75dea43ce11c74d25aa297165faa2007"  # OTHER_KEY's, not the KMS's
-
-
-def _recap(output):
-    match = re.search(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", output)
-    assert match, output[-3000:]
-    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, match.groups())))
 
 
 def _nonce(w3, key):
@@ -74,25 +65,6 @@ def stack(chain):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _teardown(root, ports):
-    try:
-        for vm in _vmm(ports, "Status").get("vms", []):
-            _vmm(ports, "RemoveVm", {"id": vm["id"]})
-    except OSError:
-        pass
-    for conf in (root / "run" / "supervisor" / "supervisord.conf", root / "services" / "supervisord.conf"):
-        if conf.exists():
-            subprocess.run([str(BIN / "supervisorctl"), "-c", str(conf), "shutdown"], capture_output=True, check=False)
-
-
-def _vmm(ports, method, body=None):
-    request = urllib.request.Request(f"http://127.0.0.1:{ports['vmm']}/prpc/Vmm.{method}",
-                                     data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Authorization": "Bearer " + TOKEN})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
 def _deploy(stack, *flags, key=KEY):
     return run_playbook(ROOT / "playbooks" / "deploy-app.yml", *stack["extra"], "-e", f"app_dir={stack['app']}",
                         "-e", "dstack_app_auth=contract", "-e", f"dstack_app_eth_private_key={key}", *flags)
@@ -127,20 +99,21 @@ def test_deploy_app_with_the_app_contract(stack):
     assert _nonce(w3, KEY) == nonce and _vmm(ports, "Status")["vms"] == []
     assert not (root / "build" / "hello" / "app-contract-address").exists()
 
-    # The DstackApp is deployed through the factory and the compose_hash allowed, then the run
+    # The DstackApp is deployed through the factory with the compose_hash allowed (one
+    # transaction), then the run
     # stops before the CVM (here: the KMS signing key given is not the KMS's). Its address is
     # recorded in the build folder...
     broken = _deploy(stack, "-e", f"dstack_kms_k256_pubkey={OTHER_PUBKEY}")
     assert broken.returncode != 0 and "signature_v1: was not made by the trusted KMS key" in broken.stdout, \
         broken.stdout[-3000:]
     assert _vmm(ports, "Status")["vms"] == []
-    assert _nonce(w3, KEY) == nonce + 2
+    assert _nonce(w3, KEY) == nonce + 1
     address = (root / "build" / "hello" / "app-contract-address").read_text().strip()
 
     # ... and the next run uses it: no second DstackApp; the CVM gets its keys through the chain.
     first = _deploy(stack)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
-    assert _nonce(w3, KEY) == nonce + 2
+    assert _nonce(w3, KEY) == nonce + 1
     compose_hash = hashlib.sha256((root / "build" / "hello" / "app-compose.json").read_bytes()).hexdigest()
     app_id = address[2:].lower()
     assert w3.eth.get_code(address) and _allowed(w3, address, compose_hash)
@@ -159,7 +132,7 @@ def test_deploy_app_with_the_app_contract(stack):
     assert again.returncode == 0 and _recap(again.stdout)["changed"] == 0, again.stdout[-3000:]
     check = _deploy(stack, "--check", "--diff")
     assert check.returncode == 0 and _recap(check.stdout)["changed"] == 0, check.stdout[-3000:]
-    assert _nonce(w3, KEY) == nonce + 2
+    assert _nonce(w3, KEY) == nonce + 1
 
     # A new compose_hash needs a change on chain: a key that does not own the DstackApp, or a
     # wrong chain id, stops the run before the build folder or the CVM changes.
@@ -176,4 +149,4 @@ def test_deploy_app_with_the_app_contract(stack):
         assert key[2:] not in refused.stdout + refused.stderr
         assert (root / "build" / "hello" / "app-compose.json").read_bytes() == build
         assert _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]["compose_hash"] == compose_hash
-    assert _nonce(w3, OTHER_KEY) == other_nonce and _nonce(w3, KEY) == nonce + 2
+    assert _nonce(w3, OTHER_KEY) == other_nonce and _nonce(w3, KEY) == nonce + 1
