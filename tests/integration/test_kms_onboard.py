@@ -7,6 +7,7 @@ is the replica's CVM, `dstack-kms serve` the source, `dstack-kms onboard` the re
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -16,7 +17,7 @@ from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, eventlog, key_release, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused
-from conftest import VENV_BIN, free_port
+from conftest import VENV_BIN, free_port, run_playbook
 from test_kms import APP_ID, OS_IMAGE, VM_CONFIG, _Hook, boot, make_kms, sim, webhook  # noqa: F401  # pylint: disable=unused-import
 
 
@@ -172,7 +173,28 @@ def test_dstack_kms_onboard_from_a_simulated_cvm(short_tmp):
         assert other.returncode == 2 and "already holds other root keys" in other.stderr, other.stderr
         assert root_keys.pem_forms(root_keys.load(str(short_tmp / "other"))) == other_keys
         assert "root-ca.key" not in done.stdout + done.stderr and source_meta["k256_pubkey"] in done.stdout
+
+        # The kms role does the same for a replica it brings up (dstack_kms_onboard_url), once.
+        role_port = free_port()
+        playbook = short_tmp / "replica.yml"
+        playbook.write_text("- hosts: localhost\n  gather_facts: false\n  roles: [dstack.tee.kms]\n")
+        extra = ["-e", json.dumps({
+            "dstack_root": str(short_tmp), "dstack_kms_state_dir": str(short_tmp / "role"),
+            "dstack_kms_listen": f"127.0.0.1:{role_port}", "dstack_kms_workers": 1,
+            "dstack_kms_onboard_url": f"https://127.0.0.1:{port}", "dstack_kms_onboard_ca_cert": str(ca),
+            "dstack_kms_guest_socket": str(sock)})]
+        first = run_playbook(playbook, *extra)
+        assert first.returncode == 0, first.stdout[-3000:]
+        assert "Take the root keys of the KMS" in first.stdout
+        served = KmsClient(f"https://127.0.0.1:{role_port}", ca_cert=str(ca)).get_meta()
+        assert served["k256_pubkey"] == source_meta["k256_pubkey"]
+        second = run_playbook(playbook, *extra)
+        assert second.returncode == 0 and re.search(r"changed=0\s", second.stdout), second.stdout[-3000:]
     finally:
+        services = short_tmp / "services" / "supervisord.conf"
+        if services.exists():
+            subprocess.run([str(VENV_BIN / "supervisorctl"), "-c", str(services), "shutdown"],
+                           capture_output=True, check=False)
         for proc in (source, cvm):
             if proc is not None:
                 proc.terminate()
