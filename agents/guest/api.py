@@ -59,7 +59,7 @@ from ansible_collections.dstack.tee.agents.guest.context import VERSION
 from ansible_collections.dstack.tee.agents.wsgi import request_params
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, eventlog, kdf, tdx, tdx_quote
-from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner
+from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, ratls_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -70,7 +70,6 @@ REV = "dstack.tee"
 # Its first byte is "{" (0x7b), so it is never mistaken for dstack's V0 (0x00 + SCALE) or V1
 # (msgpack) forms, and it is a GetQuote answer as well: `dstack-verify` reads it as it is.
 ATTESTATION_VERSION = "dstack.tee/attestation-json/v1"
-RATLS_PREFIX = b"ratls-cert:"
 APP_CERT_RETRY_SECONDS = 60
 APP_CERT_WAIT_SECONDS = 1.0
 MAX_NAME_LENGTH = 256
@@ -336,8 +335,7 @@ class GuestApi:
         if _flag(params, "usage_ra_tls"):
             if not _embeds_attestation(signer):
                 raise ServerFailure("usage_ra_tls: this agent's certificate signer cannot embed an attestation yet", status=501)
-            spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-            options["attestation"] = self._attestation(hashlib.sha512(RATLS_PREFIX + spki).digest())
+            options["attestation"] = self._attestation(ratls_report_data(key.public_key()))
         try:
             return list(signer.sign(csr, **options))
         except DstackError as exc:
@@ -472,8 +470,8 @@ class GuestApi:
 
 
 def _embeds_attestation(signer):
-    """Whether signer.sign() takes attestation=bytes for the RA-TLS extension (LocalCertSigner does;
-    another signer says so with an `embeds_attestation` attribute)."""
+    """Whether signer.sign() takes attestation=bytes for the RA-TLS extension (LocalCertSigner and
+    KmsCertSigner do; another signer says so with an `embeds_attestation` attribute)."""
     return bool(getattr(signer, "embeds_attestation", isinstance(signer, LocalCertSigner)))
 
 

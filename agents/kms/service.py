@@ -195,6 +195,13 @@ class KmsService:
         csr_der = csr.public_bytes(root_keys.serialization.Encoding.DER)
         boot, _decision, audit = self._attest(request, key_release.sign_cert_report_data(nonce, csr_der),
                                               "SignCert", remote_addr)
+        embedded = None
+        if request.get("attestation") not in (None, ""):
+            try:
+                embedded = self._ratls_attestation(request["attestation"], csr, boot)
+            except DstackError as exc:
+                self.audit.record(decision="refuse", reason=str(exc), **audit)
+                raise Refused(exc.field, exc.reason) from None
         ca_key, ca_cert = app_certs.app_ca(self.keys.ca_key, self.keys.ca_cert, boot["app_id"])
         alt_names = request.get("alt_names") or []
         if not isinstance(alt_names, list) or not all(isinstance(n, str) for n in alt_names):
@@ -202,9 +209,34 @@ class KmsService:
         leaf = app_certs.issue_leaf(ca_key, ca_cert, csr, boot["app_id"], alt_names=alt_names,
                                     usage_server_auth=bool(request.get("usage_server_auth", True)),
                                     usage_client_auth=bool(request.get("usage_client_auth", False)),
-                                    not_before=request.get("not_before"), not_after=request.get("not_after"))
+                                    not_before=request.get("not_before"), not_after=request.get("not_after"),
+                                    attestation=embedded)
         self.audit.record(decision="release", reason="certificate signed", **audit)
         return {"certificate_chain": [app_certs.pem(leaf), app_certs.pem(ca_cert), app_certs.pem(self.keys.ca_cert)]}
+
+    def _ratls_attestation(self, document, csr, boot):
+        """The guest's RA-TLS attestation document, as bytes to embed, once it is shown to be over
+        the CSR's key (report_data = SHA-512("ratls-cert:" || SPKI)) and from the same CVM as the
+        SignCert quote; a KMS signs no certificate that claims a quote it has not checked."""
+        try:
+            doc = json.loads(document) if isinstance(document, str) else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("quote"), str):
+            raise DstackError("attestation", "is not an attestation document {version, quote, event_log, ...}")
+        quote = parse_hex(doc["quote"], "attestation.quote")
+        policy = attestation.Policy(allowed_tcb_statuses=self.allowed_statuses,
+                                    allowed_advisory_ids=self.allowed_advisories,
+                                    expected_report_data=app_certs.ratls_report_data(csr.public_key()),
+                                    require_event_log=True)
+        result = attestation.verify_quote(quote, self.collateral(quote), self.root_ca_der, policy, doc.get("event_log"))
+        if not result.ok:
+            failed = result.failures[0]
+            raise DstackError("attestation", f"{failed.name}: {failed.detail}")
+        for name in ("app_id", "instance_id", "compose_hash", "device_id", "mr_system"):
+            if result.boot_info.get(name) != boot.get(name):
+                raise DstackError("attestation", f"is from another CVM than the SignCert quote ({name} differs)")
+        return document.encode("utf-8")
 
     def key_provider_id(self):
         """The KMS's key-provider id: its root CA public key (SubjectPublicKeyInfo DER), hex."""

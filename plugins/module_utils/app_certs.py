@@ -9,6 +9,7 @@ them: app id (.3), certificate usage (.4: "app:ca" on the app CA), attestation (
 """
 
 import datetime
+import hashlib
 
 from ansible_collections.dstack.tee.plugins.module_utils import kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
@@ -25,12 +26,23 @@ else:
 OID_APP_ID = "1.3.6.1.4.1.62397.1.3"
 OID_CERT_USAGE = "1.3.6.1.4.1.62397.1.4"
 OID_ATTESTATION = "1.3.6.1.4.1.62397.1.8"
+RATLS_PREFIX = b"ratls-cert:"
 APP_CA_DAYS = 3650
 LEAF_DEFAULT_DAYS = 365
 
 
 def _ext(oid, value):
     return x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value)
+
+
+def spki_der(public_key):
+    """SubjectPublicKeyInfo DER of a public key."""
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def ratls_report_data(public_key):
+    """The report_data of an RA-TLS certificate's quote: SHA-512("ratls-cert:" || SPKI DER)."""
+    return hashlib.sha512(RATLS_PREFIX + spki_der(public_key)).digest()
 
 
 def pem(cert):

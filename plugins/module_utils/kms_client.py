@@ -70,7 +70,7 @@ class KmsClient(PrpcClient):
         quote = provider.get_quote(key_release.sign_cert_report_data(nonce, csr_der))
         request = {"nonce": nonce.hex(), "csr": csr_pem if isinstance(csr_pem, str) else csr_pem.decode(),
                    "quote": quote.hex(), "event_log": event_log_fn(), "vm_config": vm_config}
-        request.update({k: v for k, v in options.items() if v is not None})
+        request.update({k: v.decode() if isinstance(v, bytes) else v for k, v in options.items() if v is not None})
         return self.call("SignCert", request)["certificate_chain"]
 
 
@@ -85,7 +85,13 @@ def _csr_der(csr_pem):
 
 
 class KmsCertSigner:
-    """The guest agent's GetTlsKey signer: the KMS's SignCert, attested with this CVM's quote."""
+    """The guest agent's GetTlsKey signer: the KMS's SignCert, attested with this CVM's quote.
+
+    For RA-TLS the guest passes attestation= (its attestation document over the leaf key); the
+    KMS verifies it is this CVM's and bound to the CSR's key before embedding it.
+    """
+
+    embeds_attestation = True
 
     def __init__(self, client, context):
         self.client = client

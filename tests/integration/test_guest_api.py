@@ -469,3 +469,31 @@ def test_sdk_refuses_what_the_agent_would_refuse(agent):
         agent.client().get_quote(b"x" * 65)
     started = time.monotonic()
     assert agent.client().is_reachable() and time.monotonic() - started < 3
+
+
+def test_ra_tls_certificate_through_the_kms(local, tmp_path):
+    """GetTlsKey usage_ra_tls with the KMS as signer: the KMS checks the CVM's attestation over the
+    leaf key and embeds it; the chain ends at the KMS root."""
+    from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsCertSigner
+    from test_kms import InProcessKms, make_kms
+    _client, ctx, _summary = local
+    info = create_app(ctx).test_client().post("/Info", json={}).json
+    (tmp_path / "auth-config.json").write_text(json.dumps({
+        "osImages": ["0x" + info["os_image_hash"]],
+        "apps": {"0x" + info["app_id"]: {"composeHashes": ["0x" + info["compose_hash"]], "allowAnyDevice": True}}}))
+    kms_app, _kms_client = make_kms(tmp_path, ctx.provider)
+    signed = GuestContext(ctx.paths, ctx.provider)
+    signed.cert_signer = KmsCertSigner(InProcessKms(kms_app), signed)
+    answer = create_app(signed).test_client().post("/GetTlsKey", json={"subject": "ratls", "usage_ra_tls": True})
+    assert answer.status_code == 200, answer.json
+    leaf, app_ca, root = _certs(answer.json["certificate_chain"])
+    leaf.verify_directly_issued_by(app_ca)
+    app_ca.verify_directly_issued_by(root)
+    assert root == kms_app.extensions["dstack_kms"].keys.ca_cert
+    doc = json.loads(leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_ATTESTATION)).value.value)
+    spki = leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    tdx = ctx.provider
+    result = attestation.verify_quote(bytes.fromhex(doc["quote"]), tdx.collateral(), tdx.root_ca_der,
+                                      attestation.Policy(expected_report_data=hashlib.sha512(b"ratls-cert:" + spki).digest(),
+                                                         require_event_log=True), doc["event_log"])
+    assert result.ok and result.boot_info["app_id"] == info["app_id"]

@@ -311,14 +311,7 @@ def test_bad_requests_get_json_errors(tmp_path, sim):
 
 
 def _csr(common_name="app.example"):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])).sign(key, hashes.SHA256()))
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
+    return _key_and_csr(common_name)[1]
 
 
 def test_sign_cert_for_an_attested_cvm(tmp_path, sim):
@@ -346,3 +339,56 @@ def test_sign_cert_refuses_a_quote_bound_to_another_csr(tmp_path, sim):
             return sim.get_quote(key_release.sign_cert_report_data(b"\0" * 32, b"other"))
 
     _refused(app, client, lambda: client.sign_cert(OtherCsr(), lambda: log, _csr(), VM_CONFIG), "report_data")
+
+
+def _ra_tls(sim, log, public_key):
+    """The guest's attestation document over a leaf key (agents/guest/api.py makes the same)."""
+    from ansible_collections.dstack.tee.plugins.module_utils.app_certs import ratls_report_data
+    return json.dumps({"version": "dstack.tee/attestation-json/v1", "attestation_mode": "dstack-sim",
+                       "quote": sim.get_quote(ratls_report_data(public_key)).hex(), "event_log": log,
+                       "report_data": ratls_report_data(public_key).hex(), "vm_config": VM_CONFIG},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def _key_and_csr(common_name="ratls"):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])).sign(key, hashes.SHA256()))
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_sign_cert_embeds_a_checked_ra_tls_attestation(tmp_path, sim):
+    from cryptography import x509
+    from ansible_collections.dstack.tee.plugins.module_utils.app_certs import OID_ATTESTATION
+    _app, client = make_kms(tmp_path, sim)
+    log = boot(sim)
+    key, csr = _key_and_csr()
+    document = _ra_tls(sim, log, key.public_key())
+    leaf = x509.load_pem_x509_certificate(client.sign_cert(sim, lambda: log, csr, VM_CONFIG,
+                                                           attestation=document)[0].encode())
+    assert leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_ATTESTATION)).value.value == document.encode()
+    plain = x509.load_pem_x509_certificate(client.sign_cert(sim, lambda: log, csr, VM_CONFIG)[0].encode())
+    assert OID_ATTESTATION not in [e.oid.dotted_string for e in plain.extensions]
+
+
+def test_sign_cert_refuses_an_attestation_it_cannot_vouch_for(tmp_path, sim):
+    app, client = make_kms(tmp_path, sim)
+    key, csr = _key_and_csr()
+    other_key, _other_csr = _key_and_csr()
+    # Over another key: the certificate would claim a quote that is not about its key.
+    log = boot(sim)
+    _refused(app, client, lambda: client.sign_cert(sim, lambda: log, csr, VM_CONFIG,
+                                                   attestation=_ra_tls(sim, log, other_key.public_key())),
+             "attestation: report_data")
+    # From another CVM (another app's boot on the same platform), then SignCert from this one.
+    other_log = boot(sim, app_id="cd" * 20)
+    foreign = _ra_tls(sim, other_log, key.public_key())
+    log = boot(sim)
+    _refused(app, client, lambda: client.sign_cert(sim, lambda: log, csr, VM_CONFIG, attestation=foreign),
+             "attestation: is from another CVM than the SignCert quote (app_id differs)")
+    _refused(app, client, lambda: client.sign_cert(sim, lambda: log, csr, VM_CONFIG, attestation="not json"),
+             "attestation: is not an attestation document")
