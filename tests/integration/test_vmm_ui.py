@@ -27,7 +27,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import app_compose as c
 from ansible_collections.dstack.tee.plugins.module_utils import kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from conftest import ROOT, free_port, needs_podman
-from test_vmm import COMPOSE, OS_IMAGE, short_tmp, stack  # noqa: F401  pylint: disable=unused-import
+from test_vmm import COMPOSE, OS_IMAGE, stack  # noqa: F401  pylint: disable=unused-import
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
