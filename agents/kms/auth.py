@@ -13,6 +13,7 @@ is_kms_allowed (a KMS replica asks for the root keys to onboard, KMS.GetKmsKey).
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -160,6 +161,7 @@ class Ethereum:
         self.contracts = contracts
         self.rpc_url, self.contract_address, self.chain_id, self.w3 = rpc_url, contract_address, int(chain_id), w3
         self._cache = {}
+        self._implementation = None
         self._lock = threading.Lock()
 
     def _block(self):
@@ -168,6 +170,16 @@ class Ethereum:
             return w3.eth.block_number
         except Exception:  # pylint: disable=broad-exception-caught
             return None
+
+    def app_implementation(self, max_age=60.0):
+        """The DstackApp implementation the contract's factory deploys (GetMeta's app_auth_implementation),
+        read at most once a minute: GetMeta is asked often and decides nothing."""
+        now = time.monotonic()
+        if self._implementation is None or now - self._implementation[0] > max_age:
+            w3 = self.w3 or self.contracts.connect(self.rpc_url, self.chain_id)
+            kms = self.contracts.contract(w3, "DstackKms", self.contract_address)
+            self._implementation = (now, str(kms.functions.appImplementation().call()))
+        return self._implementation[1]
 
     def is_app_allowed(self, boot_info):
         return self._ask(self.contracts.is_app_allowed, boot_info)

@@ -91,11 +91,22 @@ class KmsService:
             "is_dev": self.mode == "simulation",
             "allow_any_upgrade": False,
             "gateway_app_id": self.gateway_app_id,
-            "kms_contract_address": "",
-            "chain_id": None,
-            "app_auth_implementation": "",
+            **self._chain_meta(),
             "bootstrap_info": None,
         }
+
+    def _chain_meta(self):
+        """GetMeta's chain fields: the DstackKms the ethereum backend asks (empty otherwise)."""
+        auth = self.config.get("auth") or {}
+        if auth.get("type") != "ethereum":
+            return {"kms_contract_address": "", "chain_id": None, "app_auth_implementation": ""}
+        implementation = ""
+        try:
+            implementation = self.auth.app_implementation()
+        except Exception:  # pylint: disable=broad-exception-caught
+            pass  # GetMeta answers even while the chain is unreachable; key release fails closed
+        return {"kms_contract_address": str(auth.get("contract_address", "")), "chain_id": int(auth["chain_id"]),
+                "app_auth_implementation": implementation}
 
     def env_pubkey(self, app_id):
         return self.keys.env_pubkey_response(app_id)

@@ -12,6 +12,8 @@ pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test
 from conftest import CHAIN_ID, KEY, OTHER_KEY, free_port, ganache_chain, run_module  # noqa: E402
 
 OS_IMAGE = "11" * 32
+ABI_IMPLEMENTATION = [{"name": "appImplementation", "type": "function", "stateMutability": "view", "inputs": [],
+                       "outputs": [{"name": "", "type": "address"}]}]
 OS_IMAGE_2 = "12" * 32
 COMPOSE = "aa" * 32
 
@@ -140,7 +142,7 @@ def test_end_to_end_a_kms_on_the_chain_follows_the_modules(chain, tmp_path):
     from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
     import test_kms
 
-    url, _w3 = chain
+    url, w3 = chain
     kms_result = run_module("kms_contract", _args(url, os_images=[test_kms.OS_IMAGE]))
     assert kms_result["changed"], kms_result
     address = kms_result["address"]
@@ -152,6 +154,10 @@ def test_end_to_end_a_kms_on_the_chain_follows_the_modules(chain, tmp_path):
     sim = SimTdx(str(tmp_path / "sim"))
     auth = {"type": "ethereum", "rpc_url": url, "contract_address": address, "chain_id": CHAIN_ID}
     kms_app, client = test_kms.make_kms(tmp_path, sim, auth=auth)
+    meta = client.get_meta()  # dstack's GetMeta names the contract it follows
+    assert meta["kms_contract_address"] == address and meta["chain_id"] == CHAIN_ID
+    assert meta["app_auth_implementation"] == w3.eth.contract(address, abi=ABI_IMPLEMENTATION).functions.appImplementation().call()
+    assert int(meta["app_auth_implementation"], 16) != 0
     assert client.get_app_key(sim, test_kms.boot(sim, app_id=app["app_id"]), test_kms.VM_CONFIG)["k256_key"]
 
     assert run_module("app_contract", dict(app_args, state="absent"))["changed"]
