@@ -16,12 +16,12 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 try:
     from eth_account import Account
     from web3 import Web3
-    from web3.exceptions import ContractCustomError, ContractLogicError
+    from web3.exceptions import ContractCustomError, ContractLogicError, Web3RPCError
 except ImportError:
     HAS_WEB3 = False
     WEB3_IMPORT_ERROR = traceback.format_exc()
     Account = Web3 = None
-    ContractCustomError = ContractLogicError = Exception
+    ContractCustomError = ContractLogicError = Web3RPCError = Exception
 else:
     HAS_WEB3 = True
     WEB3_IMPORT_ERROR = None
@@ -87,6 +87,13 @@ def revert_reason(exc):
     if isinstance(exc, ContractLogicError) and getattr(exc, "message", None):
         return exc.message
     return text
+
+
+def rpc_refusal(exc):
+    """The node's own words for a transaction it refused (insufficient funds, nonce too low, ...)."""
+    error = (getattr(exc, "rpc_response", None) or {}).get("error") or {}
+    message = error.get("message") if isinstance(error, dict) else None
+    return str(message or getattr(exc, "message", "") or exc)[:300]
 
 
 def boot_info_tuple(boot_info):
@@ -166,6 +173,8 @@ class Signer:
             receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
         except (ContractLogicError, ContractCustomError, ValueError) as exc:
             raise DstackError(what, f"the transaction would revert: {revert_reason(exc)}") from None
+        except Web3RPCError as exc:
+            raise DstackError(what, f"the node refused the transaction: {rpc_refusal(exc)}") from None
         except Exception as exc:  # pylint: disable=broad-except
             # eth-tester raises its own TransactionFailed; keep the reason, never the key.
             if type(exc).__name__ == "TransactionFailed":
@@ -182,6 +191,8 @@ class Signer:
             tx = fn.build_transaction({"from": self.address})
         except (ContractLogicError, ContractCustomError, ValueError) as exc:
             raise DstackError(what or fn.fn_name, f"the transaction would revert: {revert_reason(exc)}") from None
+        except Web3RPCError as exc:
+            raise DstackError(what or fn.fn_name, f"the node refused the transaction: {rpc_refusal(exc)}") from None
         except Exception as exc:  # pylint: disable=broad-except
             if type(exc).__name__ == "TransactionFailed":
                 raise DstackError(what or fn.fn_name, f"the transaction would revert: {revert_reason(exc)}") from None

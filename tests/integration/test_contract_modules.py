@@ -10,6 +10,7 @@ pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test
 
 
 from conftest import CHAIN_ID, KEY, OTHER_KEY, free_port, ganache_chain, run_module  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils.contract_artifacts import ARTIFACTS  # noqa: E402
 
 OS_IMAGE = "11" * 32
 ABI_IMPLEMENTATION = [{"name": "appImplementation", "type": "function", "stateMutability": "view", "inputs": [],
@@ -203,3 +204,26 @@ def test_end_to_end_kms_onboarding_follows_is_kms_allowed(chain, tmp_path):
     with pytest.raises(KmsRefused, match="auth"):
         client.get_kms_key(attest)
     assert [a["decision"] for a in kms_app.extensions["dstack_kms"].audit.read()] == ["refuse", "release", "refuse"]
+
+
+def test_a_failure_after_the_deployment_still_names_the_new_app(chain, kms):
+    """The factory call deploys the app with its first hash; if a later transaction fails (here the
+    key, funded for little more than the deployment, runs out of funds among the next hashes), the
+    failure returns the new address so the next run attaches to it instead of deploying another."""
+    url, w3 = chain
+    poor = w3.eth.account.create()
+    factory = w3.eth.contract(kms, abi=ARTIFACTS["DstackKms"]["abi"])
+    deploy_gas = factory.get_function_by_signature("deployAndRegisterApp(address,bool,bool,bool,bytes32,bytes32)")(
+        poor.address, False, False, True, b"\0" * 32, bytes.fromhex(COMPOSE)).estimate_gas({"from": w3.eth.accounts[0]})
+    w3.eth.wait_for_transaction_receipt(w3.eth.send_transaction(
+        {"from": w3.eth.accounts[0], "to": poor.address, "value": (deploy_gas + 1000) * w3.eth.gas_price}))
+    hashes = [COMPOSE] + [f"{n:02x}" * 32 for n in range(0xc0, 0xc6)]
+    result = run_module("app_contract", dict(rpc_url=url, chain_id=CHAIN_ID, private_key=poor.key.hex(),
+                                             kms_address=kms, compose_hashes=hashes, allow_any_device=True))
+    assert result.get("failed") and "address" in result, dict(result)
+    assert "the DstackApp was deployed at " + result["address"] in result["msg"], result["msg"]
+    assert "the node refused the transaction: insufficient funds" in result["msg"] and "'stack'" not in result["msg"]
+    app = w3.eth.contract(result["address"], abi=ARTIFACTS["DstackApp"]["abi"])
+    assert app.functions.allowedComposeHashes(bytes.fromhex(COMPOSE)).call()
+    assert not app.functions.allowedComposeHashes(bytes.fromhex(hashes[-1])).call()
+    assert result["app_id"] == result["address"][2:].lower() and poor.key.hex()[2:] not in result.raw
