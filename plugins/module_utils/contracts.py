@@ -21,7 +21,10 @@ except ImportError:
     HAS_WEB3 = False
     WEB3_IMPORT_ERROR = traceback.format_exc()
     Account = Web3 = None
-    ContractCustomError = ContractLogicError = Web3RPCError = Exception
+    ContractCustomError = ContractLogicError = Exception
+
+    class Web3RPCError(Exception):
+        """Stands in for web3's error type when web3 is missing (nothing raises it then)."""
 else:
     HAS_WEB3 = True
     WEB3_IMPORT_ERROR = None
