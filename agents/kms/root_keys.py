@@ -74,31 +74,45 @@ def _read(path, field):
         raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
 
 
-def parse(ca_key_pem, ca_cert_pem, k256, where=""):
-    """RootKeys from their stored forms; refuse, naming the file, what is corrupt or mismatched."""
+def _ca_key(ca_key_pem, where):
     try:
         ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     except (ValueError, TypeError):
         raise DstackError(where + ROOT_CA_KEY, "is corrupt: not a PEM private key") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.curve.name != "secp256r1":
         raise DstackError(where + ROOT_CA_KEY, "is not a P-256 key")
+    return ca_key
+
+
+def _ca_cert(ca_cert_pem, ca_key, where):
     try:
         ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     except ValueError:
         raise DstackError(where + ROOT_CA_CERT, "is corrupt: not a PEM certificate") from None
     if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
         raise DstackError(where + ROOT_CA_CERT, f"does not belong to {ROOT_CA_KEY}")
+    return ca_cert
+
+
+def _k256(k256, where):
     if len(k256) != 32:
         raise DstackError(where + ROOT_K256_KEY, f"is corrupt: {len(k256)} bytes, expected 32")
     kdf.k256_public_key(k256)  # refuses an invalid scalar
-    return RootKeys(ca_key, ca_cert, bytes(k256))
+    return bytes(k256)
+
+
+def parse(ca_key_pem, ca_cert_pem, k256, where=""):
+    """RootKeys from their stored forms; refuse, naming the file, what is corrupt or mismatched."""
+    ca_key = _ca_key(ca_key_pem, where)
+    return RootKeys(ca_key, _ca_cert(ca_cert_pem, ca_key, where), _k256(k256, where))
 
 
 def load(state_dir):
-    """Load the root keys; refuse, naming the file, when one is missing, corrupt or unreadable."""
-    return parse(_read(os.path.join(state_dir, ROOT_CA_KEY), ROOT_CA_KEY),
-                 _read(os.path.join(state_dir, ROOT_CA_CERT), ROOT_CA_CERT),
-                 _read(os.path.join(state_dir, ROOT_K256_KEY), ROOT_K256_KEY))
+    """Load the root keys; refuse, naming the file, when one is missing, corrupt or unreadable
+    (checked in this order: root-ca.key, root-ca.crt, root-k256.key)."""
+    ca_key = _ca_key(_read(os.path.join(state_dir, ROOT_CA_KEY), ROOT_CA_KEY), "")
+    ca_cert = _ca_cert(_read(os.path.join(state_dir, ROOT_CA_CERT), ROOT_CA_CERT), ca_key, "")
+    return RootKeys(ca_key, ca_cert, _k256(_read(os.path.join(state_dir, ROOT_K256_KEY), ROOT_K256_KEY), ""))
 
 
 def _paths(state_dir):
