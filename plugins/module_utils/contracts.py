@@ -290,9 +290,15 @@ def check_values(params, sets):
 
 
 def apply_changes(contract, signer, changes, deployed, check_mode, what):
-    """The planned changes: the owner is checked first, then one transaction each (none in check mode)."""
+    """The planned changes: the owner is checked first, then one transaction each (none in check mode).
+
+    Check mode without a key only previews (a read-only question: "is this allowed on chain?");
+    with a key it also checks that the key owns the contract.
+    """
     if changes and not deployed:
         if signer is None:
+            if check_mode:
+                return
             raise DstackError("private_key", f"is required to change the {what} at {contract.address}")
         require_owner(contract, signer)
     if not check_mode:

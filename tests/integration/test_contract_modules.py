@@ -65,6 +65,13 @@ def test_kms_contract_adds_an_os_image_once(chain, kms):
     keyless = dict(args)
     del keyless["private_key"]
     assert not run_module("kms_contract", keyless)["changed"]
+    # ... and check mode needs none: it answers "would this change?" read-only (the app role asks it
+    # whether the OS image is allowed). Without check mode a keyless change is a clear error.
+    preview = run_module("kms_contract", dict(keyless, os_images=[OS_IMAGE_2]), check=True, diff=True)
+    assert preview["changed"] and preview["diff"]["after"]["os_images"] == [OS_IMAGE_2]
+    assert _nonce(w3) == nonce + 1
+    keyless_change = run_module("kms_contract", dict(keyless, os_images=[OS_IMAGE_2]))
+    assert keyless_change["failed"] and keyless_change["msg"].startswith("private_key: is required to change")
 
     absent = run_module("kms_contract", dict(args, os_images=[OS_IMAGE, OS_IMAGE_2], state="absent"))
     assert absent["changed"] and len(absent["tx_hashes"]) == 1

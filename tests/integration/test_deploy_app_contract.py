@@ -134,8 +134,9 @@ def test_deploy_app_with_the_app_contract(stack):
     assert check.returncode == 0 and _recap(check.stdout)["changed"] == 0, check.stdout[-3000:]
     assert _nonce(w3, KEY) == nonce + 1
 
-    # A new compose_hash needs a change on chain: a key that does not own the DstackApp, or a
-    # wrong chain id, stops the run before the build folder or the CVM changes.
+    # A new compose_hash needs a change on chain: a key that does not own the DstackApp, a wrong
+    # chain id, or an OS image the DstackKms does not allow stops the run before the build folder
+    # or the CVM changes.
     (stack["app"] / "docker-compose.yaml").write_text((stack["app"] / "docker-compose.yaml").read_text() + "# v2\n")
     build = (root / "build" / "hello" / "app-compose.json").read_bytes()
     other_nonce = _nonce(w3, OTHER_KEY)
@@ -143,7 +144,9 @@ def test_deploy_app_with_the_app_contract(stack):
     for flags, key, reason in (
             ([], OTHER_KEY, f"dstack.tee.app_contract: private_key: the key's address {other} is not the owner"),
             (["-e", f"dstack_app_eth_chain_id={CHAIN_ID + 1}"], KEY,
-             f"dstack.tee.app_contract: chain_id: the RPC serves chain id {CHAIN_ID}, not {CHAIN_ID + 1}")):
+             f"chain_id: the RPC serves chain id {CHAIN_ID}, not {CHAIN_ID + 1}"),
+            (["-e", "dstack_vmm_os_image_hash=" + "11" * 32], KEY,
+             f"os_image_hash: {'11' * 32} is not allowed on the DstackKms {stack['kms']}")):
         refused = _deploy(stack, *flags, key=key)
         assert refused.returncode != 0 and reason in refused.stdout, (reason, refused.stdout[-3000:])
         assert key[2:] not in refused.stdout + refused.stderr
