@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "contracts"))  # devchain.py: the ganache development chain
 
 settings.register_profile("ci", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -22,7 +23,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 IMAGE = "localhost/dstack-test-busybox:latest"
-GANACHE = ROOT / "contracts" / "node_modules" / "ganache" / "dist" / "node" / "cli.js"
 CHAIN_ID = 1337
 KEY = "0x" + "42" * 32        # funded owner key on the test chain
 OTHER_KEY = "0x" + "43" * 32  # funded, owns nothing
@@ -122,39 +122,16 @@ def ganache_chain():
     For module-scoped fixtures (`yield from ganache_chain()`): the modules and the KMS run in other
     processes, so the chain must be a real JSON-RPC server. Skips when node or ganache is missing.
     """
-    import time  # pylint: disable=import-outside-toplevel
-    if not GANACHE.exists():
-        pytest.skip("contracts/node_modules/ganache is missing (cd contracts && npm ci)")
-    node = shutil.which("node")
-    if not node:
-        pytest.skip("node is not installed (ganache needs it)")
-    web3 = pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test")
-    port = free_port()
-    proc = subprocess.Popen([node, str(GANACHE), "--host", "127.0.0.1", "--port", str(port),
-                             "--wallet.deterministic", "--chain.chainId", str(CHAIN_ID), "--logging.quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    w3 = web3.Web3(web3.Web3.HTTPProvider(url))
+    pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test")
+    from devchain import DevChain, DevChainUnavailable  # pylint: disable=import-outside-toplevel
+    chain = DevChain(CHAIN_ID)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if w3.eth.chain_id == CHAIN_ID:
-                    break
-            except Exception:  # pylint: disable=broad-except
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("ganache did not start")
-            time.sleep(0.2)
+        chain.start()
+    except DevChainUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
         for key in (KEY, OTHER_KEY):
-            account = w3.eth.account.from_key(key).address
-            w3.eth.wait_for_transaction_receipt(w3.eth.send_transaction(
-                {"from": w3.eth.accounts[0], "to": account, "value": 10 ** 20}))
-        yield url, w3
+            chain.fund(chain.w3.eth.account.from_key(key).address)
+        yield chain.url, chain.w3
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        chain.stop()

@@ -20,7 +20,9 @@ def test_build_install_and_use(tmp_path):
     with tarfile.open(tarball) as archive:
         names = archive.getnames()
     assert "plugins/modules/app_compose.py" in names and "agents/kms/root_keys.py" in names
-    assert not [n for n in names if n.startswith((".venv", ".git/", ".demo")) or "__pycache__" in n]
+    assert not [n for n in names if n.startswith((".venv", ".git/", ".demo")) or "__pycache__" in n
+                or "node_modules" in n]  # contracts/node_modules (solc, ganache) is ~200 MB of build tools
+    assert "contracts/artifacts/DstackKms.json" in names and tarball.stat().st_size < 5 * 1024 * 1024
 
     collections = tmp_path / "collections"
     # Only the installed copy is visible: no repository ansible.cfg, no scan of the venv's path.
