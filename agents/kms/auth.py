@@ -151,54 +151,77 @@ class Webhook:
 class Ethereum:
     """DstackKms.isAppAllowed / isKmsAllowed through web3 (plugins/module_utils/contracts.py); errors deny.
 
+    The contract is connected once (the chain id checked) and kept; the chain id is checked again
+    at every new block, and any chain error drops the connection, so the next question reconnects.
     Answers are cached per block: the same boot info asked again in the same block is answered
     from the cache, so a flood of boots costs one chain call per block, and any change on the
-    chain (a new block) is seen at once.
+    chain (a new block) is seen at once. A release thus costs two RPCs: the block number and the
+    question.
     """
 
     def __init__(self, rpc_url, contract_address, chain_id, w3=None):
         from ansible_collections.dstack.tee.plugins.module_utils import contracts  # pylint: disable=import-outside-toplevel
         self.contracts = contracts
         self.rpc_url, self.contract_address, self.chain_id, self.w3 = rpc_url, contract_address, int(chain_id), w3
+        self._kms = None            # the connected DstackKms
+        self._checked_block = None  # the block at which the chain id was last checked
         self._cache = {}
         self._implementation = None
         self._lock = threading.Lock()
 
-    def _block(self):
-        try:
-            w3 = self.w3 or self.contracts.connect(self.rpc_url, self.chain_id)
-            return w3.eth.block_number
-        except Exception:  # pylint: disable=broad-exception-caught
-            return None
+    def _contract(self):
+        """(DstackKms, current block); the chain id is checked on connecting and at each new block."""
+        with self._lock:
+            if self._kms is None:
+                w3 = self.contracts.connect(self.rpc_url, self.chain_id, w3=self.w3)
+                self._kms = self.contracts.contract(w3, "DstackKms", self.contract_address)
+                self._checked_block = None
+            kms = self._kms
+        block = kms.w3.eth.block_number
+        if block != self._checked_block:
+            actual = kms.w3.eth.chain_id
+            if actual != self.chain_id:
+                raise DstackError("chain_id", f"the RPC serves chain id {actual}, not {self.chain_id}")
+            self._checked_block = block
+        return kms, block
+
+    def _drop(self):
+        with self._lock:
+            self._kms = None
 
     def app_implementation(self, max_age=60.0):
         """The DstackApp implementation the contract's factory deploys (GetMeta's app_auth_implementation),
         read at most once a minute: GetMeta is asked often and decides nothing."""
         now = time.monotonic()
         if self._implementation is None or now - self._implementation[0] > max_age:
-            w3 = self.w3 or self.contracts.connect(self.rpc_url, self.chain_id)
-            kms = self.contracts.contract(w3, "DstackKms", self.contract_address)
+            kms, _block = self._contract()
             self._implementation = (now, str(kms.functions.appImplementation().call()))
         return self._implementation[1]
 
     def is_app_allowed(self, boot_info):
-        return self._ask(self.contracts.is_app_allowed, boot_info)
+        return self._ask("isAppAllowed", boot_info)
 
     def is_kms_allowed(self, boot_info):
-        return self._ask(self.contracts.is_kms_allowed, boot_info)
+        return self._ask("isKmsAllowed", boot_info)
 
-    def _ask(self, question, boot_info):
-        block = self._block()
-        key = (block, question.__name__, json.dumps(boot_info, sort_keys=True))
-        with self._lock:
-            if block is not None and key in self._cache:
-                return self._cache[key]
-        allowed, reason = question(self.rpc_url, self.contract_address, self.chain_id, boot_info, w3=self.w3)
+    def _ask(self, method, boot_info):
+        try:
+            kms, block = self._contract()
+            key = (block, method, json.dumps(boot_info, sort_keys=True))
+            with self._lock:
+                if key in self._cache:
+                    return self._cache[key]
+            allowed, reason = self.contracts.ask(kms, method, boot_info)
+        except DstackError as exc:
+            self._drop()
+            return Decision(False, str(exc))
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            self._drop()
+            return Decision(False, f"rpc_url: the chain's JSON-RPC at {self.rpc_url} failed: {type(exc).__name__}")
         decision = Decision(bool(allowed), reason or ("" if allowed else "denied by DstackKms"))
         with self._lock:
-            if block is not None:
-                self._cache = {k: v for k, v in self._cache.items() if k[0] == block}
-                self._cache[key] = decision
+            self._cache = {k: v for k, v in self._cache.items() if k[0] == block}
+            self._cache[key] = decision
         return decision
 
 

@@ -119,16 +119,21 @@ def boot_info_tuple(boot_info):
             [str(a) for a in boot_info.get("advisory_ids") or []])
 
 
-def _ask(method, rpc_url, kms_contract_address, chain_id, boot_info, w3):
-    require_web3()
+def ask(kms, method, boot_info):
+    """(allowed, reason) from a DstackKms view, isAppAllowed or isKmsAllowed, on a connected contract."""
     info = boot_info_tuple(boot_info)
-    chain = connect(rpc_url, chain_id, w3=w3)
-    kms = contract(chain, "DstackKms", kms_contract_address)
     try:
         allowed, reason = kms.functions[method](info).call()
     except (ContractLogicError, ContractCustomError, ValueError) as exc:
         raise DstackError("kms_contract_address", f"{method} failed: {revert_reason(exc)}") from None
     return bool(allowed), str(reason)
+
+
+def _ask(method, rpc_url, kms_contract_address, chain_id, boot_info, w3):
+    require_web3()
+    boot_info_tuple(boot_info)  # malformed input is named before the chain is asked anything
+    kms = contract(connect(rpc_url, chain_id, w3=w3), "DstackKms", kms_contract_address)
+    return ask(kms, method, boot_info)
 
 
 def is_app_allowed(rpc_url, kms_contract_address, chain_id, boot_info, w3=None):
