@@ -102,19 +102,19 @@ def cmd_onboard(args):
     """Take the root keys of a running KMS, attested; never replace keys this state directory has."""
     from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient  # pylint: disable=import-outside-toplevel
 
-    client = KmsClient(args.source_url, ca_cert=args.source_ca)
-    client.field = "--source-url"
+    def result(keys, changed):
+        return {"changed": changed, "k256_pubkey": keys.k256_pubkey.hex(), "state_dir": os.path.abspath(args.state_dir),
+                "source_url": args.source_url}
+
+    client = KmsClient(args.source_url, ca_cert=args.source_ca, field="--source-url")
     meta = client.get_meta()
-    has_keys = any(os.path.exists(os.path.join(args.state_dir, name))
-                   for name in (root_keys.ROOT_CA_KEY, root_keys.ROOT_CA_CERT, root_keys.ROOT_K256_KEY))
-    if has_keys:
+    if root_keys.holds_keys(args.state_dir):
+        # Asked before any attestation: a replica that already has these keys has nothing to fetch.
         keys = root_keys.load(args.state_dir)
         if keys.k256_pubkey.hex() != meta.get("k256_pubkey"):
-            raise DstackError("--state-dir", f"{args.state_dir} already holds other root keys; onboarding never "
-                                             "replaces them (move them away first to join this KMS)")
+            raise root_keys.other_keys_error(args.state_dir, "--state-dir")
         print(f"dstack-kms: {args.state_dir} already holds the root keys of {args.source_url}", file=sys.stderr)
-        return {"changed": False, "k256_pubkey": keys.k256_pubkey.hex(), "state_dir": os.path.abspath(args.state_dir),
-                "source_url": args.source_url}
+        return result(keys, False)
     print(f"dstack-kms: asking {args.source_url} for its root keys, attested by the quote of {args.guest_socket}",
           file=sys.stderr)
     received = client.get_kms_key(lambda report_data: guest_client.get_quote(args.guest_socket, report_data,
@@ -129,8 +129,7 @@ def cmd_onboard(args):
         raise DstackError("--source-url", "the keys GetKmsKey released are not the ones the source's GetMeta shows")
     keys, changed = root_keys.install(args.state_dir, ca_key, ca_cert, k256)
     print(f"dstack-kms: onboarded: root keys stored in {args.state_dir} (0600)", file=sys.stderr)
-    return {"changed": changed, "k256_pubkey": keys.k256_pubkey.hex(), "state_dir": os.path.abspath(args.state_dir),
-            "source_url": args.source_url}
+    return result(keys, changed)
 
 
 def cmd_serve(args):

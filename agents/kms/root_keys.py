@@ -119,6 +119,17 @@ def _paths(state_dir):
     return [os.path.join(state_dir, name) for name in (ROOT_CA_KEY, ROOT_CA_CERT, ROOT_K256_KEY)]
 
 
+def holds_keys(state_dir):
+    """Whether the state directory has any root key file (a partial set counts: it is never completed)."""
+    return any(os.path.exists(p) for p in _paths(state_dir))
+
+
+def other_keys_error(state_dir, field="state_dir"):
+    """The refusal when onboarding meets a state directory with root keys of another KMS."""
+    return DstackError(field, f"{state_dir} already holds other root keys; onboarding never replaces them "
+                              "(move them away first if this KMS must join another cluster)")
+
+
 def _store(state_dir, ca_key_pem, ca_cert_pem, k256):
     ca_key_path, ca_cert_path, k256_path = _paths(state_dir)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -141,12 +152,11 @@ def install(state_dir, ca_key_pem, ca_cert_pem, k256):
     root keys is never overwritten: the same keys again are no change, other keys are refused.
     """
     keys = parse(ca_key_pem, ca_cert_pem, k256, where="received ")
-    if any(os.path.exists(p) for p in _paths(state_dir)):
+    if holds_keys(state_dir):
         current = load(state_dir)
         if pem_forms(current) == pem_forms(keys):
             return current, False
-        raise DstackError("state_dir", f"{state_dir} already holds other root keys; onboarding never replaces them "
-                                       "(move them away first if this KMS must join another cluster)")
+        raise other_keys_error(state_dir)
     _store(state_dir, *pem_forms(keys))
     return load(state_dir), True
 
@@ -157,7 +167,7 @@ def load_or_create(state_dir):
     A state directory with some of the files but not all is refused rather than completed, so
     a lost file is never silently replaced by a new key.
     """
-    if any(os.path.exists(p) for p in _paths(state_dir)):
+    if holds_keys(state_dir):
         return load(state_dir), False
     ca_key = ec.generate_private_key(ec.SECP256R1())
     k256 = os.urandom(32)

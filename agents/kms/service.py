@@ -115,6 +115,14 @@ class KmsService:
         nonce, expires = self.nonces.issue()
         return {"nonce": nonce.hex(), "expires_at": int(expires)}
 
+    def _verify(self, quote, event_log, expected_report_data):
+        """The quote verified under this KMS's trust root and TCB policy, report_data and event log
+        required (attestation.Verification; never raises on a bad quote)."""
+        policy = attestation.Policy(allowed_tcb_statuses=self.allowed_statuses,
+                                    allowed_advisory_ids=self.allowed_advisories,
+                                    expected_report_data=expected_report_data, require_event_log=True)
+        return attestation.verify_quote(quote, self.collateral(quote), self.root_ca_der, policy, event_log)
+
     def _attest(self, request, expected_report_data, method, remote_addr, kind="app"):
         """Verify the requester's quote and event log, and ask the auth backend (about an app, or a
         KMS replica when kind is "kms"). Returns (boot info, decision, audit fields)."""
@@ -123,11 +131,7 @@ class KmsService:
                  "remote_addr": remote_addr}
         try:
             vm_config = _vm_config(request.get("vm_config"))
-            policy = attestation.Policy(allowed_tcb_statuses=self.allowed_statuses,
-                                        allowed_advisory_ids=self.allowed_advisories,
-                                        expected_report_data=expected_report_data, require_event_log=True)
-            result = attestation.verify_quote(quote, self.collateral(quote), self.root_ca_der, policy,
-                                              request.get("event_log"))
+            result = self._verify(quote, request.get("event_log"), expected_report_data)
             boot = dict(result.boot_info)
             audit.update({k: boot.get(k) for k in ("app_id", "compose_hash", "instance_id", "device_id")},
                          tcb_status=result.tcb_status, attestation_mode=result.attestation_mode)
@@ -235,12 +239,8 @@ class KmsService:
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("quote"), str):
             raise DstackError("attestation", "is not an attestation document {version, quote, event_log, ...}")
-        quote = parse_hex(doc["quote"], "attestation.quote")
-        policy = attestation.Policy(allowed_tcb_statuses=self.allowed_statuses,
-                                    allowed_advisory_ids=self.allowed_advisories,
-                                    expected_report_data=app_certs.ratls_report_data(csr.public_key()),
-                                    require_event_log=True)
-        result = attestation.verify_quote(quote, self.collateral(quote), self.root_ca_der, policy, doc.get("event_log"))
+        result = self._verify(parse_hex(doc["quote"], "attestation.quote"), doc.get("event_log"),
+                              app_certs.ratls_report_data(csr.public_key()))
         if not result.ok:
             failed = result.failures[0]
             raise DstackError("attestation", f"{failed.name}: {failed.detail}")

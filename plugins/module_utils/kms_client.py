@@ -17,14 +17,14 @@ KmsRefused = Refused  # the KMS answered, and said no (HTTP 403): the reason is 
 
 
 class KmsClient(PrpcClient):
-    def __init__(self, url, ca_cert=None, timeout=30.0, validate_certs=True):
+    def __init__(self, url, ca_cert=None, timeout=30.0, validate_certs=True, field="kms_url"):
         """ca_cert: path of the KMS root CA certificate to check HTTPS against.
 
         validate_certs=False is for a CVM that does not know its KMS's CA yet: it then relies on
         the sealed answer (only its ephemeral key opens it) and on checking the KMS's root
         against the key_provider_id the app pinned, which the key-provider event measures.
         """
-        super().__init__(url, "KMS", field="kms_url", ca_cert=ca_cert, timeout=timeout, validate_certs=validate_certs)
+        super().__init__(url, "KMS", field=field, ca_cert=ca_cert, timeout=timeout, validate_certs=validate_certs)
 
     def get_meta(self):
         return self.call("GetMeta")
