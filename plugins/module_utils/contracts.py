@@ -294,18 +294,54 @@ def check_values(params, sets):
             bytes32(value, field)
 
 
-def apply_changes(contract, signer, changes, deployed, check_mode, what):
-    """The planned changes: the owner is checked first, then one transaction each (none in check mode).
+def settle(module, target, signer, plan, deployed, what):
+    """Plan the module's changes on `target` and make them: the module's result.
 
-    Check mode without a key only previews (a read-only question: "is this allowed on chain?");
-    with a key it also checks that the key owns the contract.
+    plan(target, params) gives (changes, before, after), changes being (function, argument, field).
+    The owner is checked first, then one transaction each, none in check mode. Check mode without
+    a key only previews (a read-only question: "is this allowed on chain?"); with a key it also
+    checks that the key owns the contract. A failure after a deployment says where the new
+    contract is (exit_module returns it), so the next run attaches to it instead of deploying again.
     """
-    if changes and not deployed:
-        if signer is None:
-            if check_mode:
-                return
-            raise DstackError("private_key", f"is required to change the {what} at {contract.address}")
-        require_owner(contract, signer)
-    if not check_mode:
-        for name, arg, field in changes:
-            signer.transact(contract.functions[name](arg), field)
+    try:
+        changes, before, after = plan(target, module.params)
+        if changes and not deployed:
+            if signer is None and not module.check_mode:
+                raise DstackError("private_key", f"is required to change the {what} at {target.address}")
+            if signer is not None:
+                require_owner(target, signer)
+        if not module.check_mode:
+            for name, arg, field in changes:
+                signer.transact(target.functions[name](arg), field)
+    except DstackError as exc:
+        if deployed:
+            exc.deployed = target.address
+        raise
+    result = dict(changed=deployed or bool(changes), address=target.address,
+                  tx_hashes=signer.tx_hashes if signer else [])
+    if module._diff:  # pylint: disable=protected-access
+        result["diff"] = dict(before=before, after=after)
+    return result
+
+
+def exit_module(module, run, module_name, name, describe=lambda address: {}):
+    """Run a contract module's run(module) and exit with its result, or fail with a clear message.
+
+    module_name names the module in an unexpected error; name is the contract (DstackKms, ...).
+    describe(address) adds fields derived from the contract's address (app_contract's app_id),
+    on success and on a failure after a deployment alike.
+    """
+    from ansible.module_utils.basic import missing_required_lib  # pylint: disable=import-outside-toplevel
+    if not HAS_WEB3:
+        module.fail_json(msg=missing_required_lib("web3"), exception=WEB3_IMPORT_ERROR)
+    try:
+        result = run(module)
+    except DstackError as exc:
+        deployed = getattr(exc, "deployed", None)
+        extra = dict(address=deployed, **describe(deployed)) if deployed else {}
+        module.fail_json(msg=str(exc) + (f" (the {name} was deployed at {deployed})" if deployed else ""),
+                         field=exc.field, **extra)
+    except Exception as exc:  # pylint: disable=broad-except
+        module.fail_json(msg=f"{module_name}: {type(exc).__name__}: {exc}", exception=traceback.format_exc())
+    result.update(describe(result.get("address")))
+    module.exit_json(**result)

@@ -109,9 +109,7 @@ tx_hashes:
   elements: str
 """
 
-import traceback
-
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.dstack.tee.plugins.module_utils import contracts
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
@@ -146,7 +144,7 @@ def run(module):
         if signer is None:
             raise DstackError("private_key", "is required to deploy a DstackApp (no address given)")
         if module.check_mode:
-            return dict(changed=True, address=None, app_id=None, tx_hashes=[])
+            return dict(changed=True, address=None, tx_hashes=[])
         # The first hash and device go into the factory call itself, so a new app is deployed
         # and allowed in one transaction: no contract is left behind without its hash.
         first = {field: contracts.bytes32(p[field][0], field) if p["state"] == "present" and p[field] else b"\0" * 32
@@ -154,19 +152,12 @@ def run(module):
         address = contracts.deploy_app(signer, kms, allow_any_device=bool(p["allow_any_device"]),
                                        compose_hash=first["compose_hashes"], device_id=first["devices"])
         deployed = True
-    app = contracts.contract(w3, "DstackApp", address)
-    try:
-        changes, before, after = plan(app, p)
-        contracts.apply_changes(app, signer, changes, deployed, module.check_mode, "DstackApp")
-    except DstackError as exc:
-        if deployed:  # say where the new contract is, so the next run attaches to it
-            exc.deployed = app.address
-        raise
-    result = dict(changed=deployed or bool(changes), address=app.address, app_id=app.address[2:].lower(),
-                  tx_hashes=signer.tx_hashes if signer else [])
-    if module._diff:
-        result["diff"] = dict(before=before, after=after)
-    return result
+    return contracts.settle(module, contracts.contract(w3, "DstackApp", address), signer, plan, deployed, "DstackApp")
+
+
+def app_id_of(address):
+    """The app id is the contract's address: lowercase hex without 0x (None before the deployment)."""
+    return {"app_id": address[2:].lower() if address else None}
 
 
 def main():
@@ -185,18 +176,7 @@ def main():
         required_one_of=[("address", "kms_address")],
         supports_check_mode=True,
     )
-    if not contracts.HAS_WEB3:
-        module.fail_json(msg=missing_required_lib("web3"), exception=contracts.WEB3_IMPORT_ERROR)
-    try:
-        result = run(module)
-    except DstackError as exc:
-        deployed = getattr(exc, "deployed", None)
-        extra = dict(address=deployed, app_id=deployed[2:].lower()) if deployed else {}
-        module.fail_json(msg=str(exc) + (f" (the DstackApp was deployed at {deployed})" if deployed else ""),
-                         field=exc.field, **extra)
-    except Exception as exc:  # pylint: disable=broad-except
-        module.fail_json(msg=f"app_contract: {type(exc).__name__}: {exc}", exception=traceback.format_exc())
-    module.exit_json(**result)
+    contracts.exit_module(module, run, "app_contract", "DstackApp", app_id_of)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ version_added: 0.1.0
 description:
   - Deploys a C(DstackKms) contract (behind an ERC-1967 proxy) when O(address) is not given, or
     attaches to an existing one.
+  - When a change fails after a deployment, the failure still returns the new contract's RV(address).
   - Makes the listed OS images, KMS aggregated measurements and KMS devices allowed
     (O(state=present)) or not allowed (O(state=absent)), and sets the gateway app id and the app
     implementation. Only the transactions needed are sent, each waited for.
@@ -106,9 +107,7 @@ tx_hashes:
   elements: str
 """
 
-import traceback
-
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.dstack.tee.plugins.module_utils import contracts
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
@@ -148,14 +147,8 @@ def run(module):
             return dict(changed=True, address=None, tx_hashes=[])
         address = contracts.deploy_kms(signer)["kms_contract_address"]
         deployed = True
-    kms = contracts.contract(w3, "DstackKms", address or p["address"])
-    changes, before, after = plan(kms, p)
-    contracts.apply_changes(kms, signer, changes, deployed, module.check_mode, "DstackKms")
-    result = dict(changed=deployed or bool(changes), address=kms.address,
-                  tx_hashes=signer.tx_hashes if signer else [])
-    if module._diff:
-        result["diff"] = dict(before=before, after=after)
-    return result
+    return contracts.settle(module, contracts.contract(w3, "DstackKms", address or p["address"]), signer, plan,
+                            deployed, "DstackKms")
 
 
 def main():
@@ -174,15 +167,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if not contracts.HAS_WEB3:
-        module.fail_json(msg=missing_required_lib("web3"), exception=contracts.WEB3_IMPORT_ERROR)
-    try:
-        result = run(module)
-    except DstackError as exc:
-        module.fail_json(msg=str(exc), field=exc.field)
-    except Exception as exc:  # pylint: disable=broad-except
-        module.fail_json(msg=f"kms_contract: {type(exc).__name__}: {exc}", exception=traceback.format_exc())
-    module.exit_json(**result)
+    contracts.exit_module(module, run, "kms_contract", "DstackKms")
 
 
 if __name__ == "__main__":
