@@ -38,13 +38,8 @@ class KmsClient(PrpcClient):
         `provider` is a TEE provider (tdx.open_provider); `event_log` the JSON event log whose
         RTMR3 the quote will show.
         """
-        nonce = parse_hex(self.call("GetNonce")["nonce"], "nonce", length=key_release.NONCE_SIZE)
-        private_key, public_key = key_release.new_ephemeral_key()
-        quote = provider.get_quote(key_release.key_release_report_data(nonce, public_key))
-        answer = self.call("GetAppKey", {"nonce": nonce.hex(), "ephemeral_public_key": public_key.hex(),
-                                         "quote": quote.hex(), "event_log": event_log,
-                                         "vm_config": vm_config})
-        return key_release.open_sealed(answer, nonce, private_key)
+        return self._sealed_release("GetAppKey", key_release.KEY_RELEASE_TAG, lambda report_data: {
+            "quote": provider.get_quote(report_data).hex(), "event_log": event_log, "vm_config": vm_config})
 
     def get_kms_key(self, attest):
         """Onboarding (KMS.GetKmsKey): the source KMS's root keys {ca_key, ca_cert, k256_key}.
@@ -52,12 +47,16 @@ class KmsClient(PrpcClient):
         attest(report_data) must give this replica's {quote (hex), event_log, vm_config} over the
         64-byte report_data, as the guest agent's GetQuote does (guest_client.get_quote).
         """
+        return self._sealed_release("GetKmsKey", key_release.KMS_KEY_TAG, attest)
+
+    def _sealed_release(self, method, tag, attest):
+        """GetNonce, an ephemeral key, evidence over report_data(tag, nonce, key), then the sealed answer opened."""
         nonce = parse_hex(self.call("GetNonce")["nonce"], "nonce", length=key_release.NONCE_SIZE)
         private_key, public_key = key_release.new_ephemeral_key()
-        evidence = attest(key_release.key_release_report_data(nonce, public_key, key_release.KMS_KEY_TAG))
-        answer = self.call("GetKmsKey", {"nonce": nonce.hex(), "ephemeral_public_key": public_key.hex(),
-                                         "quote": evidence["quote"], "event_log": evidence.get("event_log", ""),
-                                         "vm_config": evidence.get("vm_config", "")})
+        evidence = attest(key_release.key_release_report_data(nonce, public_key, tag))
+        answer = self.call(method, {"nonce": nonce.hex(), "ephemeral_public_key": public_key.hex(),
+                                    "quote": evidence["quote"], "event_log": evidence.get("event_log", ""),
+                                    "vm_config": evidence.get("vm_config", "")})
         return key_release.open_sealed(answer, nonce, private_key)
 
     def sign_cert(self, provider, event_log_fn, csr_pem, vm_config="", **options):
