@@ -92,13 +92,7 @@ def serve(state, config=None, workers=2):
                "--workers", str(workers)] + (["--config", str(config)] if config else [])
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # pylint: disable=consider-using-with
                               start_new_session=True)
-    for _i in range(300):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.1)
-    for _i in range(100):  # listening is not serving: wait for the first answer
+    for _i in range(300):  # up to about 30 s for the first answer (listening is not yet serving)
         try:
             KmsClient(f"https://127.0.0.1:{port}", validate_certs=False, timeout=2).get_meta()
             break
