@@ -18,6 +18,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import attestation, eve
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused
 from conftest import VENV_BIN, free_port, run_playbook
+from test_kms_server import KmsProcess
 from test_kms import APP_ID, OS_IMAGE, VM_CONFIG, _Hook, boot, make_kms, sim, webhook  # noqa: F401  # pylint: disable=unused-import
 
 
@@ -144,13 +145,8 @@ def test_dstack_kms_onboard_from_a_simulated_cvm(short_tmp):
 
         source_dir.mkdir(mode=0o700)
         allow_kms(source_dir / "auth-config.json", os_images=[attestation_info["os_image_hash"]])
-        source = subprocess.Popen([str(VENV_BIN / "dstack-kms"), "serve", "--state-dir", str(source_dir),
-                                   "--listen", f"127.0.0.1:{port}", "--simulated",
-                                   "--sim-state", str(sim_root / "tdx-sim"), "--workers", "1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        source = KmsProcess(source_dir, port, "--sim-state", str(sim_root / "tdx-sim")).start()
         ca = source_dir / "root-ca.crt"
-        _wait(lambda: ca.exists() and _kms_cli("meta", "--state-dir", str(source_dir)).returncode == 0
-              and _reachable(port), "the source KMS")
         onboard = ["onboard", "--state-dir", str(short_tmp / "replica"), "--source-url", f"https://127.0.0.1:{port}",
                    "--source-ca", str(ca), "--guest-socket", str(sock)]
 
@@ -195,18 +191,10 @@ def test_dstack_kms_onboard_from_a_simulated_cvm(short_tmp):
         if services.exists():
             subprocess.run([str(VENV_BIN / "supervisorctl"), "-c", str(services), "shutdown"],
                            capture_output=True, check=False)
-        for proc in (source, cvm):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=30)
-
-
-def _reachable(port):
-    try:
-        KmsClient(f"https://127.0.0.1:{port}", validate_certs=False, timeout=2).get_meta()
-        return True
-    except DstackError:
-        return False
+        if source is not None:
+            source.stop()
+        cvm.terminate()
+        cvm.wait(timeout=30)
 
 
 def test_onboard_names_an_unreachable_source(tmp_path):

@@ -22,14 +22,15 @@ KMS = str(Path(sys.executable).parent / "dstack-kms")
 
 
 class KmsProcess:
-    def __init__(self, state_dir, port):
-        self.state_dir, self.port = state_dir, port
+    def __init__(self, state_dir, port, *extra_args):
+        self.state_dir, self.port, self.extra_args = state_dir, port, extra_args
         self.proc = None
 
     def start(self):
         self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
             [KMS, "serve", "--simulated", "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}",
-             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             "--workers", "2", *self.extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
