@@ -16,14 +16,20 @@
                          /var/run/dstack.sock), and the source releases only if its auth backend
                          allows this KMS (kms.mrAggregated / bootAuth/kms / DstackKms.isKmsAllowed);
                          existing root keys are never replaced
+  dstack-kms restore     --state-dir DIR --backup DIR
+                         put the root keys of a backup back (checked against the backup's
+                         root-keys.manifest.json, any manifest left in DIR and DIR's rpc
+                         certificate), 0600, with a new manifest; existing keys are never replaced
   dstack-kms attestation-info [--guest-socket PATH]
                          what the source KMS's allowlist must name for this replica: its
                          mr_aggregated, device_id and os_image_hash (as dstack's GetAttestationInfo)
 
   dstack-kms serve       --state-dir DIR --listen HOST:PORT [--simulated] [--config kms.toml]
                          [--sim-state DIR] [--auth-config FILE] [--workers N]
-                         the KMS over HTTPS (gunicorn); bootstraps the root keys on first start
-                         and writes DIR/root-ca.crt, which clients pin
+                         the KMS over HTTPS (gunicorn); makes the root keys on the first start in
+                         an empty DIR and writes DIR/root-ca.crt, which clients pin; refuses to
+                         start when a key file is missing, changed or readable by others, or when
+                         DIR lost its keys (restore them from a backup)
 """
 
 import argparse
@@ -128,8 +134,21 @@ def cmd_onboard(args):
     if candidate.k256_pubkey.hex() != meta.get("k256_pubkey") or ca_cert.decode().strip() != str(meta.get("ca_cert")).strip():
         raise DstackError("--source-url", "the keys GetKmsKey released are not the ones the source's GetMeta shows")
     keys, changed = root_keys.install(args.state_dir, ca_key, ca_cert, k256)
-    print(f"dstack-kms: onboarded: root keys stored in {args.state_dir} (0600)", file=sys.stderr)
+    print(f"dstack-kms: onboarded: root keys stored in {args.state_dir} (0600, with {root_keys.MANIFEST})",
+          file=sys.stderr)
     return result(keys, changed)
+
+
+def cmd_restore(args):
+    """Put the root keys of a backup back into the state directory (never over other keys)."""
+    keys, changed = root_keys.restore(args.state_dir, args.backup)
+    if changed:
+        print(f"dstack-kms: restored the root keys of {args.backup} into {args.state_dir} (0600, with "
+              f"{root_keys.MANIFEST})", file=sys.stderr)
+    else:
+        print(f"dstack-kms: {args.state_dir} already holds the root keys of {args.backup}", file=sys.stderr)
+    return {"changed": changed, "k256_pubkey": keys.k256_pubkey.hex(), "state_dir": os.path.abspath(args.state_dir),
+            "backup": os.path.abspath(args.backup)}
 
 
 def cmd_serve(args):
@@ -148,7 +167,7 @@ def cmd_serve(args):
     host, _sep, port = (config.get("listen") or "127.0.0.1:8000").rpartition(":")
     if not host or not port.isdigit():
         raise DstackError("--listen", "must be HOST:PORT")
-    keys, created = root_keys.load_or_create(config["state_dir"])
+    keys, created = root_keys.load_or_create(config["state_dir"], also_history=[config.get("audit_log")])
     print(f"dstack-kms: {'made new' if created else 'loaded'} root keys in {config['state_dir']} "
           f"(root CA certificate: {os.path.join(config['state_dir'], root_keys.ROOT_CA_CERT)})", file=sys.stderr)
     if config["auth"].get("type") == "local" and not os.path.exists(config["auth"]["path"]):
@@ -187,6 +206,11 @@ def build_parser():
     onboard.add_argument("--guest-socket", default=guest_client.DEFAULT_SOCKET,
                          help=f"this CVM's guest agent socket, for the quote (default {guest_client.DEFAULT_SOCKET})")
     onboard.set_defaults(func=cmd_onboard)
+    restore = sub.add_parser("restore", help="put the root keys of a backup back into the state directory")
+    restore.add_argument("--state-dir", required=True, help="the KMS state directory (the KMS stopped)")
+    restore.add_argument("--backup", required=True,
+                         help="a copy of root-ca.key, root-ca.crt, root-k256.key and root-keys.manifest.json")
+    restore.set_defaults(func=cmd_restore)
     info = sub.add_parser("attestation-info", help="print what a source KMS's allowlist must name for this replica")
     info.add_argument("--guest-socket", default=guest_client.DEFAULT_SOCKET,
                       help=f"this CVM's guest agent socket (default {guest_client.DEFAULT_SOCKET})")

@@ -1,23 +1,41 @@
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The KMS root keys: made once, stored 0600, loaded on every start, never overwritten.
+"""The KMS root keys: made once, stored 0600, checked on every load, never overwritten.
 
 Files in the state directory (dstack's names, dstack-reference 5.1):
-  root-ca.key    P-256 root CA key, PKCS#8 PEM
-  root-ca.crt    its self-signed certificate ("Dstack KMS CA")
-  root-k256.key  secp256k1 root key, raw 32 bytes
+  root-ca.key              P-256 root CA key, PKCS#8 PEM (0600)
+  root-ca.crt              its self-signed certificate ("Dstack KMS CA")
+  root-k256.key            secp256k1 root key, raw 32 bytes (0600)
+  root-keys.manifest.json  the key set: SHA-256 of each of the three files, the CA's public key
+                           hash, the CA certificate's hash and the k256 public key (0600)
+
+The manifest is written last, whenever keys are made, installed (onboarding, restore) or first
+found without one (a state directory from before manifests: checked as far as the files allow,
+then adopted). Every load compares the files with it, so a flipped bit or another KMS's key file
+is refused by name instead of loading as a different key. It guards against damage and mix-ups,
+not against someone who can write the state directory (they can read the keys too).
+
+New keys are made only in a directory that never held any: a manifest, an audit log, an rpc
+certificate or a nonce database left in it prove this KMS had keys, and a restore from backup
+is then the way back (restore()).
 """
 
 import datetime
+import glob
+import hashlib
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ansible_collections.dstack.tee.agents.kms import tls
 from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
@@ -25,7 +43,16 @@ from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_wr
 ROOT_CA_KEY = "root-ca.key"
 ROOT_CA_CERT = "root-ca.crt"
 ROOT_K256_KEY = "root-k256.key"
+MANIFEST = "root-keys.manifest.json"
+KEY_FILES = (ROOT_CA_KEY, ROOT_CA_CERT, ROOT_K256_KEY)  # also the order they are checked in
+SECRET_FILES = (ROOT_CA_KEY, ROOT_K256_KEY)
+MANIFEST_FORMAT = "dstack-kms-root-keys/1"
+AUDIT_LOG = "audit.log"
+NONCE_DB_GLOB = "nonces*.sqlite3*"
 CA_VALIDITY_DAYS = 3650
+_SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+log = logging.getLogger("dstack.kms.root_keys")
 
 
 @dataclass(frozen=True)
@@ -66,13 +93,16 @@ def _self_signed_ca(key):
             .sign(key, hashes.SHA256()))
 
 
-def _read(path, field):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+def _restore_hint(state_dir):
+    return (f"stop the KMS and restore the root keys from a backup: dstack-kms restore --state-dir {state_dir} "
+            "--backup BACKUP_DIR (README: KMS, backup and restore)")
 
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- the three files, parsed -------------------------------------------------------------------
 
 def _ca_key(ca_key_pem, where):
     try:
@@ -84,11 +114,17 @@ def _ca_key(ca_key_pem, where):
     return ca_key
 
 
-def _ca_cert(ca_cert_pem, ca_key, where):
+def _ca_cert_only(ca_cert_pem, where):
     try:
         ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+        ca_cert.public_key()  # a damaged key inside a well-formed certificate fails only here
     except ValueError:
-        raise DstackError(where + ROOT_CA_CERT, "is corrupt: not a PEM certificate") from None
+        raise DstackError(where + ROOT_CA_CERT, "is corrupt: not a PEM certificate with a readable key") from None
+    return ca_cert
+
+
+def _ca_cert(ca_cert_pem, ca_key, where):
+    ca_cert = _ca_cert_only(ca_cert_pem, where)
     if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
         raise DstackError(where + ROOT_CA_CERT, f"does not belong to {ROOT_CA_KEY}")
     return ca_cert
@@ -97,7 +133,8 @@ def _ca_cert(ca_cert_pem, ca_key, where):
 def _k256(k256, where):
     if len(k256) != 32:
         raise DstackError(where + ROOT_K256_KEY, f"is corrupt: {len(k256)} bytes, expected 32")
-    kdf.k256_public_key(k256)  # refuses an invalid scalar
+    if not 0 < int.from_bytes(k256, "big") < _SECP256K1_ORDER:
+        raise DstackError(where + ROOT_K256_KEY, "is corrupt: not a valid secp256k1 private key")
     return bytes(k256)
 
 
@@ -107,37 +144,6 @@ def parse(ca_key_pem, ca_cert_pem, k256, where=""):
     return RootKeys(ca_key, _ca_cert(ca_cert_pem, ca_key, where), _k256(k256, where))
 
 
-def load(state_dir):
-    """Load the root keys; refuse, naming the file, when one is missing, corrupt or unreadable
-    (checked in this order: root-ca.key, root-ca.crt, root-k256.key)."""
-    ca_key = _ca_key(_read(os.path.join(state_dir, ROOT_CA_KEY), ROOT_CA_KEY), "")
-    ca_cert = _ca_cert(_read(os.path.join(state_dir, ROOT_CA_CERT), ROOT_CA_CERT), ca_key, "")
-    return RootKeys(ca_key, ca_cert, _k256(_read(os.path.join(state_dir, ROOT_K256_KEY), ROOT_K256_KEY), ""))
-
-
-def _paths(state_dir):
-    return [os.path.join(state_dir, name) for name in (ROOT_CA_KEY, ROOT_CA_CERT, ROOT_K256_KEY)]
-
-
-def holds_keys(state_dir):
-    """Whether the state directory has any root key file (a partial set counts: it is never completed)."""
-    return any(os.path.exists(p) for p in _paths(state_dir))
-
-
-def other_keys_error(state_dir, field="state_dir"):
-    """The refusal when onboarding meets a state directory with root keys of another KMS."""
-    return DstackError(field, f"{state_dir} already holds other root keys; onboarding never replaces them "
-                              "(move them away first if this KMS must join another cluster)")
-
-
-def _store(state_dir, ca_key_pem, ca_cert_pem, k256):
-    ca_key_path, ca_cert_path, k256_path = _paths(state_dir)
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    atomic_write(k256_path, k256, mode=0o600)
-    atomic_write(ca_key_path, ca_key_pem, mode=0o600)
-    atomic_write(ca_cert_path, ca_cert_pem, mode=0o644)
-
-
 def pem_forms(keys):
     """(CA key PKCS#8 PEM, CA certificate PEM, k256 raw): what is stored, and what onboarding copies."""
     return (keys.ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -145,34 +151,251 @@ def pem_forms(keys):
             keys.ca_cert.public_bytes(serialization.Encoding.PEM), keys.k256_key)
 
 
-def install(state_dir, ca_key_pem, ca_cert_pem, k256):
-    """Store root keys received from another KMS (onboarding). Returns (RootKeys, changed).
+# ---- the manifest ----------------------------------------------------------------------------------
 
-    The keys are checked first (a bad set writes nothing). A state directory that already holds
-    root keys is never overwritten: the same keys again are no change, other keys are refused.
+def _ca_public_key_sha256(ca_key):
+    return _sha256(ca_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _identity(keys):
+    """What names a key set, from public parts only: the same keys in other bytes have the same identity."""
+    return {"ca_public_key_sha256": _ca_public_key_sha256(keys.ca_key),
+            "ca_cert_sha256": _sha256(keys.ca_cert.public_bytes(serialization.Encoding.DER)),
+            "k256_pubkey": keys.k256_pubkey.hex()}
+
+
+def _read_manifest(folder, where=""):
+    """The manifest as a dict, None when there is none; refused, naming it, when unreadable or malformed."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, "rb") as handle:
+            manifest = json.loads(handle.read())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DstackError(where + MANIFEST, f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        manifest = None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or not all(isinstance(files.get(n), str) and len(files[n]) == 64 for n in KEY_FILES)
+            or not all(isinstance(manifest.get(k), str) for k in ("ca_public_key_sha256", "ca_cert_sha256",
+                                                                  "k256_pubkey"))):
+        raise DstackError(where + MANIFEST, f"is corrupt: not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def _write_manifest(state_dir, files, keys, origin):
+    manifest = {"format": MANIFEST_FORMAT, "files": {name: _sha256(files[name]) for name in KEY_FILES},
+                **_identity(keys), "origin": origin,
+                "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    atomic_write(os.path.join(state_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n",
+                 mode=0o600)
+
+
+def _changed_reason(name, data, manifest):
+    """Why a file whose hash is not the manifest's is refused: corrupt, another key, or other bytes."""
+    try:
+        if name == ROOT_K256_KEY:
+            public_key = kdf.k256_public_key(_k256(data, "")).hex()
+            other = public_key != manifest["k256_pubkey"]
+            what = f"another k256 key than this KMS's (public key {public_key}; {MANIFEST} names " \
+                   f"{manifest['k256_pubkey']})"
+        elif name == ROOT_CA_KEY:
+            other = _ca_public_key_sha256(_ca_key(data, "")) != manifest["ca_public_key_sha256"]
+            what = f"another CA key than the one {MANIFEST} names"
+        else:
+            cert = _ca_cert_only(data, "")
+            other = _sha256(cert.public_bytes(serialization.Encoding.DER)) != manifest["ca_cert_sha256"]
+            what = f"another certificate than the one {MANIFEST} names"
+    except DstackError as exc:
+        return f"{exc.reason} (its SHA-256 is not the one {MANIFEST} records)"
+    if other:
+        return f"holds {what}"
+    return f"changed since {MANIFEST} was written (same key, other bytes)"
+
+
+def _read_files(folder, where=""):
+    """{name: bytes} of the key files present in folder; unreadable ones are refused by name."""
+    files = {}
+    for name in KEY_FILES:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as handle:
+                files[name] = handle.read()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DstackError(where + name, f"cannot read {path}: {exc.strerror}") from None
+    return files
+
+
+def _check(folder, files, manifest, where, hint):
+    """RootKeys from files, each first compared with the manifest (when there is one); refusals name the file."""
+    for name in KEY_FILES:
+        if name not in files:
+            listed = f" ({MANIFEST} lists it)" if manifest else ""
+            raise DstackError(where + name, f"is missing from {folder}{listed}; {hint}")
+        if manifest is not None and _sha256(files[name]) != manifest["files"][name]:
+            raise DstackError(where + name, f"{_changed_reason(name, files[name], manifest)}; {hint}")
+    try:
+        keys = parse(files[ROOT_CA_KEY], files[ROOT_CA_CERT], files[ROOT_K256_KEY], where)
+    except DstackError as exc:
+        raise DstackError(exc.field, f"{exc.reason}; {hint}") from None
+    if manifest is not None and any(manifest[k] != v for k, v in _identity(keys).items()):
+        raise DstackError(where + MANIFEST, f"names other keys than its file hashes (edited?); {hint}")
+    return keys
+
+
+def _check_modes(state_dir):
+    for name in SECRET_FILES:
+        path = os.path.join(state_dir, name)
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            raise DstackError(name, f"has mode {mode:04o}: a root key must be readable by the KMS's user only; "
+                                    f"chmod 600 {path} (and treat the key as exposed if others could read it)")
+
+
+def _check_rpc_cert(state_dir, keys, hint):
+    """An rpc certificate left in the state directory must come from this root CA: keys from another
+    KMS are refused. An unreadable certificate proves nothing either way (it is reissued at start)."""
+    path = os.path.join(state_dir, tls.RPC_CERT)
+    try:
+        with open(path, "rb") as handle:
+            cert = x509.load_pem_x509_certificate(handle.read())
+    except (OSError, ValueError):
+        return
+    try:
+        cert.verify_directly_issued_by(keys.ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise DstackError(tls.RPC_CERT, f"in {state_dir} was issued by another root CA: these root keys are not "
+                                        f"the ones this KMS served with; {hint}") from None
+
+
+# ---- the state directory ---------------------------------------------------------------------------
+
+def load(state_dir):
+    """Load the root keys, checked against the manifest. Refused, naming the file, when one is
+    missing, unreadable, changed, corrupt or readable by others (in this order: root-ca.key,
+    root-ca.crt, root-k256.key). A state directory from before manifests gets one (once, logged)."""
+    hint = _restore_hint(state_dir)
+    manifest = _read_manifest(state_dir)
+    if manifest is None and not history(state_dir):
+        hint += ("; or, if this KMS never served (no audit log, rpc certificate or nonce database here), its "
+                 "first start was interrupted: remove the root key files and start it again")
+    files = _read_files(state_dir)
+    keys = _check(state_dir, files, manifest, "", hint)
+    _check_modes(state_dir)
+    if manifest is None:
+        _adopt(state_dir, files, keys, hint)
+    return keys
+
+
+def _adopt(state_dir, files, keys, hint):
+    """Write the manifest of keys that predate manifests, after the checks the files allow: the CA
+    certificate belongs to root-ca.key (done by parse) and an rpc certificate left here comes from it.
+    Nothing local vouches for root-k256.key: the log names its public key to compare with records."""
+    _check_rpc_cert(state_dir, keys, hint)
+    _write_manifest(state_dir, files, keys, "adopted")
+    log.warning("root keys in %s had no %s (made before manifests, or a first start was interrupted): checked "
+                "that %s belongs to %s and wrote the manifest; k256 public key %s (compare it with GetMeta's "
+                "k256_pubkey you recorded). From now on a changed key file refuses to start.",
+                state_dir, MANIFEST, ROOT_CA_CERT, ROOT_CA_KEY, keys.k256_pubkey.hex())
+
+
+def holds_keys(state_dir):
+    """Whether the state directory has any root key file (a partial set counts: it is never completed)."""
+    return any(os.path.exists(os.path.join(state_dir, name)) for name in KEY_FILES)
+
+
+def history(state_dir, also=()):
+    """The files that prove a state directory held root keys: its manifest, audit log, rpc
+    certificate or nonce database (and `also`, e.g. an audit log kept elsewhere)."""
+    names = [os.path.join(state_dir, n) for n in (MANIFEST, AUDIT_LOG, tls.RPC_CERT, tls.RPC_KEY)]
+    names += sorted(glob.glob(os.path.join(glob.escape(state_dir), NONCE_DB_GLOB)))
+    names += [p for p in also if p]
+    return [p for p in dict.fromkeys(names) if os.path.exists(p)]
+
+
+def other_keys_error(state_dir, field="state_dir"):
+    """The refusal when onboarding meets a state directory with root keys of another KMS."""
+    return DstackError(field, f"{state_dir} already holds other root keys; onboarding never replaces them "
+                              "(use an empty state directory if this KMS must join another cluster)")
+
+
+def _store(state_dir, keys, origin):
+    """Write the three files, then the manifest: a directory with keys but no manifest can only be
+    an interrupted write of consistent files (adopted on the next load)."""
+    ca_key_pem, ca_cert_pem, k256 = pem_forms(keys)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    atomic_write(os.path.join(state_dir, ROOT_K256_KEY), k256, mode=0o600)
+    atomic_write(os.path.join(state_dir, ROOT_CA_KEY), ca_key_pem, mode=0o600)
+    atomic_write(os.path.join(state_dir, ROOT_CA_CERT), ca_cert_pem, mode=0o644)
+    _write_manifest(state_dir, {ROOT_CA_KEY: ca_key_pem, ROOT_CA_CERT: ca_cert_pem, ROOT_K256_KEY: k256},
+                    keys, origin)
+
+
+def install(state_dir, ca_key_pem, ca_cert_pem, k256):
+    """Store root keys received from another KMS (onboarding) or a backup (restore). Returns (RootKeys, changed).
+
+    The keys are checked first (a bad set writes nothing). Keys already in the state directory are
+    never replaced: the same keys again are no change, other keys are refused. A manifest left in
+    the directory names the only keys it takes (and then missing or damaged files are rewritten);
+    an rpc certificate left in it must come from the received root CA.
     """
     keys = parse(ca_key_pem, ca_cert_pem, k256, where="received ")
-    if holds_keys(state_dir):
+    hint = _restore_hint(state_dir)
+    manifest = _read_manifest(state_dir)
+    if manifest is not None:
+        identity = _identity(keys)
+        if any(manifest[k] != v for k, v in identity.items()):
+            if holds_keys(state_dir):
+                raise other_keys_error(state_dir)
+            raise DstackError("state_dir", f"{state_dir}/{MANIFEST} names other root keys (k256 public key "
+                                           f"{manifest['k256_pubkey']}) than these ({keys.k256_pubkey.hex()}): "
+                                           "they are not this KMS's keys; nothing was written")
+        try:
+            return load(state_dir), False
+        except DstackError:
+            pass  # missing or damaged files: the manifest says these keys belong here
+    elif holds_keys(state_dir):
         current = load(state_dir)
         if pem_forms(current) == pem_forms(keys):
             return current, False
         raise other_keys_error(state_dir)
-    _store(state_dir, *pem_forms(keys))
+    else:
+        _check_rpc_cert(state_dir, keys, hint)
+    _store(state_dir, keys, "installed")
     return load(state_dir), True
 
 
-def load_or_create(state_dir):
-    """(RootKeys, created): load the keys, or make them when the state directory has none at all.
+def restore(state_dir, backup_dir):
+    """Install the root keys of a backup directory (its three key files, checked against its manifest
+    when it has one; a backup from before manifests is checked as far as the files allow)."""
+    hint = f"the backup in {backup_dir} is incomplete or damaged: use another copy"
+    files = _read_files(backup_dir, where="backup ")
+    keys = _check(backup_dir, files, _read_manifest(backup_dir, where="backup "), "backup ", hint)
+    return install(state_dir, *pem_forms(keys))
 
-    A state directory with some of the files but not all is refused rather than completed, so
-    a lost file is never silently replaced by a new key.
+
+def load_or_create(state_dir, also_history=()):
+    """(RootKeys, created): load the keys, or make them in a state directory that never held any.
+
+    A partial set is refused rather than completed, and a directory whose manifest, audit log, rpc
+    certificate or nonce database (or a file in `also_history`) shows that it served with keys is
+    refused rather than given new ones: every app's keys would silently change.
     """
     if holds_keys(state_dir):
         return load(state_dir), False
+    proof = history(state_dir, also_history)
+    if proof:
+        raise DstackError("state_dir", f"{state_dir} holds no root keys, but {', '.join(proof)} show that this KMS "
+                                       f"had some: refusing to make new ones (every app's keys would change); "
+                                       f"{_restore_hint(state_dir)}; a new KMS starts in an empty state directory")
     ca_key = ec.generate_private_key(ec.SECP256R1())
     k256 = os.urandom(32)
-    kdf.k256_public_key(k256)  # refuses the (astronomically unlikely) invalid scalar before storing
-    _store(state_dir, ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()),
-           _self_signed_ca(ca_key).public_bytes(serialization.Encoding.PEM), k256)
+    while not 0 < int.from_bytes(k256, "big") < _SECP256K1_ORDER:  # astronomically unlikely
+        k256 = os.urandom(32)
+    _store(state_dir, RootKeys(ca_key, _self_signed_ca(ca_key), k256), "created")
     return load(state_dir), True

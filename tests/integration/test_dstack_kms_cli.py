@@ -68,7 +68,7 @@ def test_damaged_state_is_refused_and_not_overwritten(tmp_path):
     assert (state / "root-k256.key").read_bytes() == b"short"
     (state / "root-k256.key").unlink()
     out = kms("meta", "--state-dir", str(state))
-    assert out.returncode == 2 and "root-k256.key: cannot read" in out.stderr
+    assert out.returncode == 2 and "root-k256.key: is missing" in out.stderr
     (state / "root-ca.key").write_text("garbage")
     assert "root-ca.key: is corrupt" in kms("meta", "--state-dir", str(state)).stderr
 
