@@ -58,7 +58,7 @@ from werkzeug.exceptions import HTTPException
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
 from ansible_collections.dstack.tee.agents.wsgi import request_params
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
-from ansible_collections.dstack.tee.plugins.module_utils import attestation, eventlog, kdf, tdx, tdx_quote
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, eventlog, kdf, tdx, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, ratls_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
@@ -73,8 +73,6 @@ ATTESTATION_VERSION = "dstack.tee/attestation-json/v1"
 APP_CERT_RETRY_SECONDS = 60
 APP_CERT_WAIT_SECONDS = 1.0
 MAX_NAME_LENGTH = 256
-MAX_ALT_NAMES = 64
-MAX_CERT_TIME = 253402300799  # 9999-12-31T23:59:59Z, the last time X.509 can state
 # GetKey / DeriveK256Key algorithms as dstack reads them: "" and the prehashed variant are secp256k1 keys.
 KEY_ALGORITHMS = {"": "secp256k1", "secp256k1": "secp256k1", "k256": "secp256k1",
                   "secp256k1_prehashed": "secp256k1", "ed25519": "ed25519"}
@@ -137,44 +135,8 @@ def _text(params, name, default=""):
     return value
 
 
-def _flag(params, name, default=False):
-    value = params.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
-        return value.lower() in ("true", "1", "yes", "on")
-    raise DstackError(name, "must be true or false")
-
-
-def _seconds(params, name):
-    value = params.get(name)
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CERT_TIME:
-        raise DstackError(name, "must be a number of seconds since the UNIX epoch, before the year 10000")
-    return value
-
-
 def _hex(params, name, length=None):
     return parse_hex(params.get(name) or "", name, length=length, allow_empty=True)
-
-
-def _names(params, name):
-    value = params.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        raise DstackError(name, "must be a list of strings")
-    if len(value) > MAX_ALT_NAMES:
-        raise DstackError(name, f"has {len(value)} names; at most {MAX_ALT_NAMES} are allowed")
-    for item in value:
-        if len(item) > 253 or not item.isascii():
-            raise DstackError(name, "holds DNS names of at most 253 ASCII characters (IDNA A-labels: xn--...)")
-    return [n for n in value if n]
 
 
 def _key_algorithm(params):
@@ -323,16 +285,11 @@ class GuestApi:
         signer = self.ctx.cert_signer
         if signer is None:
             raise NotReady("no certificate signer: this agent has no KMS (or local CA) to sign certificates")
-        alt_names = _names(params, "alt_names")
-        not_before, not_after = _seconds(params, "not_before"), _seconds(params, "not_after")
-        if not_before is not None and not_after is not None and not_after <= not_before:
-            raise DstackError("not_after", "must be after not_before")
-        options = {"alt_names": alt_names, "usage_server_auth": _flag(params, "usage_server_auth"),
-                   "usage_client_auth": _flag(params, "usage_client_auth"),
-                   "not_before": not_before, "not_after": not_after}
-        _flag(params, "with_app_info")  # accepted (dstack OS >= 0.5.7); the leaf always carries the app id
+        options = app_certs.leaf_options(params, server_auth_default=False)
+        alt_names = options["alt_names"]
+        app_certs.param_flag(params, "with_app_info")  # accepted (dstack OS >= 0.5.7); the leaf always carries the app id
         csr = _csr_pem(key, subject, alt_names)
-        if _flag(params, "usage_ra_tls"):
+        if app_certs.param_flag(params, "usage_ra_tls"):
             if not _embeds_attestation(signer):
                 raise ServerFailure("usage_ra_tls: this agent's certificate signer cannot embed an attestation yet", status=501)
             options["attestation"] = self._attestation(ratls_report_data(key.public_key()))
@@ -392,12 +349,12 @@ class GuestApi:
         quote, event_log = self._quote(b"")[:2]
         report = _server(tdx_quote.parse_quote, quote).report
         try:
-            events = eventlog.runtime_events(event_log)
+            boot_log = eventlog.read_boot_log(event_log)
         except DstackError as exc:
             log.warning("Info: the event log has no usable boot events: %s", exc)
-            events = []
+            boot_log = None
         ppid = getattr(self.ctx.provider, "ppid", None)  # the simulator knows its PPID; real TDX needs the PCK cert
-        boot = attestation.boot_info_from(report, events, ppid, "", [], self.ctx.attestation_mode)
+        boot = attestation.boot_info_from(report, boot_log, ppid, "", [], self.ctx.attestation_mode)
         compose_bytes = _server(self.ctx.app_compose_bytes)
         app = _server(compose.parse, compose_bytes)
         vm_config = _server(self.ctx.vm_config)
@@ -422,6 +379,9 @@ class GuestApi:
             raise DstackError("event", "must be a non-empty name")
         if len(event) > MAX_NAME_LENGTH:
             raise DstackError("event", f"is {len(event)} characters; at most {MAX_NAME_LENGTH} are allowed")
+        if event in eventlog.RESERVED_EVENTS:
+            # The boot's names state the CVM's identity: an app must not be able to measure them.
+            raise DstackError("event", f"{event!r} is a name the boot measures; an app event needs another name")
         if not self._measured():
             # Before system-ready an app event could pose as a boot event (app-id, compose-hash, ...).
             raise NotReady("EmitEvent: the boot has not finished measuring (no system-ready event yet)")
@@ -459,7 +419,7 @@ class GuestApi:
 
     def derive_key(self, params):
         path = _text(params, "path")
-        seed = secrets.token_bytes(32) if _flag(params, "random_seed") else self._k256()[0]
+        seed = secrets.token_bytes(32) if app_certs.param_flag(params, "random_seed") else self._k256()[0]
         key = kdf.derive_p256(seed, [path.encode("utf-8")])
         chain = self._issue(key, params, _text(params, "subject"))
         return {"key": _key_pem(key), "certificate_chain": chain}

@@ -4,10 +4,13 @@
 
     read-config     app-compose.json (required), .sys-config.json, .encrypted-env, .instance_info
     instance-id     app_id and instance_id (the seed kept in the work folder and told to the host)
-    measure         RTMR3: system-preparing, app-id, compose-hash, instance-id, boot-mr-done
-    keys            key_provider kms: attested key release from the KMS; none: a fresh seed;
-                    local: refused here (no SGX local key provider in this environment)
-    measure-system  RTMR3: os-image-hash, key-provider, storage-fs, system-ready
+    measure         RTMR3: system-preparing, app-id, compose-hash, instance-id, os-image-hash,
+                    key-provider (for kms: the KMS's root, checked against a pinned
+                    key_provider_id first), boot-mr-done
+    keys            key_provider kms: attested key release from the KMS (its root must be the
+                    measured one); none: a fresh seed; local: refused here (no SGX local key
+                    provider in this environment)
+    measure-system  RTMR3: storage-fs, system-ready
     env             decrypt .encrypted-env, drop names not in allowed_envs (logged by name),
                     write .decrypted-env and .decrypted-env.json (0600)
     gateway         join the gateway (a seam: done by the gateway issue)
@@ -31,7 +34,7 @@ from ansible.module_utils.urls import open_url
 from ansible_collections.dstack.tee.agents.guest import measure
 from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
-from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
@@ -98,6 +101,7 @@ class Boot:
         self.app_id = self.instance_id = self.compose_hash = ""
         self.keys = {}
         self.env = []
+        self._kms = None
 
     def run(self):
         """Run every step; raise BootFailed naming the step that failed."""
@@ -115,10 +119,15 @@ class Boot:
         return self
 
     def _power_on(self):
-        """A simulated TD starts with zero RTMRs and an empty runtime log, as a real one does."""
+        """A simulated TD starts with an empty RTMR3 and runtime log, as a real one does, and MRTD and
+        RTMR0-2 measuring the OS image its vm_config names (tdx_sim.launch_measurements)."""
         reset = getattr(self.ctx.provider, "reset_rtmrs", None)
         if reset is not None:
-            reset()
+            try:
+                vm_config = self.ctx.vm_config()
+            except DstackError:
+                vm_config = ""  # the read-config step reports it
+            reset(vm_config)
             if os.path.exists(self.ctx.paths.runtime_log):
                 os.unlink(self.ctx.paths.runtime_log)
 
@@ -162,8 +171,22 @@ class Boot:
     def step_measure(self):
         if self.ctx.runtime_events():
             raise DstackError("rtmr3", "already holds runtime events: a boot runs once per power-on")
-        measure.measure_identity(self.ctx, self.app_id, self.compose_hash, self.instance_id)
-        self.notifier.progress("measure", "app-id, compose-hash and instance-id measured into RTMR3")
+        provider = compose.key_provider_of(self.app)
+        provider_id = self._kms_root_id() if provider == "kms" else ""
+        os_image = _vm_config_field(self.ctx.vm_config(), "os_image_hash")
+        measure.measure_identity(self.ctx, self.app_id, self.compose_hash, self.instance_id, os_image,
+                                 provider, provider_id)
+        self.notifier.progress("measure", "app-id, compose-hash, instance-id, os-image-hash and key-provider "
+                                          "measured into RTMR3")
+
+    def _kms_root_id(self):
+        """The KMS's key-provider id (its root CA's public key), checked against a pinned one."""
+        self._kms = self._kms or self.kms_client or self._kms_client()
+        provider_id = app_certs.key_provider_id(self._kms.get_meta().get("ca_cert", ""))
+        pinned = (self.app.get("key_provider_id") or "").lower().removeprefix("0x")
+        if pinned and pinned != provider_id:
+            raise DstackError("key_provider_id", "the KMS's root key is not the one app-compose pins")
+        return provider_id
 
     def step_keys(self):
         provider = compose.key_provider_of(self.app)
@@ -181,22 +204,24 @@ class Boot:
         self.notifier.progress("keys", f"app keys from key provider {provider}")
 
     def _keys_from_kms(self):
-        urls = self.sys_config.get("kms_urls") or []
-        if not urls and not self.kms_client:
-            raise DstackError("kms_urls", "are missing from .sys-config.json, and the app uses the KMS")
-        client = self.kms_client or self._kms_client(urls[0])
+        client = self._kms or self.kms_client or self._kms_client()
+        measured = self.ctx.runtime_events()
         keys = client.get_app_key(self.ctx.provider, json.dumps(self.ctx.event_log()), self.ctx.vm_config())
         provider = keys.get("key_provider") or {}
-        pinned = (self.app.get("key_provider_id") or "").lower().removeprefix("0x")
-        if pinned and pinned != str(provider.get("id", "")).lower():
-            raise DstackError("key_provider_id", "the KMS's root key is not the one app-compose pins")
+        expected = next((json.loads(e.payload).get("id", "") for e in measured if e.name == "key-provider"), "")
+        if str(provider.get("id", "")).lower() != expected:
+            raise DstackError("key_provider", "the keys come from another KMS root than the one measured")
         return {"disk_crypt_key": keys["disk_crypt_key"], "env_crypt_key": keys["env_crypt_key"],
                 "k256_key": keys["k256_key"], "k256_signature": keys["k256_signature"],
                 "gateway_app_id": keys.get("gateway_app_id", ""), "ca_cert": keys.get("ca_cert", ""),
                 "os_image_hash": keys.get("os_image_hash", ""),
                 "key_provider": {"Kms": {"url": client.url, "pubkey": provider.get("id", "")}}}
 
-    def _kms_client(self, url):
+    def _kms_client(self):
+        urls = self.sys_config.get("kms_urls") or []
+        if not urls:
+            raise DstackError("kms_urls", "are missing from .sys-config.json, and the app uses the KMS")
+        url = urls[0]
         ca_pem = self.sys_config.get("kms_ca_cert")
         if ca_pem:
             path = self.ctx.paths.work("kms-ca.crt")
@@ -207,12 +232,8 @@ class Boot:
         return KmsClient(url, validate_certs=False)
 
     def step_measure_system(self):
-        provider = compose.key_provider_of(self.app)
-        provider_id = (self.keys.get("key_provider", {}).get("Kms") or {}).get("pubkey", "")
-        os_image = self.keys.get("os_image_hash") or _vm_config_field(self.ctx.vm_config(), "os_image_hash")
-        measure.measure_system(self.ctx, provider, provider_id, os_image_hash=os_image,
-                               storage_fs=self.app.get("storage_fs") or "ext4")
-        self.notifier.progress("measure-system", "os-image-hash, key-provider, storage-fs, system-ready measured")
+        measure.measure_system(self.ctx, storage_fs=self.app.get("storage_fs") or "ext4")
+        self.notifier.progress("measure-system", "storage-fs, system-ready measured")
 
     def step_env(self):
         if not os.path.exists(self.ctx.paths.encrypted_env):

@@ -122,17 +122,10 @@ def add_simulate_arguments(parser):
     parser.add_argument("--name", default=SIM_APP_NAME, help=f"the app name (default {SIM_APP_NAME})")
 
 
-def _key_provider_id(root):
-    """The KMS key-provider id: its root CA SubjectPublicKeyInfo (DER), hex (as KMS GetAppKey says)."""
-    from cryptography.hazmat.primitives import serialization  # pylint: disable=import-outside-toplevel
-    return root.ca_cert.public_key().public_bytes(serialization.Encoding.DER,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo).hex()
-
-
 def simulated_cvm(state_dir, compose_text=SAMPLE_COMPOSE, name=SIM_APP_NAME):
     """(GuestContext, summary): the simulated CVM in state_dir, made or completed as needed."""
     from ansible_collections.dstack.tee.agents.kms import root_keys  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, pem  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, key_provider_id, pem  # pylint: disable=import-outside-toplevel
 
     state_dir = os.path.abspath(state_dir)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -156,7 +149,7 @@ def simulated_cvm(state_dir, compose_text=SAMPLE_COMPOSE, name=SIM_APP_NAME):
     atomic_write(ctx.paths.app_compose, app_compose_bytes, mode=0o644)
     atomic_write(ctx.paths.sys_config, json.dumps({"vm_config": json.dumps(SIM_VM_CONFIG, separators=(",", ":"))},
                                                   indent=2).encode(), mode=0o644)
-    ctx.provider.reset_rtmrs()
+    ctx.provider.reset_rtmrs(SIM_VM_CONFIG)
     for path in (ctx.paths.runtime_log, ctx.paths.app_keys):
         if os.path.exists(path):
             os.unlink(path)
@@ -164,16 +157,16 @@ def simulated_cvm(state_dir, compose_text=SAMPLE_COMPOSE, name=SIM_APP_NAME):
     instance_id = compose.instance_id_for(seed, app_id)
     atomic_write(ctx.paths.instance, json.dumps({"instance_id_seed": seed, "instance_id": instance_id,
                                                  "app_id": app_id}).encode(), mode=0o600)
-    measure.measure_identity(ctx, app_id, compose_hash, instance_id)
+    provider_id = key_provider_id(root.ca_cert)
+    measure.measure_identity(ctx, app_id, compose_hash, instance_id, SIM_OS_IMAGE_HASH, "kms", provider_id)
     keys = kdf.derive_app_keys(root.ca_key, root.k256_key, app_id, instance_id)
-    provider_id = _key_provider_id(root)
     ctx.write_app_keys({
         "disk_crypt_key": keys.disk_crypt_key.hex(), "env_crypt_key": keys.env_crypt_key.hex(),
         "k256_key": keys.k256_key.hex(), "k256_signature": keys.k256_signature.hex(),
         "gateway_app_id": "", "tproxy_app_id": "", "ca_cert": pem(root.ca_cert), "os_image_hash": SIM_OS_IMAGE_HASH,
         "key_provider": {"name": "kms", "id": provider_id},
     })
-    measure.measure_system(ctx, "kms", provider_id, os_image_hash=SIM_OS_IMAGE_HASH, storage_fs="ext4")
+    measure.measure_system(ctx, storage_fs="ext4")
     return ctx, {"app_id": app_id, "compose_hash": compose_hash, "instance_id": instance_id, "made": True}
 
 

@@ -4,7 +4,7 @@
 
 create_app(config) builds the Flask app; `dstack-kms serve` runs it under gunicorn over HTTPS.
 JSON POST and GET with query parameters both work (as dstack's pRPC does); errors are
-{"error": "..."} with 400 for bad input, 403 for a refused release, 429 for a nonce flood.
+{"error": "..."} with 400 for bad input, 403 for a refused release.
 """
 
 import logging
@@ -12,7 +12,6 @@ import logging
 from flask import Flask, jsonify, request
 
 from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
-from ansible_collections.dstack.tee.agents.kms.nonces import NonceFlood
 from ansible_collections.dstack.tee.agents.kms.service import KmsService, Refused
 
 MAX_REQUEST_BYTES = 256 * 1024
@@ -47,10 +46,6 @@ def create_app(config):
     def refused(exc):
         log.warning("refused %s: %s", request.path, exc)
         return jsonify({"error": str(exc)}), 403
-
-    @app.errorhandler(NonceFlood)
-    def flood(exc):
-        return jsonify({"error": str(exc)}), 429
 
     install_json_errors(app, log)
     return app

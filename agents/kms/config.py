@@ -5,8 +5,10 @@
 Keys (all optional but state_dir):
     state_dir, mode ("production" | "simulation"), listen ("HOST:PORT"), domain,
     sim_state_dir, root_ca, collateral, pccs_url, collateral_cache_dir, audit_log,
-    nonce_ttl, max_nonces, gateway_app_id, workers,
-    [policy] allowed_tcb_statuses, allowed_advisory_ids
+    nonce_ttl, gateway_app_id, workers,
+    [policy] allowed_tcb_statuses, allowed_advisory_ids, os_image_measurements
+             ({os_image_hash = {mrtd, rtmr0, rtmr1, rtmr2}}), require_os_image_measurements
+             (default: true in production)
     [auth]   type ("local" | "webhook" | "ethereum"), path, url, timeout, rpc_url, contract_address, chain_id
 Environment: DSTACK_KMS_<KEY> for the top-level keys (DSTACK_KMS_MODE=simulation, ...) and
 DSTACK_KMS_AUTH_<KEY> for [auth].
@@ -18,7 +20,7 @@ import tomllib
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 TOP_KEYS = ("state_dir", "mode", "listen", "domain", "sim_state_dir", "root_ca", "collateral", "pccs_url",
-            "collateral_cache_dir", "audit_log", "nonce_ttl", "max_nonces", "gateway_app_id", "workers")
+            "collateral_cache_dir", "audit_log", "nonce_ttl", "gateway_app_id", "workers")
 AUTH_KEYS = ("type", "path", "url", "timeout", "rpc_url", "contract_address", "chain_id")
 
 

@@ -12,7 +12,7 @@ import time
 from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
 from ansible_collections.dstack.tee.agents.kms.auth import decide, make_backend
-from ansible_collections.dstack.tee.agents.kms.nonces import NonceStore
+from ansible_collections.dstack.tee.agents.kms.nonces import NonceStore, mac_key
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, kdf, key_release
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
@@ -32,19 +32,22 @@ class KmsService:
             raise DstackError("mode", f"must be production or simulation, not {str(self.mode)[:20]!r}")
         self.state_dir = config["state_dir"]
         self.keys, self.created = root_keys.load_or_create(self.state_dir)
-        self.nonces = NonceStore(os.path.join(self.state_dir, "nonces.sqlite3"),
-                                 ttl=int(config.get("nonce_ttl", 60)),
-                                 max_outstanding=int(config.get("max_nonces", 10000)))
+        self.nonces = NonceStore(os.path.join(self.state_dir, "nonces.sqlite3"), mac_key(self.keys.ca_key),
+                                 ttl=int(config.get("nonce_ttl", 60)))
         self.audit = AuditLog(config.get("audit_log") or os.path.join(self.state_dir, "audit.log"))
         self.auth = make_backend(config.get("auth") or {})
         self.gateway_app_id = str(config.get("gateway_app_id", ""))
         policy = config.get("policy") or {}
         self.allowed_statuses = tuple(policy.get("allowed_tcb_statuses", ["UpToDate"]))
         self.allowed_advisories = tuple(policy.get("allowed_advisory_ids", []))
+        self.os_image_measurements = os_image_measurements(policy.get("os_image_measurements") or {})
+        # Production: an OS image is only as good as the measurements pinned for it (MRTD, RTMR0-2).
+        self.require_measurements = bool(policy.get("require_os_image_measurements", self.mode == "production"))
         self._sim = None
         self._collateral = None
         self._collateral_at = 0
         self._lock = threading.Lock()
+        self._key_provider_id = None
         self.root_ca_der = self._trust_root()
 
     # ---- trust -------------------------------------------------------------------------------
@@ -123,41 +126,73 @@ class KmsService:
                                     expected_report_data=expected_report_data, require_event_log=True)
         return attestation.verify_quote(quote, self.collateral(quote), self.root_ca_der, policy, event_log)
 
-    def _attest(self, request, expected_report_data, method, remote_addr, kind="app"):
-        """Verify the requester's quote and event log, and ask the auth backend (about an app, or a
-        KMS replica when kind is "kms"). Returns (boot info, decision, audit fields)."""
-        quote = parse_hex(request.get("quote", ""), "quote")
-        audit = {"method": method, "quote_sha256": hashlib.sha256(quote).hexdigest(), "kms_mode": self.mode,
-                 "remote_addr": remote_addr}
+    def _attest(self, request, nonce, expected_report_data, method, remote_addr, kind="app", extra_check=None):
+        """Verify the requester's quote and event log, check the measured identity, ask the auth
+        backend (about an app, or a KMS replica when kind is "kms"), and only then use the nonce up.
+        Returns (boot info, decision, audit fields); Refused (recorded in the audit log) otherwise."""
+        audit = {"method": method, "kms_mode": self.mode, "remote_addr": remote_addr}
         try:
+            quote = parse_hex(request.get("quote", ""), "quote")
+            audit["quote_sha256"] = hashlib.sha256(quote).hexdigest()
             vm_config = _vm_config(request.get("vm_config"))
             result = self._verify(quote, request.get("event_log"), expected_report_data)
             boot = dict(result.boot_info)
-            audit.update({k: boot.get(k) for k in ("app_id", "compose_hash", "instance_id", "device_id")},
+            audit.update({k: boot.get(k) for k in ("app_id", "compose_hash", "instance_id", "device_id",
+                                                   "os_image_hash", "mr_aggregated")},
                          tcb_status=result.tcb_status, attestation_mode=result.attestation_mode)
             if not result.ok:
                 failed = result.failures[0]
                 raise Refused(failed.name, failed.detail)
             if self.mode == "production" and result.attestation_mode != attestation.MODE_TDX:
                 raise Refused("attestation_mode", "a production KMS refuses quotes that chain to a simulated root")
-            if kind == "app" and len(boot["app_id"]) != 40:
-                raise Refused("app_id", "the event log has no 20-byte app-id event")
-            boot["os_image_hash"] = vm_config.get("os_image_hash", "")
-            audit.update(os_image_hash=boot["os_image_hash"], mr_aggregated=boot["mr_aggregated"])
+            self._check_identity(boot, vm_config, kind)
+            if extra_check is not None:
+                extra_check(boot)
             decision = decide(self.auth, boot, kind)
             if not decision.allowed:
                 raise Refused("auth", decision.reason or "denied")
+            self.nonces.consume(nonce)
         except DstackError as exc:
             self.audit.record(decision="refuse", reason=str(exc), **audit)
             raise Refused(exc.field, exc.reason) from None
         return boot, decision, audit
 
+    def _check_identity(self, boot, vm_config, kind):
+        """What the measured boot must show beyond a valid quote (identity events before boot-mr-done)."""
+        if kind == "app":
+            if len(boot["app_id"]) != 40:
+                raise Refused("app_id", "the event log has no 20-byte app-id event before boot-mr-done")
+            if len(boot["compose_hash"]) != 64:
+                raise Refused("compose_hash", "the event log has no 32-byte compose-hash event before boot-mr-done")
+            try:
+                provider = json.loads(bytes.fromhex(boot["key_provider_info"]) or b"null")
+            except ValueError:
+                provider = None
+            if not isinstance(provider, dict) or provider.get("name") != "kms" \
+                    or str(provider.get("id", "")).lower() != self.key_provider_id():
+                raise Refused("key_provider", "the CVM did not measure this KMS as its key provider "
+                                              "(key-provider event before boot-mr-done)")
+        measured = boot["os_image_hash"]
+        claimed = str(vm_config.get("os_image_hash") or "").lower().removeprefix("0x")
+        if claimed and claimed != measured:
+            raise Refused("vm_config.os_image_hash", "differs from the measured os-image-hash event; the "
+                                                     "measured value is the one checked")
+        pinned = self.os_image_measurements.get(measured)
+        if pinned is None:
+            if self.require_measurements:
+                raise Refused("os_image_hash", "no MRTD and RTMR0-2 are pinned for this OS image "
+                                               "(policy.os_image_measurements)")
+            return
+        for name, expected in pinned.items():
+            if boot.get(name) != expected:
+                raise Refused(name, f"differs from the value pinned for OS image {measured[:16]}...")
+
     def _release_request(self, request, method, remote_addr):
-        """(nonce, ephemeral public key) of a key-release request, the nonce consumed."""
+        """(nonce, ephemeral public key) of a key-release request, the nonce checked (not yet used up)."""
         try:
             nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
             eph = parse_hex(request.get("ephemeral_public_key", ""), "ephemeral_public_key", length=32)
-            self.nonces.consume(nonce)
+            self.nonces.check(nonce)
         except DstackError as exc:
             self.audit.record(method=method, decision="refuse", reason=str(exc), kms_mode=self.mode,
                               remote_addr=remote_addr)
@@ -167,7 +202,7 @@ class KmsService:
     def get_app_key(self, request, remote_addr=""):
         """Attested key release: nonce, quote bound to the ephemeral key, auth; keys sealed to that key."""
         nonce, eph = self._release_request(request, "GetAppKey", remote_addr)
-        boot, decision, audit = self._attest(request, key_release.key_release_report_data(nonce, eph),
+        boot, decision, audit = self._attest(request, nonce, key_release.key_release_report_data(nonce, eph),
                                              "GetAppKey", remote_addr)
         keys = kdf.derive_app_keys(self.keys.ca_key, self.keys.k256_key, boot["app_id"], boot["instance_id"])
         gateway = decision.gateway_app_id or self.gateway_app_id
@@ -190,7 +225,7 @@ class KmsService:
         (local kms.mrAggregated, webhook /bootAuth/kms, DstackKms.isKmsAllowed)."""
         nonce, eph = self._release_request(request, "GetKmsKey", remote_addr)
         _boot, _decision, audit = self._attest(
-            request, key_release.key_release_report_data(nonce, eph, key_release.KMS_KEY_TAG),
+            request, nonce, key_release.key_release_report_data(nonce, eph, key_release.KMS_KEY_TAG),
             "GetKmsKey", remote_addr, kind="kms")
         ca_key_pem, ca_cert_pem, k256 = root_keys.pem_forms(self.keys)
         payload = {"ca_key": ca_key_pem.decode(), "ca_cert": ca_cert_pem.decode(), "k256_key": k256.hex()}
@@ -198,34 +233,32 @@ class KmsService:
         return key_release.seal(payload, nonce, eph)
 
     def sign_cert(self, request, remote_addr=""):
-        """SignCert for GetTlsKey: an attested CVM's CSR, signed by its app's CA; [leaf, app CA, root CA]."""
+        """SignCert for GetTlsKey: an attested CVM's CSR, signed by its app's CA; [leaf, app CA, root CA].
+        Every field is checked before the quote is (bad input is a 400 and uses no nonce up)."""
+        nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
+        csr = app_certs.load_csr(request.get("csr", ""))
+        options = app_certs.leaf_options(request)
+        document = request.get("attestation")
+        if document not in (None, "") and not isinstance(document, str):
+            raise DstackError("attestation", "must be the attestation document's JSON text")
         try:
-            nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
-            csr = app_certs.load_csr(request.get("csr", ""))
-            self.nonces.consume(nonce)
+            self.nonces.check(nonce)
         except DstackError as exc:
             self.audit.record(method="SignCert", decision="refuse", reason=str(exc), kms_mode=self.mode,
                               remote_addr=remote_addr)
             raise Refused(exc.field, exc.reason) from None
         csr_der = csr.public_bytes(root_keys.serialization.Encoding.DER)
-        boot, _decision, audit = self._attest(request, key_release.sign_cert_report_data(nonce, csr_der),
-                                              "SignCert", remote_addr)
-        embedded = None
-        if request.get("attestation") not in (None, ""):
-            try:
-                embedded = self._ratls_attestation(request["attestation"], csr, boot)
-            except DstackError as exc:
-                self.audit.record(decision="refuse", reason=str(exc), **audit)
-                raise Refused(exc.field, exc.reason) from None
+        embedded = []
+
+        def attested_key(boot):  # the RA-TLS attestation is checked before the nonce is used up
+            if document not in (None, ""):
+                embedded.append(self._ratls_attestation(document, csr, boot))
+
+        boot, _decision, audit = self._attest(request, nonce, key_release.sign_cert_report_data(nonce, csr_der),
+                                              "SignCert", remote_addr, extra_check=attested_key)
         ca_key, ca_cert = app_certs.app_ca(self.keys.ca_key, self.keys.ca_cert, boot["app_id"])
-        alt_names = request.get("alt_names") or []
-        if not isinstance(alt_names, list) or not all(isinstance(n, str) for n in alt_names):
-            raise DstackError("alt_names", "must be a list of names")
-        leaf = app_certs.issue_leaf(ca_key, ca_cert, csr, boot["app_id"], alt_names=alt_names,
-                                    usage_server_auth=bool(request.get("usage_server_auth", True)),
-                                    usage_client_auth=bool(request.get("usage_client_auth", False)),
-                                    not_before=request.get("not_before"), not_after=request.get("not_after"),
-                                    attestation=embedded)
+        leaf = app_certs.issue_leaf(ca_key, ca_cert, csr, boot["app_id"], attestation=embedded[0] if embedded else None,
+                                    **options)
         self.audit.record(decision="release", reason="certificate signed", **audit)
         return {"certificate_chain": [app_certs.pem(leaf), app_certs.pem(ca_cert), app_certs.pem(self.keys.ca_cert)]}
 
@@ -251,9 +284,9 @@ class KmsService:
 
     def key_provider_id(self):
         """The KMS's key-provider id: its root CA public key (SubjectPublicKeyInfo DER), hex."""
-        return self.keys.ca_cert.public_key().public_bytes(
-            root_keys.serialization.Encoding.DER,
-            root_keys.serialization.PublicFormat.SubjectPublicKeyInfo).hex()
+        if self._key_provider_id is None:
+            self._key_provider_id = app_certs.key_provider_id(self.keys.ca_cert)
+        return self._key_provider_id
 
 
 def _vm_config(value):
@@ -268,3 +301,25 @@ def _vm_config(value):
     if not isinstance(parsed, dict):
         raise DstackError("vm_config", "is not a JSON object")
     return parsed
+
+
+MEASUREMENT_NAMES = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
+
+
+def os_image_measurements(value):
+    """policy.os_image_measurements: {os_image_hash: {mrtd, rtmr1, rtmr2[, rtmr0]}} (hex, 48 bytes each),
+    checked once at start; keys lowercased without 0x."""
+    if not isinstance(value, dict):
+        raise DstackError("policy.os_image_measurements", "must be a table {os_image_hash = {mrtd, rtmr1, rtmr2}}")
+    pins = {}
+    for image, measurements in value.items():
+        where = f"policy.os_image_measurements.{str(image)[:20]}"
+        image_hex = parse_hex(image, where, length=32).hex()
+        if not isinstance(measurements, dict) or not measurements:
+            raise DstackError(where, "must be a table of mrtd, rtmr0, rtmr1, rtmr2 (hex)")
+        unknown = sorted(set(measurements) - set(MEASUREMENT_NAMES))
+        if unknown:
+            raise DstackError(f"{where}.{unknown[0]}", f"is not one of {', '.join(MEASUREMENT_NAMES)}")
+        pins[image_hex] = {name: parse_hex(measurements[name], f"{where}.{name}", length=48).hex()
+                           for name in MEASUREMENT_NAMES if name in measurements}
+    return pins

@@ -40,6 +40,17 @@ def spki_der(public_key):
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def key_provider_id(ca_cert):
+    """A KMS's key-provider id (the key-provider event's "id", GetAppKey's key_provider.id): its root
+    CA's SubjectPublicKeyInfo DER, hex. ca_cert: a certificate, or its PEM (str or bytes)."""
+    if isinstance(ca_cert, (str, bytes)):
+        try:
+            ca_cert = x509.load_pem_x509_certificate(ca_cert.encode() if isinstance(ca_cert, str) else ca_cert)
+        except ValueError:
+            raise DstackError("ca_cert", "is not a PEM certificate") from None
+    return spki_der(ca_cert.public_key()).hex()
+
+
 def ratls_report_data(public_key):
     """The report_data of an RA-TLS certificate's quote: SHA-512("ratls-cert:" || SPKI DER)."""
     return hashlib.sha512(RATLS_PREFIX + spki_der(public_key)).digest()
@@ -79,6 +90,60 @@ def load_csr(csr_pem):
     if not csr.is_signature_valid:
         raise DstackError("csr", "its signature does not verify")
     return csr
+
+
+MAX_ALT_NAMES = 64
+MAX_CERT_TIME = 253402300799  # 9999-12-31T23:59:59Z, the last time X.509 can state
+
+
+def param_flag(params, name, default=False):
+    """A request's boolean (true/false, or the strings a query string carries)."""
+    value = params.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise DstackError(name, "must be true or false")
+
+
+def param_seconds(params, name):
+    """A request's time in seconds since the UNIX epoch (None when absent)."""
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CERT_TIME:
+        raise DstackError(name, "must be a number of seconds since the UNIX epoch, before the year 10000")
+    return value
+
+
+def param_names(params, name):
+    """A request's list of DNS names."""
+    value = params.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise DstackError(name, "must be a list of strings")
+    if len(value) > MAX_ALT_NAMES:
+        raise DstackError(name, f"has {len(value)} names; at most {MAX_ALT_NAMES} are allowed")
+    for item in value:
+        if len(item) > 253 or not item.isascii():
+            raise DstackError(name, "holds DNS names of at most 253 ASCII characters (IDNA A-labels: xn--...)")
+    return [n for n in value if n]
+
+
+def leaf_options(params, server_auth_default=True):
+    """issue_leaf's options from a GetTlsKey or SignCert request, every field checked first."""
+    not_before, not_after = param_seconds(params, "not_before"), param_seconds(params, "not_after")
+    if not_before is not None and not_after is not None and not_after <= not_before:
+        raise DstackError("not_after", "must be after not_before")
+    return {"alt_names": param_names(params, "alt_names"),
+            "usage_server_auth": param_flag(params, "usage_server_auth", server_auth_default),
+            "usage_client_auth": param_flag(params, "usage_client_auth"),
+            "not_before": not_before, "not_after": not_after}
 
 
 def issue_leaf(ca_key, ca_cert, csr, app_id, alt_names=(), usage_server_auth=True, usage_client_auth=False,

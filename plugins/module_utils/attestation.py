@@ -194,32 +194,34 @@ class CollateralCache:
 
 # ---- the verifier -----------------------------------------------------------------------------
 
-def _event_payloads(events):
-    return {e.name: e.payload for e in events}
-
-
-def boot_info_from(report, events, ppid, tcb_status, advisory_ids, mode):
-    """The boot info of dstack-reference 7.4, from a verified TD report and RTMR3 events."""
-    payloads = _event_payloads(events)
-    key_provider = payloads.get("key-provider")
+def boot_info_from(report, boot_log, ppid, tcb_status, advisory_ids, mode):
+    """The boot info of dstack-reference 7.4, from a verified TD report and its RTMR3 events read by
+    eventlog.read_boot_log (identity from before boot-mr-done only; None: no event log)."""
+    boot_log = boot_log or eventlog.BootLog()
+    key_provider = boot_log.identity.get("key-provider")
     mr_key_provider = hashlib.sha256(key_provider).digest() if key_provider is not None else bytes(32)
     aggregated = report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + report.rtmr3
     extra = report.mr_config_id + report.mr_owner + report.mr_owner_config
     if any(extra):
         aggregated += extra
+    mr_kms = next((e.payload for e in boot_log.events if e.name == "mr-kms"), b"")
     return {
         "attestation_mode": mode,
-        "app_id": payloads.get("app-id", b"").hex(),
-        "compose_hash": payloads.get("compose-hash", b"").hex(),
-        "instance_id": payloads.get("instance-id", b"").hex(),
+        "app_id": boot_log.get("app-id").hex(),
+        "compose_hash": boot_log.get("compose-hash").hex(),
+        "instance_id": boot_log.get("instance-id").hex(),
         "device_id": hashlib.sha256(ppid or b"").hexdigest(),
         "mr_aggregated": hashlib.sha256(aggregated).hexdigest(),
         "mr_system": hashlib.sha256(report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2
                                     + mr_key_provider).hexdigest(),
-        "os_image_hash": payloads.get("os-image-hash", b"").hex(),
+        "mrtd": report.mr_td.hex(),
+        "rtmr0": report.rtmr0.hex(),
+        "rtmr1": report.rtmr1.hex(),
+        "rtmr2": report.rtmr2.hex(),
+        "os_image_hash": boot_log.get("os-image-hash").hex(),
         "key_provider_info": (key_provider or b"").hex(),
         "key_provider": (key_provider or b"").decode("utf-8", "replace"),
-        "mr_kms": payloads.get("mr-kms", b"").hex(),
+        "mr_kms": mr_kms.hex(),
         "tcb_status": tcb_status,
         "advisory_ids": list(advisory_ids),
     }
@@ -280,19 +282,22 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
         result.add("report_data", quote.report.report_data == expected,
                    "matches" if quote.report.report_data == expected else "differs from the expected value")
 
-    events = []
+    boot_log = None
     if event_log is None:
         result.add("event_log", not policy.require_event_log,
                    "no event log given: RTMR3 not replayed, no boot info from events", skipped=True)
     else:
         try:
-            replayed = eventlog.replay_event_log(event_log)
-            events = eventlog.runtime_events(event_log)
+            entries = eventlog.parse_event_log(event_log)
+            replayed = eventlog.replay_event_log(entries)
+            boot_log = eventlog.read_boot_log(entries)
         except DstackError as exc:
             result.add("event_log", False, str(exc))
         else:
-            result.add("event_log", True, f"{len(events)} runtime events up to system-ready")
-            entries = eventlog.parse_event_log(event_log)
+            result.add("event_log", True, f"{len(boot_log.events)} boot events up to "
+                                          f"{boot_log.events[-1].name if boot_log.events else '(none)'}, "
+                                          f"{len(boot_log.app_events)} app events; identity from before "
+                                          f"boot-mr-done" + ("" if boot_log.sealed else " (none: no boot-mr-done)"))
             for imr in range(4):
                 if imr != 3 and not any(e["imr"] == imr for e in entries):
                     continue
@@ -300,6 +305,8 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
                 result.add(f"rtmr{imr}_replay", ok, "the event log replays to the quote's RTMR%d" % imr
                            if ok else f"the event log replays to {replayed[imr].hex()[:16]}..., "
                                       f"the quote has {quote.report.rtmrs[imr].hex()[:16]}...")
-    result.boot_info = boot_info_from(quote.report, events, ppid, result.tcb_status, result.advisory_ids,
+            if not all(c.ok for c in result.checks if c.name.endswith("_replay")):
+                boot_log = None  # a log that does not replay says nothing about this boot
+    result.boot_info = boot_info_from(quote.report, boot_log, ppid, result.tcb_status, result.advisory_ids,
                                       result.attestation_mode)
     return result

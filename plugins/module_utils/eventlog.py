@@ -11,6 +11,7 @@ Replay: R = 48 zero bytes; for each event R = SHA-384(R || digest).
 import base64
 import hashlib
 import json
+import dataclasses
 from dataclasses import dataclass
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
@@ -18,11 +19,22 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 DSTACK_EVENT_TYPE = 0x08000001
 RTMR3 = 3
 INIT_MR = bytes(48)
-# The order dstack-util setup emits its events in (the last three come after key fetch).
-BOOT_EVENTS = ("system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done",
-               "mr-kms", "os-image-hash", "key-provider", "storage-fs", "system-ready")
-# Events that state the app's identity: each may appear once before system-ready.
-IDENTITY_EVENTS = ("app-id", "compose-hash", "instance-id", "key-provider", "os-image-hash", "mr-kms")
+# What states the app's identity. Read only from the events before boot-mr-done, each exactly
+# once: after boot-mr-done the app could add events of its own (EmitEvent), so no identity may be
+# taken from there.
+IDENTITY_EVENTS = ("app-id", "compose-hash", "instance-id", "os-image-hash", "key-provider")
+# The order this project's boot measures in. dstack-util measures os-image-hash and key-provider
+# after boot-mr-done (their values come back from its key fetch); here they are identity and come
+# before it, so the KMS decides on measured values, not on what the request says.
+BOOT_EVENTS = ("system-preparing", "app-id", "compose-hash", "instance-id", "os-image-hash", "key-provider",
+               "boot-mr-done", "mr-kms", "storage-fs", "system-ready")
+# Names a boot may measure before boot-mr-done, and between it and system-ready (dstack's later
+# names included, so that a dstack guest's log reads too).
+PRE_BOOT_EVENTS = ("system-preparing",) + IDENTITY_EVENTS + ("init-script-hash", "gpu-policy-hash",
+                                                               "gpu-attestation")
+POST_BOOT_EVENTS = ("mr-kms", "os-image-hash", "key-provider", "storage-fs", "system-ready")
+# Every name the boot uses: EmitEvent refuses them all, and none may follow system-ready.
+RESERVED_EVENTS = tuple(dict.fromkeys(PRE_BOOT_EVENTS + ("boot-mr-done",) + POST_BOOT_EVENTS))
 
 
 def _jcs(value):
@@ -108,8 +120,10 @@ def parse_event_log(event_log, field="event_log"):
         imr = entry.get("imr")
         if isinstance(imr, bool) or not isinstance(imr, int) or not 0 <= imr <= 3:
             raise DstackError(f"{where}.imr", "must be an integer 0 to 3")
-        if not isinstance(entry.get("event_type"), int):
+        if isinstance(entry.get("event_type"), bool) or not isinstance(entry.get("event_type"), int):
             raise DstackError(f"{where}.event_type", "must be an integer")
+        if not isinstance(entry.get("event", "") or "", str):
+            raise DstackError(f"{where}.event", "must be a string")
         entries.append({
             "imr": imr,
             "event_type": entry["event_type"],
@@ -125,7 +139,8 @@ def replay_event_log(event_log, version=1):
     """{imr: RTMR bytes} from an event log.
 
     Runtime events (event_type 0x08000001) have their digest recomputed from name and payload;
-    the stored digest is ignored, as a verifier must. Other events are replayed from their digest.
+    the stored digest is ignored, as a verifier must. Other events are replayed from their digest
+    (read_boot_log refuses such events in RTMR3).
     """
     per_imr = {imr: INIT_MR for imr in range(4)}
     for entry in parse_event_log(event_log):
@@ -137,23 +152,84 @@ def replay_event_log(event_log, version=1):
     return per_imr
 
 
-def runtime_events(event_log, until="system-ready"):
-    """The RTMR3 runtime events (name, payload) up to and including `until`.
+@dataclass
+class BootLog:
+    """What an RTMR3 event log says, once read by the rules of read_boot_log.
 
-    Refuses an identity event (app-id, compose-hash, ...) that appears twice, since a second one
-    could make a verifier read another identity than the one measured first.
+    identity: {name: payload} of the IDENTITY_EVENTS measured before boot-mr-done (empty when
+    the log has no boot-mr-done: an identity is only one once it is sealed). events: the runtime
+    events up to and including system-ready. app_events: the app's own events after it.
     """
-    events = []
+    identity: dict = dataclasses.field(default_factory=dict)
+    events: list = dataclasses.field(default_factory=list)
+    app_events: list = dataclasses.field(default_factory=list)
+    sealed: bool = False
+    ready: bool = False
+
+    def get(self, name, default=b""):
+        return self.identity.get(name, default)
+
+
+def read_boot_log(event_log, version=1):
+    """Read the RTMR3 runtime events by the one set of rules every verifier uses (the KMS, the
+    verifier CLI, verify_quote, the guest). Raises DstackError naming the entry that breaks one:
+
+    - every RTMR3 entry is a dstack runtime event (event_type 0x08000001) whose stored digest is
+      the one recomputed from its name and payload: an entry a verifier cannot recompute could
+      carry any name (this is how a relabelled log once posed as another app);
+    - the first event is system-preparing; before boot-mr-done only the boot's own names, each
+      once; between boot-mr-done and system-ready only the post-boot names, each once in the
+      whole log; after system-ready no boot name at all;
+    - the identity (IDENTITY_EVENTS) is read from the events before boot-mr-done only.
+    Replaying against the quote's RTMR3 is the caller's (replay_event_log), and must also pass.
+    """
+    result = BootLog()
     seen = set()
-    for entry in parse_event_log(event_log):
-        if entry["imr"] != RTMR3 or entry["event_type"] != DSTACK_EVENT_TYPE:
+    phase = "boot"
+    for pos, entry in enumerate(parse_event_log(event_log)):
+        if entry["imr"] != RTMR3:
             continue
-        name = entry["event"]
-        if name in IDENTITY_EVENTS:
-            if name in seen:
-                raise DstackError("event_log", f"has the identity event {name!r} twice")
-            seen.add(name)
-        events.append(RuntimeEvent(name, entry["event_payload"]))
-        if until and name == until:
+        where = f"event_log[{pos}]"
+        if entry["event_type"] != DSTACK_EVENT_TYPE:
+            raise DstackError(f"{where}.event_type", f"is {entry['event_type']}: only dstack runtime events "
+                                                     f"({DSTACK_EVENT_TYPE}), whose digest a verifier recomputes, "
+                                                     "may extend RTMR3")
+        name, payload = entry["event"], entry["event_payload"]
+        if entry["digest"] != event_digest(name, payload, version):
+            raise DstackError(f"{where}.digest", f"is not the digest of the event {name[:64]!r} and its payload")
+        event = RuntimeEvent(name, payload)
+        if phase == "app":
+            if name in RESERVED_EVENTS:
+                raise DstackError(where, f"the boot event {name!r} follows system-ready (an app cannot measure it)")
+            result.app_events.append(event)
+            continue
+        if not result.events and name != "system-preparing":
+            raise DstackError(where, f"is {name[:64]!r}: a boot's first event is system-preparing")
+        allowed = PRE_BOOT_EVENTS + ("boot-mr-done",) if phase == "boot" else POST_BOOT_EVENTS
+        if name not in allowed:
+            raise DstackError(where, f"the event {name[:64]!r} cannot come "
+                                     f"{'before boot-mr-done' if phase == 'boot' else 'between boot-mr-done and system-ready'}")
+        if name in seen:
+            raise DstackError(where, f"has the boot event {name!r} a second time")
+        seen.add(name)
+        result.events.append(event)
+        if phase == "boot" and name in IDENTITY_EVENTS:
+            result.identity[name] = payload
+        if name == "boot-mr-done":
+            phase, result.sealed = "system", True
+        elif name == "system-ready":
+            phase, result.ready = "app", True
+    if not result.sealed:
+        result.identity = {}
+    return result
+
+
+def runtime_events(event_log, until="system-ready"):
+    """The RTMR3 runtime events (RuntimeEvent) up to and including `until`, read by read_boot_log's
+    rules (DstackError when the log breaks one)."""
+    events = []
+    for event in read_boot_log(event_log).events:
+        events.append(event)
+        if until and event.name == until:
             break
     return events

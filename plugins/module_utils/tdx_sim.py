@@ -20,7 +20,15 @@ replaced when present but damaged):
     tcb-signing.key  tcb-signing.crt    signs TCB info and QE identity
     attestation.key                     the QE's attestation key (signs quotes)
     platform.json                       PPID, FMSPC and the QE id of this installation
-    rtmrs.json                          RTMR0-3, extended with SHA-384(old || digest)
+    rtmrs.json                          MRTD and RTMR0-3 of a TD (see launch_measurements)
+
+What the simulated launch measures (launch_measurements): real TDX measures the firmware into
+MRTD, the virtual hardware into RTMR0, the kernel into RTMR1 and the kernel command line (which
+holds the rootfs verity hash) and initrd into RTMR2, so the OS image is bound to MRTD and
+RTMR0-2. The simulator has no image bytes to measure: it measures the os_image_hash the host
+names in vm_config (and cpu_count, memory_size), with the same registers playing the same
+parts. So a KMS can pin MRTD and RTMR0-2 per OS image here as on real TDX, but here the pin
+proves only which image the host named, not the image's bytes.
 """
 
 import datetime
@@ -106,6 +114,28 @@ REPORT_FIELDS = tuple(name for name, _size in TdReport10.LAYOUT if name != "repo
 
 
 # --- a little DER, for the Intel SGX extension (cryptography has no general ASN.1 encoder) ---
+
+def launch_measurements(vm_config=None):
+    """{"mr_td", "rtmr0", "rtmr1", "rtmr2"}: what the simulated TDX module and firmware measure
+    when a TD with this vm_config (a dict or its JSON text) is launched (see the module docstring)."""
+    if isinstance(vm_config, (str, bytes)):
+        try:
+            vm_config = json.loads(vm_config or "{}")
+        except ValueError:
+            raise DstackError("vm_config", "is not JSON") from None
+    vm_config = vm_config if isinstance(vm_config, dict) else {}
+    image = parse_hex(str(vm_config.get("os_image_hash") or ""), "vm_config.os_image_hash", allow_empty=True)
+
+    def measured(*parts):
+        return hashlib.sha384(bytes(RTMR_SIZE) + hashlib.sha384(b":".join(parts)).digest()).digest()
+
+    hardware = json.dumps({"cpu_count": vm_config.get("cpu_count"), "memory_size": vm_config.get("memory_size")},
+                          sort_keys=True).encode()
+    return {"mr_td": hashlib.sha384(b"dstack-sim-firmware:" + image).digest(),
+            "rtmr0": measured(b"dstack-sim-hardware", hardware),
+            "rtmr1": measured(b"dstack-sim-kernel", image),
+            "rtmr2": measured(b"dstack-sim-cmdline-initrd", image)}
+
 
 def _der(tag, content):
     size = len(content)
@@ -512,7 +542,8 @@ class SimTdx:
         sizes = dict(TdReport10.LAYOUT)
         values = {"tee_tcb_svn": TEE_TCB_SVN, "mr_seam": MR_SEAM, "mr_signer_seam": TDX_MODULE_MRSIGNER,
                   "seam_attributes": SEAM_ATTRIBUTES, "td_attributes": TD_ATTRIBUTES, "xfam": XFAM}
-        values.update({f"rtmr{i}": value for i, value in enumerate(self.read_rtmrs())})
+        with _locked(self._rtmr_lock(), fcntl.LOCK_SH):
+            values.update(self._read_state())
         for name, value in report_fields.items():
             if value is not None:
                 values[name] = parse_hex(value, name, sizes[name])
@@ -547,22 +578,34 @@ class SimTdx:
         """RTMR[index] = SHA-384(RTMR[index] || digest), under a lock so no concurrent extend is lost."""
         check_rtmr_args(index, digest)
         with _locked(self._rtmr_lock(), fcntl.LOCK_EX):
-            rtmrs = self._read_rtmrs()
-            rtmrs[index] = hashlib.sha384(rtmrs[index] + bytes(digest)).digest()
-            self._write_rtmrs(rtmrs)
+            state = self._read_state()
+            state[f"rtmr{index}"] = hashlib.sha384(state[f"rtmr{index}"] + bytes(digest)).digest()
+            self._write_state(state)
 
-    def _read_rtmrs(self):
+    def _read_state(self):
+        """{"rtmr0".."rtmr3", and "mr_td" when the TD was launched with launch_measurements}."""
         path = self.rtmr_state
         try:
             data = json.loads(_read_file(path, RTMRS_FILE))
-            return [parse_hex(data[f"rtmr{i}"], f"rtmr{i}", RTMR_SIZE) for i in range(4)]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            state = {f"rtmr{i}": parse_hex(data[f"rtmr{i}"], f"rtmr{i}", RTMR_SIZE) for i in range(4)}
+            if data.get("mr_td"):
+                state["mr_td"] = parse_hex(data["mr_td"], "mr_td", RTMR_SIZE)
+            return state
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, DstackError) as exc:
             raise DstackError(RTMRS_FILE, f"{path} is damaged ({exc}); it is not reset") from None
 
-    def reset_rtmrs(self):
-        """A new boot of this TD: RTMR0-3 back to zero (a real TD starts with them zeroed)."""
+    def _read_rtmrs(self):
+        state = self._read_state()
+        return [state[f"rtmr{i}"] for i in range(4)]
+
+    def reset_rtmrs(self, vm_config=None):
+        """A new boot of this TD: RTMR3 back to zero, as a real TD starts. Given a vm_config, MRTD
+        and RTMR0-2 hold its launch_measurements (the OS image it names); without one they are zero."""
+        state = {f"rtmr{i}": bytes(RTMR_SIZE) for i in range(4)}
+        if vm_config is not None:
+            state.update(launch_measurements(vm_config))
         with _locked(self._rtmr_lock(), fcntl.LOCK_EX):
-            self._write_rtmrs([bytes(RTMR_SIZE)] * 4)
+            self._write_state(state)
 
     def _rtmr_lock(self):
         if self.rtmr_state == self._path(RTMRS_FILE):
@@ -570,5 +613,8 @@ class SimTdx:
         return self.rtmr_state + ".lock"
 
     def _write_rtmrs(self, rtmrs):
-        text = json.dumps({f"rtmr{i}": value.hex() for i, value in enumerate(rtmrs)}, indent=2) + "\n"
+        self._write_state({f"rtmr{i}": value for i, value in enumerate(rtmrs)})
+
+    def _write_state(self, state):
+        text = json.dumps({name: value.hex() for name, value in sorted(state.items())}, indent=2) + "\n"
         atomic_write(self.rtmr_state, text.encode(), 0o600)

@@ -151,8 +151,8 @@ def test_get_quote_verifies_and_replays(agent):
     result = verify(agent, answer, data)
     assert result.attestation_mode == "dstack-sim"
     assert answer.replay_rtmrs()[3] == result.quote.report.rtmr3.hex()
-    assert [e.event for e in answer.decode_event_log()][:5] == [
-        "system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done"]
+    assert [e.event for e in answer.decode_event_log()][:7] == [
+        "system-preparing", "app-id", "compose-hash", "instance-id", "os-image-hash", "key-provider", "boot-mr-done"]
     compose_hash = hashlib.sha256(agent.app_compose_bytes()).hexdigest()
     assert result.boot_info["compose_hash"] == compose_hash and result.boot_info["app_id"] == compose_hash[:40]
     assert json.loads(answer.vm_config)["os_image_hash"] == result.boot_info["os_image_hash"]
@@ -481,7 +481,8 @@ def test_ra_tls_certificate_through_the_kms(local, tmp_path):
     (tmp_path / "auth-config.json").write_text(json.dumps({
         "osImages": ["0x" + info["os_image_hash"]],
         "apps": {"0x" + info["app_id"]: {"composeHashes": ["0x" + info["compose_hash"]], "allowAnyDevice": True}}}))
-    kms_app, _kms_client = make_kms(tmp_path, ctx.provider)
+    # The KMS this CVM measured as its key provider: the simulator's local KMS (its root keys).
+    kms_app, _kms_client = make_kms(tmp_path, ctx.provider, state_dir=str(Path(ctx.provider.state_dir).parent / "kms"))
     signed = GuestContext(ctx.paths, ctx.provider)
     signed.cert_signer = KmsCertSigner(InProcessKms(kms_app), signed)
     answer = create_app(signed).test_client().post("/GetTlsKey", json={"subject": "ratls", "usage_ra_tls": True})

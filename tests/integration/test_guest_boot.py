@@ -88,8 +88,8 @@ def test_boot_to_a_running_app(tmp_path, module, world, busybox_image):
         runner.down()
     # RTMR3 holds the boot events in dstack's order, and a quote's event log replays to it.
     names = [e.name for e in ctx.runtime_events()]
-    assert names == ["system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done",
-                     "os-image-hash", "key-provider", "storage-fs", "system-ready"]
+    assert names == ["system-preparing", "app-id", "compose-hash", "instance-id", "os-image-hash", "key-provider",
+                     "boot-mr-done", "storage-fs", "system-ready"]
     quote, log = ctx.quote(b"check")
     result = attestation.verify_quote(quote, sim.collateral(), sim.root_ca_der, event_log=log)
     assert result.ok and result.boot_info["compose_hash"] == app["compose_hash"]

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import dstack_sdk
 import pytest
 
+from ansible_collections.dstack.tee.agents.guest import measure
 from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.app import create_app
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose, eventlog, kdf, key_release
@@ -58,13 +59,23 @@ def sim(tmp_path):
     return SimTdx(str(tmp_path / "sim"))
 
 
-def boot(sim, app_id=APP_ID, compose_hash=COMPOSE_HASH, instance_id=INSTANCE_ID, extra=()):
-    """Measure a fresh boot into the simulator's RTMR3, as the guest does; return the event log JSON."""
-    sim.reset_rtmrs()
+# The key-provider id (root CA public key) of the KMS each simulated platform's CVMs use, by the
+# simulator's state dir: make_kms and KmsProcess register theirs, boot() measures it.
+KMS_ROOTS = {}
+
+
+def boot(sim, app_id=APP_ID, compose_hash=COMPOSE_HASH, instance_id=INSTANCE_ID, extra=(), os_image=OS_IMAGE,
+         key_provider_id=None):
+    """Measure a fresh boot into the simulator, as the guest does (launch measurements of the OS
+    image, then RTMR3 up to boot-mr-done, then `extra`); return the event log JSON."""
+    sim.reset_rtmrs({"os_image_hash": os_image})
+    provider_id = KMS_ROOTS.get(sim.state_dir, "") if key_provider_id is None else key_provider_id
     events = [eventlog.RuntimeEvent("system-preparing"),
               eventlog.RuntimeEvent("app-id", bytes.fromhex(app_id)),
               eventlog.RuntimeEvent("compose-hash", bytes.fromhex(compose_hash)),
               eventlog.RuntimeEvent("instance-id", bytes.fromhex(instance_id)),
+              eventlog.RuntimeEvent("os-image-hash", bytes.fromhex(os_image)),
+              eventlog.RuntimeEvent("key-provider", measure.key_provider_payload("kms", provider_id)),
               eventlog.RuntimeEvent("boot-mr-done"), *extra]
     for event in events:
         sim.extend_rtmr(3, event.digest())
@@ -79,6 +90,7 @@ def make_kms(tmp_path, sim, **config):
             "auth": {"type": "local", "path": str(allow)}}
     base.update(config)
     app = create_app(base)
+    KMS_ROOTS[sim.state_dir] = app.extensions["dstack_kms"].key_provider_id()
     return app, InProcessKms(app)
 
 
@@ -153,7 +165,7 @@ def test_replayed_nonce(tmp_path, sim):
     request = {"nonce": nonce, "ephemeral_public_key": pub.hex(), "event_log": log, "vm_config": VM_CONFIG,
                "quote": sim.get_quote(key_release.key_release_report_data(nonce, pub)).hex()}
     client.call("GetAppKey", request)
-    _refused(app, client, lambda: client.call("GetAppKey", request), "nonce: is unknown or was already used")
+    _refused(app, client, lambda: client.call("GetAppKey", request), "nonce: was already used")
 
 
 def test_expired_nonce(tmp_path, sim):
@@ -209,6 +221,8 @@ def test_tampered_event_log(tmp_path, sim):
     app, client = make_kms(tmp_path, sim)
     log = json.loads(boot(sim))
     log[2]["event_payload"] = "00" * 32  # claim another compose hash than the one measured
+    _refused(app, client, lambda: client.get_app_key(sim, json.dumps(log), VM_CONFIG), "is not the digest")
+    log[2]["digest"] = eventlog.event_digest("compose-hash", bytes(32)).hex()  # and restamp its digest
     _refused(app, client, lambda: client.get_app_key(sim, json.dumps(log), VM_CONFIG), "rtmr3_replay")
 
 
@@ -226,7 +240,8 @@ def test_unknown_app(tmp_path, sim):
 
 def test_os_image_not_allowed(tmp_path, sim):
     app, client = make_kms(tmp_path, sim)
-    _refused(app, client, lambda: client.get_app_key(sim, boot(sim), json.dumps({"os_image_hash": "44" * 32})),
+    _refused(app, client, lambda: client.get_app_key(sim, boot(sim, os_image="44" * 32),
+                                                     json.dumps({"os_image_hash": "44" * 32})),
              "OS image is not allowed")
 
 
@@ -290,12 +305,24 @@ def test_webhook_allows_and_gets_dstacks_fields(tmp_path, sim, webhook):
     assert body["deviceId"] == sim.device_id.hex()
 
 
-def test_nonce_flood_is_bounded(tmp_path, sim):
-    _app, client = make_kms(tmp_path, sim, max_nonces=3)
-    for _i in range(3):
-        client.call("GetNonce")
-    response = client.client.post("/prpc/KMS.GetNonce", json={})
-    assert response.status_code == 429 and "outstanding" in response.get_json()["error"]
+def test_nonces_are_issued_without_state_and_checked_by_their_mac(tmp_path, sim):
+    app, client = make_kms(tmp_path, sim)
+    store = app.extensions["dstack_kms"].nonces
+    nonces = {client.call("GetNonce")["nonce"] for _i in range(200)}
+    assert len(nonces) == 200 and store.consumed_count() == 0  # issuing stores nothing
+    # A nonce another KMS issued (other root keys, so another MAC key) is refused.
+    (tmp_path / "other").mkdir()
+    other_app, other = make_kms(tmp_path / "other", sim)
+    foreign = other.call("GetNonce")["nonce"]
+    _priv, pub = key_release.new_ephemeral_key()
+    request = {"nonce": foreign, "ephemeral_public_key": pub.hex(), "event_log": boot(sim), "vm_config": VM_CONFIG,
+               "quote": sim.get_quote(key_release.key_release_report_data(foreign, pub)).hex()}
+    _refused(app, client, lambda: client.call("GetAppKey", request), "nonce: was not issued by this KMS")
+    # A forged expiry (the MAC covers it) is refused too.
+    forged = (int(foreign[:16], 16) + 3600).to_bytes(8, "big").hex() + foreign[16:]
+    request.update(nonce=forged, quote=sim.get_quote(key_release.key_release_report_data(forged, pub)).hex())
+    _refused(app, client, lambda: client.call("GetAppKey", request), "nonce: was not issued by this KMS")
+    assert other_app.extensions["dstack_kms"].nonces.consumed_count() == 0
 
 
 def test_bad_requests_get_json_errors(tmp_path, sim):

@@ -26,7 +26,7 @@ def replica(sim, vm_config=VM_CONFIG):
     """The replica's attest(report_data) over a fresh simulated boot, and its boot info."""
     log = boot(sim)
     report = tdx_quote.parse_quote(sim.get_quote(b"\0" * 64)).report
-    info = attestation.boot_info_from(report, eventlog.runtime_events(log), sim.ppid, "", [], "")
+    info = attestation.boot_info_from(report, eventlog.read_boot_log(log), sim.ppid, "", [], "")
 
     def attest(report_data):
         return {"quote": sim.get_quote(report_data).hex(), "event_log": log, "vm_config": vm_config}

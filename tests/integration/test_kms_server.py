@@ -12,11 +12,12 @@ from pathlib import Path
 import dstack_sdk
 import pytest
 
+from ansible_collections.dstack.tee.plugins.module_utils.app_certs import key_provider_id
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from conftest import free_port
-from test_kms import APP_ID, COMPOSE_HASH, VM_CONFIG, allowlist, boot
+from test_kms import APP_ID, COMPOSE_HASH, KMS_ROOTS, VM_CONFIG, allowlist, boot
 
 KMS = str(Path(sys.executable).parent / "dstack-kms")
 
@@ -37,6 +38,9 @@ class KmsProcess:
                 raise AssertionError("dstack-kms exited:\n" + self.proc.stdout.read())
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    # CVMs on its simulated platform measure this KMS as their key provider (boot()).
+                    KMS_ROOTS[os.path.abspath(self.state_dir / "tdx-sim")] = key_provider_id(
+                        (self.state_dir / "root-ca.crt").read_bytes())
                     return self
             except OSError:
                 time.sleep(0.1)
