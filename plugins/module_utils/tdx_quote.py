@@ -9,8 +9,34 @@ length of the signature data: the attestation key's ECDSA signature over header 
 attestation public key, and certification data of type 6 (QE report, its signature by the PCK
 key, QE authentication data, and the PCK certificate chain as certification data of type 5).
 Every parsing failure raises QuoteError naming what is wrong and where.
+
+Every byte is accounted for: the signature data length, the type 6 size and the type 5 size must
+each end exactly where the data they describe ends. After the signature data only zero bytes may
+follow (real quote generators pad their buffers: Intel's sample quote has 70); they are kept in
+Quote.padding, read by nothing, and any other byte there is refused. The PCK chain must be PEM
+CERTIFICATE blocks, ASCII whitespace around them and NUL bytes after the last, each block strict
+base64 of one DER SEQUENCE; the first block is the PCK leaf (as dcap-qvl reads it).
+
+Quote identity. Some bytes of a valid quote can change without changing what it attests: the
+padding, the PEM text of the chain (line breaks, whitespace), the intermediate and root
+certificates (the verifier chains to its own trust root), and each ECDSA signature (s and n - s
+both verify). So the SHA-256 of the raw bytes does not identify a quote; quote_identity() does,
+and it is the one definition for audit logs and cache keys. It is the SHA-256 of
+    IDENTITY_DOMAIN
+    || header || (v5: body type u16, body size u32) || TD report body    (what the attestation key signs)
+    || quote signature r || low-s                                        (64 bytes)
+    || attestation key                                                   (64 bytes, X || Y)
+    || QE report                                                         (384 bytes)
+    || QE report signature r || low-s                                    (64 bytes)
+    || u16 length || QE authentication data
+    || u32 length || tbsCertificate of the PCK leaf, DER                 (what the PCK CA signs)
+where low-s is min(s, n - s) with n the order of P-256 (big-endian, 32 bytes). For any raw bytes
+the verifier accepts, every other encoding it also accepts has the same identity
+(tests/unit/test_tdx_quote_fuzz.py checks that invariant).
 """
 
+import base64
+import hashlib
 import struct
 from dataclasses import dataclass, field, fields, replace
 
@@ -26,6 +52,12 @@ BODY_TYPE_TD15 = 3
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 TD_ATTRIBUTES_DEBUG = 0x01  # bit 0 of td_attributes: a debug TD, whose memory the host can read
 MAX_QUOTE_SIZE = 64 * 1024
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+IDENTITY_DOMAIN = b"dstack.tee TDX quote identity v1\x00"
+PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+PEM_END = b"-----END CERTIFICATE-----"
+PEM_WHITESPACE = b" \t\n\r\x0b\x0c"
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 class QuoteError(DstackError):
@@ -184,6 +216,20 @@ class QeCertificationData:
     def pck_chain_pem(self):
         return self.cert_data if self.cert_type == CERT_TYPE_PCK_CHAIN else None
 
+    def pck_chain_der(self):
+        """The PCK chain's certificates in DER, leaf first. Raises QuoteError on a malformed chain."""
+        if self.cert_type != CERT_TYPE_PCK_CHAIN:
+            raise QuoteError(f"carries certification data of type {self.cert_type} inside its QE report "
+                             f"data; TDX quotes carry the PCK certificate chain (type {CERT_TYPE_PCK_CHAIN})")
+        return _pem_certificates(self.cert_data)
+
+    def pck_leaf_tbs(self):
+        """The PCK leaf's tbsCertificate in DER: the bytes the PCK CA signs."""
+        leaf = self.pck_chain_der()[0]
+        tbs_start, _leaf_end = _der_sequence(leaf, 0, "PCK leaf certificate")
+        _content_start, tbs_end = _der_sequence(leaf, tbs_start, "PCK leaf certificate's tbsCertificate")
+        return leaf[tbs_start:tbs_end]
+
 
 @dataclass
 class Quote:
@@ -195,11 +241,14 @@ class Quote:
     certification: QeCertificationData
     body_type: int = BODY_TYPE_TD10
     raw: bytes = b""
-    trailing: bytes = b""
+    padding: bytes = b""  # the zero bytes after the signature data (see the module docstring)
 
     @property
     def signed_bytes(self):
-        return self.raw[:self.signed_length]
+        out = self.header.to_bytes()
+        if self.header.version >= 5:
+            out += struct.pack("<HI", self.body_type, self.report.size())
+        return out + self.report.to_bytes()
 
     @property
     def signed_length(self):
@@ -208,12 +257,19 @@ class Quote:
 
     def to_bytes(self):
         """Serialize (the simulator builds quotes with this); signature fields as they are set."""
-        out = self.header.to_bytes()
-        if self.header.version >= 5:
-            out += struct.pack("<HI", self.body_type, self.report.size())
-        out += self.report.to_bytes()
         auth = self.signature + self.attestation_key + self.certification.to_bytes()
-        return out + struct.pack("<I", len(auth)) + auth + self.trailing
+        return self.signed_bytes + struct.pack("<I", len(auth)) + auth + self.padding
+
+    def identity(self):
+        """The quote's identity (hex SHA-256 of its signed parts): see the module docstring."""
+        cert = self.certification
+        leaf_tbs = cert.pck_leaf_tbs()
+        digest = hashlib.sha256(IDENTITY_DOMAIN)
+        for part in (self.signed_bytes, _low_s(self.signature), self.attestation_key, cert.qe_report.to_bytes(),
+                     _low_s(cert.qe_report_signature), struct.pack("<H", len(cert.qe_auth_data)),
+                     cert.qe_auth_data, struct.pack("<I", len(leaf_tbs)), leaf_tbs):
+            digest.update(part)
+        return digest.hexdigest()
 
     def to_dict(self):
         return {"header": self.header.to_dict(), "body_type": self.body_type,
@@ -223,6 +279,82 @@ class Quote:
                 "qe_report_signature": self.certification.qe_report_signature.hex(),
                 "qe_auth_data": self.certification.qe_auth_data.hex(),
                 "cert_type": self.certification.cert_type}
+
+
+def quote_identity(quote):
+    """The identity of a quote (raw bytes, or a Quote from parse_quote): a hex SHA-256 over its
+    signed parts, equal for every encoding of the same evidence. Raises QuoteError if the bytes do
+    not parse. Audit logs and cache keys use this, never a hash of the raw bytes."""
+    if not isinstance(quote, Quote):
+        quote = parse_quote(quote)
+    return quote.identity()
+
+
+def _low_s(signature):
+    """A raw r || s P-256 signature with s replaced by min(s, n - s): (r, s) and (r, n - s) both verify."""
+    s_value = int.from_bytes(signature[32:], "big") % P256_ORDER
+    return signature[:32] + min(s_value, (P256_ORDER - s_value) % P256_ORDER).to_bytes(32, "big")
+
+
+def _der_sequence(data, offset, what):
+    """(content start, content end) of the DER SEQUENCE at `offset`; it must lie within `data`."""
+    if len(data) < offset + 2 or data[offset] != 0x30:
+        raise QuoteError(f"has a {what} that is not a DER SEQUENCE")
+    first = data[offset + 1]
+    start = offset + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if not 1 <= count <= 3 or len(data) < start + count:
+            raise QuoteError(f"has a {what} with a bad DER length")
+        length = int.from_bytes(data[start:start + count], "big")
+        start += count
+        if length < 0x80 or length >> (8 * (count - 1)) == 0:
+            raise QuoteError(f"has a {what} with a non-minimal DER length")
+    if start + length > len(data):
+        raise QuoteError(f"has a {what} of {length} bytes where {len(data) - start} are left")
+    return start, start + length
+
+
+def _pem_certificates(chain):
+    """DER certificates from PEM text: CERTIFICATE blocks, ASCII whitespace around them, NULs at the end.
+
+    Stricter than dcap-qvl's PEM reader (the pem crate: it skips any text before a BEGIN line and
+    drops what follows a block it cannot delimit), so that when both read a chain, the first block
+    here is the leaf dcap-qvl verifies.
+    """
+    text = chain.rstrip(b"\0")
+    certs = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos] in PEM_WHITESPACE:
+            pos += 1
+        if pos == len(text):
+            break
+        where = f"byte {pos} of the PCK certificate chain"
+        if not text.startswith(PEM_BEGIN, pos):
+            raise QuoteError(f"has {text[pos:pos + 12]!r} at {where}, where a PEM CERTIFICATE block belongs")
+        end = text.find(b"-----END ", pos + len(PEM_BEGIN))
+        if end < 0 or not text.startswith(PEM_END, end):
+            raise QuoteError(f"has a PEM block at {where} without its END CERTIFICATE line")
+        body = text[pos + len(PEM_BEGIN):end].translate(None, PEM_WHITESPACE)
+        if body.translate(None, _BASE64_ALPHABET):
+            raise QuoteError(f"has a byte that is not base64 in the PEM block at {where}")
+        try:
+            der = base64.b64decode(body, validate=True)
+        except ValueError:
+            raise QuoteError(f"has bad base64 in the PEM block at {where}") from None
+        if base64.b64encode(der) != body:
+            raise QuoteError(f"has non-canonical base64 in the PEM block at {where}")
+        _start, der_end = _der_sequence(der, 0, f"certificate at {where}")
+        if der_end != len(der):
+            raise QuoteError(f"has {len(der) - der_end} bytes after the certificate at {where}")
+        certs.append(der)
+        pos = end + len(PEM_END)
+    if not certs:
+        raise QuoteError("has a PCK certificate chain without a certificate")
+    return certs
 
 
 def _read(fmt, data, offset, what):
@@ -263,10 +395,14 @@ def parse_quote(data):
     offset += 4
     if len(data) < offset + auth_len:
         raise QuoteError(f"has {len(data) - offset} bytes of signature data where its length field says {auth_len}")
-    # Bytes past the signature data are padding some quote generators leave; they are kept
-    # (so the quote re-serializes exactly) but nothing in them is read.
-    trailing = data[offset + auth_len:]
-    data = data[:offset + auth_len]
+    end = offset + auth_len
+    padding = data[end:]
+    if padding.strip(b"\0"):
+        first_nonzero = end + len(padding) - len(padding.lstrip(b"\0"))
+        raise QuoteError(f"has {len(padding)} bytes after the {auth_len} bytes of signature data its length "
+                         f"field declares, not all zero (byte {first_nonzero} is {data[first_nonzero]:#04x}); "
+                         f"only zero padding may follow a quote")
+    data = data[:end]
     if auth_len < 64 + 64 + 6:
         raise QuoteError(f"signature data of {auth_len} bytes is too short")
     signature = data[offset:offset + 64]
@@ -296,8 +432,9 @@ def parse_quote(data):
         raise QuoteError(f"PCK certification data says {inner_size} bytes, {len(data) - offset} are there")
     certification = QeCertificationData(qe_report, qe_report_signature, qe_auth_data, inner_type,
                                         data[offset:offset + inner_size])
-    return Quote(header, report, signature, attestation_key, certification, body_type, data + trailing,
-                 trailing)
+    certification.pck_leaf_tbs()  # the chain is read here, so that what parses has an identity
+    return Quote(header, report, signature, attestation_key, certification, body_type, data + padding,
+                 padding)
 
 
 def with_report(quote, **changes):
