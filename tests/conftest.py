@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -15,11 +16,31 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "contracts"))  # devchain.py: the ganache development chain
 
-settings.register_profile("ci", max_examples=200, deadline=None,
+# Property tests. "ci" (the default) is derandomized: each test's seed is a hash of its source, so
+# every machine and every run tries the same examples, and a red `make test` is a real regression,
+# not a new find. HYPOTHESIS_PROFILE=long searches deeper, from a random seed per run that the
+# header prints (rerun a failure with --hypothesis-seed=N). Failures print a @reproduce_failure blob.
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=20000, deadline=None,
+settings.register_profile("long", max_examples=20000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # Before Hypothesis's own hook reads the option: a random search still has one seed per run.
+    if not settings.default.derandomize and config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().getrandbits(64))
+
+
+def pytest_report_header(config):
+    profile = settings.get_current_profile_name()
+    if settings.default.derandomize:
+        return (f"hypothesis profile {profile}: derandomized (each property test's seed is a hash "
+                f"of its source), max_examples={settings.default.max_examples}")
+    return (f"hypothesis profile {profile}: seed {config.getoption('hypothesis_seed')} "
+            f"(rerun with --hypothesis-seed=N), max_examples={settings.default.max_examples}")
 
 
 IMAGE = "localhost/dstack-test-busybox:latest"
