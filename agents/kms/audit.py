@@ -2,7 +2,9 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The KMS audit log: one JSON line per release or refusal, appended, never rewritten.
 
-Each line has the time, method, decision and reason, the app's identity and the quote's hash.
+Each line has the time, method, decision and reason, the app's identity and the quote's identity
+(tdx_quote.quote_identity: a digest of its signed parts; quote_sha256 only for bytes that do not
+parse as a quote).
 It never holds a key: the writer takes only the fields listed in FIELDS.
 """
 
@@ -11,7 +13,7 @@ import os
 import time
 
 FIELDS = ("method", "decision", "reason", "app_id", "compose_hash", "instance_id", "device_id", "os_image_hash", "mr_aggregated",
-          "quote_sha256", "tcb_status", "attestation_mode", "kms_mode", "remote_addr")
+          "quote_identity", "quote_sha256", "tcb_status", "attestation_mode", "kms_mode", "remote_addr")
 
 
 class AuditLog:

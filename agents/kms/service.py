@@ -133,9 +133,12 @@ class KmsService:
         audit = {"method": method, "kms_mode": self.mode, "remote_addr": remote_addr}
         try:
             quote = parse_hex(request.get("quote", ""), "quote")
-            audit["quote_sha256"] = hashlib.sha256(quote).hexdigest()
             vm_config = _vm_config(request.get("vm_config"))
             result = self._verify(quote, request.get("event_log"), expected_report_data)
+            if result.quote is not None:  # the signed parts: one quote, however its bytes are laid out
+                audit["quote_identity"] = result.quote.identity()
+            else:  # bytes that are no quote have no identity; their hash still ties the line to them
+                audit["quote_sha256"] = hashlib.sha256(quote).hexdigest()
             boot = dict(result.boot_info)
             audit.update({k: boot.get(k) for k in ("app_id", "compose_hash", "instance_id", "device_id",
                                                    "os_image_hash", "mr_aggregated")},

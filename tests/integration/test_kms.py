@@ -16,7 +16,7 @@ import pytest
 from ansible_collections.dstack.tee.agents.guest import measure
 from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.app import create_app
-from ansible_collections.dstack.tee.plugins.module_utils import app_compose, eventlog, kdf, key_release
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose, eventlog, kdf, key_release, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
@@ -182,8 +182,16 @@ def test_forged_quote_from_another_simulator(tmp_path, sim):
     app, client = make_kms(tmp_path, sim)
     other = SimTdx(str(tmp_path / "other-sim"))
     log = boot(other)
-    last = _refused(app, client, lambda: client.get_app_key(other, log, VM_CONFIG), "dcap")
-    assert last["quote_sha256"]
+    sent = []
+
+    class Recording:
+        def get_quote(self, report_data):
+            sent.append(other.get_quote(report_data))
+            return sent[-1]
+
+    last = _refused(app, client, lambda: client.get_app_key(Recording(), log, VM_CONFIG), "dcap")
+    # The audit line names the quote by its signed parts (one quote, however its bytes are laid out).
+    assert last["quote_identity"] == tdx_quote.quote_identity(sent[-1] + bytes(16))
 
 
 def test_bit_flipped_quote(tmp_path, sim):
