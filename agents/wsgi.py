@@ -1,6 +1,13 @@
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent)."""
+"""Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent),
+and the one request parser they share."""
+
+import itertools
+import json
+import re
+
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
 def run_gunicorn(app, **settings):
@@ -26,27 +33,76 @@ def run_gunicorn(app, **settings):
     Server().run()
 
 
-def request_params(list_fields=()):
-    """A pRPC request's parameters: GET query parameters and the JSON object body, merged (the body wins).
+MAX_JSON_DEPTH = 64
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_A_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
-    The body is read as JSON whatever its Content-Type (dstack's clients do not all set one);
-    anything but a JSON object is refused with a DstackError naming the request.
+
+def json_depth(text):
+    """How deep the arrays and objects of a JSON text nest, counted without recursing.
+
+    Strings are taken out first (as a JSON lexer reads them, so brackets in them do not count);
+    what is left is only brackets, summed with C loops. On invalid JSON the count may be too
+    high, never too low for what a parser reads before it fails: a refusal either way.
     """
-    import json  # pylint: disable=import-outside-toplevel
-    from flask import request  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
+    brackets = _NOT_A_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
 
-    params = request.args.to_dict()
-    for name in list_fields:
-        if name in request.args:
-            params[name] = request.args.getlist(name)
+
+def parse_json(raw, field="request", max_depth=MAX_JSON_DEPTH):
+    """JSON from bytes or text, with nesting over `max_depth` refused before parsing.
+
+    json.loads recurses once per level and dies with a RecursionError (a 500) on a body of
+    100,000 `[`; the depth is checked first, without recursion. Errors are DstackError(field).
+    """
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, (bytes, bytearray)) else raw
+    except (UnicodeDecodeError, LookupError):
+        raise DstackError(field, "is not valid JSON: not UTF-8 text") from None
+    if json_depth(text) > max_depth:
+        raise DstackError(field, f"nests deeper than {max_depth} levels of arrays and objects")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise DstackError(field, "is not valid JSON (only JSON is served, not protobuf)") from None
+
+
+def request_params(list_fields=(), strict=False):
+    """A pRPC request's parameters.
+
+    Lenient (the KMS and the guest agent, as dstack's pRPC and its clients use them): GET query
+    parameters and the JSON object body, merged (the body wins); the body is read as JSON
+    whatever its Content-Type (dstack's clients do not all set one).
+
+    strict (the VMM, which a browser can reach): only a POST with `Content-Type:
+    application/json` and the parameters in its body. What a web page can send without a CORS
+    preflight (GET, <img>, <form>, text/plain or form-encoded bodies) is refused: 405, 415, or
+    400 for a query string.
+
+    Either way the body must be a JSON object of at most MAX_JSON_DEPTH levels; anything else is
+    a DstackError naming the request (the app's MAX_CONTENT_LENGTH bounds its size: 413).
+    """
+    from flask import request  # pylint: disable=import-outside-toplevel
+    from werkzeug.exceptions import MethodNotAllowed, UnsupportedMediaType  # pylint: disable=import-outside-toplevel
+
+    if strict:
+        if request.method != "POST":
+            raise MethodNotAllowed(["POST"], "only POST with a JSON body is served here")
+        if request.mimetype != "application/json" or request.mimetype_params.get("charset", "utf-8").lower() != "utf-8":
+            raise UnsupportedMediaType("the body must be JSON, sent as Content-Type: application/json")
+        if request.query_string:
+            raise DstackError("request", "parameters go in the JSON body, not in the URL")
+        params = {}
+    else:
+        params = request.args.to_dict()
+        for name in list_fields:
+            if name in request.args:
+                params[name] = request.args.getlist(name)
     if request.method == "POST":
         raw = request.get_data(cache=False)
         if raw.strip():
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise DstackError("request", "the body is not valid JSON (only JSON is served, not protobuf)") from None
+            body = parse_json(raw, "request")
             if not isinstance(body, dict):
                 raise DstackError("request", "the body must be a JSON object")
             params.update(body)
@@ -63,7 +119,6 @@ def install_json_errors(app, log):
     """
     from flask import jsonify, request  # pylint: disable=import-outside-toplevel
     from werkzeug.exceptions import HTTPException  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
 
     @app.errorhandler(DstackError)
     def bad_input(exc):
@@ -81,9 +136,7 @@ def install_json_errors(app, log):
 
 def run_cli(prog, parser, argv=None):
     """Parse, run args.func, print its JSON result; DstackError -> "PROG: error: ..." and exit code 2."""
-    import json  # pylint: disable=import-outside-toplevel
     import sys  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
 
     args = parser.parse_args(argv)
     try:

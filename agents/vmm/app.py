@@ -6,19 +6,39 @@ the guests report to, and the web UI at /.
 Auth (dstack's [auth]): when tokens are configured, every route but the host API needs
 `Authorization: Bearer <token>` or `X-Admin-Token: <token>`. The host API is authorized by the
 per-VM token in its URL, which only that VM's config share holds.
+
+A web page the operator visits must not drive or read the VMM (with no token on loopback, the
+default, nothing else stops it). So every API call, /logs and the host API are POST with
+`Content-Type: application/json` (what a page cannot send cross-site without a CORS preflight,
+which the VMM never grants); the Host header must name this VMM (against DNS rebinding); and a
+request from another origin (Origin, or Sec-Fetch-Site other than same-origin/none) is refused.
+Only the static UI (/, /res/) and /health answer a GET.
+
+/logs with follow streams new lines: at most max_log_followers at once (429 beyond), each
+noticing at once that its client closed, in gunicorn threads of their own so that the API and
+the host API always have theirs (see cli.py).
 """
 
 import hmac
+import ipaddress
 import logging
 import os
+import select
+import threading
 import time
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request, send_from_directory
+from werkzeug.exceptions import Forbidden
 
 from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
 from ansible_collections.dstack.tee.agents.vmm.service import VERSION, NotFound, VmmService
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
+MAX_LOG_FOLLOWERS = 8
+# What answers a plain GET from anywhere: the static UI (no secret in it) and the health check.
+PUBLIC_PATHS = ("/", "/health")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 log = logging.getLogger("dstack.vmm")
 
@@ -29,6 +49,26 @@ def create_app(config, backend):
     service = VmmService(config, backend)
     app.extensions["dstack_vmm"] = service
     tokens = [t for t in (config.get("auth_tokens") or []) if t]
+    hosts = ServedHosts(config)
+    followers = FollowerSlots(config.get("max_log_followers", MAX_LOG_FOLLOWERS))
+    app.extensions["dstack_vmm_followers"] = followers
+
+    @app.before_request
+    def refuse_other_sites():
+        # Before the token check: a forged request learns nothing, not even whether a token is set.
+        given = request.headers.get("Host", "")
+        if not hosts.serves(given):
+            raise Forbidden(f"Host {given[:100]!r} is not a name this VMM serves (its listen address, "
+                            "localhost, or one of server_names)")
+        if request.method in ("GET", "HEAD") and (request.path in PUBLIC_PATHS or request.path.startswith("/res/")):
+            return None
+        origin = request.headers.get("Origin")
+        if origin is not None and not hosts.serves_origin(origin):
+            raise Forbidden(f"Origin {origin[:100]!r} is another site: this VMM answers only its own pages")
+        fetch_site = request.headers.get("Sec-Fetch-Site", "same-origin").lower()
+        if fetch_site not in ("same-origin", "none"):
+            raise Forbidden(f"Sec-Fetch-Site {fetch_site[:20]!r}: this VMM answers only its own pages")
+        return None
 
     @app.before_request
     def check_token():
@@ -47,9 +87,9 @@ def create_app(config, backend):
 
     def route(name, handler):
         def view():
-            return jsonify(handler(request_params()))
+            return jsonify(handler(request_params(strict=True)))
         view.__name__ = "vmm_" + name
-        app.add_url_rule(f"/prpc/Vmm.{name}", view.__name__, view, methods=["GET", "POST"])
+        app.add_url_rule(f"/prpc/Vmm.{name}", view.__name__, view, methods=["POST"])
 
     route("CreateVm", service.create_vm)
     route("StartVm", lambda p: service.start_vm(p.get("id")))
@@ -67,15 +107,25 @@ def create_app(config, backend):
 
     @app.post("/host-api/<vm_id>/<token>/Notify")
     def host_notify(vm_id, token):
-        body = request_params()
+        body = request_params(strict=True)
         return jsonify(service.host_notify(vm_id, token, body.get("event"), body.get("payload", "")))
 
-    @app.get("/logs")
+    @app.post("/logs")
     def logs():
-        path = service.log_path(request.args.get("id", ""), request.args.get("ch", "stdout"))
-        lines = min(int(request.args.get("lines") or 200), 10000)
-        follow = request.args.get("follow", "false").lower() in ("1", "true", "yes")
-        return Response(_tail(path, lines, follow), mimetype="text/plain")
+        path, lines, follow = service.log_request(request_params(strict=True))
+        if not follow:
+            return Response(_tail(path, lines), mimetype="text/plain")
+        if not followers.take():
+            return jsonify({"error": f"too many log followers: at most {followers.limit} at once "
+                                     "(max_log_followers); try again when one closes"}), 429
+        try:
+            response = Response(_tail(path, lines, follow=True, client=request.environ.get("gunicorn.socket")),
+                                mimetype="text/plain", headers={"X-Accel-Buffering": "no"})
+        except BaseException:
+            followers.give_back()
+            raise
+        response.call_on_close(followers.give_back)  # gunicorn closes the response when the stream ends
+        return response
 
     @app.get("/health")
     def health():
@@ -88,6 +138,12 @@ def create_app(config, backend):
     @app.get("/res/<path:name>")
     def resource(name):
         return send_from_directory(STATIC_DIR, name)
+
+    @app.errorhandler(405)
+    def method_not_allowed(exc):
+        if request.path == "/logs" or request.path.startswith(("/prpc/", "/host-api/")):
+            return jsonify({"error": "only POST with a JSON body (Content-Type: application/json) is served here"}), 405
+        return jsonify({"error": exc.description}), 405
 
     @app.errorhandler(NotFound)
     def not_found(exc):
@@ -104,24 +160,128 @@ def create_app(config, backend):
     return app
 
 
-def _tail(path, lines, follow, heartbeat=60.0):
-    """The last `lines` lines of a log, then (follow) new lines as they come, with heartbeats."""
+class ServedHosts:
+    """The Host header values (and so the origins) this VMM answers to.
+
+    Its listen HOST:PORT; localhost, 127.0.0.1 and [::1] with that port; the host of its host API
+    URL; and server_names (a name alone matches it with no port or the listen port, as behind a
+    reverse proxy; NAME:PORT matches exactly). When listening on 0.0.0.0 or ::, any IP address
+    with the listen port: a DNS rebinding needs a name, and an IP literal Host means the browser
+    reached this VMM at that address.
+    """
+
+    def __init__(self, config):
+        listen = str(config.get("listen") or "127.0.0.1:9080")
+        host, _sep, self.port = listen.rpartition(":")
+        host = host.strip("[]").lower()
+        self.wildcard = host in ("0.0.0.0", "::")
+        self.names = {_host_port(name, self.port) for name in (host, "localhost", "127.0.0.1", "::1")}
+        names = config.get("server_names") or []
+        if isinstance(names, str) or not isinstance(names, list):
+            raise DstackError("server_names", "must be a list of host names")
+        for pos, entry in enumerate(names):
+            if not isinstance(entry, str) or not entry or "/" in entry:
+                raise DstackError(f"server_names[{pos}]", "must be a host name or HOST:PORT")
+            name, port = _split_host(entry.lower())
+            self.names.add(_host_port(name, port) if port else name)
+            if not port:
+                self.names.add(_host_port(name, self.port))
+        host_api = urlsplit(str(config.get("host_api_base") or ""))
+        if host_api.netloc:
+            self.names.add(host_api.netloc.lower())
+
+    def serves(self, value):
+        value = (value or "").lower()
+        if value in self.names:
+            return True
+        name, port = _split_host(value)
+        if self.wildcard and port == self.port:
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                return False
+        return False
+
+    def serves_origin(self, origin):
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and not parts.path and self.serves(parts.netloc)
+
+
+def _split_host(value):
+    """'name:port', '[v6]:port', 'name' -> (name without brackets, port or '')."""
+    if value.startswith("["):
+        name, _sep, rest = value[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else ""
+    name, sep, port = value.rpartition(":")
+    return (name, port) if sep and ":" not in name else (value, "")
+
+
+def _host_port(name, port):
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+
+
+class FollowerSlots:
+    """At most `limit` /logs followers at once; a slot is given back when its response closes."""
+
+    def __init__(self, limit):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise DstackError("max_log_followers", "must be a positive integer")
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def take(self):
+        return self._slots.acquire(blocking=False)
+
+    def give_back(self):
+        self._slots.release()
+
+
+def _last_lines(handle, lines, block=64 * 1024, most=8 * 1024 * 1024):
+    """The last `lines` lines of a file (read from its end, at most `most` bytes); leaves the
+    handle at the end."""
+    end = handle.seek(0, os.SEEK_END)
+    start, data = end, b""
+    while start > 0 and data.count(b"\n") <= lines and end - start < most:
+        step = min(block, start)
+        start -= step
+        handle.seek(start)
+        data = handle.read(step) + data
+    handle.seek(end)
+    return b"".join(data.splitlines(keepends=True)[-lines:])
+
+
+def _tail(path, lines, follow=False, client=None, poll=0.5, heartbeat=60.0):
+    """The last `lines` lines of a log, then (follow) new lines as they come.
+
+    Following ends as soon as the client closes its connection (its socket turns readable: no
+    request can follow this one on it) or the log file is removed with its VM. Without the
+    client's socket (another server than gunicorn) a heartbeat line every minute finds a closed
+    client by the failed write instead.
+    """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-            yield b"".join(data.splitlines(keepends=True)[-lines:])
-            if not follow:
-                return
-            last = time.monotonic()
-            while True:
-                chunk = handle.read()
-                if chunk:
-                    yield chunk
-                    last = time.monotonic()
-                elif time.monotonic() - last > heartbeat:
-                    yield b"[vmm heartbeat]\n"
-                    last = time.monotonic()
-                else:
-                    time.sleep(0.5)
+        handle = open(path, "rb")  # pylint: disable=consider-using-with
     except FileNotFoundError:
         yield b""
+        return
+    with handle:
+        yield _last_lines(handle, lines)
+        if not follow:
+            return
+        quiet_since = time.monotonic()
+        while True:
+            chunk = handle.read(64 * 1024)
+            if chunk:
+                yield chunk
+                quiet_since = time.monotonic()
+                continue
+            if os.fstat(handle.fileno()).st_nlink == 0:
+                return
+            if client is not None:
+                if select.select([client], [], [], poll)[0]:
+                    return
+            elif time.monotonic() - quiet_since > heartbeat:
+                yield b"[vmm heartbeat]\n"
+                quiet_since = time.monotonic()
+            else:
+                time.sleep(poll)

@@ -4,12 +4,16 @@
 
     dstack-vmm serve [--config vmm.toml] [--run-path DIR] [--listen HOST:PORT] [--backend process|libvirt]
                      [--kms-url URL] [--kms-ca-cert FILE] [--sim-state DIR] [--token TOKEN ...]
-                     [--base-domain DOMAIN] [--os-image-hash HEX]
+                     [--base-domain DOMAIN] [--os-image-hash HEX] [--server-name NAME ...]
+                     [--allowed-host-address IP ...] [--max-vcpu N] [--max-memory-mb N]
+                     [--max-disk-size-gb N] [--max-name-length N] [--max-cvm-number N]
+                     [--max-log-followers N] [--api-threads N]
 
 Serves the JSON API (/prpc/Vmm.*), the web UI (/) and /logs with gunicorn (one worker: the VMM
-serializes changes to a VM). Listening on anything but loopback requires a token (--token, or
-DSTACK_VMM_TOKENS=comma,separated). On start it finds the VMs of its run path again and starts
-those that should run.
+serializes changes to a VM; api_threads threads for the API and the host API, and
+max_log_followers more for /logs followers, so that following never takes the API's). Listening
+on anything but loopback requires a token (--token, or DSTACK_VMM_TOKENS=comma,separated). On
+start it finds the VMs of its run path again and starts those that should run.
 """
 
 import argparse
@@ -23,7 +27,10 @@ from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
-        "os_image_hash", "gateway_urls", "libvirt_uri", "image_path")
+        "os_image_hash", "gateway_urls", "libvirt_uri", "image_path", "host_api_base", "server_names",
+        "allowed_host_addresses", "max_allocable_vcpu", "max_allocable_memory_in_mb", "max_disk_size_gb",
+        "max_name_length", "max_cvm_number", "max_log_followers", "api_threads", "max_request_bytes")
+API_THREADS = 16
 
 
 def load_config(args):
@@ -37,7 +44,11 @@ def load_config(args):
     flags = {"run_path": args.run_path, "listen": args.listen, "backend": args.backend,
              "kms_urls": [args.kms_url] if args.kms_url else None, "kms_ca_cert": args.kms_ca_cert,
              "sim_state_dir": args.sim_state, "auth_tokens": args.token or None, "base_domain": args.base_domain,
-             "os_image_hash": args.os_image_hash}
+             "os_image_hash": args.os_image_hash, "server_names": args.server_name or None,
+             "allowed_host_addresses": args.allowed_host_address or None, "max_allocable_vcpu": args.max_vcpu,
+             "max_allocable_memory_in_mb": args.max_memory_mb, "max_disk_size_gb": args.max_disk_size_gb,
+             "max_name_length": args.max_name_length, "max_cvm_number": args.max_cvm_number,
+             "max_log_followers": args.max_log_followers, "api_threads": args.api_threads}
     config.update({k: v for k, v in flags.items() if v is not None})
     if os.environ.get("DSTACK_VMM_TOKENS") and not config.get("auth_tokens"):
         config["auth_tokens"] = [t for t in os.environ["DSTACK_VMM_TOKENS"].split(",") if t]
@@ -77,11 +88,16 @@ def cmd_serve(args):
         raise DstackError("--token", f"is required when listening on {host} (anything but loopback)")
     connect = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host.strip("[]")
     config.setdefault("host_api_base", f"http://{connect}:{port}/host-api")
+    api_threads = config.get("api_threads", API_THREADS)
+    if isinstance(api_threads, bool) or not isinstance(api_threads, int) or not 1 <= api_threads <= 256:
+        raise DstackError("api_threads", "must be an integer 1 to 256")
     app = create_app(config, make_backend(config))
     app.extensions["dstack_vmm"].recover()
     print(f"dstack-vmm: {config['backend']} backend, run path {config['run_path']}, serving http://{host}:{port}/"
           + (" (token required)" if config.get("auth_tokens") else ""), file=sys.stderr)
-    run_gunicorn(app, bind=f"{host}:{port}", workers=1, threads=16, timeout=0, accesslog="-", errorlog="-",
+    # Log followers hold a thread each for as long as they follow: they get threads of their own.
+    threads = api_threads + app.extensions["dstack_vmm_followers"].limit
+    run_gunicorn(app, bind=f"{host}:{port}", workers=1, threads=threads, timeout=0, accesslog="-", errorlog="-",
                  loglevel="info")
 
 
@@ -99,6 +115,21 @@ def build_parser():
     serve.add_argument("--token", action="append", help="an API token (repeatable)")
     serve.add_argument("--base-domain", help="the gateway's base domain, for app URLs")
     serve.add_argument("--os-image-hash", help="the OS image hash the CVMs report (vm_config)")
+    serve.add_argument("--server-name", action="append",
+                       help="a name this VMM is reached by (Host header), besides its listen address and localhost "
+                            "(repeatable; vmm.toml server_names)")
+    serve.add_argument("--allowed-host-address", action="append",
+                       help="an IP address CVM ports may be published on (repeatable; default: the listen address; "
+                            "loopback is always allowed; vmm.toml allowed_host_addresses)")
+    serve.add_argument("--max-vcpu", type=int, help="most vCPUs per CVM (default 20; max_allocable_vcpu)")
+    serve.add_argument("--max-memory-mb", type=int,
+                       help="most memory per CVM in MB (default 100000; max_allocable_memory_in_mb)")
+    serve.add_argument("--max-disk-size-gb", type=int, help="largest disk per CVM in GB (default 1000)")
+    serve.add_argument("--max-name-length", type=int, help="longest CVM name (default 64)")
+    serve.add_argument("--max-cvm-number", type=int, help="most CVMs on this VMM (default 100)")
+    serve.add_argument("--max-log-followers", type=int,
+                       help="most /logs followers at once (default 8; more get 429)")
+    serve.add_argument("--api-threads", type=int, help="threads for the API and the host API (default 16)")
     serve.set_defaults(func=cmd_serve)
     return parser
 

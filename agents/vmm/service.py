@@ -9,6 +9,7 @@ complete, so a refused or failed CreateVm leaves nothing half registered.
 """
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -30,10 +31,87 @@ NAME_RE = compose.NAME_RE
 VM_ID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 MAX_EVENTS = 20
 MAX_EVENT_BODY = 4096
+MAX_URLS = 16
+MAX_URL_LENGTH = 2048
+MAX_IMAGE_NAME = 256
+MAX_LOG_LINES = 10000
+# The limits a VMM enforces and advertises in GetMeta resources: vmm.toml key -> default.
+LIMIT_DEFAULTS = {"max_cvm_number": 100, "max_allocable_vcpu": 20, "max_allocable_memory_in_mb": 100000,
+                  "max_disk_size_gb": 1000, "max_name_length": 64}
 
 
 class NotFound(DstackError):
     pass
+
+
+def listen_host(config):
+    """The host part of the VMM's `listen` HOST:PORT, without IPv6 brackets."""
+    return str(config.get("listen") or "127.0.0.1:9080").rpartition(":")[0].strip("[]")
+
+
+def read_limits(config):
+    """The VMM's limits from its config, checked: positive integers, and the host addresses a CVM
+    port may be published on (default: the VMM's own listen address; loopback is always allowed)."""
+    limits = {}
+    for key, default in LIMIT_DEFAULTS.items():
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DstackError(key, f"must be a positive integer, not {str(value)[:40]!r}")
+        limits[key] = value
+    given = config.get("allowed_host_addresses")
+    if given is None:
+        host = listen_host(config)
+        given = ["127.0.0.1", "::1"] if host == "localhost" else [host]
+    if isinstance(given, str) or not isinstance(given, list):
+        raise DstackError("allowed_host_addresses", "must be a list of IP addresses")
+    addresses = []
+    for pos, address in enumerate(given):
+        try:
+            addresses.append(ipaddress.ip_address(str(address).strip("[]")))
+        except ValueError:
+            raise DstackError(f"allowed_host_addresses[{pos}]", f"{str(address)[:60]!r} is not an IP address") from None
+    limits["allowed_host_addresses"] = addresses
+    return limits
+
+
+def _int_field(value, field, low, high, default=None):
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DstackError(field, f"must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise DstackError(field, f"must be {low} to {high} (this VMM's limit), not {value}")
+    return value
+
+
+def _str_field(value, field, max_length, default=""):
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise DstackError(field, f"must be a string, not {type(value).__name__}")
+    if len(value) > max_length:
+        raise DstackError(field, f"is {len(value)} characters long; at most {max_length}")
+    return value
+
+
+def _bool_field(value, field, default=False):
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise DstackError(field, f"must be true or false, not {type(value).__name__}")
+    return value
+
+
+def _url_list(value, field):
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_URLS:
+        raise DstackError(field, f"must be a list of at most {MAX_URLS} URLs")
+    for pos, url in enumerate(value):
+        _str_field(url, f"{field}[{pos}]", MAX_URL_LENGTH)
+        if not url.startswith(("http://", "https://")):
+            raise DstackError(f"{field}[{pos}]", "must be an http:// or https:// URL")
+    return list(value)
 
 
 def _json(path, default=None):
@@ -56,6 +134,7 @@ class VmmService:
         self.base_domain = config.get("base_domain", "")
         self.host_api_base = config.get("host_api_base", "")  # e.g. http://127.0.0.1:9080/host-api
         self.os_image_hash = config.get("os_image_hash", "")
+        self.limits = read_limits(config)
         self._lock = threading.RLock()
         self._k256 = ""
         self._cleanup_partial()
@@ -95,9 +174,32 @@ class VmmService:
 
     # ---- validation ---------------------------------------------------------------------------
 
+    def _check_address(self, value, field):
+        """A host address a CVM port may be published on: an IP this VMM allows (see read_limits)."""
+        if value is None or value == "":
+            return "127.0.0.1"
+        if not isinstance(value, str):
+            raise DstackError(field, f"must be an IP address string, not {type(value).__name__}")
+        try:
+            address = ipaddress.ip_address(value.strip("[]"))
+        except ValueError:
+            raise DstackError(field, f"{value[:60]!r} is not an IP address") from None
+        allowed = self.limits["allowed_host_addresses"]
+        if not address.is_loopback and address not in allowed:
+            shown = ", ".join(str(a) for a in allowed)
+            raise DstackError(field, f"{address} is not an allowed host address (this VMM allows {shown} and "
+                                     "loopback; see allowed_host_addresses)")
+        return str(address)
+
     def _check_ports(self, ports, exclude_id=None):
+        if ports is None:
+            ports = []
+        if not isinstance(ports, list):
+            raise DstackError("ports", "must be a list of {protocol, host_port, vm_port, host_address}")
+        if len(ports) > 256:
+            raise DstackError("ports", "at most 256 port mappings")
         checked = []
-        for pos, port in enumerate(ports or []):
+        for pos, port in enumerate(ports):
             field = f"ports[{pos}]"
             if not isinstance(port, dict):
                 raise DstackError(field, "must be {protocol, host_port, vm_port, host_address}")
@@ -110,7 +212,7 @@ class VmmService:
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
                     raise DstackError(f"{field}.{key}", "must be a port number 1 to 65535")
                 values[key] = value
-            address = port.get("host_address") or "127.0.0.1"
+            address = self._check_address(port.get("host_address"), f"{field}.host_address")
             checked.append({"protocol": protocol, "host_address": address, **values})
         taken, own = {}, set()
         for vm in self.records():
@@ -123,57 +225,72 @@ class VmmService:
         for port in checked:
             key = (port["protocol"], port["host_port"])
             if key in taken:
-                raise DstackError("ports", f"host port {port['host_port']} is already taken by VM {taken[key]!r}")
+                raise DstackError("ports", f"host port {port['host_port']}/{port['protocol']} is already taken by VM "
+                                           f"{taken[key]!r}")
             if key in seen:
-                raise DstackError("ports", f"host port {port['host_port']} is given twice")
+                raise DstackError("ports", f"host port {port['host_port']}/{port['protocol']} is given twice")
             seen.add(key)
-            if port["protocol"] == "tcp" and key not in own and not _port_free(port["host_address"], port["host_port"]):
-                raise DstackError("ports", f"host port {port['host_port']} on {port['host_address']} is in use")
+            if key not in own and not _port_free(port["protocol"], port["host_address"], port["host_port"]):
+                raise DstackError("ports", f"host port {port['host_port']}/{port['protocol']} on "
+                                           f"{port['host_address']} is in use")
         return checked
 
     def _check_config(self, cfg, exclude_id=None):
+        """Every CreateVm field, checked for type and range before anything is made.
+
+        Returns (encrypted_env bytes, app_id, ports, the manifest's fields)."""
         if not isinstance(cfg, dict):
             raise DstackError("configuration", "must be a JSON object")
-        name = cfg.get("name")
-        if not isinstance(name, str) or not name or not NAME_RE.match(name):
+        limits = self.limits
+        name = _str_field(cfg.get("name"), "name", limits["max_name_length"])
+        if not name or not NAME_RE.match(name):
             raise DstackError("name", "is required and may hold only letters, digits, spaces and -_.@~!$^()")
         if any(vm.name == name for vm in self.records() if vm.id != exclude_id):
             raise DstackError("name", f"a VM named {name!r} exists already")
-        text = cfg.get("compose_file")
-        if not isinstance(text, str) or not text:
+        text = _str_field(cfg.get("compose_file"), "compose_file", 1 << 30)
+        if not text:
             raise DstackError("compose_file", "is required: the app-compose.json text")
-        app = compose.validate(compose.parse(text.encode("utf-8"), "compose_file"))
+        compose.validate(compose.parse(text.encode("utf-8"), "compose_file"))
         encrypted_env = parse_hex(cfg.get("encrypted_env") or "", "encrypted_env", allow_empty=True)
         app_id = compose.app_id_for(compose.compose_hash(text.encode("utf-8")), cfg.get("app_id") or None)
-        for key, default in (("vcpu", 1), ("memory", 1024), ("disk_size", 10)):
-            value = cfg.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DstackError(key, "must be a positive integer")
-        return app, encrypted_env, app_id, self._check_ports(cfg.get("ports"), exclude_id)
+        networking = cfg.get("networking")
+        if networking is not None and not isinstance(networking, dict):
+            raise DstackError("networking", "must be a JSON object")
+        fields = {
+            "vcpu": _int_field(cfg.get("vcpu"), "vcpu", 1, limits["max_allocable_vcpu"], default=1),
+            "memory": _int_field(cfg.get("memory"), "memory", 1, limits["max_allocable_memory_in_mb"], default=1024),
+            "disk_size": _int_field(cfg.get("disk_size"), "disk_size", 1, limits["max_disk_size_gb"], default=10),
+            "image": _str_field(cfg.get("image"), "image", MAX_IMAGE_NAME),
+            "kms_urls": _url_list(cfg.get("kms_urls"), "kms_urls"),
+            "gateway_urls": _url_list(cfg.get("gateway_urls"), "gateway_urls"),
+            "no_tee": _bool_field(cfg.get("no_tee"), "no_tee"),
+            "networking": networking or {"mode": "user"},
+        }
+        _str_field(cfg.get("user_config"), "user_config", 1 << 20)
+        _bool_field(cfg.get("stopped"), "stopped")
+        return encrypted_env, app_id, self._check_ports(cfg.get("ports"), exclude_id), fields
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def create_vm(self, cfg):
         with self._lock:
-            _app, encrypted_env, app_id, ports = self._check_config(cfg)
+            encrypted_env, app_id, ports, fields = self._check_config(cfg)
+            if len(self.records()) >= self.limits["max_cvm_number"]:
+                raise DstackError("max_cvm_number", f"this VMM holds {self.limits['max_cvm_number']} CVMs already")
             vm_id = str(uuid.uuid4())
             staging = os.path.join(self.run_path, ".creating-" + vm_id)
             os.makedirs(os.path.join(staging, "shared"), mode=0o700)
             try:
                 manifest = {
-                    "id": vm_id, "name": cfg["name"], "app_id": app_id, "vcpu": cfg.get("vcpu", 1),
-                    "memory": cfg.get("memory", 1024), "disk_size": cfg.get("disk_size", 10),
-                    "image": cfg.get("image", ""), "port_map": ports, "created_at_ms": int(time.time() * 1000),
-                    "hugepages": False, "pin_numa": False, "gpus": [], "kms_urls": cfg.get("kms_urls") or [],
-                    "gateway_urls": cfg.get("gateway_urls") or [], "no_tee": bool(cfg.get("no_tee", False)),
-                    "networking": cfg.get("networking") or {"mode": "user"},
+                    "id": vm_id, "name": cfg["name"], "app_id": app_id, **fields, "port_map": ports,
+                    "created_at_ms": int(time.time() * 1000), "hugepages": False, "pin_numa": False, "gpus": [],
                 }
                 atomic_write(os.path.join(staging, "vm-manifest.json"), json.dumps(manifest, indent=2).encode())
                 atomic_write(os.path.join(staging, "host-api.token"), secrets.token_hex(16).encode(), mode=0o600)
                 vm = VmRecord(vm_id, staging, manifest)
                 # The app id is pinned in .instance_info from the start, so that an UpdateVm with a
                 # new compose keeps the app (and so its keys and data).
-                self._write_share(vm, cfg["compose_file"], encrypted_env, cfg.get("user_config", ""), app_id)
+                self._write_share(vm, cfg["compose_file"], encrypted_env, cfg.get("user_config") or "", app_id)
                 os.rename(staging, os.path.join(self.run_path, vm_id))
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -251,11 +368,14 @@ class VmmService:
         """New compose, env or ports for a VM: stop, rewrite the share, start. The work folder stays."""
         with self._lock:
             vm = self._record(req.get("id"))
+            update_ports = _bool_field(req.get("update_ports"), "update_ports")
+            start = _bool_field(req.get("start"), "start")
+            user_config = _str_field(req.get("user_config"), "user_config", 1 << 20)
             cfg = {"name": vm.name, "compose_file": req.get("compose_file") or self._share_text(vm, "app-compose.json"),
-                   "ports": req["ports"] if req.get("update_ports") else vm.port_map,
+                   "ports": req.get("ports") if update_ports else vm.port_map,
                    "app_id": vm.manifest.get("app_id")}
             # Everything is checked before the running VM is touched.
-            _app, encrypted_env, app_id, ports = self._check_config(cfg, exclude_id=vm.id)
+            encrypted_env, app_id, ports, _fields = self._check_config(cfg, exclude_id=vm.id)
             if "encrypted_env" not in req:
                 encrypted_env = _read(os.path.join(vm.shared_dir, ".encrypted-env"))
             else:
@@ -263,12 +383,12 @@ class VmmService:
             was_running = self.backend.status(vm) == RUNNING
             if was_running:
                 self.backend.stop(vm, force=True)
-            self._write_share(vm, cfg["compose_file"], encrypted_env, req.get("user_config", ""), cfg["app_id"])
+            self._write_share(vm, cfg["compose_file"], encrypted_env, user_config, cfg["app_id"])
             vm.manifest.update(app_id=app_id, port_map=ports)
             atomic_write(os.path.join(vm.run_dir, "vm-manifest.json"), json.dumps(vm.manifest, indent=2).encode())
             self.backend.create(vm)
             self._event(vm, "updated", f"compose_hash {compose.compose_hash(cfg['compose_file'].encode())}")
-            if was_running or req.get("start", False):
+            if was_running or start:
                 self.start_vm(vm.id)
             return {"id": vm.id}
 
@@ -281,9 +401,11 @@ class VmmService:
     def host_notify(self, vm_id, token, event, payload):
         vm = self._record(vm_id)
         expected = open(os.path.join(vm.run_dir, "host-api.token"), encoding="ascii").read().strip()
-        if not secrets.compare_digest(expected, str(token)):
+        if not secrets.compare_digest(expected.encode(), str(token).encode()):
             raise NotFound("id", "unknown VM or token")
-        payload = str(payload)[:MAX_EVENT_BODY]
+        if not isinstance(event, str):
+            raise DstackError("event", "must be a string")
+        payload = _str_field(payload, "payload", 1 << 20)[:MAX_EVENT_BODY]
         if event == "boot.progress":
             self._set_state(vm, boot_progress=payload)
         elif event == "boot.error":
@@ -293,8 +415,10 @@ class VmmService:
         elif event == "instance.info":
             try:
                 info = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise DstackError("payload", "instance.info must be JSON") from None
+            if not isinstance(info, dict):
+                raise DstackError("payload", "instance.info must be a JSON object")
             self._set_state(vm, instance_id=str(info.get("instance_id", "")), app_id=str(info.get("app_id", "")))
         else:
             raise DstackError("event", f"unknown host event {str(event)[:40]!r}")
@@ -343,16 +467,22 @@ class VmmService:
         return f"http://{ports[0]['host_address']}:{ports[0]['host_port']}" if ports else ""
 
     def status(self, req):
-        ids = set(req.get("ids") or [])
-        keyword = str(req.get("keyword") or "").lower()
+        ids = req.get("ids")
+        if ids is None:
+            ids = []
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise DstackError("ids", "must be a list of VM ids")
+        ids = set(ids)
+        keyword = _str_field(req.get("keyword"), "keyword", 1024).lower()
+        page = _int_field(req.get("page"), "page", 0, 1 << 31, default=0)
+        size = _int_field(req.get("page_size"), "page_size", 0, 1 << 31, default=0)
+        brief = _bool_field(req.get("brief"), "brief")
         vms = [vm for vm in self.records() if (not ids or vm.id in ids)
                and (not keyword or keyword in vm.name.lower() or keyword in vm.manifest.get("app_id", ""))]
-        page, size = int(req.get("page") or 0), int(req.get("page_size") or 0)
         total = len(vms)
         if page and size:
             vms = vms[(page - 1) * size: page * size]
-        return {"vms": [self.info(vm, brief=bool(req.get("brief"))) for vm in vms], "port_mapping_enabled": True,
-                "total": total}
+        return {"vms": [self.info(vm, brief=brief) for vm in vms], "port_mapping_enabled": True, "total": total}
 
     def get_info(self, vm_id):
         try:
@@ -377,9 +507,9 @@ class VmmService:
                         "k256_pubkey": self._kms_k256_pubkey()},
                 "gateway": {"url": self.gateway_urls[0] if self.gateway_urls else "", "base_domain": self.base_domain,
                             "port": 443, "agent_port": 8090, "urls": self.gateway_urls},
-                "resources": {"max_cvm_number": int(self.config.get("max_cvm_number", 100)),
-                              "max_allocable_vcpu": int(self.config.get("max_allocable_vcpu", 20)),
-                              "max_allocable_memory_in_mb": int(self.config.get("max_allocable_memory_in_mb", 100000))}}
+                # The limits CreateVm enforces (read_limits); the last two are not in dstack's GetMeta.
+                "resources": {**{key: self.limits[key] for key in LIMIT_DEFAULTS},
+                              "allowed_host_addresses": [str(a) for a in self.limits["allowed_host_addresses"]]}}
 
     def get_compose_hash(self, cfg):
         text = cfg.get("compose_file")
@@ -388,16 +518,20 @@ class VmmService:
         return {"hash": compose.compose_hash(text.encode("utf-8"))}
 
     def get_app_env_encrypt_pubkey(self, app_id):
+        parse_hex(app_id, "app_id", length=20)
         if not self.kms_urls:
             raise DstackError("kms_urls", "this VMM knows no KMS")
         return KmsClient(self.kms_urls[0], ca_cert=self.kms_ca_cert).get_app_env_encrypt_pubkey(app_id)
 
-    def log_path(self, vm_id, channel):
-        vm = self._record(vm_id)
-        paths = {"stdout": vm.stdout_log, "stderr": vm.stderr_log, "serial": vm.serial_log}
-        if channel not in paths:
+    def log_request(self, params):
+        """A /logs request checked: (log file path, lines, follow)."""
+        lines = _int_field(params.get("lines"), "lines", 1, MAX_LOG_LINES, default=200)
+        follow = _bool_field(params.get("follow"), "follow")
+        channel = params.get("ch", "stdout")
+        if channel not in ("stdout", "stderr", "serial"):
             raise DstackError("ch", "must be stdout, stderr or serial")
-        return paths[channel]
+        vm = self._record(params.get("id"))
+        return {"stdout": vm.stdout_log, "stderr": vm.stderr_log, "serial": vm.serial_log}[channel], lines, follow
 
     def recover(self):
         """After a VMM (or host) restart: start the VMs that should run and are not running."""
@@ -426,9 +560,14 @@ def _sha256_or_empty(path):
     return hashlib.sha256(data).hexdigest() if data else ""
 
 
-def _port_free(address, port):
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def _port_free(protocol, address, port):
+    """Whether this host could bind (protocol, address, port) now."""
+    kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, kind) as sock:
+        if kind == socket.SOCK_STREAM:
+            # TCP: a port in TIME_WAIT is free. (On UDP SO_REUSEADDR would let the bind share a
+            # port another socket holds, hiding the conflict.)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address, port))
             return True

@@ -35,14 +35,18 @@ COMPOSE = f"""services:
 
 
 class VmmProcess:
-    def __init__(self, run_path, kms, port, token=None):
-        self.run_path, self.kms, self.port, self.token = run_path, kms, port, token
+    """A real `dstack-vmm serve` on 127.0.0.1 (kms None: a VMM that knows no KMS; extra_args: more flags)."""
+
+    def __init__(self, run_path, kms, port, token=None, extra_args=()):
+        self.run_path, self.kms, self.port, self.token, self.extra_args = run_path, kms, port, token, tuple(extra_args)
         self.proc = None
 
     def start(self):
         argv = [str(BIN / "dstack-vmm"), "serve", "--run-path", str(self.run_path), "--listen", f"127.0.0.1:{self.port}",
-                "--kms-url", f"https://127.0.0.1:{self.kms.port}", "--kms-ca-cert", str(self.kms.state_dir / "root-ca.crt"),
-                "--sim-state", str(self.kms.state_dir / "tdx-sim"), "--os-image-hash", OS_IMAGE]
+                "--os-image-hash", OS_IMAGE, *self.extra_args]
+        if self.kms is not None:
+            argv += ["--kms-url", f"https://127.0.0.1:{self.kms.port}", "--kms-ca-cert",
+                     str(self.kms.state_dir / "root-ca.crt"), "--sim-state", str(self.kms.state_dir / "tdx-sim")]
         if self.token:
             argv += ["--token", self.token]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # pylint: disable=consider-using-with

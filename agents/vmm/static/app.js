@@ -295,8 +295,11 @@ async function loadLogs() {
   const pre = $("logs-text");
   try {
     const lines = Math.min(Math.max(parseInt($("logs-lines").value, 10) || 200, 1), 10000);
-    const query = new URLSearchParams({ id: vm.id, ch: $("logs-channel").value, lines: String(lines) });
-    const res = await authedFetch(`logs?${query}`);
+    // POST with a JSON body, as every VMM call: the VMM answers no GET a cross-site page could forge.
+    const res = await authedFetch("logs", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ id: vm.id, ch: $("logs-channel").value, lines }),
+    });
     if (!res.ok) throw new ApiError(`logs: ${await errorOf(res)}`);
     const text = await res.text();
     if (logsVm !== vm) return;
