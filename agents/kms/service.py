@@ -31,7 +31,7 @@ class KmsService:
         if self.mode not in MODES:
             raise DstackError("mode", f"must be production or simulation, not {str(self.mode)[:20]!r}")
         self.state_dir = config["state_dir"]
-        self.keys, self.created = root_keys.load_or_create(self.state_dir)
+        self.keys, self.created = root_keys.load_or_create(self.state_dir, also_history=[config.get("audit_log")])
         self.nonces = NonceStore(os.path.join(self.state_dir, "nonces.sqlite3"), mac_key(self.keys.ca_key),
                                  ttl=int(config.get("nonce_ttl", 60)))
         self.audit = AuditLog(config.get("audit_log") or os.path.join(self.state_dir, "audit.log"))

@@ -141,7 +141,12 @@ def load_collateral(source):
         except OSError as exc:
             raise DstackError("collateral", f"cannot read {source}: {exc.strerror}") from None
     try:
-        return dcap_qvl.QuoteCollateralV3.from_json(text)
+        fields = json.loads(text)
+        # Collateral may carry a PCK chain, which dcap-qvl would then verify instead of the quote's
+        # own: the quote's bytes would no longer be what is verified (tdx_quote.quote_identity).
+        if isinstance(fields, dict):
+            fields.pop("pck_certificate_chain", None)
+        return dcap_qvl.QuoteCollateralV3.from_json(json.dumps(fields))
     except (ValueError, TypeError) as exc:
         raise DstackError("collateral", f"is not DCAP collateral JSON: {exc}") from None
 
@@ -253,8 +258,9 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
                else "not a debug TD")
 
     try:
-        if not isinstance(collateral, dcap_qvl.QuoteCollateralV3):
-            collateral = load_collateral(collateral)
+        if not isinstance(collateral, dcap_qvl.QuoteCollateralV3) or '"pck_certificate_chain"' in collateral.to_json():
+            collateral = load_collateral(collateral if not isinstance(collateral, dcap_qvl.QuoteCollateralV3)
+                                         else collateral.to_json())
         claims = json.loads(dcap_qvl.QuoteVerifier(root_ca_der=root).verify_with_policy(
             bytes(raw_quote), collateral, now, dcap_qvl.QuotePolicy.claims_only(now)).to_json())
     except DstackError as exc:

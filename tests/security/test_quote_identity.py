@@ -206,3 +206,22 @@ def test_finding_11_the_sample_identity_is_pinned():
     intel = _intel()
     assert tq.quote_identity(intel.raw) == SAMPLE_IDENTITY
     assert len(tq.parse_quote(intel.raw).padding) == 70  # Intel's sample ends in 70 zero bytes
+
+
+def test_finding_11_a_pck_chain_in_the_collateral_does_not_replace_the_quotes(evidence):
+    """dcap-qvl verifies a collateral's pck_certificate_chain instead of the quote's own: the verifier
+    drops it, so a quote whose embedded leaf was changed is refused even when the collateral carries
+    the genuine chain."""
+    import json  # pylint: disable=import-outside-toplevel
+    quote = tq.parse_quote(evidence.raw)
+    fields = json.loads(evidence.collateral)
+    fields["pck_certificate_chain"] = quote.certification.cert_data.rstrip(b"\0").decode()
+    start, _end = _chain_span(evidence.raw)
+    changed = bytearray(evidence.raw)
+    body = start + len(tq.PEM_BEGIN) + 80  # a base64 character inside the leaf certificate
+    changed[body] = ord("A") if changed[body] != ord("A") else ord("B")
+    result = attestation.verify_quote(bytes(changed), json.dumps(fields), root_ca_der=evidence.root_ca_der,
+                                      now=evidence.now)
+    assert not result.ok
+    assert attestation.verify_quote(evidence.raw, json.dumps(fields), root_ca_der=evidence.root_ca_der,
+                                    now=evidence.now).ok
