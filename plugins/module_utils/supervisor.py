@@ -10,6 +10,7 @@ supervisord runs on its own: it outlives whoever started it.
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 
 try:
+    from supervisor.datatypes import dict_of_key_value_pairs
     from supervisor.xmlrpc import SupervisorTransport
 except ImportError:
     HAS_SUPERVISOR = False
@@ -73,6 +75,37 @@ def program_conf(name, command, directory, stdout, stderr, environment=None, aut
     return PROGRAM_CONF.format(name=name, command=command.replace("%", "%%"), directory=directory,
                                autostart=str(autostart).lower(), autorestart=str(autorestart).lower(),
                                stop_wait=stop_wait, stdout=stdout, stderr=stderr, environment=env.replace("%", "%%"))
+
+
+# What a program's environment values show as in a module's output (they often hold tokens).
+HIDDEN = "<hidden>"
+HIDDEN_CHANGED = "<hidden, changed>"
+_ENVIRONMENT_LINE = re.compile(r"^environment = (.*)$", re.M)
+
+
+def conf_environment(conf):
+    """The environment of a section program_conf wrote, read as supervisord reads it ({} if none)."""
+    match = _ENVIRONMENT_LINE.search(conf or "")
+    if not match or not match.group(1):
+        return {}
+    try:
+        return dict_of_key_value_pairs(match.group(1).replace("%%", "%"))
+    except ValueError:
+        return {}
+
+
+def redacted_conf(conf):
+    """The section with every environment value replaced by HIDDEN (names stay, for the diff)."""
+    if not conf:
+        return conf
+    hidden = ",".join(f'{k}="{HIDDEN}"' for k in sorted(conf_environment(conf)))
+    return _ENVIRONMENT_LINE.sub(lambda _match: f"environment = {hidden}", conf, count=1)
+
+
+def redacted_environment(environment, before=None):
+    """{name: HIDDEN}, or HIDDEN_CHANGED for a name whose value differs from the one in `before`."""
+    before = before or {}
+    return {k: HIDDEN if k not in before or before[k] == v else HIDDEN_CHANGED for k, v in environment.items()}
 
 
 class Supervisor:

@@ -20,7 +20,7 @@ attributes:
     support: full
   diff_mode:
     support: full
-    details: The diff shows the program's supervisord section and its state.
+    details: The diff shows the program's supervisord section (environment values hidden) and its state.
   idempotent:
     support: full
 options:
@@ -37,7 +37,10 @@ options:
     type: path
     default: /
   environment:
-    description: Environment variables of the program.
+    description:
+      - Environment variables of the program.
+      - The values are secret (no_log) and never shown, in the diff neither; the diff names the
+        variables and marks a variable whose value changes as C(<hidden, changed>).
     type: dict
     default: {}
   log_dir:
@@ -113,7 +116,7 @@ def main():
             name=dict(type="str", required=True),
             command=dict(type="list", elements="str"),
             directory=dict(type="path", default="/"),
-            environment=dict(type="dict", default={}),
+            environment=dict(type="dict", default={}, no_log=True),
             log_dir=dict(type="path"),
             supervisor_dir=dict(type="path", required=True),
             state=dict(type="str", default="started", choices=["started", "stopped", "restarted", "absent"]),
@@ -142,21 +145,27 @@ def _apply(module, supervisor, name):
     before_conf = supervisor.read_conf(name)
     info = supervisor.info(name) if running else None
     before_state = info["statename"] if info else "absent" if before_conf is None else "STOPPED"
-    before = {"conf": before_conf or "", "state": before_state}
+    # The diff shows the sections with their environment values hidden (they hold tokens); a
+    # variable whose value changes is marked as changed. The decision compares the real sections.
+    before_env = sv.conf_environment(before_conf)
+    before = {"conf": sv.redacted_conf(before_conf) or "", "environment": sv.redacted_environment(before_env),
+              "state": before_state}
     if p["state"] == "absent":
         changed = before_conf is not None or info is not None
         if changed and not module.check_mode:
             supervisor.undefine(name)
-        return dict(changed=changed, diff=dict(before=before, after={"conf": "", "state": "absent"}))
+        return dict(changed=changed, diff=dict(before=before, after={"conf": "", "environment": {}, "state": "absent"}))
     log_dir = p["log_dir"] or supervisor.dir
+    environment = {k: str(v) for k, v in p["environment"].items()}
     conf = sv.program_conf(name, " ".join(shlex.quote(a) for a in p["command"]), p["directory"],
                            os.path.join(log_dir, name + ".out.log"), os.path.join(log_dir, name + ".err.log"),
-                           environment={k: str(v) for k, v in p["environment"].items()})
+                           environment=environment)
     want_running = p["state"] in ("started", "restarted")
     is_running = before_state in sv.RUNNING_STATES
     restart = p["state"] == "restarted" and is_running
     changed = conf != before_conf or info is None or want_running != is_running or restart
-    after = {"conf": conf, "state": "RUNNING" if want_running else "STOPPED"}
+    after = {"conf": sv.redacted_conf(conf), "environment": sv.redacted_environment(environment, before_env),
+             "state": "RUNNING" if want_running else "STOPPED"}
     if module.check_mode or not changed:
         return dict(changed=changed, diff=dict(before=before, after=after), pid=info["pid"] if info else 0,
                     statename=before_state)
