@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port, needs_podman, run_playbook
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
+from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
 BIN = Path(sys.executable).parent
 TOKEN = "demo-vmm-token"
@@ -52,7 +54,7 @@ def _teardown(root, ports):
         status = _vmm(ports, "Status")
         for vm in status.get("vms", []):
             _vmm(ports, "RemoveVm", {"id": vm["id"]})
-    except OSError:
+    except DstackError:
         pass
     for conf in (root / "run" / "supervisor" / "supervisord.conf", root / "services" / "supervisord.conf"):
         if conf.exists():
@@ -60,11 +62,7 @@ def _teardown(root, ports):
 
 
 def _vmm(ports, method, body=None):
-    request = urllib.request.Request(f"http://127.0.0.1:{ports['vmm']}/prpc/Vmm.{method}",
-                                     data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Authorization": "Bearer " + TOKEN})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+    return VmmClient(f"http://127.0.0.1:{ports['vmm']}", token=TOKEN).call(method, body)
 
 
 def _deploy(app, extra, *flags):
