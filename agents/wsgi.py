@@ -3,10 +3,7 @@
 """Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent),
 and the one request parser they share."""
 
-import itertools
-import json
-import re
-
+from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
@@ -33,41 +30,6 @@ def run_gunicorn(app, **settings):
     Server().run()
 
 
-MAX_JSON_DEPTH = 64
-_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_A_BRACKET_RE = re.compile(r"[^\[\]{}]+")
-_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-
-
-def json_depth(text):
-    """How deep the arrays and objects of a JSON text nest, counted without recursing.
-
-    Strings are taken out first (as a JSON lexer reads them, so brackets in them do not count);
-    what is left is only brackets, summed with C loops. On invalid JSON the count may be too
-    high, never too low for what a parser reads before it fails: a refusal either way.
-    """
-    brackets = _NOT_A_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
-    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
-
-
-def parse_json(raw, field="request", max_depth=MAX_JSON_DEPTH):
-    """JSON from bytes or text, with nesting over `max_depth` refused before parsing.
-
-    json.loads recurses once per level and dies with a RecursionError (a 500) on a body of
-    100,000 `[`; the depth is checked first, without recursion. Errors are DstackError(field).
-    """
-    try:
-        text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, (bytes, bytearray)) else raw
-    except (UnicodeDecodeError, LookupError):
-        raise DstackError(field, "is not valid JSON: not UTF-8 text") from None
-    if json_depth(text) > max_depth:
-        raise DstackError(field, f"nests deeper than {max_depth} levels of arrays and objects")
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise DstackError(field, "is not valid JSON (only JSON is served, not protobuf)") from None
-
-
 def request_params(list_fields=(), strict=False):
     """A pRPC request's parameters.
 
@@ -80,8 +42,9 @@ def request_params(list_fields=(), strict=False):
     preflight (GET, <img>, <form>, text/plain or form-encoded bodies) is refused: 405, 415, or
     400 for a query string.
 
-    Either way the body must be a JSON object of at most MAX_JSON_DEPTH levels; anything else is
-    a DstackError naming the request (the app's MAX_CONTENT_LENGTH bounds its size: 413).
+    Either way the body must be a JSON object of at most json_limits.MAX_JSON_DEPTH levels (checked
+    before parsing); anything else is a DstackError naming the request. The app's
+    MAX_CONTENT_LENGTH bounds its size (413).
     """
     from flask import request  # pylint: disable=import-outside-toplevel
     from werkzeug.exceptions import MethodNotAllowed, UnsupportedMediaType  # pylint: disable=import-outside-toplevel
@@ -102,7 +65,7 @@ def request_params(list_fields=(), strict=False):
     if request.method == "POST":
         raw = request.get_data(cache=False)
         if raw.strip():
-            body = parse_json(raw, "request")
+            body = json_limits.loads(raw, "request", hint=" (only JSON is served, not protobuf)")
             if not isinstance(body, dict):
                 raise DstackError("request", "the body must be a JSON object")
             params.update(body)

@@ -24,6 +24,7 @@ from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNN
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.json_limits import check_depth, loads as json_loads
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
 
 VERSION = "0.5.11-dstack.tee"
@@ -250,6 +251,7 @@ class VmmService:
         text = _str_field(cfg.get("compose_file"), "compose_file", 1 << 30)
         if not text:
             raise DstackError("compose_file", "is required: the app-compose.json text")
+        check_depth(text, "compose_file")  # before compose.parse, whose json.loads recurses
         compose.validate(compose.parse(text.encode("utf-8"), "compose_file"))
         encrypted_env = parse_hex(cfg.get("encrypted_env") or "", "encrypted_env", allow_empty=True)
         app_id = compose.app_id_for(compose.compose_hash(text.encode("utf-8")), cfg.get("app_id") or None)
@@ -413,10 +415,7 @@ class VmmService:
         elif event == "shutdown.progress":
             self._set_state(vm, shutdown_progress=payload)
         elif event == "instance.info":
-            try:
-                info = json.loads(payload)
-            except (ValueError, RecursionError):
-                raise DstackError("payload", "instance.info must be JSON") from None
+            info = json_loads(payload, "payload")
             if not isinstance(info, dict):
                 raise DstackError("payload", "instance.info must be a JSON object")
             self._set_state(vm, instance_id=str(info.get("instance_id", "")), app_id=str(info.get("app_id", "")))

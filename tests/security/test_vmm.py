@@ -267,6 +267,20 @@ def test_finding_8_status_page_and_logs_lines_of_a_wrong_type_are_400s(vmm):
     assert status == 405
 
 
+def test_finding_8_deep_json_inside_a_string_field_is_a_400_too(vmm):
+    """The request's own nesting is bounded by the parser (test_agents_json.py); JSON the VMM
+    parses out of a field is bounded the same way."""
+    status, answer = vmm.call("CreateVm", {"name": "sec", "compose_file": "[" * 100000, "stopped": True})
+    assert status == 400 and answer["error"] == "compose_file: nests deeper than 64 levels of arrays and objects"
+    assert vmm.vm_dirs() == []
+    vm_id = vmm.create()
+    token = (vmm.run_path / vm_id / "host-api.token").read_text().strip()
+    status, answer = vmm.request("POST", f"/host-api/{vm_id}/{token}/Notify",
+                                 json.dumps({"event": "instance.info", "payload": "[" * 4000}),
+                                 {"Content-Type": "application/json"})
+    assert status == 400 and answer["error"].startswith("payload: nests deeper than 64")
+
+
 # ---- 9: unchecked VMM inputs ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value, reason", [
