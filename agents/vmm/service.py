@@ -186,7 +186,10 @@ class VmmService:
         except ValueError:
             raise DstackError(field, f"{value[:60]!r} is not an IP address") from None
         allowed = self.limits["allowed_host_addresses"]
-        if not address.is_loopback and address not in allowed:
+        # Loopback exposes no more than the VMM itself; an allowed wildcard (0.0.0.0, ::) allows
+        # every single address of its family, each exposing less.
+        wildcards = {a.version for a in allowed if a.is_unspecified}
+        if not address.is_loopback and address not in allowed and address.version not in wildcards:
             shown = ", ".join(str(a) for a in allowed)
             raise DstackError(field, f"{address} is not an allowed host address (this VMM allows {shown} and "
                                      "loopback; see allowed_host_addresses)")

@@ -332,6 +332,10 @@ def test_finding_9_the_limits_come_from_the_config_and_getmeta_names_them(short_
                                                    field: value})
             assert status == 400 and answer["error"].startswith(f"{field}:"), answer
         assert vmm.vm_dirs() == []
+        # 0.0.0.0 allows IPv4 only: :: (every IPv6 address) stays refused.
+        status, answer = vmm.call("CreateVm", {"name": "sec", "compose_file": COMPOSE_TEXT, "stopped": True, "ports": [
+            {"host_port": free_port(), "vm_port": 80, "host_address": "::"}]})
+        assert status == 400 and answer["error"].startswith("ports[0].host_address: :: is not an allowed host address")
         vmm.create(vcpu=4, memory=2048, name="eightchr",
                    ports=[{"host_port": free_port(), "vm_port": 80, "host_address": "0.0.0.0"}])
         vmm.create(name="second")
