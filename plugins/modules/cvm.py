@@ -13,6 +13,9 @@ description:
     (C(dstack-vmm), its JSON API at C(/prpc/Vmm.*)).
   - A CVM whose app-compose, encrypted env or ports differ from the options is updated in place
     (UpdateVm), which keeps the instance's data; the new compose_hash must be authorized first.
+  - The VMM cannot change O(vcpu), O(memory), O(disk_size), O(image) or O(app_id) of an existing
+    CVM. When one of them differs, the task fails naming them and changes nothing, unless
+    O(recreate=true) (see there). Check mode and the diff show every field that differs.
   - With O(wait=true) the task waits until the guest reports its boot finished, and fails with
     the guest's boot error otherwise.
 author:
@@ -22,7 +25,9 @@ attributes:
     support: full
   diff_mode:
     support: full
-    details: The diff shows the CVM's name, compose_hash, encrypted env digest, ports and state.
+    details: >-
+      The diff shows the CVM's name, app_id, compose_hash, encrypted env digest, ports, vcpu,
+      memory, disk_size, image and state, before and after.
   idempotent:
     support: full
 options:
@@ -60,7 +65,10 @@ options:
     description: The encrypted env as hex (RV(dstack.tee.env_encrypt#module:encrypted_env)).
     type: str
   app_id:
-    description: The app id when it is not compose_hash[0:20] (an on-chain app), hex.
+    description:
+      - The app id when it is not compose_hash[0:20] (an on-chain app), hex.
+      - An existing CVM keeps its app id across updates; when given, it is compared with the
+        CVM's (a different one needs O(recreate=true)).
     type: str
   ports:
     description: Ports forwarded from the host to the CVM.
@@ -100,6 +108,19 @@ options:
     description: The guest image name (libvirt backend).
     type: str
     default: ""
+  recreate:
+    description:
+      - What to do when O(vcpu), O(memory), O(disk_size), O(image) or O(app_id) differ from those of
+        the existing CVM, which the VMM cannot change in place (its UpdateVm changes only the
+        app-compose, the encrypted env and the ports).
+      - V(false) fails, naming the fields, and leaves the CVM as it is.
+      - V(true) removes the CVM and creates it anew with the options. This loses the instance, for
+        good - its VMM id; its instance id (a new one is drawn at the first boot); its data (the
+        work folder and data disk); and the keys the KMS derives from the instance id (the disk
+        encryption key). The app id stays, and so the app's own keys, unless O(app_id) is what
+        changes. A CVM that was running is running again afterwards (for O(state=present) too).
+    type: bool
+    default: false
   wait:
     description: Wait until the guest reports its boot finished (state running).
     type: bool
@@ -156,6 +177,10 @@ app_url:
   description: Where the app answers.
   returned: when the CVM exists
   type: str
+recreated:
+  description: Whether the CVM was (or, in check mode, would be) removed and created anew.
+  returned: always
+  type: bool
 """
 
 import hashlib
@@ -165,6 +190,12 @@ from ansible_collections.dstack.tee.plugins.module_utils import app_compose
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.module_support import read_bytes
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
+
+
+# What the VMM's UpdateVm changes in place (agents/vmm/service.py update_vm), keeping the
+# instance and its data; and what only a new CVM can have.
+IN_PLACE = ("compose_hash", "encrypted_env_sha256", "ports")
+NOT_IN_PLACE = ("vcpu", "memory", "disk_size", "image", "app_id")
 
 
 def _ports(ports):
@@ -177,9 +208,10 @@ def _view(info):
     if not info:
         return {}
     cfg = info.get("configuration") or {}
-    return {"name": info.get("name"), "compose_hash": info.get("compose_hash"),
+    return {"name": info.get("name"), "app_id": info.get("app_id", ""), "compose_hash": info.get("compose_hash"),
             "encrypted_env_sha256": info.get("encrypted_env_sha256", ""), "ports": _ports(cfg.get("ports")),
-            "status": info.get("status")}
+            "vcpu": cfg.get("vcpu"), "memory": cfg.get("memory"), "disk_size": cfg.get("disk_size"),
+            "image": cfg.get("image") or "", "status": info.get("status")}
 
 
 def _result(info):
@@ -205,6 +237,7 @@ def main():
             memory=dict(type="int", default=1024),
             disk_size=dict(type="int", default=10),
             image=dict(type="str", default=""),
+            recreate=dict(type="bool", default=False),
             wait=dict(type="bool", default=True),
             wait_timeout=dict(type="int", default=300),
         ),
@@ -248,24 +281,42 @@ def _apply(module, client, current):
     if state == "absent":
         if current and not module.check_mode:
             client.call("RemoveVm", {"id": current["id"]})
-        return dict(changed=bool(current), diff=dict(before=before, after={}))
+        return dict(changed=bool(current), recreated=False, diff=dict(before=before, after={}))
     compose, env = _desired(module)
-    wanted = {"name": p["name"], "compose_hash": hashlib.sha256(compose).hexdigest() if compose else None,
-              "encrypted_env_sha256": hashlib.sha256(env).hexdigest() if env else "", "ports": _ports(p["ports"])}
-    config = {"name": p["name"], "compose_file": compose.decode("utf-8") if compose else "",
-              "encrypted_env": env.hex(), "ports": wanted["ports"], "vcpu": p["vcpu"], "memory": p["memory"],
-              "disk_size": p["disk_size"], "image": p["image"]}
-    if p["app_id"]:
-        config["app_id"] = p["app_id"]
-    changed = False
-    if current is None:
-        changed = True
+    compose_hash = hashlib.sha256(compose).hexdigest()
+    # An existing CVM keeps its app id across updates; a given one is compared with it.
+    app_id = app_compose.app_id_for(compose_hash, p["app_id"]) if p["app_id"] or not current else before["app_id"]
+    wanted = {"name": p["name"], "app_id": app_id, "compose_hash": compose_hash,
+              "encrypted_env_sha256": hashlib.sha256(env).hexdigest() if env else "", "ports": _ports(p["ports"]),
+              "vcpu": p["vcpu"], "memory": p["memory"], "disk_size": p["disk_size"], "image": p["image"]}
+    config = {"name": p["name"], "compose_file": compose.decode("utf-8"), "encrypted_env": env.hex(),
+              "ports": wanted["ports"], "vcpu": p["vcpu"], "memory": p["memory"], "disk_size": p["disk_size"],
+              "image": p["image"], "app_id": app_id}
+    changed = recreated = start = False
+    fixed = [k for k in NOT_IN_PLACE if current and before[k] != wanted[k]]
+    if fixed and not p["recreate"]:
+        reason = (f"cannot change on the existing CVM {p['name']!r} (" + ", ".join(
+            f"{k} {before[k]!r} -> {wanted[k]!r}" for k in fixed) + "): the VMM changes only its app-compose, "
+            "encrypted env and ports in place. recreate=true removes the CVM and creates it anew, losing its "
+            "instance id, its data and the keys derived from the instance id")
         if not module.check_mode:
-            vm_id = client.call("CreateVm", dict(config, stopped=state != "running"))["id"]
+            raise DstackError(", ".join(fixed), reason)
+        # Check mode shows the drift (changed, with the diff) and says what the run would do.
+        module.warn(f"{', '.join(fixed)}: {reason}")
+        changed = True
+    if current is None or (fixed and p["recreate"]):
+        recreated = current is not None
+        changed = True
+        # A recreated CVM runs again when it ran before (state=present keeps what it was).
+        start = state == "running" or (state == "present" and recreated and before["status"] == "running")
+        if not module.check_mode:
+            if recreated:
+                _check_resources(client, p)
+                client.call("RemoveVm", {"id": current["id"]})
+            vm_id = _create(client, dict(config, stopped=not start), recreated)
             current = client.call("GetInfo", {"id": vm_id})["info"]
     else:
-        differs = any(before.get(k) != wanted[k] for k in ("compose_hash", "encrypted_env_sha256", "ports"))
-        if differs:
+        if any(before[k] != wanted[k] for k in IN_PLACE):
             changed = True
             if not module.check_mode:
                 client.call("UpdateVm", {"id": current["id"], "compose_file": config["compose_file"],
@@ -279,15 +330,40 @@ def _apply(module, client, current):
             changed = True
             if not module.check_mode:
                 client.call("StopVm", {"id": current["id"]})
-    after = dict(wanted, status={"present": (current or {}).get("status", "stopped"), "running": "running",
-                                 "stopped": "stopped"}[state])
+    if state != "present":
+        status = state
+    elif recreated:
+        status = "running" if start else "stopped"
+    else:
+        status = (current or {}).get("status", "stopped")
+    after = dict(wanted, status=status)
     if current and not module.check_mode:
         if state == "running" and p["wait"] and (changed or current.get("boot_progress") != "running"):
             client.wait_running(current["id"], p["wait_timeout"])
         current = client.call("GetInfo", {"id": current["id"]})["info"]
-    out = dict(changed=changed, diff=dict(before=before, after=after))
+    out = dict(changed=changed, recreated=recreated, diff=dict(before=before, after=after))
     out.update(_result(current or {}))
     return out
+
+
+def _check_resources(client, p):
+    """Before a CVM is removed to be recreated: what the VMM would refuse in CreateVm, as far as it says."""
+    limits = client.call("GetMeta").get("resources") or {}
+    for field, limit in (("vcpu", limits.get("max_allocable_vcpu")), ("memory", limits.get("max_allocable_memory_in_mb")),
+                         ("disk_size", None)):
+        if p[field] < 1 or (limit and p[field] > limit):
+            allowed = f"1 to {limit}, the VMM's limit (GetMeta)" if limit else "a positive number"
+            raise DstackError(field, f"must be {allowed}, got {p[field]}; the CVM was not removed")
+
+
+def _create(client, config, recreated):
+    try:
+        return client.call("CreateVm", config)["id"]
+    except DstackError as exc:
+        if not recreated:
+            raise
+        raise DstackError(exc.field, f"{exc.reason} (recreate: the old CVM {config['name']!r} was removed first; "
+                                     "a next run with valid options creates it)") from None
 
 
 if __name__ == "__main__":
