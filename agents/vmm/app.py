@@ -165,7 +165,7 @@ class ServedHosts:
 
     Its listen HOST:PORT; localhost, 127.0.0.1 and [::1] with that port; the host of its host API
     URL; and server_names (a name alone matches it with no port or the listen port, as behind a
-    reverse proxy; NAME:PORT matches exactly). When listening on 0.0.0.0 or ::, any IP address
+    reverse proxy; NAME:PORT matches that port, and NAME alone for port 80 or 443). When listening on 0.0.0.0 or ::, any IP address
     with the listen port: a DNS rebinding needs a name, and an IP literal Host means the browser
     reached this VMM at that address.
     """
@@ -186,6 +186,8 @@ class ServedHosts:
             self.names.add(_host_port(name, port) if port else name)
             if not port:
                 self.names.add(_host_port(name, self.port))
+            elif port in ("80", "443"):
+                self.names.add(name)  # browsers leave a scheme's default port out of Host and Origin
         host_api = urlsplit(str(config.get("host_api_base") or ""))
         if host_api.netloc:
             self.names.add(host_api.netloc.lower())

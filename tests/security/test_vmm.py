@@ -346,6 +346,28 @@ def test_finding_9_the_limits_come_from_the_config_and_getmeta_names_them(short_
         _stop(vmm, short_tmp)
 
 
+def test_the_limits_and_names_can_come_from_vmm_toml(short_tmp):
+    config = short_tmp / "vmm.toml"
+    config.write_text('max_allocable_vcpu = 2\nmax_log_followers = 1\nserver_names = ["vmm.example.org:443"]\n'
+                      'allowed_host_addresses = ["127.0.0.1", "0.0.0.0"]\n')
+    vmm = _start(short_tmp, "--config", str(config))
+    try:
+        # A browser at https://vmm.example.org/ (through a TLS proxy) leaves the default port out.
+        meta = vmm.call("GetMeta", headers={"Host": "vmm.example.org", "Origin": "https://vmm.example.org"})[1]
+        assert meta["resources"]["max_allocable_vcpu"] == 2
+        assert meta["resources"]["allowed_host_addresses"] == ["127.0.0.1", "0.0.0.0"]
+        status, answer = vmm.call("CreateVm", {"name": "sec", "compose_file": COMPOSE_TEXT, "stopped": True, "vcpu": 3})
+        assert status == 400 and answer["error"].startswith("vcpu: must be 1 to 2")
+        vm_id = vmm.create()
+        (vmm.run_path / vm_id / "stdout.log").write_text("x\n")
+        first, second = Follower(vmm, vm_id), Follower(vmm, vm_id)
+        assert (first.status, second.status) == (200, 429)
+        first.close()
+        second.close()
+    finally:
+        _stop(vmm, short_tmp)
+
+
 def test_bad_limits_in_the_config_stop_the_vmm_from_starting(short_tmp):
     proc = subprocess.run([str(BIN / "dstack-vmm"), "serve", "--run-path", str(short_tmp / "run"), "--listen",
                            f"127.0.0.1:{free_port()}", "--allowed-host-address", "not-an-ip"],
