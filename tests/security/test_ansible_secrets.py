@@ -16,10 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
+# After the sys.path line above; the unused names imported are pytest fixtures.
 # pylint: disable=wrong-import-position
 from ansible_collections.dstack.tee.plugins.module_utils.env_crypt import parse_dotenv
 from conftest import ROOT, needs_podman, run_playbook
-from test_demo_playbook import TOKEN, _recap, demo_root  # noqa: F401 (demo_root is a fixture)
+from test_demo_playbook import TOKEN, _recap, demo_root  # noqa: F401 pylint: disable=unused-import
 
 ROTATED_TOKEN = "rotated-vmm-token-5e1f0c2a9b"
 # GREETING is left out: the app shows it on its public page, and the role prints that page.

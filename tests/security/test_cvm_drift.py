@@ -12,9 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
+# After the sys.path line above; the unused names imported are pytest fixtures.
 # pylint: disable=wrong-import-position
 from conftest import free_port, needs_podman
-from test_vmm import _get, app_files, stack  # noqa: F401 (stack is a fixture)
+from test_vmm import _get, app_files, stack  # noqa: F401 pylint: disable=unused-import
 
 FIELDS = ("name", "app_id", "compose_hash", "encrypted_env_sha256", "ports", "vcpu", "memory", "disk_size", "image")
 CHANGES = (("vcpu", 2), ("memory", 1536), ("disk_size", 12), ("image", "dstack-0.5.11"))
