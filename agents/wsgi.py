@@ -3,6 +3,8 @@
 """Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent),
 and the one request parser they share."""
 
+import json
+
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 

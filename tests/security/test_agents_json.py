@@ -109,13 +109,13 @@ def test_finding_8_deep_json_is_a_400_on_the_guest_agent():
     base = tempfile.mkdtemp(prefix="dga-", dir="/tmp")
     agent = Agent(base).start()
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(agent.socket)), base_url="http://localhost") as http:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(agent.socket)), base_url="http://localhost") as client:
             for path in ("/GetQuote", "/GetKey", "/prpc/Tappd.TdxQuote"):
                 for body in (DEEP, DEEP_INSIDE):
-                    answer = http.post(path, content=body, headers={"Content-Type": "application/json"})
+                    answer = client.post(path, content=body, headers={"Content-Type": "application/json"})
                     _refused_as_deep(answer.status_code, answer.content)
             # dstack's own clients keep working: GET with a query, and the SDK's JSON POST.
-            assert http.get("/GetQuote", params={"report_data": "00"}).status_code == 200
+            assert client.get("/GetQuote", params={"report_data": "00"}).status_code == 200
             assert agent.client().get_quote(b"x").quote
     finally:
         agent.stop()
