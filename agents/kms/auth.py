@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 BACKENDS = ("local", "webhook", "ethereum")
@@ -139,8 +140,8 @@ class Webhook:
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # nosec: configured URL
-                answer = json.loads(response.read(64 * 1024))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+                answer = json_limits.loads(response.read(64 * 1024), "answer")
+        except (urllib.error.URLError, OSError, ValueError, DstackError) as exc:
             return Decision(False, f"auth webhook failed, so denied: {getattr(exc, 'reason', exc)}")
         if not isinstance(answer, dict) or answer.get("isAllowed") is not True:
             reason = answer.get("reason") if isinstance(answer, dict) else None

@@ -4,7 +4,6 @@
 and onboarding (GetKmsKey: the root keys, to an attested KMS replica its auth backend allows)."""
 
 import hashlib
-import json
 import os
 import threading
 import time
@@ -13,7 +12,7 @@ from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
 from ansible_collections.dstack.tee.agents.kms.auth import decide, make_backend
 from ansible_collections.dstack.tee.agents.kms.nonces import NonceStore, mac_key
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, kdf, key_release
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits, kdf, key_release
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 MODES = ("production", "simulation")
@@ -168,8 +167,8 @@ class KmsService:
             if len(boot["compose_hash"]) != 64:
                 raise Refused("compose_hash", "the event log has no 32-byte compose-hash event before boot-mr-done")
             try:
-                provider = json.loads(bytes.fromhex(boot["key_provider_info"]) or b"null")
-            except ValueError:
+                provider = json_limits.loads(bytes.fromhex(boot["key_provider_info"]) or b"null", "key_provider")
+            except DstackError:
                 provider = None
             if not isinstance(provider, dict) or provider.get("name") != "kms" \
                     or str(provider.get("id", "")).lower() != self.key_provider_id():
@@ -270,8 +269,8 @@ class KmsService:
         the CSR's key (report_data = SHA-512("ratls-cert:" || SPKI)) and from the same CVM as the
         SignCert quote; a KMS signs no certificate that claims a quote it has not checked."""
         try:
-            doc = json.loads(document) if isinstance(document, str) else None
-        except ValueError:
+            doc = json_limits.loads(document, "attestation") if isinstance(document, str) else None
+        except DstackError:
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("quote"), str):
             raise DstackError("attestation", "is not an attestation document {version, quote, event_log, ...}")
@@ -297,10 +296,7 @@ def _vm_config(value):
         return {}
     if isinstance(value, dict):
         return value
-    try:
-        parsed = json.loads(value)
-    except (TypeError, ValueError):
-        raise DstackError("vm_config", "is not a JSON object") from None
+    parsed = json_limits.loads(value, "vm_config")
     if not isinstance(parsed, dict):
         raise DstackError("vm_config", "is not a JSON object")
     return parsed

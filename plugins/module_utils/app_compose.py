@@ -14,6 +14,7 @@ import json
 import math
 import re
 
+from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 try:
@@ -153,10 +154,7 @@ def key_provider_of(app_compose):
 
 def parse(app_compose_bytes, field="app-compose.json"):
     """Parse app-compose.json bytes into a dict, with an error naming the field on bad input."""
-    try:
-        data = json.loads(app_compose_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DstackError(field, f"is not valid JSON: {exc}") from None
+    data = json_limits.loads(app_compose_bytes, field)
     if not isinstance(data, dict):
         raise DstackError(field, "must be a JSON object")
     return data

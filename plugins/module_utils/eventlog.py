@@ -14,6 +14,7 @@ import json
 import dataclasses
 from dataclasses import dataclass
 
+from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 DSTACK_EVENT_TYPE = 0x08000001
@@ -106,10 +107,7 @@ def events_from_runtime_log(text):
 def parse_event_log(event_log, field="event_log"):
     """Entries of a GetQuote event_log (a JSON string or a list); each checked for shape."""
     if isinstance(event_log, (str, bytes)):
-        try:
-            event_log = json.loads(event_log)
-        except ValueError as exc:
-            raise DstackError(field, f"is not valid JSON: {exc}") from None
+        event_log = json_limits.loads(event_log, field)
     if not isinstance(event_log, list):
         raise DstackError(field, "must be a JSON array of events")
     entries = []

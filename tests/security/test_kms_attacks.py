@@ -306,3 +306,27 @@ def test_finding_8_bad_sign_cert_fields_are_400_and_use_no_nonce(tmp_path, field
     assert app.extensions["dstack_kms"].nonces.consumed_count() == 0
     good = client.client.post("/prpc/KMS.SignCert", json=request)  # the same nonce, still good
     assert good.status_code == 200 and len(good.get_json()["certificate_chain"]) == 3
+
+
+@pytest.mark.parametrize("method, field", [("GetAppKey", "vm_config"), ("GetAppKey", "event_log"),
+                                           ("SignCert", "attestation"), ("SignCert", "event_log")])
+def test_finding_8_deep_json_inside_a_field_is_refused_not_a_500(tmp_path, method, field):
+    """JSON carried in a string field is parsed with the same depth limit as the request body."""
+    sim, _app, client, root_id = image_kms(tmp_path)
+    nonce = client.call("GetNonce")["nonce"]
+    log = launched(sim, root_id, ALLOWED_IMAGE)
+    _private, public = key_release.new_ephemeral_key()
+    request = {"nonce": nonce, "ephemeral_public_key": public.hex(), "event_log": log, "vm_config": "",
+               "quote": sim.get_quote(key_release.key_release_report_data(nonce, public)).hex()}
+    if method == "SignCert":
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")]))
+               .sign(key, hashes.SHA256()))
+        request["csr"] = csr.public_bytes(serialization.Encoding.PEM).decode()
+        request["quote"] = sim.get_quote(key_release.sign_cert_report_data(
+            nonce, csr.public_bytes(serialization.Encoding.DER))).hex()
+    request[field] = "[" * 100_000
+    response = client.client.post(f"/prpc/KMS.{method}", json=request)
+    assert response.status_code in (400, 403), response.get_json()
+    error = response.get_json()["error"]
+    assert "deeper than" in error or error.startswith(f"{field}: is not"), error
