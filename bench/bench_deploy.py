@@ -11,7 +11,6 @@ guest's "running" report: measurement, attested key release, env, containers); a
 """
 
 import argparse
-import json
 import shutil
 import socket
 import statistics
@@ -46,10 +45,8 @@ def first_answer(url, deadline):
 
 
 def vmm(port, method, body=None):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/prpc/Vmm.{method}", data=json.dumps(body or {}).encode(),
-                                     method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+    from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient  # pylint: disable=import-outside-toplevel
+    return VmmClient(f"http://127.0.0.1:{port}").call(method, body or {})
 
 
 def playbook(name, extra):

@@ -31,8 +31,7 @@ BOOT_EVENTS = ("system-preparing", "app-id", "compose-hash", "instance-id", "os-
                "boot-mr-done", "mr-kms", "storage-fs", "system-ready")
 # Names a boot may measure before boot-mr-done, and between it and system-ready (dstack's later
 # names included, so that a dstack guest's log reads too).
-PRE_BOOT_EVENTS = ("system-preparing",) + IDENTITY_EVENTS + ("init-script-hash", "gpu-policy-hash",
-                                                               "gpu-attestation")
+PRE_BOOT_EVENTS = ("system-preparing",) + IDENTITY_EVENTS + ("init-script-hash", "gpu-policy-hash", "gpu-attestation")
 POST_BOOT_EVENTS = ("mr-kms", "os-image-hash", "key-provider", "storage-fs", "system-ready")
 # Every name the boot uses: EmitEvent refuses them all, and none may follow system-ready.
 RESERVED_EVENTS = tuple(dict.fromkeys(PRE_BOOT_EVENTS + ("boot-mr-done",) + POST_BOOT_EVENTS))
