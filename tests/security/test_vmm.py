@@ -110,8 +110,8 @@ def test_finding_3_a_web_page_can_neither_create_a_vm_nor_read_the_list(vmm):
     status, answer = vmm.call("Status", headers={"Host": f"rebind.example:{vmm.port}",
                                                  "Origin": f"http://rebind.example:{vmm.port}"})
     assert status == 403 and "rebind.example" in answer["error"] and vm_id not in json.dumps(answer)
-    status, answer = vmm.request("POST", "/prpc/Vmm.Status", "{}", {"Host": f"rebind.example:{vmm.port}",
-                                                                      "Content-Type": "application/json"})
+    status, answer = vmm.request("POST", "/prpc/Vmm.Status", "{}",
+                                 {"Host": f"rebind.example:{vmm.port}", "Content-Type": "application/json"})
     assert status == 403 and vm_id not in json.dumps(answer)
     # A cross-site page's JSON POST (the browser sends its Origin; the preflight is refused too).
     status, answer = vmm.call("Status", headers={"Origin": "http://evil.example"})
@@ -121,8 +121,8 @@ def test_finding_3_a_web_page_can_neither_create_a_vm_nor_read_the_list(vmm):
     assert status == 403
     status, _answer = vmm.call("Status", headers={"Sec-Fetch-Site": "cross-site", "Origin": "null"})
     assert status == 403
-    status, answer = vmm.request("POST", "/prpc/Vmm.Status", "{}", {"Content-Type": "application/json",
-                                                                     "Sec-Fetch-Site": "cross-site"})
+    status, answer = vmm.request("POST", "/prpc/Vmm.Status", "{}",
+                                 {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"})
     assert status == 403 and "cross-site" in answer["error"]
     # Another port on the same host is another origin (a CVM's app on 127.0.0.1:8080, say).
     status, _answer = vmm.call("Status", headers={"Origin": "http://127.0.0.1:8080", "Sec-Fetch-Site": "same-site"})
@@ -138,8 +138,8 @@ def test_finding_3_a_web_page_can_neither_create_a_vm_nor_read_the_list(vmm):
     assert status == 200 and [vm["id"] for vm in answer["vms"]] == [vm_id]
     status, answer = vmm.request("POST", "/prpc/Vmm.Status", "{}", {"Content-Type": "application/json"})
     assert status == 200 and answer["total"] == 1
-    status, answer = vmm.request("POST", "/prpc/Vmm.Status", "{}", {"Host": f"localhost:{vmm.port}",
-                                                                     "Content-Type": "application/json"})
+    status, answer = vmm.request("POST", "/prpc/Vmm.Status", "{}",
+                                 {"Host": f"localhost:{vmm.port}", "Content-Type": "application/json"})
     assert status == 200
     assert vmm.vm_dirs() == [vm_id]
     # The page itself loads from a link on another site (it holds no secret).
