@@ -52,11 +52,11 @@ HONEST = [("system-preparing", b""), ("app-id", b"\x01" * 20), ("compose-hash", 
           ("instance-id", b"\x03" * 20), ("os-image-hash", b"\x04" * 32),
           ("key-provider", b'{"name":"kms","id":"05"}'), ("boot-mr-done", b""), ("storage-fs", b"ext4"),
           ("system-ready", b""), ("app-event", b"\x06")]
-HONEST_IDENTITY = {name: payload for name, payload in HONEST[1:6]}
+HONEST_IDENTITY = dict(HONEST[1:6])
 
 
-def honest_log(events=HONEST):
-    return [el.RuntimeEvent(n, p).to_log_entry() for n, p in events]
+def honest_log(events=None):
+    return [el.RuntimeEvent(n, p).to_log_entry() for n, p in (HONEST if events is None else events)]
 
 
 def test_identity_is_read_from_before_boot_mr_done():

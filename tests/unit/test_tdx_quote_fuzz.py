@@ -13,7 +13,6 @@ machine, so a failure is a regression. A deeper random search:
 (ten times the examples; the run's seed is in pytest's header, --hypothesis-seed=N repeats it).
 """
 
-import json
 import struct
 import tempfile
 import time
