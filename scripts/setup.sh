@@ -20,9 +20,14 @@ APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
 # The simulated CVM's container runner (machine-recipes.md: podman with runc; images made
 # locally from busybox-static), also what `make demo` will run apps with.
 APT_PACKAGES+=(podman runc podman-compose busybox-static)
+# The gateway's WireGuard hub and the CVMs' tunnels: no kernel module here, so wireguard-go (a
+# userspace interface; wg-quick falls back to it) and wg; ip netns for each CVM's namespace.
+APT_PACKAGES+=(wireguard-go wireguard-tools iproute2)
 # What only the tests need: ansible-test sanity's shellcheck; the VMM web UI's test in a real
 # headless Chromium (Debian's chromium and chromedriver, driven by Selenium).
 ((WITH_TEST)) && APT_PACKAGES+=(shellcheck chromium chromium-driver)
+# The gateway benchmark's references: HAProxy on the same routes, wrk as the load tool.
+((WITH_TEST)) && APT_PACKAGES+=(haproxy wrk)
 # node and npm for the contracts' compiler: Debian's, unless a node with npm is there already
 # (machines that ship their own Node.js have no Debian npm package, and must not get one).
 ((WITH_TEST)) && ! command -v npm >/dev/null 2>&1 && APT_PACKAGES+=(nodejs npm)
