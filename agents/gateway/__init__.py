@@ -7,5 +7,6 @@
     service.py  the decisions: RegisterCvm (identity only from the RA-TLS client certificate),
                 Info, GetPeers, the Admin methods, peers applied through a WireGuard hub
     app.py      the Flask apps (control API, Admin API) and the client certificate under gunicorn
-    cli.py      `dstack-gateway serve-control`
+    cli.py      `dstack-gateway serve-control | check-config`
+    sni.py, proxy.py, proxy_protocol.py   the data plane (SNI routes, the asyncio proxy, PROXY v2)
 """

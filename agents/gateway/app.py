@@ -1,0 +1,146 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The gateway's HTTP APIs at dstack's paths, JSON in and out.
+
+create_app(config): the control API, served over mutual TLS (the CVM's RA-TLS client
+certificate is optional at the TLS layer, required by RegisterCvm and GetPeers):
+    /prpc/Gateway.RegisterCvm {client_public_key, port_policy?}
+    /prpc/Gateway.Info, /prpc/Gateway.GetPeers, /health
+create_admin_app(config, service): the Admin API on its own listener, every route behind
+`Authorization: Bearer <admin.token>`:
+    /prpc/Admin.Status, Admin.GetInfo {id}, Admin.GetMeta, Admin.RemoveInstance {id},
+    Admin.SetPortPolicy {app_id, policy}
+serve_both(control, admin, admin_port): one WSGI app that hands each request to the app of the
+listener it arrived on (one gunicorn, two binds).
+
+Errors: {"error": "..."}; 400 bad input, 401 no or a wrong admin token, 403 refused (the check
+named), 503 the gateway cannot now (no free address, WireGuard hub), 500 only its type.
+
+The client certificate: under gunicorn the WSGI environ holds the TLS socket
+("gunicorn.socket"); its verified chain (the leaf first) is read there. Any other server (and a
+test client) may put the DER chain in environ["dstack.peer_cert_chain"]; a client cannot set
+environ keys, only headers.
+"""
+
+import hmac
+import logging
+import ssl
+
+from flask import Flask, jsonify, request
+
+from ansible_collections.dstack.tee.agents.gateway.service import GatewayService, Refused, Unavailable
+from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
+
+MAX_REQUEST_BYTES = 64 * 1024
+PEER_CHAIN_ENVIRON = "dstack.peer_cert_chain"
+log = logging.getLogger("dstack.gateway")
+
+
+def client_certificate_chain(environ):
+    """The TLS client's certificates as DER bytes, the leaf first ([] when it sent none)."""
+    given = environ.get(PEER_CHAIN_ENVIRON)
+    if given is not None:
+        return [bytes(der) for der in given]
+    sock = environ.get("gunicorn.socket")
+    if not isinstance(sock, ssl.SSLSocket):
+        return []
+    leaf = sock.getpeercert(binary_form=True)
+    if not leaf:
+        return []
+    # Python 3.13 has SSLSocket.get_verified_chain(); before, the same call is on the SSL object.
+    # OpenSSL's verified chain first (the leaf, the app CA, the root), else what the client sent.
+    source = sock if hasattr(sock, "get_verified_chain") else getattr(sock, "_sslobj", None)
+    for name in ("get_verified_chain", "get_unverified_chain"):
+        getter = getattr(source, name, None)
+        chain = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # pylint: disable=protected-access
+                 for c in (getter() or []) if c is not None] if getter else []
+        if chain and chain[0] == leaf:
+            return chain
+    return [leaf]
+
+
+def _errors(app):
+    @app.errorhandler(Refused)
+    def refused(exc):
+        log.warning("refused %s from %s: %s", request.path, request.remote_addr, exc)
+        return jsonify({"error": str(exc)}), 403
+
+    @app.errorhandler(Unavailable)
+    def unavailable(exc):
+        log.warning("unavailable %s: %s", request.path, exc)
+        return jsonify({"error": str(exc)}), 503
+
+    install_json_errors(app, log)
+
+
+def create_app(config, service=None, hub=None):
+    """The control API (Gateway.*). `config`: agents/gateway/config.py's load_config result."""
+    app = Flask("dstack-gateway")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    service = service or GatewayService(config, hub=hub)
+    app.extensions["dstack_gateway"] = service
+
+    @app.post("/prpc/Gateway.RegisterCvm")
+    def register_cvm():
+        return jsonify(service.register_cvm(client_certificate_chain(request.environ), request_params()))
+
+    @app.route("/prpc/Gateway.Info", methods=["GET", "POST"])
+    def info():
+        request_params()
+        return jsonify(service.info())
+
+    @app.route("/prpc/Gateway.GetPeers", methods=["GET", "POST"])
+    def get_peers():
+        request_params()
+        return jsonify(service.get_peers(client_certificate_chain(request.environ)))
+
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "ok"})
+
+    _errors(app)
+    return app
+
+
+def create_admin_app(config, service):
+    """The Admin API; every route needs the bearer token admin.token."""
+    app = Flask("dstack-gateway-admin")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    token = config["admin"]["token"]
+    app.extensions["dstack_gateway"] = service
+
+    @app.before_request
+    def check_token():
+        given = request.headers.get("Authorization", "")
+        scheme, _sep, value = given.partition(" ")
+        if not token or scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            return jsonify({"error": "unauthorized: the Admin API needs Authorization: Bearer <admin.token>"}), 401
+        return None
+
+    def route(name, handler):
+        def view():
+            return jsonify(handler(request_params()))
+        view.__name__ = name
+        app.add_url_rule(f"/prpc/Admin.{name}", name, view, methods=["GET", "POST"])
+
+    route("Status", lambda params: service.status())
+    route("GetInfo", service.get_info)
+    route("GetMeta", lambda params: service.get_meta())
+    route("RemoveInstance", service.remove_instance)
+    route("SetPortPolicy", service.set_port_policy)
+    _errors(app)
+    return app
+
+
+def serve_both(control, admin, admin_port):
+    """One WSGI app for two listeners: requests that arrived on admin_port go to `admin`, the rest
+    to `control` (the listener is the accepted socket's own port, which no client can choose)."""
+    def application(environ, start_response):
+        sock = environ.get("gunicorn.socket")
+        try:
+            port = sock.getsockname()[1] if sock is not None else None
+        except OSError:
+            port = None
+        target = admin if admin is not None and port == admin_port else control
+        return target(environ, start_response)
+    return application

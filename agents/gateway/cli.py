@@ -1,0 +1,84 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""`dstack-gateway`: the gateway command.
+
+  dstack-gateway serve-control --config gateway.toml [--state-dir DIR] [--listen HOST:PORT]
+                               [--admin-listen HOST:PORT] [--workers N]
+                         the control API (Gateway.RegisterCvm, Info, GetPeers) over mutual TLS
+                         under gunicorn: rpc.cert / rpc.key are the gateway's certificate, client
+                         certificates are optional at the TLS layer and must chain to
+                         rpc.kms_root_ca (RegisterCvm then verifies them fully); with admin.listen,
+                         the Admin API on that second listener (bearer admin.token). No WireGuard
+                         hub yet: the peers are applied once the data plane's `serve` lands.
+  dstack-gateway check-config --config gateway.toml
+                         load and check the configuration; print it, secrets hidden
+"""
+
+import argparse
+import ssl
+import sys
+
+from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
+from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+
+def _load(args):
+    overrides = {"core.state_dir": getattr(args, "state_dir", None), "rpc.listen": getattr(args, "listen", None),
+                 "admin.listen": getattr(args, "admin_listen", None), "rpc.workers": getattr(args, "workers", None)}
+    return gateway_config.load_config(args.config, overrides=overrides)
+
+
+def cmd_check_config(args):
+    return gateway_config.redacted(_load(args))
+
+
+def cmd_serve_control(args):
+    """Serve the control (and Admin) API under gunicorn until stopped."""
+    import logging  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.gateway.app import create_admin_app, create_app, serve_both  # pylint: disable=import-outside-toplevel
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = _load(args)
+    rpc, admin = config["rpc"], config["admin"]
+    if not rpc["listen"]:
+        raise DstackError("rpc.listen", "is required for serve-control")
+    if not rpc["cert"]:
+        raise DstackError("rpc.cert", "is required for serve-control: the control API is served over TLS only "
+                                      "(RegisterCvm authenticates CVMs by their client certificate)")
+    control = create_app(config)  # fails here, before listening, on a bad configuration
+    service = control.extensions["dstack_gateway"]
+    admin_app = create_admin_app(config, service) if admin["listen"] else None
+    binds = [rpc["listen"]] + ([admin["listen"]] if admin["listen"] else [])
+    print(f"dstack-gateway: control API on https://{rpc['listen']}/prpc/Gateway.*"
+          + (f", Admin API on https://{admin['listen']}/prpc/Admin.*" if admin["listen"] else "")
+          + f" (client certificates under {rpc['kms_root_ca']})", file=sys.stderr)
+    admin_port = int(admin["listen"].rpartition(":")[2]) if admin["listen"] else None
+    run_gunicorn(serve_both(control, admin_app, admin_port), bind=binds, certfile=rpc["cert"], keyfile=rpc["key"],
+                 ca_certs=rpc["kms_root_ca"], cert_reqs=ssl.CERT_OPTIONAL, workers=rpc["workers"],
+                 worker_class="gthread", threads=4, timeout=60, accesslog="-", errorlog="-", loglevel="info")
+    return None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="dstack-gateway", description="The dstack.tee gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve-control", help="serve the control API (RegisterCvm, mutual TLS) and the Admin API")
+    serve.add_argument("--config", required=True, help="the gateway.toml")
+    serve.add_argument("--state-dir", help="overrides core.state_dir")
+    serve.add_argument("--listen", help="overrides rpc.listen (HOST:PORT)")
+    serve.add_argument("--admin-listen", help="overrides admin.listen (HOST:PORT)")
+    serve.add_argument("--workers", type=int, help="overrides rpc.workers (gunicorn worker processes)")
+    serve.set_defaults(func=cmd_serve_control)
+    check = sub.add_parser("check-config", help="check gateway.toml and print it, secrets hidden")
+    check.add_argument("--config", required=True, help="the gateway.toml")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv=None):
+    return run_cli("dstack-gateway", build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The gateway's control decisions, apart from HTTP: RegisterCvm, Info, GetPeers and the Admin
+methods, on the store, with the WireGuard peers applied through a hub.
+
+RegisterCvm takes the CVM's identity ONLY from its client certificate, never from the body:
+
+1. the chain: leaf <- app CA <- the KMS root CA this gateway pins (rpc.kms_root_ca); each
+   signature, validity period and CA flag checked here (whatever the TLS layer did); the leaf
+   for client authentication, its app-id extension equal to its app CA's;
+2. the leaf's attestation extension (OID 1.3.6.1.4.1.62397.1.8, the guest's attestation
+   document over the leaf key): its quote verified by the one verifier (attestation.verify_quote:
+   DCAP under the configured root, TCB policy, debug refused, the event log replayed, identity
+   only from before boot-mr-done) with report_data = SHA-512("ratls-cert:" || leaf SPKI);
+3. the boot: app_id equal to the certificate's, a compose hash, this KMS measured as the key
+   provider, and a non-empty instance_id (apps with no_instance_id cannot use the gateway);
+4. the optional authorization webhook ([core.auth]: POST of the boot info, 2xx allows; an
+   error, a timeout or anything else refuses);
+5. the store: an instance_id bound to another app, or a WireGuard key already another
+   instance's, is refused.
+
+Every refusal is a Refused (HTTP 403) naming the check. The peer is then applied through the
+hub (an object with set_peer / remove_peer / sync_peers, the shape of wireguard.Uapi); the store
+is the state wanted, so a hub failure (503) loses nothing: the CVM retries, and sync_peers at
+start makes the interface match the store.
+"""
+
+import base64
+import datetime
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from ansible_collections.dstack.tee.agents.gateway.store import Conflict, Exhausted, Store
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits, wireguard
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+log = logging.getLogger("dstack.gateway")
+
+ONLINE_SECONDS = 300           # a peer with a handshake this recent counts as online (Admin.GetMeta)
+SIM_COLLATERAL_REFRESH = 3600
+MAX_PORT_POLICY_PORTS = 1024
+AUTH_ANSWER_BYTES = 64 * 1024
+
+
+class Refused(DstackError):
+    """The caller is not allowed (HTTP 403): the field names the check that failed."""
+
+
+class Unavailable(DstackError):
+    """The gateway cannot do it now (HTTP 503): no free address, the WireGuard hub failed."""
+
+
+def version():
+    try:
+        from importlib.metadata import version as package_version  # pylint: disable=import-outside-toplevel
+        return package_version("dstack-tee")
+    except Exception:  # pylint: disable=broad-exception-caught
+        return "0"
+
+
+# ---- request fields ---------------------------------------------------------------------------
+
+def wg_public_key(value, field="client_public_key"):
+    """A WireGuard public key: base64 of 32 bytes, kept as wg prints it."""
+    if value is None or value == "":
+        raise DstackError(field, "is required: the CVM's WireGuard public key (base64, as `wg pubkey` prints it)")
+    return base64.b64encode(wireguard.parse_key(value, field)).decode()
+
+
+def port_policy(value, field="port_policy"):
+    """dstack's port_policy {ports: [{port, pp}], restrict_mode} (app-compose), normalized; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise DstackError(field, "must be an object {ports: [{port, pp}], restrict_mode}")
+    unknown = sorted(set(value) - {"ports", "restrict_mode"})
+    if unknown:
+        raise DstackError(f"{field}.{unknown[0]}", "is not a port_policy field (ports, restrict_mode)")
+    ports = value.get("ports", [])
+    if not isinstance(ports, list) or len(ports) > MAX_PORT_POLICY_PORTS:
+        raise DstackError(f"{field}.ports", f"must be a list of at most {MAX_PORT_POLICY_PORTS} {{port, pp}}")
+    restrict = value.get("restrict_mode", False)
+    if not isinstance(restrict, bool):
+        raise DstackError(f"{field}.restrict_mode", "must be true or false")
+    seen, out = set(), []
+    for i, entry in enumerate(ports):
+        where = f"{field}.ports[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"port", "pp"}:
+            raise DstackError(where, "must be an object {port, pp}")
+        port, pp = entry.get("port"), entry.get("pp", False)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise DstackError(f"{where}.port", "must be a port number from 1 to 65535")
+        if not isinstance(pp, bool):
+            raise DstackError(f"{where}.pp", "must be true or false")
+        if port in seen:
+            raise DstackError(f"{where}.port", f"{port} is listed twice")
+        seen.add(port)
+        out.append({"port": port, "pp": pp})
+    return {"ports": sorted(out, key=lambda p: p["port"]), "restrict_mode": restrict}
+
+
+def app_id_param(value, field="app_id"):
+    return parse_hex(value, field, length=20).hex()
+
+
+# ---- trust: the KMS root for certificates, the quote's root and collateral --------------------
+
+class QuoteTrust:
+    """How quotes are verified: the trust root and the collateral source ([attestation], as the KMS's keys)."""
+
+    def __init__(self, config, state_dir):
+        self.config = config
+        self.state_dir = state_dir
+        self.mode = config["mode"]
+        self._sim = None
+        self._collateral = None
+        self._collateral_at = 0
+        self._lock = threading.Lock()
+        if self.mode == "production":
+            self.root_ca_der = attestation.intel_root_ca_der()
+        elif config.get("sim_state_dir"):
+            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
+            self._sim = SimTdx(config["sim_state_dir"])
+            self.root_ca_der = self._sim.root_ca_der
+        else:
+            try:
+                with open(config["root_ca"], "rb") as handle:
+                    self.root_ca_der = attestation.load_root_ca(handle.read())
+            except OSError as exc:
+                raise DstackError("attestation.root_ca", f"cannot read {config['root_ca']}: {exc.strerror}") from None
+        self.policy = dict(allowed_tcb_statuses=tuple(config["allowed_tcb_statuses"]),
+                           allowed_advisory_ids=tuple(config["allowed_advisory_ids"]))
+
+    def collateral(self, raw_quote):
+        if self._sim is not None:
+            with self._lock:
+                now = time.time()
+                if self._collateral is None or now - self._collateral_at > SIM_COLLATERAL_REFRESH:
+                    self._collateral = attestation.load_collateral(self._sim.collateral_json())
+                    self._collateral_at = now
+                return self._collateral
+        if self.config.get("collateral"):
+            return self.config["collateral"]
+        cache = attestation.CollateralCache(
+            self.config.get("collateral_cache_dir") or os.path.join(self.state_dir, "collateral"),
+            self.config["pccs_url"])
+        return cache.get(raw_quote)
+
+    def verify(self, raw_quote, event_log, expected_report_data):
+        policy = attestation.Policy(expected_report_data=expected_report_data, require_event_log=True, **self.policy)
+        try:
+            collateral = self.collateral(raw_quote)
+        except DstackError as exc:
+            raise Unavailable("collateral", str(exc)) from None
+        return attestation.verify_quote(raw_quote, collateral, self.root_ca_der, policy, event_log)
+
+
+def load_kms_root(path):
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise DstackError("rpc.kms_root_ca", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise DstackError("rpc.kms_root_ca", f"{path} is not a PEM or DER certificate") from None
+
+
+def _extension(cert, oid):
+    try:
+        return cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value.value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _within_validity(cert, now, what):
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise Refused("client_certificate", f"the {what} is outside its validity period")
+
+
+def _is_ca(cert):
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _issued_by(cert, issuer):
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+class ClientVerifier:
+    """RegisterCvm's identity: the RA-TLS client certificate, verified as the module docstring says."""
+
+    def __init__(self, kms_root, trust):
+        self.kms_root = kms_root
+        self.kms_key_provider_id = app_certs.key_provider_id(kms_root)
+        self.trust = trust
+
+    def verify(self, chain_der, now=None):
+        """chain_der: the client's certificates as DER bytes, the leaf first (the TLS layer's
+        verified chain; a root among them is ignored: the pinned one is used). Returns the boot
+        info of the attested CVM (app_id, instance_id, compose_hash, ...); Refused otherwise."""
+        if not chain_der:
+            raise Refused("client_certificate", "none presented: RegisterCvm needs the RA-TLS client certificate "
+                                                "the KMS issued to this CVM (mutual TLS)")
+        try:
+            certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
+        except (ValueError, TypeError):
+            raise Refused("client_certificate", "is not a DER X.509 certificate") from None
+        now = datetime.datetime.now(datetime.timezone.utc) if now is None else now
+        leaf = certs[0]
+        app_ca = next((c for c in certs[1:] if c.subject == leaf.issuer and c != self.kms_root), None)
+        if app_ca is None or not _issued_by(leaf, app_ca) or not _is_ca(app_ca) or \
+                not _issued_by(app_ca, self.kms_root):
+            raise Refused("client_certificate", "does not chain to the KMS root CA this gateway trusts "
+                                                "(leaf <- app CA <- KMS root)")
+        _within_validity(leaf, now, "certificate")
+        _within_validity(app_ca, now, "app CA certificate")
+        _within_validity(self.kms_root, now, "KMS root CA certificate")
+        if _is_ca(leaf):
+            raise Refused("client_certificate", "is a CA certificate, not a leaf")
+        try:
+            usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usages = []
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            raise Refused("client_certificate", "is not for client authentication (GetTlsKey usage_client_auth)")
+        cert_app_id = _extension(leaf, app_certs.OID_APP_ID)
+        if not cert_app_id or len(cert_app_id) != 20 or _extension(app_ca, app_certs.OID_APP_ID) != cert_app_id:
+            raise Refused("client_certificate", "its app-id extension is missing or differs from its app CA's")
+        boot = self._attested_boot(leaf)
+        if boot.get("app_id") != cert_app_id.hex():
+            raise Refused("attestation", "the attested app_id is not the certificate's app id")
+        if len(boot.get("compose_hash", "")) != 64:
+            raise Refused("attestation", "the event log has no compose-hash event before boot-mr-done")
+        try:
+            provider = json_limits.loads(bytes.fromhex(boot.get("key_provider_info", "")) or b"null", "key_provider")
+        except (DstackError, ValueError):
+            provider = None
+        if not isinstance(provider, dict) or provider.get("name") != "kms" or \
+                str(provider.get("id", "")).lower() != self.kms_key_provider_id:
+            raise Refused("attestation", "the CVM did not measure this KMS as its key provider")
+        if not boot.get("instance_id"):
+            raise Refused("instance_id", "is empty: an app with no_instance_id cannot use the gateway")
+        return boot
+
+    def _attested_boot(self, leaf):
+        raw = _extension(leaf, app_certs.OID_ATTESTATION)
+        if raw is None:
+            raise Refused("attestation", "the certificate has no attestation extension (GetTlsKey usage_ra_tls)")
+        try:
+            doc = json_limits.loads(raw, "attestation")
+        except DstackError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("quote"), str):
+            raise Refused("attestation", "is not an attestation document {quote, event_log, ...}")
+        try:
+            quote = parse_hex(doc["quote"], "attestation.quote")
+        except DstackError as exc:
+            raise Refused(exc.field, exc.reason) from None
+        result = self.trust.verify(quote, doc.get("event_log"), app_certs.ratls_report_data(leaf.public_key()))
+        if not result.ok:
+            failed = result.failures[0]
+            raise Refused("attestation", f"{failed.name}: {failed.detail}")
+        if self.trust.mode == "production" and result.attestation_mode != attestation.MODE_TDX:
+            raise Refused("attestation", "a production gateway refuses quotes that chain to a simulated root")
+        return dict(result.boot_info)
+
+
+class AuthWebhook:
+    """[core.auth]: POST the attested app info as JSON; only a 2xx answer allows (dstack's auth client)."""
+
+    def __init__(self, url, timeout):
+        self.url, self.timeout = url, timeout
+
+    def check(self, boot):
+        body = json.dumps({k: boot.get(k, "") for k in (
+            "app_id", "instance_id", "compose_hash", "device_id", "mr_aggregated", "mr_system", "os_image_hash",
+            "key_provider_info", "attestation_mode")}).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # nosec: the configured URL
+                response.read(AUTH_ANSWER_BYTES)
+        except urllib.error.HTTPError as exc:
+            raise Refused("auth", f"the authorization webhook denied it (HTTP {exc.code})") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise Refused("auth", f"the authorization webhook failed, so refused: {getattr(exc, 'reason', exc)}") from None
+
+
+class GatewayService:
+    """The control plane of one gateway node. `hub`: None (no WireGuard yet) or an object with
+    set_peer(public_key, allowed_ips), remove_peer(public_key), sync_peers([wireguard.Peer]) and,
+    optionally, get() -> {"peers": [objects with public_key and last_handshake]}."""
+
+    def __init__(self, config, hub=None, store=None, verifier=None):
+        self.config = config
+        core, wg = config["core"], config["core"]["wg"]
+        self.store = store or Store(core["state_dir"], wg["client_ip_range"], wg["ip"], wg["reserved_net"])
+        self.hub = hub
+        self.verifier = verifier or ClientVerifier(load_kms_root(config["rpc"]["kms_root_ca"]),
+                                                   QuoteTrust(config["attestation"], core["state_dir"]))
+        auth = core["auth"]
+        self.auth = AuthWebhook(auth["url"], auth["timeout"]) if auth["enabled"] else None
+
+    # ---- Gateway ------------------------------------------------------------------------------
+
+    def register_cvm(self, cert_chain, params):
+        """RegisterCvm {client_public_key, port_policy?}: the body checked first (400), then the
+        identity from the certificate (403), then the store and the hub."""
+        public_key = wg_public_key(params.get("client_public_key"))
+        policy = port_policy(params.get("port_policy"))
+        boot = self.verifier.verify(cert_chain)
+        if self.auth is not None:
+            self.auth.check(boot)
+        try:
+            registration = self.store.register(boot["instance_id"], boot["app_id"], boot["compose_hash"],
+                                               public_key, policy)
+        except Conflict as exc:
+            raise Refused(exc.field, exc.reason) from None
+        except Exhausted as exc:
+            raise Unavailable(exc.field, exc.reason) from None
+        instance = registration.instance
+        log.info("registered instance %s of app %s at %s (%s)", instance.instance_id, instance.app_id,
+                 instance.client_ip, "new" if registration.created else "again")
+
+        def apply(hub):
+            if registration.previous_public_key:  # the instance came back with a new key
+                hub.remove_peer(registration.previous_public_key)
+            hub.set_peer(instance.public_key, [f"{instance.client_ip}/32"])
+        self._apply(apply)
+        return self._register_answer(instance)
+
+    def _register_answer(self, instance):
+        proxy = self.config["core"]["proxy"]
+        node = self._node()
+        return {
+            "wg": {"client_ip": instance.client_ip,
+                   "servers": [{"pk": node["wg_public_key"], "ip": node["wg_ip"], "endpoint": node["wg_endpoint"]}]},
+            "agent": {"external_port": proxy["external_port"], "internal_port": proxy["agent_port"],
+                      "domain": proxy["base_domain"], "app_address_ns_prefix": proxy["app_address_ns_prefix"]},
+            "gateways": [node],
+        }
+
+    def _node(self):
+        wg = self.config["core"]["wg"]
+        return {"id": 0, "uuid": "", "url": self._url(), "last_seen": int(time.time()),
+                "wg_public_key": wg["public_key"], "wg_ip": wg["ip"], "wg_endpoint": wg["endpoint"]}
+
+    def _url(self):
+        domain = self.config["core"]["rpc_domain"]
+        return f"https://{domain}" if domain else f"https://{self.config['rpc']['listen']}"
+
+    def info(self):
+        proxy = self.config["core"]["proxy"]
+        return {"base_domain": proxy["base_domain"], "external_port": proxy["external_port"],
+                "app_address_ns_prefix": proxy["app_address_ns_prefix"], "version": version()}
+
+    def get_peers(self, cert_chain):
+        """GetPeers (dstack: gateway mTLS only): this node, to an attested caller."""
+        self.verifier.verify(cert_chain)
+        url = self._url()
+        return {"my_id": 0, "my_url": url, "peers": [{"id": 0, "url": url}]}
+
+    # ---- the WireGuard hub ---------------------------------------------------------------------
+
+    def _apply(self, change):
+        if self.hub is None:
+            return
+        try:
+            change(self.hub)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            # The store holds the registration; the next sync (or the CVM's retry) applies it.
+            log.warning("WireGuard hub: could not apply the peer change: %s", exc)
+            raise Unavailable("wireguard", f"the gateway could not apply the peer ({type(exc).__name__}); "
+                                           "retry: the registration is kept") from None
+
+    def peers(self):
+        return [wireguard.Peer(i.public_key, [f"{i.client_ip}/32"]) for i in self.store.instances()]
+
+    def sync_peers(self):
+        """Make the hub's peer set exactly the store's (at start, and after a lost change)."""
+        peers = self.peers()
+        self._apply(lambda hub: hub.sync_peers(peers))
+        return len(peers)
+
+    def refresh_handshakes(self):
+        """Copy the hub's latest handshakes into the store (the data plane orders by them)."""
+        if self.hub is None or not hasattr(self.hub, "get"):
+            return 0
+        peers = self.hub.get().get("peers", [])
+        self.store.record_handshakes({p.public_key: p.last_handshake for p in peers})
+        return len(peers)
+
+    def recycle(self, now=None):
+        """Remove instances with no handshake (nor registration) for core.recycle.timeout; their ids."""
+        recycle = self.config["core"]["recycle"]
+        if not recycle["enabled"]:
+            return []
+        now = time.time() if now is None else now
+        removed = []
+        for instance in self.store.stale(now - recycle["timeout"]):
+            if self.store.remove(instance.instance_id) is not None:
+                removed.append(instance.instance_id)
+                log.info("recycled instance %s of app %s (no handshake for %.0f s)", instance.instance_id,
+                         instance.app_id, now - max(instance.last_handshake, instance.last_seen))
+                self._apply(lambda hub, key=instance.public_key: hub.remove_peer(key))
+        return removed
+
+    # ---- Admin ---------------------------------------------------------------------------------
+
+    def _host_info(self, instance):
+        proxy = self.config["core"]["proxy"]
+        return {"instance_id": instance.instance_id, "ip": instance.client_ip, "app_id": instance.app_id,
+                "base_domain": proxy["base_domain"], "port": proxy["external_port"],
+                "latest_handshake": int(instance.last_handshake), "num_connections": 0}
+
+    def status(self):
+        return {"id": 0, "url": self._url(), "bootnode_url": "", "num_connections": 0,
+                "hosts": [self._host_info(i) for i in self.store.instances()], "nodes": [self._node()], "uuid": ""}
+
+    def get_info(self, params):
+        instance_id = params.get("id")
+        if not isinstance(instance_id, str) or not instance_id:
+            raise DstackError("id", "is required: an instance id")
+        instance = self.store.instance(instance_id.lower().removeprefix("0x"))
+        return {"found": True, "info": self._host_info(instance)} if instance else {"found": False}
+
+    def get_meta(self, now=None):
+        now = time.time() if now is None else now
+        instances = self.store.instances()
+        return {"registered": len(instances),
+                "online": sum(1 for i in instances if i.last_handshake and now - i.last_handshake < ONLINE_SECONDS)}
+
+    def remove_instance(self, params):
+        instance_id = params.get("id")
+        if not isinstance(instance_id, str) or not instance_id:
+            raise DstackError("id", "is required: an instance id")
+        removed = self.store.remove(instance_id.lower().removeprefix("0x"))
+        if removed is not None:
+            log.info("removed instance %s of app %s (Admin)", removed.instance_id, removed.app_id)
+            self._apply(lambda hub: hub.remove_peer(removed.public_key))
+        return {"removed": removed is not None}
+
+    def set_port_policy(self, params):
+        """Admin.SetPortPolicy {app_id, policy}: the policy for every instance of the app (null: the apps' own)."""
+        app_id = app_id_param(params.get("app_id"))
+        policy = port_policy(params.get("policy"), "policy")
+        self.store.set_port_policy_override(app_id, policy)
+        log.info("port policy of app %s %s (Admin)", app_id, "set" if policy is not None else "override removed")
+        return {"app_id": app_id, "policy": policy}
+
