@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
@@ -215,8 +216,8 @@ class Peer:
     seen (last_handshake in unix seconds, 0 = never; rx_bytes, tx_bytes)."""
     public_key: str
     allowed_ips: list[str] = field(default_factory=list)
-    endpoint: str | None = None
-    persistent_keepalive: int | None = None
+    endpoint: Optional[str] = None
+    persistent_keepalive: Optional[int] = None
     last_handshake: float = 0.0
     rx_bytes: int = 0
     tx_bytes: int = 0
@@ -281,8 +282,8 @@ class Uapi:
         """Send one set=1 transaction; the errno wireguard-go answers (0: done)."""
         if not lines:
             return 0
-        _, code = self._exchange("set=1\n" + "".join(line + "\n" for line in lines) + "\n", operation)
-        return code
+        request = "set=1\n" + "".join(line + "\n" for line in lines) + "\n"
+        return self._exchange(request, operation)[1]
 
     @staticmethod
     def _refused(field_name, code):
@@ -298,7 +299,7 @@ class Uapi:
         device = {"private_key": None, "public_key": None, "listen_port": 0, "peers": []}
         peer = None
         for line in lines:
-            key, _, value = line.partition("=")
+            key, value = line.split("=", 1) if "=" in line else (line, "")
             if key == "public_key":
                 peer = Peer(public_key=_b64(bytes.fromhex(value)))
                 device["peers"].append(peer)
@@ -492,11 +493,14 @@ def veth_pair(name_a, netns_a, name_b, netns_b):
             peer["net_ns_fd"] = netns_b
         try:
             ipr.link("add", ifname=name_a, kind="veth", peer=peer)
-            if netns_a is not None:
-                ipr.link("set", index=ipr.link_lookup(ifname=name_a)[0], net_ns_fd=netns_a)
-        except NetlinkError as exc:
-            delete_link(name_a)
+        except NetlinkError as exc:  # e.g. a name in use: nothing was made
             raise _netlink_error("name_a", exc) from None
+        if netns_a is not None:
+            try:
+                ipr.link("set", index=ipr.link_lookup(ifname=name_a)[0], net_ns_fd=netns_a)
+            except NetlinkError as exc:
+                delete_link(name_a)  # ours: made just above; its peer goes with it
+                raise _netlink_error("netns_a", exc) from None
 
 
 # --- a wireguard-go interface -------------------------------------------------------------------
@@ -552,6 +556,8 @@ class WgInterface:
             raise DstackError("netns", f"no network namespace {self.netns}")
         if self._socket_answers():
             raise DstackError("interface", f"{self.name} is in use: a WireGuard UAPI socket answers at {self.uapi.path}")
+        if link_exists(self.name, self.netns):
+            raise DstackError("interface", f"a link named {self.name} exists in {self.netns or 'this namespace'}")
         self._start(timeout)
         try:
             self.uapi.set_device(private_key=private_key, listen_port=listen_port)
@@ -645,7 +651,7 @@ def render_wg_quick(private_key, client_ip, servers, listen_port=CVM_LISTEN_PORT
     except (TypeError, ValueError):
         raise DstackError("client_ip", "is not an IP address") from None
     _port(listen_port, "listen_port")
-    _keepalive(keepalive, "keepalive")
+    keepalive = _keepalive(keepalive, "keepalive")
     if isinstance(servers, (str, bytes, dict)) or not isinstance(servers, (list, tuple)):
         raise DstackError("servers", "must be a list of {pk, ip, endpoint}")
     peers = []

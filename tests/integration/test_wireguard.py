@@ -103,7 +103,7 @@ class Topology:
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     def connect_retrying(self, attempts=3):
-        for _ in range(attempts):
+        for _attempt in range(attempts):
             answer = self.connect()
             if answer:
                 return answer
@@ -205,7 +205,7 @@ def test_set_peer_replaces_allowed_ips_and_remove_peer_closes_the_tunnel(topo):
 def test_sync_peers_makes_the_set_exact_and_keeps_live_sessions(topo):
     topo.link_up_both_ways()
     assert topo.connect_retrying()
-    stale = [wireguard.public_key(wireguard.generate_private_key()) for _ in range(2)]
+    stale = [wireguard.public_key(wireguard.generate_private_key()) for _peer in range(2)]
     topo.a.set_peer(stale[0], ["10.201.0.10/32"])
     topo.a.set_peer(stale[1], ["10.201.0.11/32"])
     handshake = peers_by_key(topo.a)[topo.pub_b].last_handshake
@@ -296,14 +296,20 @@ def test_errors_name_the_field_and_carry_no_private_key(topo):
         WgInterface(topo.names["wg_a"], netns=topo.names["ns_b"]).up()
     assert info.value.field == "interface" and "in use" in info.value.reason
     assert topo.a.get()["public_key"] == topo.pub_a
+    # A link of that name (here the veth) in the namespace: refused, and the link left alone.
     with pytest.raises(DstackError) as info:
-        WgInterface("-help")
+        with WgInterface(topo.names["veth_a"], netns=topo.names["ns_a"]) as clash:
+            clash.up()
+    assert info.value.field == "interface" and "exists" in info.value.reason
+    assert wireguard.link_exists(topo.names["veth_a"], topo.names["ns_a"])
+    with pytest.raises(DstackError) as info:
+        WgInterface("-help")  # wireguard-go would take it for a flag
     assert info.value.field == "interface"
 
 
 def test_render_wg_quick_field_by_field():
     key = wireguard.generate_private_key()
-    pk1, pk2 = sorted(wireguard.public_key(wireguard.generate_private_key()) for _ in range(2))
+    pk1, pk2 = sorted(wireguard.public_key(wireguard.generate_private_key()) for _peer in range(2))
     servers = [{"pk": pk2, "ip": "10.0.0.1/24", "endpoint": "gateway.example.com:9182"},
                {"pk": pk1, "ip": "fd00::1", "endpoint": "[fd00::53]:51820"}]
     text = wireguard.render_wg_quick(key, "10.0.0.7", servers)

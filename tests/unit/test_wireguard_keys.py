@@ -31,14 +31,14 @@ def test_public_key_rfc7748_vector():
 
 @needs_wg
 def test_public_key_matches_wg_pubkey_for_wg_genkey_keys():
-    for _ in range(5):
+    for _round in range(5):
         private = wg("genkey")
         assert wireguard.public_key(private) == wg("pubkey", stdin=private + "\n")
 
 
 @needs_wg
 def test_generated_keys_are_accepted_by_wg_and_agree():
-    for _ in range(5):
+    for _round in range(5):
         private = wireguard.generate_private_key()
         assert wireguard.public_key(private) == wg("pubkey", stdin=private + "\n")
 
@@ -54,7 +54,7 @@ def test_unclamped_key_gives_wgs_answer():
 
 
 def test_generate_private_key_is_clamped_and_fresh():
-    keys = [wireguard.generate_private_key() for _ in range(64)]
+    keys = [wireguard.generate_private_key() for _key in range(64)]
     assert len(set(keys)) == 64
     for key in keys:
         assert len(key) == 44
