@@ -173,7 +173,7 @@ def _split_endpoint(value, field_name):
     """(host, port) of 'host:port' or '[v6]:port'; the host is an IP or a DNS name."""
     if not isinstance(value, str):
         raise DstackError(field_name, f"must be a 'host:port' string, not {type(value).__name__}")
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([^:\[\]\s]+):([0-9]{1,5})", value)
     if not match:
         raise DstackError(field_name, "must be host:port or [IPv6]:port")
     host = match.group(1) or match.group(3)
