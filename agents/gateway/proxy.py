@@ -351,7 +351,7 @@ class GatewayProxy:
         await asyncio.sleep(0)
 
     def _accept(self):
-        for _ in range(ACCEPT_BATCH):
+        for _round in range(ACCEPT_BATCH):
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -526,9 +526,9 @@ class GatewayProxy:
             left = conn.last + self.settings.timeouts.handshake - self.loop.time()
             try:
                 if context is None:
-                    transport, _ = await self.loop.connect_accepted_socket(lambda: client, sock)
+                    transport, _protocol = await self.loop.connect_accepted_socket(lambda: client, sock)
                 else:
-                    transport, _ = await self.loop.connect_accepted_socket(
+                    transport, _protocol = await self.loop.connect_accepted_socket(
                         lambda: client, sock, ssl=context, ssl_handshake_timeout=max(left, 0.1))
             except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
                 log.info("TLS handshake with %s for %s failed: %s", peer[0], route.id, exc)
@@ -549,7 +549,7 @@ class GatewayProxy:
     async def _serve_health(self, sock, peer, started):
         left = started + self.settings.timeouts.handshake - self.loop.time()
         try:
-            transport, _ = await self.loop.connect_accepted_socket(
+            transport, _protocol = await self.loop.connect_accepted_socket(
                 _HealthProtocol, sock, ssl=self.tls, ssl_handshake_timeout=max(left, 0.1))
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake with %s for gateway failed: %s", peer[0], exc)

@@ -273,7 +273,7 @@ def http_get(conn, name, path="/"):
     answer = b""
     while chunk := conn.recv(65536):
         answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head, _sep, body = answer.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), body
 
 
@@ -341,11 +341,11 @@ def test_bulk_relay_both_ways(gateway, pki, backends):
 def test_an_app_id_balances_over_its_instances_first_success_wins(gateway, pki, backends, router):
     gw = gateway()
     port = backends["a"].port
-    seen = {get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] for _ in range(12)}
+    seen = {get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] for _round in range(12)}
     assert seen <= {"A", "B"} and seen            # both were tried at once; whichever answered first
     # The freshest candidate is dead: the other one answers.
     router.routes[APP] = [("dead", HOST_DEAD), (INST_B, HOST_B)]
-    for _ in range(3):
+    for _round in range(3):
         assert get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] == "B"
     # Only the first connect_top_n are tried.
     gw1 = gateway(connect_top_n=1)
@@ -356,7 +356,7 @@ def test_an_app_id_balances_over_its_instances_first_success_wins(gateway, pki, 
 def test_an_instance_id_reaches_that_instance_only(gateway, pki, backends):
     gw = gateway()
     port = backends["a"].port
-    assert {get_via_gateway(gw, pki, f"{INST_B}-{port}.{BASE}")[1]["backend"] for _ in range(5)} == {"B"}
+    assert {get_via_gateway(gw, pki, f"{INST_B}-{port}.{BASE}")[1]["backend"] for _round in range(5)} == {"B"}
     assert get_via_gateway(gw, pki, f"{OTHER_APP}-{port}.{BASE}")[1]["backend"] == "other"
 
 
@@ -400,7 +400,7 @@ def test_only_addresses_the_router_named(gateway, pki, backends, router):
     with pytest.raises(ssl.SSLError, match="ACCESS_DENIED|UNRECOGNIZED_NAME"):
         get_via_gateway(gw, pki, f"named-{port}.{BASE}")
     # The other app's id never reaches app A's instances, whatever the port.
-    for _ in range(3):
+    for _round in range(3):
         assert get_via_gateway(gw, pki, f"{OTHER_APP}-{port}.{BASE}")[1]["backend"] == "other"
 
 
@@ -415,7 +415,7 @@ def test_port_policy(gateway, pki, backends, router):
     # Not restricted: any port.
     assert get_via_gateway(gw, pki, f"{INST_B}-{port}.{BASE}")[1]["backend"] == "B"
     # For the app, the instance that refuses the port is not a candidate.
-    assert {get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] for _ in range(6)} == {"B"}
+    assert {get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] for _round in range(6)} == {"B"}
     # A policy not of dstack's shape refuses (fail closed).
     router.policies[INST_B] = {"ports": "all"}
     with pytest.raises(ssl.SSLError, match="ACCESS_DENIED"):
@@ -446,7 +446,7 @@ def test_proxy_protocol_v2_header_carries_the_client_address(gateway, pki, route
 def test_connection_cap_per_app(gateway, pki, backends):
     gw = gateway(max_connections_per_app=2)
     name = f"{INST_A}-{backends['aecho'].port}.{BASE}"
-    held = [tls_connect(gw, name, pki["gateway"].ca_file) for _ in range(2)]
+    held = [tls_connect(gw, name, pki["gateway"].ca_file) for _round in range(2)]
     try:
         for conn in held:
             conn.sendall(b"ping")
@@ -471,7 +471,7 @@ def test_idle_timeout_closes_both_sides(gateway, pki, backends):
     gw = gateway(timeouts={"idle": 0.6})
     echo = backends["aecho"]
     with tls_connect(gw, f"{INST_A}-{echo.port}.{BASE}", pki["gateway"].ca_file) as conn:
-        for _ in range(4):              # activity keeps it open past the idle timeout
+        for _round in range(4):              # activity keeps it open past the idle timeout
             time.sleep(0.3)
             conn.sendall(b"x")
             assert conn.recv(1) == b"x"

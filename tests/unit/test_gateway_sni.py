@@ -12,9 +12,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from ansible_collections.dstack.tee.agents.gateway import sni
-from ansible_collections.dstack.tee.agents.gateway.sni import (MODE_H2, MODE_PASSTHROUGH, MODE_TERMINATE,
-                                                                ClientHello, Incomplete, SniError,
-                                                                parse_route, read_client_hello)
+from ansible_collections.dstack.tee.agents.gateway.sni import (
+    MODE_H2, MODE_PASSTHROUGH, MODE_TERMINATE, ClientHello, Incomplete, SniError, parse_route, read_client_hello)
 
 BASES = frozenset({"gw.test", "dstack.localhost"})
 
@@ -207,7 +206,7 @@ def test_fuzz_arbitrary_bytes(data):
 @given(st.data())
 def test_fuzz_mutated_real_hello(data):
     base = bytearray(data.draw(st.sampled_from(HELLOS)))
-    for _ in range(data.draw(st.integers(1, 4))):
+    for _round in range(data.draw(st.integers(1, 4))):
         kind = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
         pos = data.draw(st.integers(0, len(base)))
         if kind == "flip" and pos < len(base):
