@@ -226,7 +226,7 @@ class ClientVerifier:
         leaf = certs[0]
         app_ca = next((c for c in certs[1:] if c.subject == leaf.issuer and c != self.kms_root), None)
         if app_ca is None or not _issued_by(leaf, app_ca) or not _is_ca(app_ca) or \
-                not _issued_by(app_ca, self.kms_root):
+                _extension(app_ca, app_certs.OID_CERT_USAGE) != b"app:ca" or not _issued_by(app_ca, self.kms_root):
             raise Refused("client_certificate", "does not chain to the KMS root CA this gateway trusts "
                                                 "(leaf <- app CA <- KMS root)")
         _within_validity(leaf, now, "certificate")
@@ -463,4 +463,3 @@ class GatewayService:
         self.store.set_port_policy_override(app_id, policy)
         log.info("port policy of app %s %s (Admin)", app_id, "set" if policy is not None else "override removed")
         return {"app_id": app_id, "policy": policy}
-

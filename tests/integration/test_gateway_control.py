@@ -12,6 +12,7 @@ import datetime
 import http.server
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -111,8 +112,8 @@ def world(tmp_path_factory):
     other_app, other_kms = make_kms(base / "other", sim)
     _allow(base / "other" / "auth-config.json", app_a)
     (base / "oa").mkdir()
-    other_share, _ = make_share(base / "oa", run_module, other_kms)
-    foreign = Cvm(_boot(base, "o1", other_share, sim, other_kms), other_kms, app_a)
+    other_share, same_app = make_share(base / "oa", run_module, other_kms)  # the same compose: app A
+    foreign = Cvm(_boot(base, "o1", other_share, sim, other_kms), other_kms, same_app)
     return {"base": base, "sim": sim, "kms_app": kms_app, "kms_dir": base / "kms", "a1": a1, "a2": a2,
             "no_id": no_id, "foreign": foreign, "other_kms_app": other_app}
 
@@ -452,6 +453,40 @@ def test_stale_instances_are_recycled(gateway, world):
     assert [i.instance_id for i in gateway.service.store.instances()] == [a1.instance_id]
 
 
+def test_a_real_wireguard_go_interface_as_the_hub(world, tmp_path):
+    """The peers land on a real interface (wireguard-go in its own namespace, through the UAPI
+    socket): registration, a new key, a restart's sync (a lost peer back, a stray one gone), removal."""
+    if shutil.which("wireguard-go") is None or os.geteuid() != 0:
+        pytest.skip("wireguard-go and root (network namespaces) are set up by scripts/setup.sh")
+    name = f"dgc{os.getpid() % 100000}"
+    wireguard.netns_add(f"dstack-gwc-{os.getpid()}")
+    interface = wireguard.WgInterface(name, netns=f"dstack-gwc-{os.getpid()}")
+    try:
+        uapi = interface.up(private_key=GATEWAY_KEY, listen_port=0)
+
+        def peers():
+            return {p.public_key: p.allowed_ips for p in uapi.get()["peers"]}
+
+        gateway = Gateway(world, tmp_path / "gw", hub=uapi)
+        a1, a2 = world["a1"], world["a2"]
+        assert gateway.register(a1).status_code == 200 and gateway.register(a2).status_code == 200
+        assert peers() == {a1.wg_public: ["10.0.0.2/32"], a2.wg_public: ["10.0.0.3/32"]}
+        new_key = wireguard.public_key(wireguard.generate_private_key())
+        assert gateway.register(a1, client_public_key=new_key).status_code == 200
+        assert peers() == {new_key: ["10.0.0.2/32"], a2.wg_public: ["10.0.0.3/32"]}
+        stray = wireguard.public_key(wireguard.generate_private_key())
+        uapi.remove_peer(a2.wg_public)
+        uapi.set_peer(stray, ["10.0.0.99/32"])
+        restarted = Gateway(world, tmp_path / "gw", hub=uapi)
+        assert restarted.service.sync_peers() == 2
+        assert peers() == {new_key: ["10.0.0.2/32"], a2.wg_public: ["10.0.0.3/32"]}
+        assert restarted.call_admin("RemoveInstance", id=a2.instance_id).json == {"removed": True}
+        assert peers() == {new_key: ["10.0.0.2/32"]}
+    finally:
+        interface.down()
+        wireguard.netns_remove(f"dstack-gwc-{os.getpid()}")
+
+
 # ---- Info, GetPeers, Admin -------------------------------------------------------------------------
 
 def test_info_and_get_peers(gateway, world):
@@ -585,9 +620,9 @@ def _post(url, context, body=None, token=None):
 def test_gunicorn_over_mutual_tls_hands_the_client_certificate_to_register_cvm(world, tmp_path):
     server_ca = _server_cert(tmp_path)
     port, admin_port = free_port(), free_port()
-    path = gateway_toml(world, tmp_path / "gw", rpc={"listen": f"127.0.0.1:{port}", "cert": str(tmp_path / "rpc.crt"),
-                                                      "key": str(tmp_path / "rpc.key"), "workers": 1},
-                        admin={"listen": f"127.0.0.1:{admin_port}"})
+    rpc = {"listen": f"127.0.0.1:{port}", "cert": str(tmp_path / "rpc.crt"), "key": str(tmp_path / "rpc.key"),
+           "workers": 1}
+    path = gateway_toml(world, tmp_path / "gw", rpc=rpc, admin={"listen": f"127.0.0.1:{admin_port}"})
     proc = subprocess.Popen([sys.executable, "-m", "ansible_collections.dstack.tee.agents.gateway.cli", "serve-control",
                              "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
