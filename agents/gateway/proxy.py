@@ -41,6 +41,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from ansible_collections.dstack.tee.agents.gateway import proxy_protocol, sni
@@ -150,8 +151,8 @@ class _Side(asyncio.Protocol):
         if peer is not None and not peer.is_closing() and peer.can_write_eof():
             peer.write_eof()
             conn.eofs += 1
-            if conn.eofs < 2:
-                return True       # the other direction may still carry data (half close)
+            if conn.eofs < 2 and self.transport.can_write_eof():
+                return True       # the other direction may still carry data (half close; not over TLS)
         conn.close()
         return False
 
@@ -265,16 +266,18 @@ class _Hello:
         loop = proxy.loop
         self.started = loop.time()
         self.lowat = 1
-        self.timer = loop.call_later(proxy.settings.timeouts.handshake, self._expire)
+        self.timer = loop.call_later(proxy.settings.timeouts.handshake, self.drop)
         loop.add_reader(sock.fileno(), self._readable)
+        proxy.hellos.add(self)
 
     def _stop_waiting(self):
         self.proxy.loop.remove_reader(self.sock.fileno())
         self.timer.cancel()
+        self.proxy.hellos.discard(self)
 
-    def _expire(self):
-        log.debug("no ClientHello from %s in time", self.peer)
-        self.proxy.loop.remove_reader(self.sock.fileno())
+    def drop(self):
+        """No ClientHello in time, or the proxy closes."""
+        self._stop_waiting()
         self.sock.close()
 
     def _readable(self):
@@ -285,8 +288,7 @@ class _Hello:
         except OSError:
             data = b""
         if not data:
-            self._stop_waiting()
-            self.sock.close()
+            self.drop()
             return
         try:
             hello = sni.read_client_hello(data)
@@ -321,6 +323,7 @@ class GatewayProxy:
         self.base_domains = settings.base_domains
         self.loop = None
         self.listener = None
+        self.hellos = set()               # accepted connections whose ClientHello is not whole yet
         self.connections = set()          # the routed connections, relaying or still connecting
         self.per_app = {}                 # routed id -> live connections
         self.refused = 0                  # connections refused (tests and status pages read it)
@@ -346,6 +349,8 @@ class GatewayProxy:
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
+        for hello in list(self.hellos):
+            hello.drop()
         for conn in list(self.connections):
             conn.close(abort=True)
         await asyncio.sleep(0)
@@ -557,6 +562,43 @@ class GatewayProxy:
             return
         # A client that never sends its request must not hold the connection forever.
         self.loop.call_later(self.settings.timeouts.handshake, transport.abort)
+
+
+class StoreRouter:
+    """The Router over the control plane's Store (agents/gateway/store.py), answered from memory.
+
+    Each answer of the store (instance, instances_of, port_policy: the ordering and the Admin's
+    overrides stay there) is kept for `ttl` seconds, so the event loop reads SQLite once per id
+    and ttl, not once per connection; a registration, a removal or an override is routed within
+    ttl. Unknown ids are cached too (a flood of random names costs one indexed read each); the
+    cache is emptied when it reaches max_entries.
+    """
+
+    def __init__(self, store, ttl=2.0, max_entries=10000, clock=time.monotonic):
+        self.store, self.ttl, self.max_entries, self.clock = store, ttl, max_entries, clock
+        self.cache = {}
+
+    def _cached(self, key, compute):
+        now = self.clock()
+        hit = self.cache.get(key)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        value = compute()
+        if len(self.cache) >= self.max_entries:
+            self.cache.clear()
+        self.cache[key] = (now + self.ttl, value)
+        return value
+
+    def resolve(self, ident):
+        def lookup():
+            instance = self.store.instance(ident)
+            if instance is not None:
+                return ((instance.instance_id, instance.client_ip),)
+            return tuple((i.instance_id, i.client_ip) for i in self.store.instances_of(ident))
+        return self._cached(("resolve", ident), lookup)
+
+    def port_policy(self, instance_id):
+        return self._cached(("policy", instance_id), lambda: self.store.port_policy(instance_id))
 
 
 def _close_if_connected(task):

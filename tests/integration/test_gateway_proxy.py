@@ -4,8 +4,10 @@ a router stub that maps ids to them. A sentinel listens on addresses no route na
 ends by checking nothing reached it."""
 
 import asyncio
+import base64
 import datetime
 import json
+import os
 import socket
 import ssl
 import struct
@@ -19,7 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ansible_collections.dstack.tee.agents.gateway.proxy import GatewayProxy, ProxySettings, Timeouts, server_contexts
+from ansible_collections.dstack.tee.agents.gateway.proxy import (
+    GatewayProxy, ProxySettings, StoreRouter, Timeouts, server_contexts)
+from ansible_collections.dstack.tee.agents.gateway.store import Store
 
 BASE = "gw.test"
 HOST_A, HOST_B, HOST_OTHER, HOST_DEAD, HOST_SENTINEL = (f"127.77.0.{n}" for n in (2, 3, 4, 5, 9))
@@ -510,3 +514,62 @@ def test_gateway_health(gateway, pki, router):
     assert get_via_gateway(gw, pki, f"gateway.{BASE}", "/health") == (200, b"OK\n")
     assert get_via_gateway(gw, pki, f"gateway.{BASE}", "/nothing")[0] == 404
     assert router.asked == []
+
+
+def test_no_descriptor_left_behind(gateway, pki, backends, router):
+    gw = gateway(timeouts={"handshake": 0.5})
+    port = backends["a"].port
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    get_via_gateway(gw, pki, f"{INST_A}.{BASE}")
+    before = open_fds()
+    router.routes[APP] = [("dead", HOST_DEAD), (INST_B, HOST_B)]
+    for _round in range(10):
+        get_via_gateway(gw, pki, f"{INST_A}.{BASE}")                     # termination
+        get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")                 # a dead candidate closed
+        with tls_connect(gw, f"{INST_A}-s.{BASE}", pki["app"].ca_file) as conn:
+            http_get(conn, f"{INST_A}-s.{BASE}")                           # passthrough
+        with pytest.raises(ssl.SSLError):
+            tls_connect(gw, f"unknown.{BASE}", pki["gateway"].ca_file)   # refused
+        with pytest.raises(ssl.SSLError):
+            tls_connect(gw, f"{INST_A}.{BASE}", pki["app"].ca_file)      # client gives up mid-handshake
+        get_via_gateway(gw, pki, f"gateway.{BASE}", "/health")
+    socket.create_connection(("127.0.0.1", gw.port)).close()             # no ClientHello at all
+    deadline = time.monotonic() + 5
+    while (open_fds() > before or gw.state()[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds() <= before and gw.state()[:2] == ({}, 0)
+
+
+def test_store_router_over_the_control_planes_store(gateway, pki, tmp_path):
+    """Instances registered in the real SQLite store (addresses from a loopback client_ip_range)."""
+    store = Store(str(tmp_path / "gateway.sqlite"), "127.78.0.0/25", "127.78.0.1/24")
+    keys = [base64.b64encode(bytes([n]) * 32).decode() for n in (1, 2, 3)]
+    first = store.register("1" * 40, "a" * 40, "c" * 64, keys[0]).instance
+    second = store.register("2" * 40, "a" * 40, "c" * 64, keys[1]).instance
+    assert (first.client_ip, second.client_ip) == ("127.78.0.2", "127.78.0.3")
+    listeners = [Backend("first", first.client_ip), None]
+    listeners[1] = Backend("second", second.client_ip, listeners[0].port)
+    port = listeners[0].port
+    try:
+        store.record_handshakes({keys[1]: time.time()})           # the second is the freshest
+        gw = gateway(StoreRouter(store, ttl=0.2), connect_top_n=1)
+        assert get_via_gateway(gw, pki, f"{'a' * 40}-{port}.{BASE}")[1]["backend"] == "second"
+        assert get_via_gateway(gw, pki, f"{'1' * 40}-{port}.{BASE}")[1]["backend"] == "first"
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            get_via_gateway(gw, pki, f"{'b' * 40}-{port}.{BASE}")
+        # The Admin's override for the app, and a removal, are routed within the ttl.
+        store.set_port_policy_override("a" * 40, {"ports": [{"port": 80, "pp": False}], "restrict_mode": True})
+        store.remove("2" * 40)
+        time.sleep(0.3)
+        with pytest.raises(ssl.SSLError, match="ACCESS_DENIED"):
+            get_via_gateway(gw, pki, f"{'a' * 40}-{port}.{BASE}")
+        store.set_port_policy_override("a" * 40, None)
+        time.sleep(0.3)
+        assert get_via_gateway(gw, pki, f"{'a' * 40}-{port}.{BASE}")[1]["backend"] == "first"
+    finally:
+        for listener in listeners:
+            listener.close()
+        store.close()
