@@ -11,7 +11,7 @@ dstack's keys where they exist (dstack-reference 3; durations as "5s", "10m", "5
                         client_ip_range ("10.0.0.0/25"), listen_port, interface, endpoint (required:
                         the HOST:PORT CVMs reach the gateway's WireGuard on)
     [core.proxy]        listen_addr, listen_port, external_port, base_domain, agent_port,
-                        connect_top_n, max_connections_per_app (0: no cap), app_address_ns_prefix,
+                        connect_top_n, max_connections_per_app (per routed id), app_address_ns_prefix,
                         cert_chain, cert_key, inbound_pp_enabled, workers
     [core.proxy.timeouts] connect, handshake, idle, total, write, shutdown, cache_top_n
     [core.recycle]      enabled, interval, timeout
@@ -182,7 +182,7 @@ SCHEMA = {
             "base_domain": (_domain, "app.localhost"),
             "agent_port": (_port, 8090),
             "connect_top_n": (_int(1, 64), 3),
-            "max_connections_per_app": (_int(0, 10_000_000), 0),
+            "max_connections_per_app": (_int(0, 10_000_000), 2000),
             "app_address_ns_prefix": (_text, "_dstack-app-address"),
             "cert_chain": (_text, ""),
             "cert_key": (_text, ""),

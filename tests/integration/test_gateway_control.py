@@ -230,7 +230,8 @@ def test_instances_get_the_next_address_and_keep_theirs_with_a_new_key(gateway, 
     assert gateway.hub.calls[-2:] == [("remove_peer", a1.wg_public), ("set_peer", new_key, ["10.0.0.2/32"])]
     assert gateway.service.store.port_policy(a1.instance_id) == {"ports": [{"port": 80, "pp": True}],
                                                                  "restrict_mode": True}
-    assert [i.instance_id for i in gateway.service.store.instances_of(a1.app["app_id"])] != []
+    assert sorted(i.instance_id for i in gateway.service.store.instances_of(a1.app["app_id"])) == \
+        sorted([a1.instance_id, a2.instance_id])
     assert gateway.call_admin("GetMeta").json == {"registered": 2, "online": 0}
 
 
@@ -445,7 +446,7 @@ def test_stale_instances_are_recycled(gateway, world):
     gateway.hub.handshakes = {a1.wg_public: now}
     assert gateway.service.refresh_handshakes() == 2
     assert gateway.call_admin("GetMeta").json == {"registered": 2, "online": 1}
-    later = now + 10 * 3600 + 60  # past core.recycle.timeout (10 h) for a2 only... and a1's handshake too
+    later = now + 10 * 3600 + 60  # past core.recycle.timeout (10 h); a1 keeps shaking hands, a2 went silent
     gateway.hub.handshakes = {a1.wg_public: later - 5}
     gateway.service.refresh_handshakes()
     assert gateway.service.recycle(now=later) == [a2.instance_id]
