@@ -85,6 +85,8 @@ class ProxySettings:
     max_connections_per_app: int = 2000
     timeouts: Timeouts = field(default_factory=Timeouts)
     reuse_port: bool = False      # one process per core on the same port (SO_REUSEPORT)
+    inbound_pp: bool = False      # dstack's inbound_pp_enabled: a load balancer in front sends a
+                                  # PROXY header (v1 or v2) first; it is then required
     backlog: int = 1024
 
     @property
@@ -259,13 +261,15 @@ class _HealthProtocol(asyncio.Protocol):
 class _Hello:
     """A new connection until its ClientHello is whole: peeked, never consumed."""
 
-    __slots__ = ("proxy", "sock", "peer", "started", "timer", "lowat")
+    __slots__ = ("proxy", "sock", "peer", "local", "started", "timer", "lowat", "header_pending")
 
     def __init__(self, proxy, sock, peer):
         self.proxy, self.sock, self.peer = proxy, sock, peer
+        self.local = None             # the address the client connected to, when a PROXY header says it
         loop = proxy.loop
         self.started = loop.time()
         self.lowat = 1
+        self.header_pending = proxy.settings.inbound_pp
         self.timer = loop.call_later(proxy.settings.timeouts.handshake, self.drop)
         loop.add_reader(sock.fileno(), self._readable)
         proxy.hellos.add(self)
@@ -290,6 +294,10 @@ class _Hello:
         if not data:
             self.drop()
             return
+        if self.header_pending:
+            data = self._inbound_header(data)
+            if not data:
+                return
         try:
             hello = sni.read_client_hello(data)
         except sni.SniError as exc:
@@ -301,15 +309,37 @@ class _Hello:
             if hello.needed > MAX_PEEK:
                 self._stop_waiting()
                 self.proxy.refuse(self.sock, self.peer, "ClientHello too large", ALERT_DECODE_ERROR)
-            elif hello.needed != self.lowat:
-                # Wake only when the announced bytes are all there (no busy loop on a slow client).
-                self.lowat = hello.needed
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, hello.needed)
+            else:
+                self._wait_for(hello.needed)
             return
         self._stop_waiting()
-        if self.lowat != 1:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        self.proxy.route(self.sock, self.peer, hello, self.started)
+        self._wait_for(1)
+        self.proxy.route(self.sock, self.peer, hello, self.started, self.local)
+
+    def _wait_for(self, needed):
+        # Wake only when the announced bytes are all there (no busy loop on a slow client).
+        if needed != self.lowat:
+            self.lowat = needed
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
+
+    def _inbound_header(self, data):
+        """Consume the balancer's PROXY header; the rest of `data` (b"" while waiting or refused)."""
+        try:
+            header = proxy_protocol.read_header(data)
+        except proxy_protocol.ProxyHeaderError as exc:
+            self._stop_waiting()
+            self.proxy.refuse(self.sock, self.peer, f"inbound PROXY header: {exc}")
+            return b""
+        if isinstance(header, int):
+            self._wait_for(header)
+            return b""
+        length, source, destination = header
+        self.sock.recv(length)        # exactly the header; it was peeked, so it is all there
+        self.header_pending = False
+        if source is not None:
+            self.peer, self.local = source, destination
+        self._wait_for(1)
+        return data[length:]
 
 
 class GatewayProxy:
@@ -400,7 +430,7 @@ class GatewayProxy:
         else:
             self.per_app.pop(conn.app_key, None)
 
-    def route(self, sock, peer, hello, started):
+    def route(self, sock, peer, hello, started, local=None):
         """Decide where the connection goes (synchronously), then connect in a task."""
         try:
             route = sni.parse_route(hello.server_name, self.base_domains)
@@ -435,7 +465,7 @@ class GatewayProxy:
         conn = _Connection(self, route.id, started)
         self.connections.add(conn)
         self.per_app[route.id] = self.per_app.get(route.id, 0) + 1
-        self.loop.create_task(self._open(conn, sock, peer, route, candidates))
+        self.loop.create_task(self._open(conn, sock, (peer, local), route, candidates))
 
     def _candidates(self, route):
         """The first connect_top_n (instance_id, ip, send_pp) whose policy allows the port.
@@ -502,8 +532,8 @@ class GatewayProxy:
                 # One that connects while being cancelled must not be left open.
                 task.add_done_callback(_close_if_connected)
 
-    async def _open(self, conn, sock, peer, route, candidates):
-        upstream = None
+    async def _open(self, conn, sock, addresses, route, candidates):
+        peer, local = addresses
         try:
             try:
                 async with asyncio.timeout(self.settings.timeouts.connect):
@@ -520,7 +550,7 @@ class GatewayProxy:
             upstream.conn = conn
             conn.upstream = upstream.transport
             if send_pp:
-                upstream.transport.write(proxy_protocol.header_v2(peer, sock.getsockname()))
+                upstream.transport.write(proxy_protocol.header_v2(peer, local or sock.getsockname()))
             context = None
             if route.mode == sni.MODE_TERMINATE:
                 context = self.tls

@@ -573,3 +573,47 @@ def test_store_router_over_the_control_planes_store(gateway, pki, tmp_path):
         for listener in listeners:
             listener.close()
         store.close()
+
+
+def _v2_header_by_hand(source, destination):
+    addresses = (socket.inet_aton(source[0]) + socket.inet_aton(destination[0])
+                 + struct.pack("!HH", source[1], destination[1]))
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes((0x21, 0x11)) + struct.pack("!H", len(addresses)) + addresses
+
+
+def test_inbound_proxy_protocol_from_a_balancer(gateway, pki, router):
+    """With inbound_pp the client address the app sees is the one the balancer's header gives."""
+    pp_backend = Backend("A-pp", HOST_A, expect_pp=True)
+    pp_tls_backend = Backend("A-pp-tls", HOST_A, expect_pp=True, tls=pki["app"].server_context())
+    try:
+        router.policies[INST_A] = {"ports": [{"port": pp_backend.port, "pp": True},
+                                             {"port": pp_tls_backend.port, "pp": True}], "restrict_mode": False}
+        gw = gateway(inbound_pp=True)
+        headers = [_v2_header_by_hand(("203.0.113.7", 4242), ("198.51.100.1", 443)),
+                   b"PROXY TCP4 192.0.2.9 198.51.100.2 5555 8443\r\n"]
+        for header, backend, suffix, ca in ((headers[0], pp_backend, "", "gateway"),
+                                            (headers[1], pp_tls_backend, "s", "app")):
+            name = f"{INST_A}-{backend.port}{suffix}.{BASE}"
+            context = ssl.create_default_context(cafile=str(pki[ca].ca_file))
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+                raw.sendall(header)
+                with context.wrap_socket(raw, server_hostname=name) as conn:
+                    assert http_get(conn, name)[0] == 200
+        assert pp_backend.proxy_headers == [(("203.0.113.7", 4242), ("198.51.100.1", 443))]
+        assert pp_tls_backend.proxy_headers == [(("192.0.2.9", 5555), ("198.51.100.2", 8443))]
+        # A route without pp still works behind the balancer; a connection without the header is refused.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+            raw.sendall(headers[0])
+            context = ssl.create_default_context(cafile=str(pki["gateway"].ca_file))
+            with context.wrap_socket(raw, server_hostname=f"{INST_B}.{BASE}") as conn:
+                assert json.loads(http_get(conn, f"{INST_B}.{BASE}")[1])["backend"] == "B"
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            tls_connect(gw, f"{INST_A}.{BASE}", pki["gateway"].ca_file)
+        # Without inbound_pp a PROXY header is not TLS: refused.
+        plain = gateway()
+        with socket.create_connection(("127.0.0.1", plain.port), timeout=10) as raw:
+            raw.sendall(headers[0])
+            assert raw.recv(100) == bytes((21, 3, 3, 0, 2, 2, 50))
+    finally:
+        pp_backend.close()
+        pp_tls_backend.close()

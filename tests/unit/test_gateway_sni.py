@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from ansible_collections.dstack.tee.agents.gateway import sni
+from ansible_collections.dstack.tee.agents.gateway import proxy_protocol, sni
 from ansible_collections.dstack.tee.agents.gateway.sni import (
     MODE_H2, MODE_PASSTHROUGH, MODE_TERMINATE, ClientHello, Incomplete, SniError, parse_route, read_client_hello)
 
@@ -259,3 +259,43 @@ def test_fuzz_routes(name):
 
 HELLOS = [openssl_hello("app1.gw.test", ["h2", "http/1.1"]), openssl_hello(),
           build_hello([b"x.gw.test"], [b"h2"], record_sizes=[7, 40, 200])]
+
+
+# ----------------------------------------------------------------------------- PROXY protocol (inbound)
+
+V2_SAMPLE = proxy_protocol.header_v2(("203.0.113.7", 4242), ("198.51.100.1", 443))
+V1_SAMPLE = b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n"
+
+
+def test_proxy_headers_read():
+    assert proxy_protocol.read_header(V2_SAMPLE + b"\x16") == (28, ("203.0.113.7", 4242), ("198.51.100.1", 443))
+    assert proxy_protocol.read_header(V1_SAMPLE) == (len(V1_SAMPLE), ("2001:db8::1", 1), ("2001:db8::2", 65535))
+    assert proxy_protocol.read_header(b"PROXY UNKNOWN ffff\r\n") == (20, None, None)
+    local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+    assert proxy_protocol.read_header(local) == (16, None, None)
+    for cut in range(len(V2_SAMPLE)):
+        assert cut < proxy_protocol.read_header(V2_SAMPLE[:cut]) <= len(V2_SAMPLE)
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", b"PROXY " + b"1" * 120,
+    b"\r\n\r\n\x00\r\nQUIT\n\x22\x11\x00\x0c" + b"\x00" * 12,          # version 2, command 2
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\x0c" + b"\x00" * 12,          # a unix socket family
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04" + b"\x00" * 4,           # addresses cut short
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",                         # 64 KiB announced
+])
+def test_proxy_headers_refused(data):
+    with pytest.raises(proxy_protocol.ProxyHeaderError):
+        proxy_protocol.read_header(data)
+
+
+@given(st.one_of(st.binary(max_size=120), st.binary(max_size=60).map(lambda tail: V2_SAMPLE[:16] + tail),
+                 st.binary(max_size=60).map(lambda tail: b"PROXY TCP4 " + tail)))
+def test_fuzz_proxy_header(data):
+    try:
+        result = proxy_protocol.read_header(data)
+    except proxy_protocol.ProxyHeaderError:
+        return
+    assert isinstance(result, int) and result > len(data) or result[0] <= len(data)
