@@ -114,14 +114,32 @@ def port_decision(policy, port):
     """
     if policy is None:
         return True, False
-    try:
-        flags = {int(entry["port"]): bool(entry.get("pp", False)) for entry in policy.get("ports") or ()}
-        restrict = bool(policy.get("restrict_mode", False))
-    except (AttributeError, KeyError, TypeError, ValueError):
+    flags = _port_flags(policy)
+    if flags is None:
         return False, False
+    restrict = policy.get("restrict_mode", False)
     if port in flags:
         return True, flags[port]
     return not restrict, False
+
+
+def _port_flags(policy):
+    """{port: pp} of a policy of dstack's shape, or None (not a dict, a port not 1-65535, a flag
+    that is not a JSON boolean: "false" must not read as true)."""
+    if not isinstance(policy, dict) or not isinstance(policy.get("restrict_mode", False), bool):
+        return None
+    entries = policy.get("ports", [])
+    if not isinstance(entries, list):
+        return None
+    flags = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            return None
+        port, send_pp = entry.get("port"), entry.get("pp", False)
+        if type(port) is not int or not 0 < port < 65536 or not isinstance(send_pp, bool):  # pylint: disable=unidiomatic-typecheck
+            return None
+        flags[port] = send_pp
+    return flags
 
 
 class _Side(asyncio.Protocol):

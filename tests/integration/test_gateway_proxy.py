@@ -421,9 +421,11 @@ def test_port_policy(gateway, pki, backends, router):
     # For the app, the instance that refuses the port is not a candidate.
     assert {get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] for _round in range(6)} == {"B"}
     # A policy not of dstack's shape refuses (fail closed).
-    router.policies[INST_B] = {"ports": "all"}
-    with pytest.raises(ssl.SSLError, match="ACCESS_DENIED"):
-        get_via_gateway(gw, pki, f"{INST_B}-{port}.{BASE}")
+    for bad in ({"ports": "all"}, {"ports": [{"port": str(port)}]}, {"ports": [{"port": port, "pp": "false"}]},
+                {"ports": [], "restrict_mode": "no"}, ["ports"], {"ports": [{"port": True}]}):
+        router.policies[INST_B] = bad
+        with pytest.raises(ssl.SSLError, match="ACCESS_DENIED"):
+            get_via_gateway(gw, pki, f"{INST_B}-{port}.{BASE}")
 
 
 def test_proxy_protocol_v2_header_carries_the_client_address(gateway, pki, router):
