@@ -417,8 +417,7 @@ class GatewayProxy:
                     self.loop.remove_reader(self.listener.fileno())
                     self.loop.call_later(0.1, self.loop.add_reader, self.listener.fileno(), self._accept)
                 return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)        # TCP_NODELAY: the transport sets it at the handover
             _Hello(self, sock, peer)
 
     def refuse(self, sock, peer, reason, alert=None):
@@ -509,17 +508,10 @@ class GatewayProxy:
         return allowed
 
     async def _connect_one(self, address, port):
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self.loop.sock_connect(sock, (str(address), port))
-            side = _Side(None, self.loop.time)
-            await self.loop.create_connection(lambda: side, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
+        # `address` is an IP literal (checked in _candidates): the loop resolves nothing. The
+        # transport sets TCP_NODELAY itself.
+        side = _Side(None, self.loop.time)
+        await self.loop.create_connection(lambda: side, str(address), port)
         return side
 
     async def _connect_first(self, candidates, port):

@@ -164,29 +164,49 @@ def read_client_hello(data):
     if isinstance(joined, Incomplete):
         return joined
     message, used = joined
-    hello = _Reader(message, 4)
-    hello.take(2, "client_hello.version")
-    hello.take(32, "client_hello.random")
-    hello.vector(1, "client_hello.session_id", max_len=32)
-    hello.vector(2, "client_hello.cipher_suites", min_len=2)
-    hello.vector(1, "client_hello.compression_methods", min_len=1)
+    # Index arithmetic rather than a reader object: this runs once per connection, on the event loop.
+    end = len(message)
+    if end < 6:
+        raise SniError("client_hello.version", "is cut short")
+    if end < 38:
+        raise SniError("client_hello.random", "is cut short")
+    pos = _skip_vector(message, 38, 1, "client_hello.session_id", 0, 32)
+    pos = _skip_vector(message, pos, 2, "client_hello.cipher_suites", 2)
+    pos = _skip_vector(message, pos, 1, "client_hello.compression_methods", 1)
     server_name, alpn = None, ()
-    if hello.rest():
-        extensions = hello.vector(2, "client_hello.extensions")
-        if hello.rest():
+    if pos < end:
+        ext_end = _skip_vector(message, pos, 2, "client_hello.extensions", 0)
+        if ext_end != end:
             raise SniError("client_hello", "has bytes after its extensions")
+        pos += 2
         seen = set()
-        while extensions.rest():
-            ext_type = extensions.uint(2, "extension.type")
-            body = extensions.vector(2, "extension.data")
+        while pos < ext_end:
+            if pos + 2 > ext_end:
+                raise SniError("extension.type", "is cut short")
+            ext_type = (message[pos] << 8) | message[pos + 1]
+            body_end = _skip_vector(message, pos + 2, 2, "extension.data", 0, limit=ext_end)
             if ext_type in seen:
                 raise SniError("client_hello.extensions", f"repeat extension {ext_type}")
             seen.add(ext_type)
             if ext_type == EXT_SERVER_NAME:
-                server_name = _server_name(body)
+                server_name = _server_name(_Reader(message, pos + 4, body_end))
             elif ext_type == EXT_ALPN:
-                alpn = _alpn(body)
+                alpn = _alpn(_Reader(message, pos + 4, body_end))
+            pos = body_end
     return ClientHello(server_name, alpn, used)
+
+
+def _skip_vector(message, pos, len_size, field, min_len, max_len=None, limit=None):
+    """The end of the length-prefixed vector at `pos` (checked against `limit`, default the end)."""
+    limit = len(message) if limit is None else limit
+    if pos + len_size > limit:
+        raise SniError(field, "is cut short")
+    length = int.from_bytes(message[pos:pos + len_size], "big")
+    if length < min_len or (max_len is not None and length > max_len):
+        raise SniError(field, f"has a bad length ({length})")
+    if pos + len_size + length > limit:
+        raise SniError(field, "is cut short")
+    return pos + len_size + length
 
 
 def parse_route(server_name, base_domains):

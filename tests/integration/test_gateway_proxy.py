@@ -8,6 +8,7 @@ import base64
 import datetime
 import json
 import os
+import select
 import socket
 import ssl
 import struct
@@ -336,10 +337,31 @@ def test_bulk_relay_both_ways(gateway, pki, backends):
     gw = gateway()
     data = bytes(range(256)) * 8192                              # 2 MiB, past every buffer
     with tls_connect(gw, f"{INST_A}-{backends['aecho'].port}.{BASE}", pki["gateway"].ca_file) as conn:
-        sender = threading.Thread(target=conn.sendall, args=(data,))
-        sender.start()
-        assert _recv_exact(conn, len(data)) == data
-        sender.join()
+        assert _pump(conn, data) == data
+
+
+def _pump(conn, data):
+    """Send and receive at once from one thread (an SSL socket must not be used by two)."""
+    conn.setblocking(False)
+    sent, received = 0, bytearray()
+    deadline = time.monotonic() + 20
+    while len(received) < len(data):
+        assert time.monotonic() < deadline, (sent, len(received))
+        readable, writable, _unused = select.select([conn], [conn] if sent < len(data) else [], [], 1)
+        if writable:
+            try:
+                sent += conn.send(data[sent:sent + 65536])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass
+        if readable or conn.pending():
+            try:
+                chunk = conn.recv(262144)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
+            if not chunk:
+                raise ConnectionError("closed early")
+            received += chunk
+    return bytes(received)
 
 
 def test_an_app_id_balances_over_its_instances_first_success_wins(gateway, pki, backends, router):
