@@ -9,16 +9,66 @@ from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
+# How long a client may leave a read or a write of its connection waiting (the TLS handshake,
+# a header line, a piece of the body, or a response it does not read) before it is closed.
+CLIENT_IO_TIMEOUT = 10
+
+
+def deadline_worker_class():
+    """gunicorn's threaded worker, with a deadline on each read and write of a client connection.
+
+    gunicorn reads a request (TLS handshake, headers, body) with blocking reads that have no
+    deadline: a client that sent half a request and went quiet held a worker thread for good, and
+    8 of them stopped the KMS. Here a client socket's "blocking" mode is a timeout of
+    CLIENT_IO_TIMEOUT seconds (for TLS too: the SSL socket class of the context does the same), so
+    a silent client's read or write fails and gunicorn closes the connection.
+    """
+    import socket  # pylint: disable=import-outside-toplevel
+    import ssl  # pylint: disable=import-outside-toplevel
+    from gunicorn.workers.gthread import ThreadWorker  # pylint: disable=import-outside-toplevel
+
+    class DeadlineSocket(socket.socket):
+        __slots__ = ()
+
+        def setblocking(self, flag):
+            self.settimeout(CLIENT_IO_TIMEOUT if flag else 0.0)
+
+    class DeadlineSSLSocket(ssl.SSLSocket):
+        def setblocking(self, flag):
+            self.settimeout(CLIENT_IO_TIMEOUT if flag else 0.0)
+
+    class DeadlineThreadWorker(ThreadWorker):
+        def enqueue_req(self, conn):
+            if type(conn.sock) is socket.socket:  # pylint: disable=unidiomatic-typecheck  # a new connection
+                sock = conn.sock
+                conn.sock = DeadlineSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+                conn.sock.setblocking(False)
+            super().enqueue_req(conn)
+
+    return DeadlineThreadWorker, DeadlineSSLSocket
+
+
 def run_gunicorn(app, **settings):
     """Serve `app` with these gunicorn settings until SIGTERM/SIGINT (returns via SystemExit).
 
     Settings this gunicorn does not know are skipped (so a newer setting can be passed safely);
     gunicorn's control socket (on by default in gunicorn 25+, under $HOME) is always off: two
-    agents of one user would otherwise fight over it, and none needs it.
+    agents of one user would otherwise fight over it, and none needs it. Workers are threaded with
+    a deadline on each client read and write (deadline_worker_class) unless a worker_class is given.
     """
     from gunicorn.app.base import BaseApplication  # pylint: disable=import-outside-toplevel
 
     settings = dict(settings, control_socket_disable=True)
+    if "worker_class" not in settings:
+        worker, ssl_socket_class = deadline_worker_class()
+        settings["worker_class"] = worker
+        given_context = settings.get("ssl_context")
+
+        def ssl_context(conf, default_factory):
+            context = given_context(conf, default_factory) if given_context else default_factory()
+            context.sslsocket_class = ssl_socket_class
+            return context
+        settings["ssl_context"] = ssl_context
 
     class Server(BaseApplication):  # pylint: disable=abstract-method
         def load_config(self):
