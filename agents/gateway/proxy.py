@@ -279,7 +279,7 @@ class _HealthProtocol(asyncio.Protocol):
 class _Hello:
     """A new connection until its ClientHello is whole: peeked, never consumed."""
 
-    __slots__ = ("proxy", "sock", "peer", "local", "started", "timer", "lowat", "header_pending")
+    __slots__ = ("proxy", "sock", "peer", "local", "started", "timer", "lowat", "header_pending", "reading")
 
     def __init__(self, proxy, sock, peer):
         self.proxy, self.sock, self.peer = proxy, sock, peer
@@ -288,12 +288,19 @@ class _Hello:
         self.started = loop.time()
         self.lowat = 1
         self.header_pending = proxy.settings.inbound_pp
+        self.reading = False
         self.timer = loop.call_later(proxy.settings.timeouts.handshake, self.drop)
-        loop.add_reader(sock.fileno(), self._readable)
         proxy.hellos.add(self)
+        # The ClientHello has often arrived by the time the connection is accepted: read it now,
+        # and watch the socket only when it has not.
+        self._readable()
+        if self in proxy.hellos:
+            loop.add_reader(sock.fileno(), self._readable)
+            self.reading = True
 
     def _stop_waiting(self):
-        self.proxy.loop.remove_reader(self.sock.fileno())
+        if self.reading:
+            self.proxy.loop.remove_reader(self.sock.fileno())
         self.timer.cancel()
         self.proxy.hellos.discard(self)
 
