@@ -10,9 +10,10 @@
 or, blocking, `run(settings, router, tls, tls_h2)`.
 
 The path of one connection:
-1. accept; peek (MSG_PEEK, nothing consumed) until the TLS ClientHello is whole (sni.py), within
-   the handshake timeout; SO_RCVLOWAT makes the kernel wake us only when the bytes announced by
-   the record headers are there.
+1. accept; with inbound_pp, consume the balancer's PROXY header (its source is then the client);
+   peek (MSG_PEEK, nothing consumed) until the TLS ClientHello is whole (sni.py), within the
+   handshake timeout; SO_RCVLOWAT makes the kernel wake us only when the bytes announced by the
+   record headers are there.
 2. route: the server name's `<id>[-<port>][s|g].<base>` (sni.parse_route); `gateway.<base>` is the
    gateway's own /health; otherwise router.resolve(id) gives the candidates (instance_id, ip),
    freshest first, each kept only when its port policy allows the port. A refusal here is a TLS
@@ -28,8 +29,8 @@ Limits: connect, handshake (hello + TLS), idle (no byte either way) and total ti
 max_connections_per_app (counted per routed id, as dstack does). The proxy connects to nothing
 but the IP literals the router returns.
 
-The router is called on the event loop and must answer from memory (a cache the control plane
-keeps fresh), not block on I/O:
+The router is called on the event loop and must answer from memory, not block on I/O
+(StoreRouter answers from a ttl cache over the control plane's Store):
     resolve(id) -> [(instance_id, ip), ...]   an instance_id gives that one CVM, an app_id its
                                               instances, freshest handshake first; [] = unknown
     port_policy(instance_id) -> None | {"ports": [{"port": int, "pp": bool}], "restrict_mode": bool}
@@ -82,12 +83,24 @@ class ProxySettings:
     listen_addr: str = "0.0.0.0"
     listen_port: int = 443
     connect_top_n: int = 3
-    max_connections_per_app: int = 2000
+    max_connections_per_app: int = 2000   # 0: no cap
     timeouts: Timeouts = field(default_factory=Timeouts)
     reuse_port: bool = False      # one process per core on the same port (SO_REUSEPORT)
-    inbound_pp: bool = False      # dstack's inbound_pp_enabled: a load balancer in front sends a
-                                  # PROXY header (v1 or v2) first; it is then required
+    # dstack's inbound_pp_enabled: a load balancer in front sends a PROXY header (v1 or v2) first,
+    # and every connection must then start with one.
+    inbound_pp: bool = False
     backlog: int = 1024
+
+    @classmethod
+    def from_config(cls, proxy):
+        """From the checked [core.proxy] table of gateway.toml (config.load_config()["core"]["proxy"])."""
+        timeouts = proxy.get("timeouts", {})
+        return cls(base_domain=proxy["base_domain"], listen_addr=proxy["listen_addr"],
+                   listen_port=proxy["listen_port"], connect_top_n=proxy["connect_top_n"],
+                   max_connections_per_app=proxy["max_connections_per_app"],
+                   inbound_pp=proxy.get("inbound_pp_enabled", False), reuse_port=proxy.get("workers", 0) > 1,
+                   timeouts=Timeouts(**{key: timeouts[key] for key in ("connect", "handshake", "idle", "total")
+                                        if key in timeouts}))
 
     @property
     def base_domains(self):
@@ -136,7 +149,8 @@ def _port_flags(policy):
         if not isinstance(entry, dict):
             return None
         port, send_pp = entry.get("port"), entry.get("pp", False)
-        if type(port) is not int or not 0 < port < 65536 or not isinstance(send_pp, bool):  # pylint: disable=unidiomatic-typecheck
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536 \
+                or not isinstance(send_pp, bool):
             return None
         flags[port] = send_pp
     return flags
@@ -483,7 +497,8 @@ class GatewayProxy:
         if not candidates:
             self.refuse(sock, peer, f"port {route.port} not allowed for {route.id}", ALERT_ACCESS_DENIED)
             return
-        if self.per_app.get(route.id, 0) >= self.settings.max_connections_per_app:
+        cap = self.settings.max_connections_per_app
+        if cap and self.per_app.get(route.id, 0) >= cap:
             self.refuse(sock, peer, f"connection cap reached for {route.id}", ALERT_HANDSHAKE_FAILURE)
             return
         conn = _Connection(self, route.id, started)

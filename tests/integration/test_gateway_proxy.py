@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from ansible_collections.dstack.tee.agents.gateway.proxy import (
     GatewayProxy, ProxySettings, StoreRouter, Timeouts, server_contexts)
+from ansible_collections.dstack.tee.agents.gateway.config import load_config
 from ansible_collections.dstack.tee.agents.gateway.store import Store
 
 BASE = "gw.test"
@@ -641,3 +642,19 @@ def test_inbound_proxy_protocol_from_a_balancer(gateway, pki, router):
     finally:
         pp_backend.close()
         pp_tls_backend.close()
+
+
+def test_settings_from_gateway_toml(tmp_path):
+    (tmp_path / "kms-root-ca.crt").write_text("the control plane's; the proxy reads none of it\n")
+    (tmp_path / "gateway.toml").write_text(
+        f'[core]\nstate_dir = "{tmp_path}"\n[core.wg]\npublic_key = "{base64.b64encode(bytes(32)).decode()}"\nendpoint = "127.0.0.1:51820"\n'
+        f'[attestation]\nmode = "simulation"\nsim_state_dir = "{tmp_path}"\n'
+        f'[rpc]\nkms_root_ca = "{tmp_path / "kms-root-ca.crt"}"\n'
+        '[core.proxy]\nlisten_addr = "127.0.0.1"\nlisten_port = 9443\nbase_domain = "dstack.localhost"\n'
+        'connect_top_n = 2\nmax_connections_per_app = 0\ninbound_pp_enabled = true\nworkers = 2\n'
+        '[core.proxy.timeouts]\nconnect = "2s"\nhandshake = "500ms"\nidle = "1m"\ntotal = "1h"\n')
+    config = load_config(str(tmp_path / "gateway.toml"), environ={})
+    settings = ProxySettings.from_config(config["core"]["proxy"])
+    assert settings == ProxySettings(base_domain="dstack.localhost", listen_addr="127.0.0.1", listen_port=9443,
+                                     connect_top_n=2, max_connections_per_app=0, inbound_pp=True, reuse_port=True,
+                                     timeouts=Timeouts(connect=2.0, handshake=0.5, idle=60.0, total=3600.0))
