@@ -69,7 +69,7 @@ REV = "dstack.tee"
 #    "quote": hex, "event_log": "<JSON text>", "report_data": hex (64 bytes), "vm_config": "<JSON text>"}
 # Its first byte is "{" (0x7b), so it is never mistaken for dstack's V0 (0x00 + SCALE) or V1
 # (msgpack) forms, and it is a GetQuote answer as well: `dstack-verify` reads it as it is.
-ATTESTATION_VERSION = "dstack.tee/attestation-json/v1"
+ATTESTATION_VERSION = app_certs.ATTESTATION_VERSION
 APP_CERT_RETRY_SECONDS = 60
 APP_CERT_WAIT_SECONDS = 1.0
 MAX_NAME_LENGTH = 256
@@ -276,9 +276,8 @@ class GuestApi:
 
     def _attestation(self, report_data):
         quote, event_log, padded = self._quote(report_data)
-        doc = {"version": ATTESTATION_VERSION, "attestation_mode": self.ctx.attestation_mode, "quote": quote.hex(),
-               "event_log": event_log, "report_data": padded.hex(), "vm_config": _server(self.ctx.vm_config)}
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return app_certs.attestation_document(self.ctx.attestation_mode, quote, event_log, padded,
+                                              _server(self.ctx.vm_config))
 
     def _issue(self, key, params, subject):
         """[leaf, app CA, root CA] for `key`, from the context's certificate signer."""

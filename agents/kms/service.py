@@ -166,6 +166,8 @@ class KmsService:
                 raise Refused("app_id", "the event log has no 20-byte app-id event before boot-mr-done")
             if len(boot["compose_hash"]) != 64:
                 raise Refused("compose_hash", "the event log has no 32-byte compose-hash event before boot-mr-done")
+            if len(boot["instance_id"]) not in (0, 40):
+                raise Refused("instance_id", "the instance-id event before boot-mr-done is neither empty nor 20 bytes")
             try:
                 provider = json_limits.loads(bytes.fromhex(boot["key_provider_info"]) or b"null", "key_provider")
             except DstackError:
@@ -193,7 +195,7 @@ class KmsService:
         """(nonce, ephemeral public key) of a key-release request, the nonce checked (not yet used up)."""
         try:
             nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
-            eph = parse_hex(request.get("ephemeral_public_key", ""), "ephemeral_public_key", length=32)
+            eph = key_release.check_public_key(request.get("ephemeral_public_key", ""))
             self.nonces.check(nonce)
         except DstackError as exc:
             self.audit.record(method=method, decision="refuse", reason=str(exc), kms_mode=self.mode,
@@ -219,8 +221,9 @@ class KmsService:
             "os_image_hash": boot["os_image_hash"],
             "key_provider": {"name": "kms", "id": self.key_provider_id()},
         }
+        sealed = key_release.seal(payload, nonce, eph)
         self.audit.record(decision="release", reason="", **audit)
-        return key_release.seal(payload, nonce, eph)
+        return sealed
 
     def get_kms_key(self, request, remote_addr=""):
         """Onboarding: the root keys, sealed to an attested KMS replica the auth backend allows
@@ -231,15 +234,17 @@ class KmsService:
             "GetKmsKey", remote_addr, kind="kms")
         ca_key_pem, ca_cert_pem, k256 = root_keys.pem_forms(self.keys)
         payload = {"ca_key": ca_key_pem.decode(), "ca_cert": ca_cert_pem.decode(), "k256_key": k256.hex()}
+        sealed = key_release.seal(payload, nonce, eph)
         self.audit.record(decision="release", reason="root keys to a KMS replica", **audit)
-        return key_release.seal(payload, nonce, eph)
+        return sealed
 
     def sign_cert(self, request, remote_addr=""):
         """SignCert for GetTlsKey: an attested CVM's CSR, signed by its app's CA; [leaf, app CA, root CA].
         Every field is checked before the quote is (bad input is a 400 and uses no nonce up)."""
         nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
         csr = app_certs.load_csr(request.get("csr", ""))
-        options = app_certs.leaf_options(request)
+        # The app CA is valid as long as the root CA at most (app_certs.app_ca): cap the window by it.
+        options = app_certs.leaf_options(request, ca_not_after=self.keys.ca_cert.not_valid_after_utc)
         document = request.get("attestation")
         if document not in (None, "") and not isinstance(document, str):
             raise DstackError("attestation", "must be the attestation document's JSON text")
@@ -268,21 +273,26 @@ class KmsService:
         """The guest's RA-TLS attestation document, as bytes to embed, once it is shown to be over
         the CSR's key (report_data = SHA-512("ratls-cert:" || SPKI)) and from the same CVM as the
         SignCert quote; a KMS signs no certificate that claims a quote it has not checked."""
-        try:
-            doc = json_limits.loads(document, "attestation") if isinstance(document, str) else None
-        except DstackError:
-            doc = None
-        if not isinstance(doc, dict) or not isinstance(doc.get("quote"), str):
-            raise DstackError("attestation", "is not an attestation document {version, quote, event_log, ...}")
-        result = self._verify(parse_hex(doc["quote"], "attestation.quote"), doc.get("event_log"),
-                              app_certs.ratls_report_data(csr.public_key()))
+        doc = app_certs.parse_attestation_document(document)
+        expected = app_certs.ratls_report_data(csr.public_key())
+        result = self._verify(doc["quote"], doc["event_log"], expected)
         if not result.ok:
             failed = result.failures[0]
             raise DstackError("attestation", f"{failed.name}: {failed.detail}")
-        for name in ("app_id", "instance_id", "compose_hash", "device_id", "mr_system"):
+        for name in ("app_id", "instance_id", "compose_hash", "device_id", "mr_system", "os_image_hash"):
             if result.boot_info.get(name) != boot.get(name):
                 raise DstackError("attestation", f"is from another CVM than the SignCert quote ({name} differs)")
-        return document.encode("utf-8")
+        if doc["attestation_mode"] != result.attestation_mode:
+            raise DstackError("attestation.attestation_mode", f"says {doc['attestation_mode'][:20]!r}; the quote is "
+                                                              f"{result.attestation_mode}")
+        if doc["report_data"] != expected:
+            raise DstackError("attestation.report_data", "is not the quote's (SHA-512 of \"ratls-cert:\" and the key)")
+        claimed = str(_vm_config(doc["vm_config"]).get("os_image_hash") or "").lower().removeprefix("0x")
+        if claimed and claimed != result.boot_info["os_image_hash"]:
+            raise DstackError("attestation.vm_config", "names another OS image than the measured one")
+        # What is embedded is rebuilt from the checked fields: no claim goes in that was not checked.
+        return app_certs.attestation_document(result.attestation_mode, doc["quote"], doc["event_log"], expected,
+                                              doc["vm_config"])
 
     def key_provider_id(self):
         """The KMS's key-provider id: its root CA public key (SubjectPublicKeyInfo DER), hex."""

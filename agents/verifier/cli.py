@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from ansible_collections.dstack.tee.plugins.module_utils import attestation
+from ansible_collections.dstack.tee.plugins.module_utils import attestation, json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 
@@ -33,10 +33,7 @@ def read_quote_input(data):
     """(quote bytes, event_log or None) from raw bytes, hex text, or GetQuote response JSON."""
     text = data.strip()
     if text[:1] == b"{":
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise DstackError("QUOTE_FILE", f"looks like JSON but does not parse: {exc}") from None
+        doc = json_limits.loads(text, "QUOTE_FILE", hint=" (it looks like a GetQuote response)")
         if not isinstance(doc, dict) or "quote" not in doc:
             raise DstackError("QUOTE_FILE", "is JSON without a \"quote\" field (expected a GetQuote response)")
         return parse_hex(doc["quote"], "quote"), doc.get("event_log") or None

@@ -81,7 +81,9 @@ def create_app(config, backend):
         auth = request.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             given = auth[7:]
-        if not any(hmac.compare_digest(given, t) for t in tokens):
+        # Compared as bytes: a header with non-ASCII characters is just a wrong token.
+        given = given.encode("utf-8", "surrogateescape")
+        if not any(hmac.compare_digest(given, t.encode("utf-8")) for t in tokens):
             return jsonify({"error": "unauthorized: a valid bearer token is required"}), 401
         return None
 

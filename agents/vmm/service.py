@@ -385,6 +385,11 @@ class VmmService:
                 encrypted_env = _read(os.path.join(vm.shared_dir, ".encrypted-env"))
             else:
                 encrypted_env = parse_hex(req.get("encrypted_env") or "", "encrypted_env", allow_empty=True)
+            for name, text in (("compose_file", cfg["compose_file"]), ("user_config", user_config or "")):
+                try:  # what _write_share will encode, encoded before the VM is stopped
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DstackError(name, "is not valid Unicode") from None
             was_running = self.backend.status(vm) == RUNNING
             if was_running:
                 self.backend.stop(vm, force=True)

@@ -10,8 +10,9 @@ them: app id (.3), certificate usage (.4: "app:ca" on the app CA), attestation (
 
 import datetime
 import hashlib
+import json
 
-from ansible_collections.dstack.tee.plugins.module_utils import kdf
+from ansible_collections.dstack.tee.plugins.module_utils import json_limits, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 try:
@@ -51,6 +52,48 @@ def key_provider_id(ca_cert):
     return spki_der(ca_cert.public_key()).hex()
 
 
+ATTESTATION_VERSION = "dstack.tee/attestation-json/v1"
+ATTESTATION_FIELDS = ("attestation_mode", "event_log", "quote", "report_data", "version", "vm_config")
+
+
+def attestation_document(attestation_mode, quote, event_log, report_data, vm_config):
+    """The RA-TLS attestation document (the JSON an RA-TLS leaf embeds in OID .1.8): canonical bytes."""
+    doc = {"version": ATTESTATION_VERSION, "attestation_mode": attestation_mode, "quote": bytes(quote).hex(),
+           "event_log": event_log, "report_data": bytes(report_data).hex(), "vm_config": vm_config}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_attestation_document(document, field="attestation"):
+    """The fields of an attestation document, checked for shape: a JSON object with exactly
+    ATTESTATION_FIELDS, each once, version ATTESTATION_VERSION, the quote and report_data hex, the
+    event log and vm_config strings. What they say is the verifier's to check."""
+    if not isinstance(document, (str, bytes)):
+        raise DstackError(field, "must be the attestation document's JSON text")
+    json_limits.check_depth(document if isinstance(document, str) else document.decode("utf-8", "replace"), field)
+
+    def no_duplicates(pairs):
+        keys = [k for k, _v in pairs]
+        if len(keys) != len(set(keys)):
+            raise DstackError(field, "has a field twice")
+        return dict(pairs)
+    try:
+        doc = json.loads(document, object_pairs_hook=no_duplicates)
+    except DstackError:
+        raise
+    except ValueError:
+        raise DstackError(field, "is not an attestation document {version, quote, event_log, ...}") from None
+    if not isinstance(doc, dict) or sorted(doc) != sorted(ATTESTATION_FIELDS):
+        raise DstackError(field, f"must have exactly the fields {', '.join(ATTESTATION_FIELDS)}")
+    if doc["version"] != ATTESTATION_VERSION:
+        raise DstackError(f"{field}.version", f"must be {ATTESTATION_VERSION}")
+    for name in ("attestation_mode", "event_log", "vm_config"):
+        if not isinstance(doc[name], str):
+            raise DstackError(f"{field}.{name}", "must be a string")
+    doc["quote"] = parse_hex(doc["quote"], f"{field}.quote")
+    doc["report_data"] = parse_hex(doc["report_data"], f"{field}.report_data", length=64)
+    return doc
+
+
 def ratls_report_data(public_key):
     """The report_data of an RA-TLS certificate's quote: SHA-512("ratls-cert:" || SPKI DER)."""
     return hashlib.sha512(RATLS_PREFIX + spki_der(public_key)).digest()
@@ -83,6 +126,8 @@ def app_ca(root_ca_key, root_ca_cert, app_id):
 
 def load_csr(csr_pem):
     """A CSR from PEM (text or bytes), its self-signature checked."""
+    if not isinstance(csr_pem, (str, bytes)):
+        raise DstackError("csr", f"must be a PEM text, not {type(csr_pem).__name__}")
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode() if isinstance(csr_pem, str) else csr_pem)
     except ValueError:
@@ -135,28 +180,39 @@ def param_names(params, name):
     return [n for n in value if n]
 
 
-def leaf_options(params, server_auth_default=True):
-    """issue_leaf's options from a GetTlsKey or SignCert request, every field checked first."""
+def leaf_options(params, server_auth_default=True, ca_not_after=None):
+    """issue_leaf's options from a GetTlsKey or SignCert request, every field checked first: the
+    validity window issue_leaf will give (ca_not_after, a datetime, caps its end) must not be empty."""
     not_before, not_after = param_seconds(params, "not_before"), param_seconds(params, "not_after")
-    if not_before is not None and not_after is not None and not_after <= not_before:
-        raise DstackError("not_after", "must be after not_before")
+    start, end = leaf_validity(not_before, not_after, ca_not_after)
+    if end <= start:
+        raise DstackError("not_after", "must be after not_before (and before the app CA expires)"
+                          if ca_not_after is not None and end == ca_not_after else "must be after not_before")
     return {"alt_names": param_names(params, "alt_names"),
             "usage_server_auth": param_flag(params, "usage_server_auth", server_auth_default),
             "usage_client_auth": param_flag(params, "usage_client_auth"),
             "not_before": not_before, "not_after": not_after}
 
 
+def leaf_validity(not_before=None, not_after=None, ca_not_after=None):
+    """(start, end) datetimes of a leaf: the given times (Unix seconds; 0 is a time too), else from
+    5 minutes ago for LEAF_DEFAULT_DAYS; the end never after the issuing CA's (ca_not_after)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start = datetime.datetime.fromtimestamp(not_before, datetime.timezone.utc) if not_before is not None else \
+        now - datetime.timedelta(minutes=5)
+    end = datetime.datetime.fromtimestamp(not_after, datetime.timezone.utc) if not_after is not None else \
+        now + datetime.timedelta(days=LEAF_DEFAULT_DAYS)
+    if ca_not_after is not None:
+        end = min(end, ca_not_after)
+    return start, end
+
+
 def issue_leaf(ca_key, ca_cert, csr, app_id, alt_names=(), usage_server_auth=True, usage_client_auth=False,
                not_before=None, not_after=None, attestation=None):
     """A leaf certificate for the CSR's key, issued by the app CA; the subject is the CSR's."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start = datetime.datetime.fromtimestamp(not_before, datetime.timezone.utc) if not_before else \
-        now - datetime.timedelta(minutes=5)
-    end = datetime.datetime.fromtimestamp(not_after, datetime.timezone.utc) if not_after else \
-        now + datetime.timedelta(days=LEAF_DEFAULT_DAYS)
+    start, end = leaf_validity(not_before, not_after, ca_cert.not_valid_after_utc)
     if end <= start:
-        raise DstackError("not_after", "must be after not_before")
-    end = min(end, ca_cert.not_valid_after_utc)
+        raise DstackError("not_after", "must be after not_before (and before the app CA expires)")
     builder = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca_cert.subject)
                .public_key(csr.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(start).not_valid_after(end)

@@ -119,8 +119,13 @@ def parse_event_log(event_log, field="event_log"):
             raise DstackError(f"{where}.imr", "must be an integer 0 to 3")
         if isinstance(entry.get("event_type"), bool) or not isinstance(entry.get("event_type"), int):
             raise DstackError(f"{where}.event_type", "must be an integer")
-        if not isinstance(entry.get("event", "") or "", str):
+        name = entry.get("event", "") or ""
+        if not isinstance(name, str):
             raise DstackError(f"{where}.event", "must be a string")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DstackError(f"{where}.event", "is not valid Unicode") from None
         entries.append({
             "imr": imr,
             "event_type": entry["event_type"],

@@ -50,6 +50,12 @@ def loads(raw, field, max_depth=MAX_JSON_DEPTH, hint=""):
         raise DstackError(field, f"must be JSON text, not {type(raw).__name__}")
     check_depth(raw, field, max_depth)
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except ValueError:
         raise DstackError(field, "is not valid JSON" + hint) from None
+    if "\\u" in raw or not raw.isascii():
+        try:  # a "\ud800" escape decodes to a lone surrogate, which no later .encode() accepts
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DstackError(field, "holds a string that is not valid Unicode (a lone surrogate)") from None
+    return value
