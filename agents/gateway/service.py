@@ -29,8 +29,6 @@ import base64
 import datetime
 import json
 import logging
-import os
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +44,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 log = logging.getLogger("dstack.gateway")
 
 ONLINE_SECONDS = 300           # a peer with a handshake this recent counts as online (Admin.GetMeta)
-SIM_COLLATERAL_REFRESH = 3600
 MAX_PORT_POLICY_PORTS = 1024
 AUTH_ANSWER_BYTES = 64 * 1024
 
@@ -114,54 +111,19 @@ def app_id_param(value, field="app_id"):
 
 # ---- trust: the KMS root for certificates, the quote's root and collateral --------------------
 
-class QuoteTrust:
-    """How quotes are verified: the trust root and the collateral source ([attestation], as the KMS's keys)."""
+class QuoteTrust(attestation.QuoteTrust):
+    """The gateway's trust in quotes ([attestation], the KMS's keys): attestation.QuoteTrust, a
+    collateral source that fails being the gateway's Unavailable (503), not a refusal."""
 
     def __init__(self, config, state_dir):
-        self.config = config
-        self.state_dir = state_dir
-        self.mode = config["mode"]
-        self._sim = None
-        self._collateral = None
-        self._collateral_at = 0
-        self._lock = threading.Lock()
-        if self.mode == "production":
-            self.root_ca_der = attestation.intel_root_ca_der()
-        elif config.get("sim_state_dir"):
-            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
-            self._sim = SimTdx(config["sim_state_dir"])
-            self.root_ca_der = self._sim.root_ca_der
-        else:
-            try:
-                with open(config["root_ca"], "rb") as handle:
-                    self.root_ca_der = attestation.load_root_ca(handle.read())
-            except OSError as exc:
-                raise DstackError("attestation.root_ca", f"cannot read {config['root_ca']}: {exc.strerror}") from None
-        self.policy = dict(allowed_tcb_statuses=tuple(config["allowed_tcb_statuses"]),
-                           allowed_advisory_ids=tuple(config["allowed_advisory_ids"]))
+        super().__init__(config, state_dir, field="attestation.")
 
-    def collateral(self, raw_quote):
-        if self._sim is not None:
-            with self._lock:
-                now = time.time()
-                if self._collateral is None or now - self._collateral_at > SIM_COLLATERAL_REFRESH:
-                    self._collateral = attestation.load_collateral(self._sim.collateral_json())
-                    self._collateral_at = now
-                return self._collateral
-        if self.config.get("collateral"):
-            return self.config["collateral"]
-        cache = attestation.CollateralCache(
-            self.config.get("collateral_cache_dir") or os.path.join(self.state_dir, "collateral"),
-            self.config["pccs_url"])
-        return cache.get(raw_quote)
-
-    def verify(self, raw_quote, event_log, expected_report_data):
-        policy = attestation.Policy(expected_report_data=expected_report_data, require_event_log=True, **self.policy)
+    def verify(self, raw_quote, event_log, expected_report_data, collateral=None):
         try:
-            collateral = self.collateral(raw_quote)
+            collateral = self.collateral(raw_quote) if collateral is None else collateral
         except DstackError as exc:
             raise Unavailable("collateral", str(exc)) from None
-        return attestation.verify_quote(raw_quote, collateral, self.root_ca_der, policy, event_log)
+        return super().verify(raw_quote, event_log, expected_report_data, collateral)
 
 
 def load_kms_root(path):

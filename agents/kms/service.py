@@ -5,8 +5,6 @@ and onboarding (GetKmsKey: the root keys, to an attested KMS replica its auth ba
 
 import hashlib
 import os
-import threading
-import time
 
 from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
@@ -16,7 +14,6 @@ from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attes
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 MODES = ("production", "simulation")
-SIM_COLLATERAL_REFRESH = 3600
 
 
 class Refused(DstackError):
@@ -37,50 +34,16 @@ class KmsService:
         self.auth = make_backend(config.get("auth") or {})
         self.gateway_app_id = str(config.get("gateway_app_id", ""))
         policy = config.get("policy") or {}
-        self.allowed_statuses = tuple(policy.get("allowed_tcb_statuses", ["UpToDate"]))
-        self.allowed_advisories = tuple(policy.get("allowed_advisory_ids", []))
+        self.trust = attestation.QuoteTrust(dict(config, mode=self.mode, **{
+            k: policy[k] for k in ("allowed_tcb_statuses", "allowed_advisory_ids") if k in policy}), self.state_dir)
+        self.root_ca_der = self.trust.root_ca_der
         self.os_image_measurements = os_image_measurements(policy.get("os_image_measurements") or {})
         # Production: an OS image is only as good as the measurements pinned for it (MRTD, RTMR0-2).
         self.require_measurements = bool(policy.get("require_os_image_measurements", self.mode == "production"))
-        self._sim = None
-        self._collateral = None
-        self._collateral_at = 0
-        self._lock = threading.Lock()
         self._key_provider_id = None
-        self.root_ca_der = self._trust_root()
-
-    # ---- trust -------------------------------------------------------------------------------
-
-    def _trust_root(self):
-        if self.mode == "production":
-            if self.config.get("sim_state_dir") or self.config.get("root_ca"):
-                raise DstackError("mode", "production trusts Intel's SGX Root CA only: remove sim_state_dir and root_ca")
-            return attestation.intel_root_ca_der()
-        if self.config.get("sim_state_dir"):
-            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
-            self._sim = SimTdx(self.config["sim_state_dir"])
-            return self._sim.root_ca_der
-        if self.config.get("root_ca"):
-            with open(self.config["root_ca"], "rb") as handle:
-                return attestation.load_root_ca(handle.read())
-        raise DstackError("sim_state_dir", "simulation mode needs the simulator's state directory (or root_ca)")
 
     def collateral(self, raw_quote):
-        now = time.time()
-        if self._sim is not None:
-            with self._lock:
-                if self._collateral is None or now - self._collateral_at > SIM_COLLATERAL_REFRESH:
-                    self._collateral = attestation.load_collateral(self._sim.collateral_json())
-                    self._collateral_at = now
-                return self._collateral
-        if self.config.get("collateral"):
-            return self.config["collateral"]
-        if self.config.get("pccs_url"):
-            cache = attestation.CollateralCache(
-                self.config.get("collateral_cache_dir") or os.path.join(self.state_dir, "collateral"),
-                self.config["pccs_url"])
-            return cache.get(raw_quote)
-        raise DstackError("collateral", "no collateral source: set collateral (a file) or pccs_url")
+        return self.trust.collateral(raw_quote)
 
     # ---- methods -----------------------------------------------------------------------------
 
@@ -120,10 +83,7 @@ class KmsService:
     def _verify(self, quote, event_log, expected_report_data):
         """The quote verified under this KMS's trust root and TCB policy, report_data and event log
         required (attestation.Verification; never raises on a bad quote)."""
-        policy = attestation.Policy(allowed_tcb_statuses=self.allowed_statuses,
-                                    allowed_advisory_ids=self.allowed_advisories,
-                                    expected_report_data=expected_report_data, require_event_log=True)
-        return attestation.verify_quote(quote, self.collateral(quote), self.root_ca_der, policy, event_log)
+        return self.trust.verify(quote, event_log, expected_report_data)
 
     def _attest(self, request, nonce, expected_report_data, method, remote_addr, kind="app", extra_check=None):
         """Verify the requester's quote and event log, check the measured identity, ask the auth

@@ -197,6 +197,84 @@ class CollateralCache:
         return fresh
 
 
+class QuoteTrust:
+    """What a service that verifies quotes trusts (the KMS, the gateway): its trust root, its
+    collateral source and its TCB policy, from one set of settings (the KMS's keys):
+
+        mode                  "production" (Intel's SGX Root CA only) or "simulation"
+        sim_state_dir         simulation: the simulator whose root and collateral to use
+        root_ca               simulation: a root CA file instead
+        collateral            a collateral file (QuoteCollateralV3 JSON)
+        pccs_url              or a PCCS, cached per FMSPC in collateral_cache_dir (default
+                              state_dir/collateral)
+        allowed_tcb_statuses, allowed_advisory_ids
+    `field` prefixes the setting names in errors ("attestation." for the gateway's table).
+    """
+
+    SIM_COLLATERAL_REFRESH = 3600
+
+    def __init__(self, settings, state_dir, field=""):
+        import threading  # pylint: disable=import-outside-toplevel
+        self.settings = settings
+        self.state_dir = state_dir
+        self.field = field
+        self.mode = settings.get("mode", "production")
+        self.allowed_tcb_statuses = tuple(settings.get("allowed_tcb_statuses") or ("UpToDate",))
+        self.allowed_advisory_ids = tuple(settings.get("allowed_advisory_ids") or ())
+        self._sim = None
+        self._collateral = None
+        self._collateral_at = 0
+        self._lock = threading.Lock()
+        self.root_ca_der = self._trust_root()
+
+    def _trust_root(self):
+        settings, field = self.settings, self.field
+        if self.mode == "production":
+            if settings.get("sim_state_dir") or settings.get("root_ca"):
+                raise DstackError(f"{field}mode", "production trusts Intel's SGX Root CA only: remove sim_state_dir "
+                                                  "and root_ca")
+            return intel_root_ca_der()
+        if settings.get("sim_state_dir"):
+            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
+            self._sim = SimTdx(settings["sim_state_dir"])
+            return self._sim.root_ca_der
+        if settings.get("root_ca"):
+            try:
+                with open(settings["root_ca"], "rb") as handle:
+                    return load_root_ca(handle.read())
+            except OSError as exc:
+                raise DstackError(f"{field}root_ca", f"cannot read {settings['root_ca']}: {exc.strerror}") from None
+        raise DstackError(f"{field}sim_state_dir", "simulation mode needs the simulator's state directory (or root_ca)")
+
+    @property
+    def attestation_mode(self):
+        return attestation_mode_for(self.root_ca_der)
+
+    def collateral(self, raw_quote):
+        """The collateral for this quote: the simulator's (made again hourly), a file's, or a PCCS's."""
+        if self._sim is not None:
+            with self._lock:
+                now = time.time()
+                if self._collateral is None or now - self._collateral_at > self.SIM_COLLATERAL_REFRESH:
+                    self._collateral = load_collateral(self._sim.collateral_json())
+                    self._collateral_at = now
+                return self._collateral
+        if self.settings.get("collateral"):
+            return self.settings["collateral"]
+        if self.settings.get("pccs_url"):
+            cache = CollateralCache(self.settings.get("collateral_cache_dir")
+                                    or os.path.join(self.state_dir, "collateral"), self.settings["pccs_url"])
+            return cache.get(raw_quote)
+        raise DstackError(f"{self.field}collateral", "no collateral source: set collateral (a file) or pccs_url")
+
+    def verify(self, raw_quote, event_log, expected_report_data, collateral=None):
+        """verify_quote under this trust, report_data and the event log required."""
+        policy = Policy(allowed_tcb_statuses=self.allowed_tcb_statuses, allowed_advisory_ids=self.allowed_advisory_ids,
+                        expected_report_data=expected_report_data, require_event_log=True)
+        return verify_quote(raw_quote, collateral if collateral is not None else self.collateral(raw_quote),
+                            self.root_ca_der, policy, event_log)
+
+
 # ---- the verifier -----------------------------------------------------------------------------
 
 def boot_info_from(report, boot_log, ppid, tcb_status, advisory_ids, mode):
