@@ -33,10 +33,10 @@ DSTACK_GATEWAY_ADMIN_TOKEN; lists are comma-separated.
 import ipaddress
 import os
 import re
-import tomllib
 
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
 
 REQUIRED = object()
 _DURATION_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
@@ -282,15 +282,7 @@ def load_config(path=None, environ=None, overrides=None):
 
     overrides: {dotted key: value}, applied over the file and the environment (the command's flags).
     """
-    raw = {}
-    if path:
-        try:
-            with open(path, "rb") as handle:
-                raw = tomllib.load(handle)
-        except OSError as exc:
-            raise DstackError("config", f"cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise DstackError("config", f"{path} is not valid TOML: {exc}") from None
+    raw = read_toml(path) if path else {}
     known = dict(_leaves(SCHEMA))
     for key, value in (overrides or {}).items():
         if key not in known:

@@ -15,9 +15,9 @@ DSTACK_KMS_AUTH_<KEY> for [auth].
 """
 
 import os
-import tomllib
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
 
 TOP_KEYS = ("state_dir", "mode", "listen", "domain", "sim_state_dir", "root_ca", "collateral", "pccs_url",
             "collateral_cache_dir", "audit_log", "nonce_ttl", "gateway_app_id", "workers")
@@ -25,15 +25,7 @@ AUTH_KEYS = ("type", "path", "url", "timeout", "rpc_url", "contract_address", "c
 
 
 def load_config(path=None, environ=None, **overrides):
-    config = {}
-    if path:
-        try:
-            with open(path, "rb") as handle:
-                config = tomllib.load(handle)
-        except OSError as exc:
-            raise DstackError("config", f"cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise DstackError("config", f"{path} is not valid TOML: {exc}") from None
+    config = read_toml(path) if path else {}
     environ = os.environ if environ is None else environ
     for key in TOP_KEYS:
         if f"DSTACK_KMS_{key.upper()}" in environ:

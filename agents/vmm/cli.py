@@ -21,10 +21,10 @@ import ipaddress
 import logging
 import os
 import sys
-import tomllib
 
 from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
 
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
         "os_image_hash", "gateway_urls", "libvirt_uri", "image_path", "host_api_base", "server_names",
@@ -34,13 +34,7 @@ API_THREADS = 16
 
 
 def load_config(args):
-    config = {}
-    if args.config:
-        try:
-            with open(args.config, "rb") as handle:
-                config = tomllib.load(handle)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DstackError("--config", f"cannot read {args.config}: {exc}") from None
+    config = read_toml(args.config, "--config") if args.config else {}
     flags = {"run_path": args.run_path, "listen": args.listen, "backend": args.backend,
              "kms_urls": [args.kms_url] if args.kms_url else None, "kms_ca_cert": args.kms_ca_cert,
              "sim_state_dir": args.sim_state, "auth_tokens": args.token or None, "base_domain": args.base_domain,
