@@ -94,15 +94,15 @@ def a_releases(kms_app):
             if line.get("app_id") == A_ID and line["decision"] == "release"]
 
 
-def steal_keys(world):
-    """GetAppKey with B's quote and the relabelled event log: the attack of finding 1."""
-    kms = world["kms"]
+def steal_keys(world, kms=None, relabel=True):
+    """GetAppKey with B's quote and (relabel) the relabelled event log: the attack of finding 1."""
+    kms = kms or world["kms"]
     nonce = kms.call("GetNonce")["nonce"]
     _private, public = key_release.new_ephemeral_key()
     answer = quote_over(world["guest"], key_release.key_release_report_data(nonce, public))
     return kms.client.post("/prpc/KMS.GetAppKey", json={
-        "nonce": nonce, "ephemeral_public_key": public.hex(), "quote": answer["quote"],
-        "event_log": relabel_own_identity(answer["event_log"]), "vm_config": answer["vm_config"]})
+        "nonce": nonce, "ephemeral_public_key": public.hex(), "quote": answer["quote"], "vm_config": answer["vm_config"],
+        "event_log": relabel_own_identity(answer["event_log"]) if relabel else answer["event_log"]})
 
 
 def steal_certificate(world):
@@ -161,16 +161,10 @@ def test_finding_1_even_if_rtmr3_held_another_apps_events_they_are_not_identity(
         app_b["ctx"].emit_event(name, bytes.fromhex(value))  # past the API, straight into RTMR3
     released = steal_keys(app_b)
     assert released.status_code == 403 and "event_log" in released.json["error"]
-    kms = app_b["kms"]
-    nonce = kms.call("GetNonce")["nonce"]
-    _private, public = key_release.new_ephemeral_key()
-    honest = quote_over(app_b["guest"], key_release.key_release_report_data(nonce, public))
-    response = kms.client.post("/prpc/KMS.GetAppKey", json={
-        "nonce": nonce, "ephemeral_public_key": public.hex(), "quote": honest["quote"],
-        "event_log": honest["event_log"], "vm_config": honest["vm_config"]})
+    response = steal_keys(app_b, relabel=False)
     assert response.status_code == 403 and "follows system-ready" in response.json["error"]
     assert a_releases(app_b["kms_app"]) == []
-    code, report = dstack_verify(tmp_path, app_b, honest)
+    code, report = dstack_verify(tmp_path, app_b, quote_over(app_b["guest"], b"verify"))
     assert code == 1 and report["boot_info"]["app_id"] != A_ID
 
 
@@ -180,12 +174,7 @@ def test_finding_1_a_cvm_that_measured_another_kms_gets_nothing_from_this_one(ap
     (tmp_path / "other").mkdir()
     shutil.copy(tmp_path / "auth-config.json", tmp_path / "other" / "auth-config.json")
     other_app, other = make_kms(tmp_path / "other", app_b["sim"])
-    nonce = other.call("GetNonce")["nonce"]
-    _private, public = key_release.new_ephemeral_key()
-    answer = quote_over(app_b["guest"], key_release.key_release_report_data(nonce, public))
-    response = other.client.post("/prpc/KMS.GetAppKey", json={
-        "nonce": nonce, "ephemeral_public_key": public.hex(), "quote": answer["quote"],
-        "event_log": answer["event_log"], "vm_config": answer["vm_config"]})
+    response = steal_keys(app_b, kms=other, relabel=False)
     assert response.status_code == 403 and "key_provider" in response.json["error"]
     assert other_app.extensions["dstack_kms"].audit.read()[-1]["decision"] == "refuse"
 
