@@ -5,18 +5,16 @@ methods, on the store, with the WireGuard peers applied through a hub.
 
 RegisterCvm takes the CVM's identity ONLY from its client certificate, never from the body:
 
-1. the chain: leaf <- app CA <- the KMS root CA this gateway pins (rpc.kms_root_ca); each
-   signature, validity period and CA flag checked here (whatever the TLS layer did); the leaf
-   for client authentication, its app-id extension equal to its app CA's;
-2. the leaf's attestation extension (OID 1.3.6.1.4.1.62397.1.8, the guest's attestation
-   document over the leaf key): its quote verified by the one verifier (attestation.verify_quote:
-   DCAP under the configured root, TCB policy, debug refused, the event log replayed, identity
-   only from before boot-mr-done) with report_data = SHA-512("ratls-cert:" || leaf SPKI);
-3. the boot: app_id equal to the certificate's, a compose hash, this KMS measured as the key
+1. the RA-TLS client certificate, verified by plugins/module_utils/ra_tls.py (the one RA-TLS
+   verifier, also the CVM's check of the gateway): leaf <- app CA <- the KMS root CA this
+   gateway pins (rpc.kms_root_ca), each signature, validity period and CA flag checked; the leaf
+   for client authentication; its attestation extension (OID 1.3.6.1.4.1.62397.1.8) verified
+   under [attestation] with report_data = SHA-512("ratls-cert:" || leaf SPKI), the event log
+   replayed; the attested app_id the certificate's, a compose hash, this KMS measured as the key
    provider, and a non-empty instance_id (apps with no_instance_id cannot use the gateway);
-4. the optional authorization webhook ([core.auth]: POST of the boot info, 2xx allows; an
+2. the optional authorization webhook ([core.auth]: POST of the boot info, 2xx allows; an
    error, a timeout or anything else refuses);
-5. the store: an instance_id bound to another app, or a WireGuard key already another
+3. the store: an instance_id bound to another app, or a WireGuard key already another
    instance's, is refused.
 
 Every refusal is a Refused (HTTP 403) naming the check. The peer is then applied through the
@@ -26,7 +24,6 @@ start makes the interface match the store.
 """
 
 import base64
-import datetime
 import json
 import logging
 import time
@@ -34,12 +31,8 @@ import urllib.error
 import urllib.request
 
 from ansible_collections.dstack.tee.agents.gateway.store import Conflict, Exhausted, Store
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits, wireguard
+from ansible_collections.dstack.tee.plugins.module_utils import attestation, ra_tls, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 log = logging.getLogger("dstack.gateway")
 
@@ -48,8 +41,9 @@ MAX_PORT_POLICY_PORTS = 1024
 AUTH_ANSWER_BYTES = 64 * 1024
 
 
-class Refused(DstackError):
-    """The caller is not allowed (HTTP 403): the field names the check that failed."""
+# The caller is not allowed (HTTP 403): the field names the check that failed. The one class with
+# the RA-TLS verifier's refusals, so a refused certificate and a refused registration are both 403s.
+Refused = ra_tls.Refused
 
 
 class Unavailable(DstackError):
@@ -126,124 +120,6 @@ class QuoteTrust(attestation.QuoteTrust):
         return super().verify(raw_quote, event_log, expected_report_data, collateral)
 
 
-def load_kms_root(path):
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise DstackError("rpc.kms_root_ca", f"cannot read {path}: {exc.strerror}") from None
-    try:
-        return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise DstackError("rpc.kms_root_ca", f"{path} is not a PEM or DER certificate") from None
-
-
-def _extension(cert, oid):
-    try:
-        return cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value.value
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _within_validity(cert, now, what):
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise Refused("client_certificate", f"the {what} is outside its validity period")
-
-
-def _is_ca(cert):
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _issued_by(cert, issuer):
-    try:
-        cert.verify_directly_issued_by(issuer)
-        return True
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-
-
-class ClientVerifier:
-    """RegisterCvm's identity: the RA-TLS client certificate, verified as the module docstring says."""
-
-    def __init__(self, kms_root, trust):
-        self.kms_root = kms_root
-        self.kms_key_provider_id = app_certs.key_provider_id(kms_root)
-        self.trust = trust
-
-    def verify(self, chain_der, now=None):
-        """chain_der: the client's certificates as DER bytes, the leaf first (the TLS layer's
-        verified chain; a root among them is ignored: the pinned one is used). Returns the boot
-        info of the attested CVM (app_id, instance_id, compose_hash, ...); Refused otherwise."""
-        if not chain_der:
-            raise Refused("client_certificate", "none presented: RegisterCvm needs the RA-TLS client certificate "
-                                                "the KMS issued to this CVM (mutual TLS)")
-        try:
-            certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
-        except (ValueError, TypeError):
-            raise Refused("client_certificate", "is not a DER X.509 certificate") from None
-        now = datetime.datetime.now(datetime.timezone.utc) if now is None else now
-        leaf = certs[0]
-        app_ca = next((c for c in certs[1:] if c.subject == leaf.issuer and c != self.kms_root), None)
-        if app_ca is None or not _issued_by(leaf, app_ca) or not _is_ca(app_ca) or \
-                _extension(app_ca, app_certs.OID_CERT_USAGE) != b"app:ca" or not _issued_by(app_ca, self.kms_root):
-            raise Refused("client_certificate", "does not chain to the KMS root CA this gateway trusts "
-                                                "(leaf <- app CA <- KMS root)")
-        _within_validity(leaf, now, "certificate")
-        _within_validity(app_ca, now, "app CA certificate")
-        _within_validity(self.kms_root, now, "KMS root CA certificate")
-        if _is_ca(leaf):
-            raise Refused("client_certificate", "is a CA certificate, not a leaf")
-        try:
-            usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            usages = []
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-            raise Refused("client_certificate", "is not for client authentication (GetTlsKey usage_client_auth)")
-        cert_app_id = _extension(leaf, app_certs.OID_APP_ID)
-        if not cert_app_id or len(cert_app_id) != 20 or _extension(app_ca, app_certs.OID_APP_ID) != cert_app_id:
-            raise Refused("client_certificate", "its app-id extension is missing or differs from its app CA's")
-        boot = self._attested_boot(leaf)
-        if boot.get("app_id") != cert_app_id.hex():
-            raise Refused("attestation", "the attested app_id is not the certificate's app id")
-        if len(boot.get("compose_hash", "")) != 64:
-            raise Refused("attestation", "the event log has no compose-hash event before boot-mr-done")
-        try:
-            provider = json_limits.loads(bytes.fromhex(boot.get("key_provider_info", "")) or b"null", "key_provider")
-        except (DstackError, ValueError):
-            provider = None
-        if not isinstance(provider, dict) or provider.get("name") != "kms" or \
-                str(provider.get("id", "")).lower() != self.kms_key_provider_id:
-            raise Refused("attestation", "the CVM did not measure this KMS as its key provider")
-        if not boot.get("instance_id"):
-            raise Refused("instance_id", "is empty: an app with no_instance_id cannot use the gateway")
-        return boot
-
-    def _attested_boot(self, leaf):
-        raw = _extension(leaf, app_certs.OID_ATTESTATION)
-        if raw is None:
-            raise Refused("attestation", "the certificate has no attestation extension (GetTlsKey usage_ra_tls)")
-        try:
-            doc = json_limits.loads(raw, "attestation")
-        except DstackError:
-            doc = None
-        if not isinstance(doc, dict) or not isinstance(doc.get("quote"), str):
-            raise Refused("attestation", "is not an attestation document {quote, event_log, ...}")
-        try:
-            quote = parse_hex(doc["quote"], "attestation.quote")
-        except DstackError as exc:
-            raise Refused(exc.field, exc.reason) from None
-        result = self.trust.verify(quote, doc.get("event_log"), app_certs.ratls_report_data(leaf.public_key()))
-        if not result.ok:
-            failed = result.failures[0]
-            raise Refused("attestation", f"{failed.name}: {failed.detail}")
-        if self.trust.mode == "production" and result.attestation_mode != attestation.MODE_TDX:
-            raise Refused("attestation", "a production gateway refuses quotes that chain to a simulated root")
-        return dict(result.boot_info)
-
-
 class AuthWebhook:
     """[core.auth]: POST the attested app info as JSON; only a 2xx answer allows (dstack's auth client)."""
 
@@ -274,8 +150,9 @@ class GatewayService:
         core, wg = config["core"], config["core"]["wg"]
         self.store = store or Store(core["state_dir"], wg["client_ip_range"], wg["ip"], wg["reserved_net"])
         self.hub = hub
-        self.verifier = verifier or ClientVerifier(load_kms_root(config["rpc"]["kms_root_ca"]),
-                                                   QuoteTrust(config["attestation"], core["state_dir"]))
+        self.verifier = verifier or ra_tls.Verifier(
+            ra_tls.load_kms_root(config["rpc"]["kms_root_ca"]), QuoteTrust(config["attestation"], core["state_dir"]),
+            usage=ra_tls.CLIENT_AUTH, require_instance_id=True)
         auth = core["auth"]
         self.auth = AuthWebhook(auth["url"], auth["timeout"]) if auth["enabled"] else None
 
