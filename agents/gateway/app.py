@@ -30,6 +30,7 @@ from flask import Flask, jsonify, request
 
 from ansible_collections.dstack.tee.agents.gateway.service import GatewayService, Refused, Unavailable
 from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
+from ansible_collections.dstack.tee.plugins.module_utils import ra_tls
 
 MAX_REQUEST_BYTES = 64 * 1024
 PEER_CHAIN_ENVIRON = "dstack.peer_cert_chain"
@@ -42,21 +43,7 @@ def client_certificate_chain(environ):
     if given is not None:
         return [bytes(der) for der in given]
     sock = environ.get("gunicorn.socket")
-    if not isinstance(sock, ssl.SSLSocket):
-        return []
-    leaf = sock.getpeercert(binary_form=True)
-    if not leaf:
-        return []
-    # Python 3.13 has SSLSocket.get_verified_chain(); before, the same call is on the SSL object.
-    # OpenSSL's verified chain first (the leaf, the app CA, the root), else what the client sent.
-    source = sock if hasattr(sock, "get_verified_chain") else getattr(sock, "_sslobj", None)
-    for name in ("get_verified_chain", "get_unverified_chain"):
-        getter = getattr(source, name, None)
-        chain = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # pylint: disable=protected-access
-                 for c in (getter() or []) if c is not None] if getter else []
-        if chain and chain[0] == leaf:
-            return chain
-    return [leaf]
+    return ra_tls.peer_chain(sock) if isinstance(sock, ssl.SSLSocket) else []
 
 
 def _errors(app):
