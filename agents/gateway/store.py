@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS instances (
     port_policy    TEXT,
     registered_at  REAL NOT NULL,
     last_seen      REAL NOT NULL,
-    last_handshake REAL NOT NULL DEFAULT 0
+    last_handshake REAL NOT NULL DEFAULT 0,
+    endpoint       TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_by_app ON instances (app_id);
 CREATE TABLE IF NOT EXISTS port_policy_overrides (
@@ -109,11 +110,22 @@ class Store:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         db = self._db()
         db.executescript(_SCHEMA)  # idempotent, so processes starting together may all run it
+        self._add_endpoint_column(db)
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         version = self._read("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
         if int(version) != SCHEMA_VERSION:
             raise DstackError("core.state_dir", f"{self.path} has state schema {version}; this gateway knows "
                                                 f"{SCHEMA_VERSION}")
+
+    @staticmethod
+    def _add_endpoint_column(db):
+        # A state file made before the endpoint column: add it (another process may just have).
+        if "endpoint" not in {row[1] for row in db.execute("PRAGMA table_info(instances)")}:
+            try:
+                db.execute("ALTER TABLE instances ADD COLUMN endpoint TEXT NOT NULL DEFAULT ''")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
 
     # ---- connections: one per thread and process ----------------------------------------------
 
@@ -275,6 +287,18 @@ class Store:
         with self._write() as db:
             db.executemany("UPDATE instances SET last_handshake = ? WHERE public_key = ? AND last_handshake < ?",
                            [(float(t), k, float(t)) for k, t in handshakes.items() if t])
+
+    def record_endpoints(self, endpoints):
+        """{public_key: "ip:port"}: where the WireGuard interface last heard each peer. A restarted
+        gateway's interface has no session and no endpoint: with these it starts the handshake
+        itself instead of waiting minutes for each CVM to start one."""
+        with self._write() as db:
+            db.executemany("UPDATE instances SET endpoint = ? WHERE public_key = ?",
+                           [(str(e), k) for k, e in endpoints.items() if e])
+
+    def endpoints(self):
+        """{public_key: "ip:port"} of the instances whose endpoint is known."""
+        return dict(self._read("SELECT public_key, endpoint FROM instances WHERE endpoint != ''"))
 
     def stale(self, before):
         """Instances with no handshake (nor registration) since `before` (unix seconds)."""
