@@ -2,6 +2,12 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """`dstack-gateway`: the gateway command.
 
+  dstack-gateway serve --config gateway.toml [--state-dir DIR] [--listen HOST:PORT]
+                       [--admin-listen HOST:PORT] [--workers N]
+                         the whole gateway (agents/gateway/server.py): the WireGuard hub
+                         ([core.wg] interface up with wireguard-go, the store's peers restored),
+                         the control and Admin APIs as serve-control, and the data plane
+                         ([core.proxy], TLS by SNI to the CVMs); SIGTERM stops it all
   dstack-gateway serve-control --config gateway.toml [--state-dir DIR] [--listen HOST:PORT]
                                [--admin-listen HOST:PORT] [--workers N]
                          the control API (Gateway.RegisterCvm, Info, GetPeers) over mutual TLS
@@ -9,7 +15,7 @@
                          certificates are optional at the TLS layer and must chain to
                          rpc.kms_root_ca (RegisterCvm then verifies them fully); with admin.listen,
                          the Admin API on that second listener (bearer admin.token). No WireGuard
-                         hub yet: the peers are applied once the data plane's `serve` lands.
+                         hub: `serve` runs one.
   dstack-gateway check-config --config gateway.toml
                          load and check the configuration; print it, secrets hidden
 """
@@ -23,14 +29,26 @@ from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
+def _overrides(args):
+    return {"core.state_dir": getattr(args, "state_dir", None), "rpc.listen": getattr(args, "listen", None),
+            "admin.listen": getattr(args, "admin_listen", None), "rpc.workers": getattr(args, "workers", None)}
+
+
 def _load(args):
-    overrides = {"core.state_dir": getattr(args, "state_dir", None), "rpc.listen": getattr(args, "listen", None),
-                 "admin.listen": getattr(args, "admin_listen", None), "rpc.workers": getattr(args, "workers", None)}
-    return gateway_config.load_config(args.config, overrides=overrides)
+    return gateway_config.load_config(args.config, overrides=_overrides(args))
 
 
 def cmd_check_config(args):
     return gateway_config.redacted(_load(args))
+
+
+def cmd_serve(args):
+    """Serve the whole gateway until stopped (agents/gateway/server.py)."""
+    import logging  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.gateway import server  # pylint: disable=import-outside-toplevel
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server.serve(args.config, _overrides(args))
 
 
 def cmd_serve_control(args):
@@ -60,15 +78,22 @@ def cmd_serve_control(args):
     return None
 
 
+def _serve_flags(parser):
+    parser.add_argument("--config", required=True, help="the gateway.toml")
+    parser.add_argument("--state-dir", help="overrides core.state_dir")
+    parser.add_argument("--listen", help="overrides rpc.listen (HOST:PORT)")
+    parser.add_argument("--admin-listen", help="overrides admin.listen (HOST:PORT)")
+    parser.add_argument("--workers", type=int, help="overrides rpc.workers (gunicorn worker processes)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="dstack-gateway", description="The dstack.tee gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
+    whole = sub.add_parser("serve", help="serve the whole gateway: WireGuard hub, control and Admin APIs, data plane")
+    _serve_flags(whole)
+    whole.set_defaults(func=cmd_serve)
     serve = sub.add_parser("serve-control", help="serve the control API (RegisterCvm, mutual TLS) and the Admin API")
-    serve.add_argument("--config", required=True, help="the gateway.toml")
-    serve.add_argument("--state-dir", help="overrides core.state_dir")
-    serve.add_argument("--listen", help="overrides rpc.listen (HOST:PORT)")
-    serve.add_argument("--admin-listen", help="overrides admin.listen (HOST:PORT)")
-    serve.add_argument("--workers", type=int, help="overrides rpc.workers (gunicorn worker processes)")
+    _serve_flags(serve)
     serve.set_defaults(func=cmd_serve_control)
     check = sub.add_parser("check-config", help="check gateway.toml and print it, secrets hidden")
     check.add_argument("--config", required=True, help="the gateway.toml")

@@ -1,0 +1,421 @@
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""`dstack-gateway serve`: the whole gateway from one gateway.toml.
+
+Processes (each line says what came up where on stderr):
+
+    supervisor    this process. It owns the WireGuard hub: the `[core.wg] interface` brought up
+                  with wireguard-go (wireguard.WgInterface: address `ip`, `listen_port`, the
+                  private key of `private_key` or, when the file sets none, of
+                  <state_dir>/wireguard.key, made once at 0600); then the peers made exactly the
+                  store's (sync_peers: a restart brings every registered CVM back), then every
+                  min(`[core.recycle] interval`, 30 s) the handshakes and endpoints read back
+                  into the store and every `interval` the stale instances recycled. It forks:
+    control       a gunicorn master and its `rpc.workers` workers: the control API over mutual TLS
+                  on rpc.listen and the Admin API on admin.listen (as `serve-control`); they
+                  change peers through the same interface's UAPI socket.
+    data plane    `[core.proxy] workers` processes (at least one), each an uvloop event loop
+                  with GatewayProxy on `listen_addr:listen_port` (SO_REUSEPORT when more than
+                  one), routing through StoreRouter over the same SQLite store; the wildcard
+                  certificate `cert_chain` / `cert_key` terminates TLS.
+
+Why children rather than threads: gunicorn's arbiter owns the signals and the forks of its
+process, and the event loop should not share a GIL with request handlers that verify quotes.
+Why the supervisor keeps the interface: whichever child fails, the one process that made the
+interface takes it down. A child that exits stops the gateway (exit status 2, naming it) so that
+supervisord or systemd restarts it whole; SIGTERM or SIGINT stops it cleanly (exit 0): children
+sent SIGTERM and reaped (SIGKILL after CHILD_STOP_TIMEOUT), the endpoints saved, the interface
+down. Children get SIGTERM from the kernel if the supervisor dies (PR_SET_PDEATHSIG).
+
+Endpoints: a new interface has no session and does not know where its peers are, and a CVM
+whose session died only starts a new handshake minutes later. So the endpoints WireGuard learns
+are kept in the store (on every refresh and at stop) and set again at start: the gateway then
+starts each handshake itself and a restart keeps every route at once.
+"""
+
+import asyncio
+import ctypes
+import ipaddress
+import logging
+import multiprocessing
+import os
+import signal
+import ssl
+import sys
+import time
+from multiprocessing import connection as mp_connection
+
+from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
+from ansible_collections.dstack.tee.agents.gateway.proxy import GatewayProxy, ProxySettings, StoreRouter, server_contexts
+from ansible_collections.dstack.tee.plugins.module_utils import wireguard
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+
+log = logging.getLogger("dstack.gateway")
+
+KEY_FILE = "wireguard.key"
+HANDSHAKE_REFRESH = 30.0      # at most this long between reads of the handshakes (the data plane orders by them)
+SUPERVISE_TICK = 1.0          # how often wireguard-go (not a forked child) is checked
+START_TIMEOUT = 60.0
+CHILD_STOP_TIMEOUT = 10.0
+GUNICORN_GRACEFUL = 5         # seconds gunicorn gives a worker's requests at stop
+PR_SET_PDEATHSIG = 1
+_FORK = multiprocessing.get_context("fork")
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+def gateway_private_key(state_dir):
+    """The gateway's WireGuard private key from <state_dir>/wireguard.key, made there (0600) on the
+    first start. A file others may read, or one that is no key, is refused naming the file."""
+    path = os.path.join(state_dir, KEY_FILE)
+    if not os.path.exists(path):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        atomic_write(path, (wireguard.generate_private_key() + "\n").encode(), mode=0o600)
+        log.info("WireGuard: made the gateway's private key %s (0600)", path)
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise DstackError("core.wg.private_key", f"{path} may be read by others (mode {mode:04o}): chmod 600 it")
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DstackError("core.wg.private_key", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    wireguard.parse_key(text, f"core.wg.private_key ({path})")
+    return text
+
+
+def load_config(path, overrides=None):
+    """gateway.toml for `serve`: as config.load_config, and with no core.wg.private_key set the
+    key of <state_dir>/wireguard.key (the state directory is read from the same configuration)."""
+    overrides = dict(overrides or {})
+    try:
+        config = gateway_config.load_config(path, overrides=overrides)
+    except DstackError as exc:
+        if exc.field != "core.wg.private_key" or not exc.reason.startswith("is required"):
+            raise
+        # No key at all: a stand-in public key lets the rest be read (the state directory first).
+        stand_in = wireguard.public_key(wireguard.generate_private_key())
+        config = gateway_config.load_config(path, overrides=dict(overrides, **{"core.wg.public_key": stand_in}))
+        config["core"]["wg"]["public_key"] = ""
+    if config["core"]["wg"]["private_key"]:
+        return config
+    key_file = os.path.join(config["core"]["state_dir"], KEY_FILE)
+    key = gateway_private_key(config["core"]["state_dir"])
+    given_public = config["core"]["wg"]["public_key"]
+    if given_public and given_public != wireguard.public_key(key):
+        raise DstackError("core.wg.public_key", f"is not the public half of {key_file}, the key serve uses when "
+                                                "core.wg.private_key is not set")
+    return gateway_config.load_config(path, overrides=dict(overrides, **{"core.wg.private_key": key}))
+
+
+def check_serving(config):
+    """What `serve` needs beyond what config.load_config checks; the two termination contexts."""
+    rpc, proxy, wg = config["rpc"], config["core"]["proxy"], config["core"]["wg"]
+    if not rpc["listen"]:
+        raise DstackError("rpc.listen", "is required for serve")
+    if not rpc["cert"]:
+        raise DstackError("rpc.cert", "is required for serve: the control API is served over TLS only "
+                                      "(RegisterCvm authenticates CVMs by their client certificate)")
+    for key in ("cert_chain", "cert_key"):
+        if not proxy[key]:
+            raise DstackError(f"core.proxy.{key}", "is required for serve: the wildcard certificate (and its key) "
+                                                   f"for *.{proxy['base_domain']} that terminates TLS")
+    try:
+        contexts = server_contexts(proxy["cert_chain"], proxy["cert_key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise DstackError("core.proxy.cert_chain", f"cannot load {proxy['cert_chain']} with core.proxy.cert_key "
+                                                   f"{proxy['cert_key']}: {getattr(exc, 'strerror', None) or exc}") from None
+    network = ipaddress.ip_interface(wg["ip"]).network
+    if not ipaddress.ip_network(wg["client_ip_range"]).subnet_of(network):
+        raise DstackError("core.wg.client_ip_range", f"must lie within {network}, core.wg.ip's network (the "
+                                                     "interface's only route to the CVMs)")
+    return contexts
+
+
+# ---- the children ------------------------------------------------------------------------------
+
+def _child_setup():
+    """In a forked child: the default signal dispositions back, and SIGTERM when the supervisor dies."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's stop still reaps us
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl
+        os._exit(1)
+
+
+def _control_main(config, service, ready):
+    """The control and Admin APIs under gunicorn (a child)."""
+    _child_setup()
+    from ansible_collections.dstack.tee.agents.gateway.app import create_admin_app, create_app, serve_both  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn  # pylint: disable=import-outside-toplevel
+
+    rpc, admin = config["rpc"], config["admin"]
+    control = create_app(config, service=service)
+    admin_app = create_admin_app(config, service) if admin["listen"] else None
+    binds = [rpc["listen"]] + ([admin["listen"]] if admin["listen"] else [])
+    admin_port = int(admin["listen"].rpartition(":")[2]) if admin["listen"] else None
+
+    def when_ready(_arbiter):
+        ready.send(("control", os.getpid()))
+
+    run_gunicorn(serve_both(control, admin_app, admin_port), bind=binds, certfile=rpc["cert"], keyfile=rpc["key"],
+                 ca_certs=rpc["kms_root_ca"], cert_reqs=ssl.CERT_OPTIONAL, workers=rpc["workers"],
+                 worker_class="gthread", threads=4, timeout=60, graceful_timeout=GUNICORN_GRACEFUL,
+                 accesslog="-", errorlog="-", loglevel="info", when_ready=when_ready)
+
+
+def _proxy_main(config, store, ready):
+    """One data-plane process: GatewayProxy on uvloop until SIGTERM (a child)."""
+    _child_setup()
+    import uvloop  # pylint: disable=import-outside-toplevel
+
+    proxy_config = config["core"]["proxy"]
+    settings = ProxySettings.from_config(proxy_config)
+    tls, tls_h2 = server_contexts(proxy_config["cert_chain"], proxy_config["cert_key"])
+
+    async def serve():
+        proxy = GatewayProxy(settings, StoreRouter(store), tls, tls_h2)
+        await proxy.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        ready.send(("data plane", os.getpid(), tuple(proxy.sockname[:2])))
+        try:
+            await stop.wait()
+        finally:
+            await proxy.close()
+
+    uvloop.run(serve())
+
+
+# ---- the supervisor ----------------------------------------------------------------------------
+
+class Supervisor:
+    """One gateway: `Supervisor(config).run()` serves until SIGTERM/SIGINT (see the module's docstring)."""
+
+    def __init__(self, config, wireguard_go="wireguard-go"):
+        self.config = config
+        self.wireguard_go = wireguard_go
+        self.interface = None
+        self.hub = None
+        self.service = None
+        self.children = []          # [(what, multiprocessing process)]
+        self.stopping = None        # the signal's name once one arrived
+        self.failure = None
+        self._wakeup = None
+
+    # ---- signals: a flag and a byte on a pipe the loop waits on ------------------------------------
+
+    def _on_signal(self, signum, _frame):
+        if signum != signal.SIGCHLD and self.stopping is None:
+            self.stopping = signal.Signals(signum).name
+
+    def _install_signals(self):
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        self._wakeup = (read_end, write_end)
+        signal.set_wakeup_fd(write_end)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+
+    def _restore_signals(self):
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        if self._wakeup:
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
+
+    def _drain_wakeup(self):
+        try:
+            while os.read(self._wakeup[0], 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _wait(self, extra, timeout):
+        """Wait for a signal, a child's exit or one of `extra` (multiprocessing connections)."""
+        waitables = [self._wakeup[0], *extra, *(process.sentinel for _what, process in self.children)]
+        ready = mp_connection.wait(waitables, timeout=max(0.0, timeout))
+        if self._wakeup[0] in ready:
+            self._drain_wakeup()
+        return ready
+
+    # ---- start, supervise, stop ------------------------------------------------------------------
+
+    def run(self):
+        """Serve until a signal (returns) or a failure (DstackError naming what failed)."""
+        check_serving(self.config)  # fails here, before anything is up
+        from ansible_collections.dstack.tee.agents.gateway.service import GatewayService  # pylint: disable=import-outside-toplevel
+
+        self._install_signals()
+        try:
+            self._bring_up_wireguard()
+            self.service = GatewayService(self.config, hub=self.hub)
+            self._restore_peers()
+            if self.stopping is None:
+                self._start_children()
+            if self.stopping is None and self.failure is None:
+                self._supervise()
+        finally:
+            self._stop()
+            self._restore_signals()
+        if self.failure:
+            raise DstackError("serve", self.failure)
+        log.info("stopped (%s)", self.stopping)
+
+    def _bring_up_wireguard(self):
+        wg = self.config["core"]["wg"]
+        self.interface = wireguard.WgInterface(wg["interface"], wireguard_go=self.wireguard_go)
+        self.hub = self.interface.up(address=wg["ip"], private_key=wg["private_key"], listen_port=wg["listen_port"])
+        log.info("WireGuard: %s up at %s, UDP port %s, public key %s (wireguard-go pid %s)", wg["interface"], wg["ip"],
+                 wg["listen_port"], wg["public_key"], self.interface.process.pid)
+
+    def _restore_peers(self):
+        """The interface's peers: exactly the store's, each at its last known endpoint."""
+        count = self.service.sync_peers()
+        store = self.service.store
+        endpoints = store.endpoints()
+        restored = 0
+        for instance in store.instances():
+            endpoint = endpoints.get(instance.public_key)
+            if endpoint:
+                try:
+                    self.hub.set_peer(instance.public_key, [f"{instance.client_ip}/32"], endpoint=endpoint)
+                    restored += 1
+                except DstackError as exc:  # a bad stored endpoint: the CVM's next handshake finds it
+                    log.warning("WireGuard: the endpoint of instance %s not restored: %s", instance.instance_id, exc)
+        log.info("WireGuard: %d peer(s) from the store (%d at their last endpoint)", count, restored)
+
+    def _start_children(self):
+        reader, writer = _FORK.Pipe(duplex=False)
+        proxy_workers = max(1, self.config["core"]["proxy"]["workers"])
+        try:
+            self._fork("control API", _control_main, (self.config, self.service, writer))
+            for _index in range(proxy_workers):
+                self._fork("data plane", _proxy_main, (self.config, self.service.store, writer))
+            waiting = 1 + proxy_workers
+            deadline = time.monotonic() + START_TIMEOUT
+            while waiting and self.stopping is None and self._children_alive():
+                if time.monotonic() > deadline:
+                    self.failure = f"the gateway's processes did not start in {START_TIMEOUT:.0f} s"
+                    return
+                if reader in self._wait([reader], deadline - time.monotonic()):
+                    self._announce(reader.recv())
+                    waiting -= 1
+            if not waiting:
+                self._announce_ready()
+        finally:
+            reader.close()
+            writer.close()
+
+    def _fork(self, what, target, args):
+        process = _FORK.Process(target=target, args=(*args,), name=f"dstack-gateway {what}")
+        process.start()
+        self.children.append((what, process))
+
+    def _announce(self, message):
+        rpc, admin = self.config["rpc"], self.config["admin"]
+        if message[0] == "control":
+            log.info("control API on https://%s/prpc/Gateway.* (mutual TLS, client certificates under %s)%s "
+                     "(gunicorn pid %s)", rpc["listen"], rpc["kms_root_ca"],
+                     f", Admin API on https://{admin['listen']}/prpc/Admin.*" if admin["listen"] else "", message[1])
+        else:
+            host, port = message[2]
+            log.info("data plane on %s:%s for *.%s (uvloop, pid %s)", host, port,
+                     self.config["core"]["proxy"]["base_domain"], message[1])
+
+    def _announce_ready(self):
+        recycle = self.config["core"]["recycle"]
+        log.info("ready: handshakes read every %.0f s; stale instances recycled every %.0f s after %.0f s "
+                 "without a handshake%s", self._refresh_every(), recycle["interval"], recycle["timeout"],
+                 "" if recycle["enabled"] else " (recycling disabled)")
+
+    def _refresh_every(self):
+        return max(0.1, min(self.config["core"]["recycle"]["interval"], HANDSHAKE_REFRESH))
+
+    def _children_alive(self):
+        for what, process in self.children:
+            if not process.is_alive():
+                self.failure = f"the {what} process {process.pid} exited with status {process.exitcode}"
+                log.error("%s", self.failure)
+                return False
+        return True
+
+    def _supervise(self):
+        interval = max(0.1, self.config["core"]["recycle"]["interval"])
+        next_refresh = time.monotonic() + self._refresh_every()
+        next_recycle = time.monotonic() + interval
+        while self.stopping is None:
+            now = time.monotonic()
+            self._wait([], min(next_refresh - now, next_recycle - now, SUPERVISE_TICK))
+            if self.stopping is not None or not self._children_alive():
+                return
+            if not self.interface.running:
+                self.failure = f"wireguard-go for {self.interface.name} exited"
+                log.error("%s", self.failure)
+                return
+            now = time.monotonic()
+            if now >= next_refresh:
+                next_refresh = now + self._refresh_every()
+                self._guarded("reading the handshakes", self._refresh)
+            if now >= next_recycle:
+                next_recycle = now + interval
+                self._guarded("recycling", self.service.recycle)
+
+    @staticmethod
+    def _guarded(what, step):
+        # One failed round (the UAPI socket busy, the store locked) must not stop the gateway.
+        try:
+            step()
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.warning("%s failed, retried next round: %s", what, exc)
+
+    def _refresh(self):
+        self.service.refresh_handshakes()
+        self._save_endpoints()
+
+    def _save_endpoints(self):
+        peers = self.hub.get()["peers"]
+        self.service.store.record_endpoints({p.public_key: p.endpoint for p in peers if p.endpoint})
+
+    def _stop(self):
+        """Children stopped and reaped, endpoints saved, the interface down; whatever was started."""
+        alive = [(what, process) for what, process in self.children if process.is_alive()]
+        if alive:
+            log.info("stopping %s", ", ".join(f"the {what} (pid {process.pid})" for what, process in alive))
+        for _what, process in alive:
+            process.terminate()
+        deadline = time.monotonic() + CHILD_STOP_TIMEOUT
+        for what, process in self.children:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("the %s (pid %s) did not stop in %.0f s: killed", what, process.pid, CHILD_STOP_TIMEOUT)
+                process.kill()
+                process.join()
+            process.close()
+        self.children = []
+        if self.hub is not None:
+            if self.service is not None and self.interface.running:
+                self._guarded("saving the endpoints", self._save_endpoints)
+            self.interface.down()
+            log.info("WireGuard: %s down", self.interface.name)
+            self.interface = self.hub = None
+
+
+def serve(config_path, overrides=None):
+    """`dstack-gateway serve`: load, check, and run until stopped."""
+    config = load_config(config_path, overrides)
+    Supervisor(config).run()
+
+
+if __name__ == "__main__":  # pragma: no cover - the command is agents/gateway/cli.py
+    sys.exit("use: dstack-gateway serve --config gateway.toml")
