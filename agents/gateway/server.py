@@ -25,7 +25,8 @@ Why the supervisor keeps the interface: whichever child fails, the one process t
 interface takes it down. A child that exits stops the gateway (exit status 2, naming it) so that
 supervisord or systemd restarts it whole; SIGTERM or SIGINT stops it cleanly (exit 0): children
 sent SIGTERM and reaped (SIGKILL after CHILD_STOP_TIMEOUT), the endpoints saved, the interface
-down. Children get SIGTERM from the kernel if the supervisor dies (PR_SET_PDEATHSIG).
+down, and each child's process group killed (what a killed gunicorn master left). Each child has
+its own process group and gets SIGTERM from the kernel if the supervisor dies (PR_SET_PDEATHSIG).
 
 Endpoints: a new interface has no session and does not know where its peers are, and a CVM
 whose session died only starts a new handshake minutes later. So the endpoints WireGuard learns
@@ -34,6 +35,7 @@ starts each handshake itself and a restart keeps every route at once.
 """
 
 import asyncio
+import contextlib
 import ctypes
 import ipaddress
 import logging
@@ -136,7 +138,10 @@ def check_serving(config):
 # ---- the children ------------------------------------------------------------------------------
 
 def _child_setup():
-    """In a forked child: the default signal dispositions back, and SIGTERM when the supervisor dies."""
+    """In a forked child: its own process group (the supervisor alone takes a terminal's ^C and
+    stops the children in order; what a child forks goes with its group), the default signal
+    dispositions back, and SIGTERM when the supervisor dies."""
+    os.setpgid(0, 0)
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
@@ -401,6 +406,9 @@ class Supervisor:
                 log.warning("the %s (pid %s) did not stop in %.0f s: killed", what, process.pid, CHILD_STOP_TIMEOUT)
                 process.kill()
                 process.join()
+            # What the child forked and left behind (gunicorn's workers, when their master was killed).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.close()
         self.children = []
         if self.hub is not None:

@@ -21,6 +21,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -466,6 +467,38 @@ def test_serve_routes_through_wireguard_keeps_routes_across_a_restart_and_drops_
             assert time.monotonic() < deadline, f"after RemoveInstance: {outcome}"
             time.sleep(0.3)
         assert gateway.stop() == 0, gateway.log[-6000:]
+        assert _ns_pids(GW_NS) == []
+
+
+@needs_wireguard_go
+@needs_ip_netns
+@pytest.mark.parametrize("victim", ["data plane", "control API", "wireguard-go"])
+def test_serve_stops_whole_when_one_of_its_processes_dies(tmp_path, victim):
+    """Whichever part dies, the gateway stops (exit 2, naming it), its interface down and nothing left
+    running, so that supervisord or systemd restarts it whole."""
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(wireguard.netns_remove, GW_NS)
+        wireguard.netns_add(GW_NS)
+        wireguard.configure_link("lo", GW_NS)
+        cleanup.callback(_remove_socket, GW_WG)
+        cleanup.callback(_kill_everything_in, GW_NS)
+        sim = SimTdx(str(tmp_path / "sim"))
+        server_ca = _write_certs(tmp_path, ["127.0.0.1"])
+        (tmp_path / "kms").mkdir()
+        shutil.copy(server_ca, tmp_path / "kms" / root_keys.ROOT_CA_CERT)  # any CA: no CVM registers here
+        gateway = GatewayProcess(_gateway_toml(tmp_path, sim, tmp_path / "kms", Network(1)), tmp_path / "serve.log")
+        cleanup.callback(gateway.kill)
+        gateway.start()
+        pattern = {"data plane": r"data plane on \S+ for \S+ \(uvloop, pid (\d+)\)",
+                   "control API": r"\(gunicorn pid (\d+)\)", "wireguard-go": r"\(wireguard-go pid (\d+)\)"}[victim]
+        pid = int(re.search(pattern, gateway.log).group(1))
+        os.kill(pid, signal.SIGKILL)
+        assert gateway.proc.wait(20) == 2, gateway.log[-6000:]
+        expected = f"wireguard-go for {GW_WG} exited" if victim == "wireguard-go" else \
+            f"the {victim} process {pid} exited with status -9"
+        assert f"dstack-gateway: error: serve: {expected}" in gateway.log, gateway.log[-6000:]
+        assert not wireguard.link_exists(GW_WG, GW_NS)
+        assert not os.path.exists(wireguard.Uapi(GW_WG).path)
         assert _ns_pids(GW_NS) == []
 
 
