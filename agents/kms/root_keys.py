@@ -21,6 +21,7 @@ is then the way back (restore()).
 """
 
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -50,6 +51,7 @@ MANIFEST_FORMAT = "dstack-kms-root-keys/1"
 AUDIT_LOG = "audit.log"
 NONCE_DB_GLOB = "nonces*.sqlite3*"
 CA_VALIDITY_DAYS = 3650
+APP_CACHE_SIZE = 4096  # apps whose derived keys a KMS process keeps in memory
 _SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 log = logging.getLogger("dstack.kms.root_keys")
@@ -61,17 +63,48 @@ class RootKeys:
     ca_cert: x509.Certificate
     k256_key: bytes
 
-    @property
+    # What never changes for a key set is computed once (cached_property: the dataclass is frozen
+    # but keeps a __dict__), and what an app's requests share is kept per app in a bounded cache.
+    # The values are those of the functions called: test_kms_vectors checks them byte for byte.
+
+    @functools.cached_property
     def k256_pubkey(self):
         """The compressed SEC1 public key that signs env keys and app keys (hex in GetMeta)."""
         return kdf.k256_public_key(self.k256_key)
 
+    @functools.cached_property
+    def ca_scalar(self):
+        """The root CA key's 32-byte scalar: the IKM of every derivation from it."""
+        return kdf.p256_scalar(self.ca_key)
+
+    @functools.cached_property
+    def ca_cert_pem(self):
+        return self.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    @functools.cached_property
+    def _app_cache(self):
+        @functools.lru_cache(maxsize=APP_CACHE_SIZE)
+        def app_level(app):
+            """(env_crypt_key, k256_key, k256_signature, env public key, legacy env signature)."""
+            env, k256, signature = kdf.app_level_keys(self.ca_scalar, self.k256_key, app)
+            public_key = env_crypt.x25519_public_key(env)
+            legacy = kdf.k256_sign(self.k256_key, kdf.env_pubkey_hash(app, public_key))
+            return env, k256, signature, public_key, legacy
+        return app_level
+
+    def app_keys(self, app_id, instance_id):
+        """kdf.derive_app_keys for these root keys, the app's part from the cache."""
+        app = parse_hex(app_id, "app_id", length=20)
+        return kdf.derive_app_keys(self.ca_scalar, self.k256_key, app, instance_id,
+                                   app_level=self._app_cache(app)[:3])
+
     def env_pubkey_response(self, app_id, now=None):
-        """GetAppEnvEncryptPubKey: {public_key, signature, timestamp, signature_v1}, hex bytes."""
+        """GetAppEnvEncryptPubKey: {public_key, signature, timestamp, signature_v1}, hex bytes.
+        signature_v1 signs the timestamp, so it is made for each answer; the rest is the app's."""
         app = parse_hex(app_id, "app_id", length=20)
         timestamp = int(time.time()) if now is None else int(now)
-        public_key = env_crypt.x25519_public_key(kdf.env_crypt_key(self.ca_key, app))
-        signature, signature_v1 = kdf.sign_env_pubkey(self.k256_key, app, public_key, timestamp)
+        _env, _k256, _signature, public_key, signature = self._app_cache(app)
+        signature_v1 = kdf.k256_sign(self.k256_key, kdf.env_pubkey_hash(app, public_key, timestamp))
         return {"public_key": public_key.hex(), "signature": signature.hex(),
                 "timestamp": timestamp, "signature_v1": signature_v1.hex()}
 

@@ -10,7 +10,7 @@ from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
 from ansible_collections.dstack.tee.agents.kms.auth import decide, make_backend
 from ansible_collections.dstack.tee.agents.kms.nonces import NonceStore, mac_key
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits, kdf, key_release
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits, key_release
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 MODES = ("production", "simulation")
@@ -41,6 +41,7 @@ class KmsService:
         # Production: an OS image is only as good as the measurements pinned for it (MRTD, RTMR0-2).
         self.require_measurements = bool(policy.get("require_os_image_measurements", self.mode == "production"))
         self._key_provider_id = None
+        self._meta = None
 
     def collateral(self, raw_quote):
         return self.trust.collateral(raw_quote)
@@ -48,17 +49,18 @@ class KmsService:
     # ---- methods -----------------------------------------------------------------------------
 
     def get_meta(self):
-        return {
-            "ca_cert": self.keys.ca_cert.public_bytes(root_keys.serialization.Encoding.PEM).decode(),
-            "k256_pubkey": self.keys.k256_pubkey.hex(),
-            "mode": self.mode,
-            "attestation_mode": attestation.attestation_mode_for(self.root_ca_der),
-            "is_dev": self.mode == "simulation",
-            "allow_any_upgrade": False,
-            "gateway_app_id": self.gateway_app_id,
-            **self._chain_meta(),
-            "bootstrap_info": None,
-        }
+        if self._meta is None:  # nothing in it changes while the KMS runs, but the chain's answer
+            self._meta = {
+                "ca_cert": self.keys.ca_cert_pem,
+                "k256_pubkey": self.keys.k256_pubkey.hex(),
+                "mode": self.mode,
+                "attestation_mode": attestation.attestation_mode_for(self.root_ca_der),
+                "is_dev": self.mode == "simulation",
+                "allow_any_upgrade": False,
+                "gateway_app_id": self.gateway_app_id,
+                "bootstrap_info": None,
+            }
+        return {**self._meta, **self._chain_meta()}
 
     def _chain_meta(self):
         """GetMeta's chain fields: the DstackKms the ethereum backend asks (empty otherwise)."""
@@ -168,7 +170,7 @@ class KmsService:
         nonce, eph = self._release_request(request, "GetAppKey", remote_addr)
         boot, decision, audit = self._attest(request, nonce, key_release.key_release_report_data(nonce, eph),
                                              "GetAppKey", remote_addr)
-        keys = kdf.derive_app_keys(self.keys.ca_key, self.keys.k256_key, boot["app_id"], boot["instance_id"])
+        keys = self.keys.app_keys(boot["app_id"], boot["instance_id"])
         gateway = decision.gateway_app_id or self.gateway_app_id
         payload = {
             "disk_crypt_key": keys.disk_crypt_key.hex(),
@@ -177,7 +179,7 @@ class KmsService:
             "k256_signature": keys.k256_signature.hex(),
             "gateway_app_id": gateway,
             "tproxy_app_id": gateway,
-            "ca_cert": self.keys.ca_cert.public_bytes(root_keys.serialization.Encoding.PEM).decode(),
+            "ca_cert": self.keys.ca_cert_pem,
             "os_image_hash": boot["os_image_hash"],
             "key_provider": {"name": "kms", "id": self.key_provider_id()},
         }

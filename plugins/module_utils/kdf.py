@@ -130,17 +130,32 @@ def env_crypt_key(root_ca_key, app_id):
     return derive_dh_secret(root_ca_key, [parse_hex(app_id, "app_id", length=20), b"env-encrypt-key"])
 
 
-def derive_app_keys(root_ca_key, root_k256, app_id, instance_id):
-    """disk, env and k256 keys (and the k256 signature) for app_id / instance_id (raw or hex)."""
+def derive_app_keys(root_ca_key, root_k256, app_id, instance_id, app_level=None):
+    """disk, env and k256 keys (and the k256 signature) for app_id / instance_id (raw or hex).
+
+    root_ca_key: the root CA key or its 32-byte scalar (the same keys either way). app_level: the
+    app's (env_crypt_key, k256_key, k256_signature) as app_level_keys gave them, when the caller
+    keeps them (the KMS caches them per app); only the disk key depends on the instance.
+    """
     app = parse_hex(app_id, "app_id", length=20)
     inst = parse_hex(instance_id, "instance_id", length=(0, 20), allow_empty=True)
+    env, k256, signature = app_level or app_level_keys(root_ca_key, root_k256, app)
+    return AppKeys(disk_crypt_key=disk_crypt_key(root_ca_key, app, inst), env_crypt_key=env, k256_key=k256,
+                   k256_signature=signature)
+
+
+def app_level_keys(root_ca_key, root_k256, app_id):
+    """(env_crypt_key, k256_key, k256_signature) of an app: what derive_app_keys gives every instance."""
+    app = parse_hex(app_id, "app_id", length=20)
     k256 = app_k256_key(root_k256, app)
-    return AppKeys(
-        disk_crypt_key=derive_dh_secret(root_ca_key, [app, inst, b"app-disk-crypt-key"]),
-        env_crypt_key=env_crypt_key(root_ca_key, app),
-        k256_key=k256,
-        k256_signature=k256_issued_signature(root_k256, app, k256_public_key(k256)),
-    )
+    return env_crypt_key(root_ca_key, app), k256, k256_issued_signature(root_k256, app, k256_public_key(k256))
+
+
+def disk_crypt_key(root_ca_key, app_id, instance_id):
+    """An instance's disk key: derive_dh_secret(rootCA, [app_id, instance_id, "app-disk-crypt-key"])."""
+    app = parse_hex(app_id, "app_id", length=20)
+    inst = parse_hex(instance_id, "instance_id", length=(0, 20), allow_empty=True)
+    return derive_dh_secret(root_ca_key, [app, inst, b"app-disk-crypt-key"])
 
 
 def app_ca_key(root_ca_key, app_id):
@@ -159,7 +174,7 @@ def seed_app_keys(seed):
 
 # ---- the env-encrypt public key signatures ----------------------------------------------------
 
-def _env_pubkey_hash(app_id, public_key, timestamp=None):
+def env_pubkey_hash(app_id, public_key, timestamp=None):
     ts = b"" if timestamp is None else int(timestamp).to_bytes(8, "big")
     return keccak256(ENV_PUBKEY_PREFIX + b":" + app_id + ts + public_key)
 
@@ -168,8 +183,8 @@ def sign_env_pubkey(root_k256, app_id, public_key, timestamp):
     """(signature, signature_v1) over an app's env public key, as GetAppEnvEncryptPubKey returns."""
     app = parse_hex(app_id, "app_id", length=20)
     pub = parse_hex(public_key, "public_key", length=32)
-    return (k256_sign(root_k256, _env_pubkey_hash(app, pub)),
-            k256_sign(root_k256, _env_pubkey_hash(app, pub, timestamp)))
+    return (k256_sign(root_k256, env_pubkey_hash(app, pub)),
+            k256_sign(root_k256, env_pubkey_hash(app, pub, timestamp)))
 
 
 def verify_env_pubkey(public_key, app_id, kms_k256_pubkey, signature_v1=None, timestamp=None,
@@ -195,11 +210,11 @@ def verify_env_pubkey(public_key, app_id, kms_k256_pubkey, signature_v1=None, ti
         if age < -ENV_PUBKEY_FUTURE_SKEW:
             raise DstackError("timestamp", f"is {-age} s in the future")
         sig = parse_hex(signature_v1, "signature_v1", length=65)
-        signer = k256_recover(_env_pubkey_hash(app, pub, timestamp), sig, "signature_v1")
+        signer = k256_recover(env_pubkey_hash(app, pub, timestamp), sig, "signature_v1")
         field, kind = "signature_v1", "v1"
     elif signature:
         sig = parse_hex(signature, "signature", length=65)
-        signer = k256_recover(_env_pubkey_hash(app, pub), sig, "signature")
+        signer = k256_recover(env_pubkey_hash(app, pub), sig, "signature")
         field, kind = "signature", "legacy"
     else:
         raise DstackError("signature_v1", "is missing: the env public key cannot be trusted without the KMS signature")
