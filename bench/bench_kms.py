@@ -1,13 +1,19 @@
-"""Key-release latency of the real KMS over HTTPS, at concurrency 1, 16 and 64, in one run.
+"""Key release on the real KMS over HTTPS, against the physical floor of the path, in one run.
 
-    .venv/bin/python bench/bench_kms.py [--requests 192] [--workers 2] [--ethereum]
+    .venv/bin/python bench/bench_kms.py [--requests 128] [--workers 2] [--ethereum]
 
 Starts `dstack-kms serve --simulated` on a loopback port (its own temporary state), allows one
-app, and runs full attested key releases (GetNonce, a simulated quote binding the nonce and an
-ephemeral key, GetAppKey with the event log) from N client threads. Prints p50 and p99 latency
-of a release, and of a GetMeta round trip on the same server and connection settings as the
-reference, with the ratio. Client and server share this machine's cores, so the figures at high
-concurrency include the clients' own quote signing.
+app, and reports:
+- the floor: bare dcap-qvl verifications per CPU second (one core), on a quote of this KMS's
+  simulated platform;
+- the KMS in process (no HTTP, no TLS): CPU per GetAppKey, releases per CPU second;
+- over HTTPS at 1, 16 and 64 clients, each client thread keeping its connection (KmsClient):
+  p50/p99 latency of a whole release (GetNonce, the client's simulated quote, GetAppKey), wall
+  releases/s, the server's CPU per release (the CPU time of the KMS's processes: master and
+  workers, read from /proc, divided by the releases) and so releases/s per core, and the same
+  for a kept-alive GetMeta with the ratio release/GetMeta.
+Clients and server share this machine's cores: wall figures at high concurrency include the
+clients' own quote signing; the per-core figures count the server's CPU only.
 
 --ethereum also runs a second KMS whose auth backend is the DstackKms / DstackApp contracts on a
 local ganache chain (contracts/devchain.py), the app authorized on chain, and prints its release
@@ -15,6 +21,7 @@ latency and its ratio to the local-allowlist KMS (the per-block answer cache at 
 """
 
 import argparse
+import glob
 import json
 import os
 import signal
@@ -27,8 +34,11 @@ import threading
 import time
 from pathlib import Path
 
+import dcap_qvl
+
 from ansible_collections.dstack.tee.agents.guest import measure
-from ansible_collections.dstack.tee.plugins.module_utils import app_compose, eventlog
+from ansible_collections.dstack.tee.agents.kms.app import create_app
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, app_compose, eventlog, key_release
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 
@@ -43,13 +53,21 @@ class _Cvm:
 
     def __init__(self, sim_dir, rtmr_file):
         self.provider = SimTdx(sim_dir, rtmr_state=rtmr_file)
-        self.provider.reset_rtmrs()  # a fresh TD
+        self.provider.reset_rtmrs({"os_image_hash": OS_IMAGE})  # a fresh TD launched with OS_IMAGE
         self.events = []
 
     def emit_event(self, name, payload=b""):
         event = eventlog.RuntimeEvent(name, bytes(payload))
         self.provider.extend_rtmr(3, event.digest())
         self.events.append(event)
+
+
+def measured_cvm(sim_dir, rtmr_file, app_id, chash, instance_id, ca_file):
+    """A simulated CVM measured up to boot-mr-done, the KMS of ca_file as its key provider: (cvm, event log)."""
+    cvm = _Cvm(sim_dir, rtmr_file)
+    measure.measure_identity(cvm, app_id, chash, instance_id, OS_IMAGE, "kms",
+                             app_certs.key_provider_id(Path(ca_file).read_bytes()))
+    return cvm, json.dumps([e.to_log_entry() for e in cvm.events])
 
 
 def percentile(values, pct):
@@ -83,13 +101,28 @@ def run(concurrency, total, make_call):
     return latencies, errors, time.perf_counter() - wall
 
 
-def serve(state, config=None, workers=2):
+def group_cpu(pgid):
+    """CPU seconds (user + system) of the live processes of a process group (a server and its workers)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat, encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def serve(state, config=None, workers=2, sim_state=None):
     """A `dstack-kms serve --simulated` on a free loopback port: (process, url)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [KMS, "serve", "--simulated", "--state-dir", str(state), "--listen", f"127.0.0.1:{port}",
-               "--workers", str(workers)] + (["--config", str(config)] if config else [])
+               "--workers", str(workers)] + (["--config", str(config)] if config else []) \
+        + (["--sim-state", str(sim_state)] if sim_state else [])
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # pylint: disable=consider-using-with
                               start_new_session=True)
     for _i in range(300):  # up to about 30 s for the first answer (listening is not yet serving)
@@ -99,6 +132,56 @@ def serve(state, config=None, workers=2):
         except Exception:  # pylint: disable=broad-exception-caught
             time.sleep(0.1)
     return server, f"https://127.0.0.1:{port}"
+
+
+def allow(state, app_id, chash):
+    (Path(state) / "auth-config.json").write_text(json.dumps({"osImages": ["0x" + OS_IMAGE], "apps": {
+        "0x" + app_id: {"composeHashes": ["0x" + chash], "allowAnyDevice": True}}}))
+
+
+def release_maker(url, ca, app_id, chash, sim_dir, tmp, label):
+    """make_call(index) for run(): a CVM per client thread, measured once, and its kept-alive client."""
+    vm_config = json.dumps({"os_image_hash": OS_IMAGE})
+
+    def release_call(index):
+        cvm, log = measured_cvm(sim_dir, os.path.join(tmp, f"rtmrs-{label}-{index}.json"), app_id, chash,
+                                f"{index:040x}", ca)
+        client = KmsClient(url, ca_cert=ca)
+        return lambda: client.get_app_key(cvm.provider, log, vm_config)
+    return release_call
+
+
+def floor_and_in_process(state, app_id, chash, tmp, seconds=2.0):
+    """(bare dcap-qvl verifications per CPU second, in-process releases per CPU second), one core each.
+
+    The in-process KMS is create_app on the served KMS's state directory (same keys, allowlist and
+    simulated platform); requests are made beforehand so that only the KMS's work is timed."""
+    app = create_app({"state_dir": str(state), "mode": "simulation", "sim_state_dir": str(Path(state) / "tdx-sim"),
+                      "auth": {"type": "local", "path": str(Path(state) / "auth-config.json")},
+                      "audit_log": os.path.join(tmp, "in-process-audit.log")})
+    service = app.extensions["dstack_kms"]
+    cvm, log = measured_cvm(str(Path(state) / "tdx-sim"), os.path.join(tmp, "rtmrs-in-process.json"), app_id, chash,
+                            "ab" * 20, Path(state) / "root-ca.crt")
+    requests = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(requests) < 20:
+        nonce = bytes.fromhex(service.new_nonce()["nonce"])
+        _private, public = key_release.new_ephemeral_key()
+        quote = cvm.provider.get_quote(key_release.key_release_report_data(nonce, public))
+        requests.append({"nonce": nonce.hex(), "ephemeral_public_key": public.hex(), "quote": quote.hex(),
+                         "event_log": log, "vm_config": json.dumps({"os_image_hash": OS_IMAGE})})
+    service.get_app_key(requests.pop())  # warm: collateral, app cache
+    cpu = time.process_time()
+    for request in requests:
+        service.get_app_key(request)
+    in_process = len(requests) / (time.process_time() - cpu)
+    raw = bytes.fromhex(requests[0]["quote"])
+    collateral, now, count = service.collateral(raw), int(time.time()), 0
+    cpu = time.process_time()
+    while time.process_time() - cpu < seconds / 2 or count < 20:
+        dcap_qvl.verify_with_root_ca(raw, collateral, service.root_ca_der, now)
+        count += 1
+    return count / (time.process_time() - cpu), in_process
 
 
 def on_chain(chain, chash):
@@ -112,42 +195,46 @@ def on_chain(chain, chash):
     return kms.address, app[2:].lower()
 
 
-def measure_kms(label, url, ca, app_id, chash, tmp, args, sim_dir):
-    """{concurrency: (release latencies, wall, GetMeta latencies)}, printing a line per level."""
-    vm_config = json.dumps({"os_image_hash": OS_IMAGE})
-
-    def release_call(index):
-        cvm = _Cvm(sim_dir, os.path.join(tmp, f"rtmrs-{label}-{index}.json"))
-        measure.measure_identity(cvm, app_id, chash, f"{index:040x}")
-        log = json.dumps([e.to_log_entry() for e in cvm.events])
-        client = KmsClient(url, ca_cert=ca)
-        return lambda: client.get_app_key(cvm.provider, log, vm_config)
+def measure_kms(label, url, ca, app_id, chash, tmp, args, sim_dir, pgid=None, floor=None):
+    """{concurrency: (release latencies, wall, GetMeta latencies)}, printing a line per level.
+    pgid: the server's process group, whose CPU time is read around each run."""
+    release_call = release_maker(url, ca, app_id, chash, sim_dir, tmp, label)
 
     def meta_call(_index):
         client = KmsClient(url, ca_cert=ca)
         return client.get_meta
 
+    def measured(concurrency, make_call):
+        cpu = group_cpu(pgid) if pgid else 0.0
+        latencies, errors, wall = run(concurrency, args.requests, make_call)
+        return latencies, errors, wall, ((group_cpu(pgid) - cpu) / max(1, len(latencies))) if pgid else None
+
     results = {}
     print(f"{label}:")
     for concurrency in (1, 16, 64):
-        meta, meta_err, _wall = run(concurrency, args.requests, meta_call)
-        rel, rel_err, wall = run(concurrency, args.requests, release_call)
+        meta, meta_err, _wall, meta_cpu = measured(concurrency, meta_call)
+        rel, rel_err, wall, rel_cpu = measured(concurrency, release_call)
         if rel_err or meta_err:
             print(f"  concurrency {concurrency}: {len(rel_err) + len(meta_err)} errors, first: "
                   f"{(rel_err or meta_err)[0]}")
         if not rel or not meta:
             continue
         results[concurrency] = (rel, wall, meta)
-        print(f"  concurrency {concurrency:>2}: release p50 {percentile(rel, 50) * 1000:7.1f} ms  "
-              f"p99 {percentile(rel, 99) * 1000:7.1f} ms  ({len(rel) / wall:6.1f} releases/s)   "
-              f"GetMeta p50 {statistics.median(meta) * 1000:6.1f} ms   "
-              f"ratio release/GetMeta p50 {percentile(rel, 50) / statistics.median(meta):5.1f}")
+        print(f"  {concurrency:>2} clients: release p50 {percentile(rel, 50) * 1000:6.1f} ms  p99 "
+              f"{percentile(rel, 99) * 1000:7.1f} ms  {len(rel) / wall:6.1f} releases/s   GetMeta p50 "
+              f"{statistics.median(meta) * 1000:5.2f} ms   ratio release/GetMeta p50 "
+              f"{percentile(rel, 50) / statistics.median(meta):5.1f}")
+        if rel_cpu:
+            per_core = 1 / rel_cpu
+            versus = f" = {per_core / floor:4.2f}x bare dcap-qvl" if floor else ""
+            print(f"      server CPU per release {rel_cpu * 1000:5.2f} ms ({per_core:5.0f} releases/s per core"
+                  f"{versus}); per GetMeta {meta_cpu * 1000:5.2f} ms; ratio {rel_cpu / meta_cpu:5.1f}")
     return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-    parser.add_argument("--requests", type=int, default=192, help="releases per concurrency level")
+    parser.add_argument("--requests", type=int, default=128, help="releases per concurrency level")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     parser.add_argument("--ethereum", action="store_true",
                         help="also a KMS on the ethereum backend (ganache), and its ratio to the local one")
@@ -162,12 +249,15 @@ def main():
             server, url = serve(state, workers=args.workers)
             servers.append(server)
             app_id = chash[:40]
-            (state / "auth-config.json").write_text(json.dumps({"osImages": ["0x" + OS_IMAGE], "apps": {
-                "0x" + app_id: {"composeHashes": ["0x" + chash], "allowAnyDevice": True}}}))
-            print(f"KMS key release over HTTPS, {args.workers} gunicorn workers, simulated quotes, "
-                  f"{os.cpu_count()} cores shared by clients and server")
+            allow(state, app_id, chash)
+            print(f"KMS key release, simulated quotes, {os.cpu_count()} cores shared by clients and server")
+            floor, in_process = floor_and_in_process(state, app_id, chash, tmp)
+            print(f"floor: bare dcap-qvl {floor:6.0f} verifications/s per core ({1000 / floor:5.2f} ms)")
+            print(f"KMS in process (no HTTP, no TLS): {in_process:6.0f} releases/s per core ({1000 / in_process:5.2f} "
+                  f"ms CPU per GetAppKey) = {in_process / floor:4.2f}x bare dcap-qvl")
+            print(f"over HTTPS, {args.workers} gunicorn workers x 4 threads, clients keep their connections")
             local = measure_kms("local allowlist", url, str(state / "root-ca.crt"), app_id, chash, tmp, args,
-                                str(state / "tdx-sim"))
+                                str(state / "tdx-sim"), pgid=server.pid, floor=floor)
             if args.ethereum:
                 sys.path.insert(0, str(ROOT / "contracts"))
                 from devchain import DevChain  # pylint: disable=import-outside-toplevel
@@ -182,7 +272,7 @@ def main():
                 servers.append(server)
                 eth = measure_kms("ethereum backend (ganache JSON-RPC, answers cached per block)", eth_url,
                                   str(eth_state / "root-ca.crt"), chain_app_id, chash, tmp, args,
-                                  str(eth_state / "tdx-sim"))
+                                  str(eth_state / "tdx-sim"), pgid=server.pid, floor=floor)
                 for concurrency in sorted(set(local) & set(eth)):
                     print(f"  concurrency {concurrency:>2}: ratio ethereum/local release p50 "
                           f"{percentile(eth[concurrency][0], 50) / percentile(local[concurrency][0], 50):5.2f}")
