@@ -52,7 +52,7 @@ APP_KEYS = {
     "env_crypt_key": "4dc9fb2e36530ceee9768b799f8ff56019aa9c7b4b12979f980689d285330542",
     "k256_key": "eb96e0c0ba41ae9156ee6a980b53b5434f5d5d7e0a05fc77b74bc54f3376a04d",
     "k256_signature": ("ec83eee45e240d5cd41d9fa93102c07e7ffeabbf22c1325a6dfc5b4be4cf702e6c"
-                        "b429ac8f99267f3907ac8f1a17ab801a13739f945e826f44416a29ab741b4500"),
+                       "b429ac8f99267f3907ac8f1a17ab801a13739f945e826f44416a29ab741b4500"),
 }
 
 APP_KEYS_NO_INSTANCE = {
@@ -60,7 +60,7 @@ APP_KEYS_NO_INSTANCE = {
     "env_crypt_key": "4dc9fb2e36530ceee9768b799f8ff56019aa9c7b4b12979f980689d285330542",
     "k256_key": "eb96e0c0ba41ae9156ee6a980b53b5434f5d5d7e0a05fc77b74bc54f3376a04d",
     "k256_signature": ("ec83eee45e240d5cd41d9fa93102c07e7ffeabbf22c1325a6dfc5b4be4cf702e6c"
-                        "b429ac8f99267f3907ac8f1a17ab801a13739f945e826f44416a29ab741b4500"),
+                       "b429ac8f99267f3907ac8f1a17ab801a13739f945e826f44416a29ab741b4500"),
 }
 
 ENV_PUBLIC_KEY = "b15dbc7758a160f545598cccfacc150bd3b2ec35e9092df3dec5ac93e4e6ba24"
