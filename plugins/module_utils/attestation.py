@@ -313,7 +313,8 @@ def boot_info_from(report, boot_log, ppid, tcb_status, advisory_ids, mode):
 def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log=None, now=None):
     """Verify a quote and return a Verification with every check. Never raises on a bad quote.
 
-    collateral: a dict, JSON text, file path, or dcap_qvl QuoteCollateralV3. root_ca_der:
+    collateral: a dict, JSON text, file path (read by load_collateral, which drops a PCK chain in
+    it: the quote's own chain is the one verified), or a QuoteCollateralV3 made by load_collateral. root_ca_der:
     the trust root (Intel's SGX Root CA when None). event_log: GetQuote's event_log (JSON
     text or list), or None.
     """
@@ -336,9 +337,8 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
                else "not a debug TD")
 
     try:
-        if not isinstance(collateral, dcap_qvl.QuoteCollateralV3) or '"pck_certificate_chain"' in collateral.to_json():
-            collateral = load_collateral(collateral if not isinstance(collateral, dcap_qvl.QuoteCollateralV3)
-                                         else collateral.to_json())
+        if not isinstance(collateral, dcap_qvl.QuoteCollateralV3):
+            collateral = load_collateral(collateral)  # drops a PCK chain: the quote's own is the one verified
         claims = json.loads(dcap_qvl.QuoteVerifier(root_ca_der=root).verify_with_policy(
             bytes(raw_quote), collateral, now, dcap_qvl.QuotePolicy.claims_only(now)).to_json())
     except DstackError as exc:

@@ -103,8 +103,14 @@ def events_from_runtime_log(text):
     return events
 
 
+class ParsedEventLog(list):
+    """Entries parse_event_log has checked already (replay and read_boot_log take them as they are)."""
+
+
 def parse_event_log(event_log, field="event_log"):
     """Entries of a GetQuote event_log (a JSON string or a list); each checked for shape."""
+    if isinstance(event_log, ParsedEventLog):
+        return event_log
     if isinstance(event_log, (str, bytes)):
         event_log = json_limits.loads(event_log, field)
     if not isinstance(event_log, list):
@@ -134,7 +140,7 @@ def parse_event_log(event_log, field="event_log"):
             "event_payload": parse_hex(entry.get("event_payload", "") or "", f"{where}.event_payload",
                                        allow_empty=True),
         })
-    return entries
+    return ParsedEventLog(entries)
 
 
 def replay_event_log(event_log, version=1):

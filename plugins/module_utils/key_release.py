@@ -52,13 +52,22 @@ def sign_cert_report_data(nonce, csr_der):
     return hashlib.sha512(SIGN_CERT_TAG + b":" + nonce + hashlib.sha256(csr_der).digest()).digest()
 
 
+_PROBE = []
+
+
+def _probe_key():
+    if not _PROBE:
+        _PROBE.append(X25519PrivateKey.generate())
+    return _PROBE[0]
+
+
 def check_public_key(value, field="ephemeral_public_key"):
     """The raw 32 bytes of a requester's X25519 public key, refused when no key can be agreed with
     it (a low-order point gives an all-zero shared secret: sealing to it would fail after the
     checks, or seal to a key everyone knows)."""
     raw = parse_hex(value, field, length=32)
-    try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    try:  # any private key finds a low-order point out; one made per process is enough
+        _probe_key().exchange(X25519PublicKey.from_public_bytes(raw))
     except ValueError:
         raise DstackError(field, "is not a usable X25519 public key (a low-order point)") from None
     return raw
