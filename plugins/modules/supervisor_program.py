@@ -57,6 +57,15 @@ options:
     type: str
     choices: [started, stopped, restarted, absent]
     default: started
+  autorestart:
+    description:
+      - Whether supervisord starts the program again when it exits. V(false) (the default) leaves it
+        stopped; V(unexpected) restarts it after an exit with a code other than 0 (a service that
+        stops whole with an error when a part of it dies, as C(dstack-gateway serve) does); V(true)
+        always restarts it.
+    type: str
+    choices: ["false", "true", unexpected]
+    default: "false"
   wait_port:
     description: After starting, wait until this TCP port on 127.0.0.1 accepts connections.
     type: int
@@ -120,6 +129,7 @@ def main():
             log_dir=dict(type="path"),
             supervisor_dir=dict(type="path", required=True),
             state=dict(type="str", default="started", choices=["started", "stopped", "restarted", "absent"]),
+            autorestart=dict(type="str", default="false", choices=["false", "true", "unexpected"]),
             wait_port=dict(type="int"),
             wait_timeout=dict(type="int", default=60),
         ),
@@ -159,7 +169,7 @@ def _apply(module, supervisor, name):
     environment = {k: str(v) for k, v in p["environment"].items()}
     conf = sv.program_conf(name, " ".join(shlex.quote(a) for a in p["command"]), p["directory"],
                            os.path.join(log_dir, name + ".out.log"), os.path.join(log_dir, name + ".err.log"),
-                           environment=environment)
+                           environment=environment, autorestart=p["autorestart"])
     want_running = p["state"] in ("started", "restarted")
     is_running = before_state in sv.RUNNING_STATES
     restart = p["state"] == "restarted" and is_running
