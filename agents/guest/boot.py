@@ -13,7 +13,12 @@
     measure-system  RTMR3: storage-fs, system-ready
     env             decrypt .encrypted-env, drop names not in allowed_envs (logged by name),
                     write .decrypted-env and .decrypted-env.json (0600)
-    gateway         join the gateway (a seam: done by the gateway issue)
+    gateway         only when app-compose's gateway_enabled and .sys-config.json's gateway_urls:
+                    RegisterCvm with the first gateway that answers (RA-TLS both ways: this
+                    CVM's GetTlsKey certificate from the KMS; the gateway's must be the KMS's
+                    gateway_app_id, attested), the WireGuard interface up in the CVM's network
+                    namespace (required: `netns`), and a checker that registers again when the
+                    tunnel goes stale (agents/guest/gateway_link.py)
     containers      start the compose services (docker compose or podman-compose)
 
 Progress and errors go to boot.json in the work folder and, when .sys-config.json names a
@@ -23,6 +28,7 @@ stops the boot with the step named; files are written whole (atomically) or not 
 secret value is logged.
 """
 
+import copy
 import json
 import logging
 import os
@@ -31,13 +37,16 @@ import urllib.error
 
 from ansible.module_utils.urls import open_url
 
-from ansible_collections.dstack.tee.agents.guest import measure
+from ansible_collections.dstack.tee.agents.guest import gateway_link, measure
+from ansible_collections.dstack.tee.agents.guest.api import GuestApi, NotReady, ServerFailure
 from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
+from ansible_collections.dstack.tee.agents.guest.gateway_link import GatewayLink
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, env_crypt, kdf
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
-from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
+from ansible_collections.dstack.tee.plugins.module_utils.gateway_client import GatewayClient
+from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsCertSigner, KmsClient
 
 log = logging.getLogger("dstack.guest.boot")
 STEPS = ("read-config", "instance-id", "measure", "keys", "measure-system", "env", "gateway", "containers")
@@ -88,13 +97,16 @@ class HostNotifier:
 class Boot:
     """One boot of one CVM. `kms_client` / `runner` may be given (tests, other engines)."""
 
-    def __init__(self, ctx, kms_client=None, runner=None, sockets=None, port_map=None, gateway=None):
+    def __init__(self, ctx, kms_client=None, runner=None, sockets=None, port_map=None, netns=None,
+                 gateway_settings=None):
         self.ctx = ctx
         self.kms_client = kms_client
         self.runner = runner
         self.sockets = sockets or {}
         self.port_map = port_map
-        self.gateway = gateway
+        self.netns = netns
+        self.gateway_settings = dict(gateway_settings or {})  # GatewayLink's checker settings (tests)
+        self.gateway_link = None
         self.notifier = HostNotifier(ctx)
         self.app = {}
         self.sys_config = {}
@@ -110,9 +122,11 @@ class Boot:
             try:
                 getattr(self, "step_" + step.replace("-", "_"))()
             except DstackError as exc:
+                self.close()  # a failed boot leaves no tunnel behind
                 self.notifier.failed(step, str(exc))
                 raise BootFailed(step, str(exc)) from None
             except OSError as exc:
+                self.close()
                 self.notifier.failed(step, f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})")
                 raise BootFailed(step, str(exc.strerror or exc)) from None
         self.notifier.done()
@@ -262,11 +276,53 @@ class Boot:
         if not self.app.get("gateway_enabled") or not self.sys_config.get("gateway_urls"):
             self.notifier.progress("gateway", "not used")
             return
-        if self.gateway is None:
-            self.notifier.progress("gateway", "skipped: gateway registration is not available yet")
-            return
-        self.gateway(self)
-        self.notifier.progress("gateway", "registered")
+        urls = self.sys_config["gateway_urls"]
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise DstackError("gateway_urls", "must be a list of https:// URLs")
+        link = GatewayLink(self._gateway_client(), urls, self.netns,
+                           gateway_link.interface_name(self.instance_id, self.app_id), **self.gateway_settings)
+        try:
+            registration = link.connect()
+        except BaseException:
+            link.close()
+            raise
+        self.gateway_link = link
+        link.start_checker()
+        self.notifier.progress("gateway", f"registered with {link.url} (gateway app {registration.gateway['app_id']}): "
+                                          f"{registration.client_ip} on {link.interface.name} in netns {self.netns}")
+
+    def _gateway_client(self):
+        """GatewayClient over this CVM's own GetTlsKey (the KMS signs, with this CVM's quote), its KMS
+        root and gateway_app_id from the app keys, the cache in the work folder. Nothing is asked of
+        the KMS or the gateway here (GatewayLink checks the namespace before anything is)."""
+        if not self.keys.get("ca_cert") or not self.keys.get("gateway_app_id"):
+            raise DstackError("gateway_app_id", "the key provider gave no gateway app id and KMS root: the gateway's "
+                                                "attested identity cannot be checked (use key_provider kms)")
+        signer = self.ctx.cert_signer
+        if signer is None:
+            signer = KmsCertSigner(self._kms or self.kms_client or self._kms_client(), self.ctx)
+        signing_ctx = copy.copy(self.ctx)
+        signing_ctx.cert_signer = signer
+        api = GuestApi(signing_ctx)
+
+        def get_tls_key(params):
+            try:
+                return api.get_tls_key(params)
+            except (NotReady, ServerFailure) as exc:
+                raise DstackError("get_tls_key", str(exc)) from None
+
+        sim_state = getattr(self.ctx.provider, "state_dir", None)
+        settings = {"mode": "simulation", "sim_state_dir": sim_state} if sim_state else \
+            {"mode": "production", "pccs_url": self.sys_config.get("pccs_url") or ""}
+        trust = attestation.QuoteTrust(settings, self.ctx.paths.work_dir)
+        return GatewayClient(self.ctx.paths.work("gateway-cache.json"), get_tls_key, self.keys["ca_cert"], trust,
+                             self.keys["gateway_app_id"])
+
+    def close(self):
+        """Stop the gateway checker and take the WireGuard interface down (the agent is stopping)."""
+        if self.gateway_link is not None:
+            self.gateway_link.close()
+            self.gateway_link = None
 
     def step_containers(self):
         if self.app.get("runner", "docker-compose") not in ("docker-compose", "nerdctl-compose"):

@@ -23,10 +23,15 @@
       keys and measurements) on the same simulated platform and KMS.
 
   dstack-guest-agent run --config-dir DIR --work-dir DIR [serve's options] [--project NAME]
-                         [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman]
+                         [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman] [--netns NAME]
       a CVM's main process: serves the socket API, boots the app (agents/guest/boot.py: measure,
-      keys from the KMS, env, containers), and keeps it running until SIGTERM, when it takes the
-      containers down. A failed boot exits with code 2 and the failed step named.
+      keys from the KMS, env, gateway, containers), and keeps it running until SIGTERM, when it takes
+      the containers down (and the gateway tunnel). A failed boot exits with code 2 and the failed
+      step named. --netns NAME: the CVM's own network namespace (/run/netns/NAME, made by the VMM):
+      the agent itself stays in the host's (its KMS, host API and the gateway's control API are
+      reached from there, as a VM's agent reaches them over its NIC); the WireGuard interface of the
+      gateway step and the app's containers (podman, run inside it) are put in NAME. The gateway
+      step needs it.
 
 Subcommands are registered in COMMANDS (name, help, add_arguments, run).
 """
@@ -205,6 +210,8 @@ def add_run_arguments(parser):
                         help="publish CVM port VM_PORT on HOST:PORT (the VM's port map; repeatable)")
     parser.add_argument("--engine", choices=("auto", "docker", "podman"), default="auto",
                         help="the container engine (default: docker when an engine answers, else podman)")
+    parser.add_argument("--netns", help="the CVM's network namespace (/run/netns/NAME): its WireGuard interface and "
+                                        "containers go there (podman); required by the gateway step")
 
 
 def _port_map(entries):
@@ -241,6 +248,10 @@ def cmd_run(args):
     from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
 
     ports = _port_map(args.port)
+    if args.netns:
+        from ansible_collections.dstack.tee.plugins.module_utils import wireguard  # pylint: disable=import-outside-toplevel
+        if not wireguard.netns_exists(args.netns):
+            raise DstackError("--netns", f"no network namespace {args.netns} (/run/netns/{args.netns})")
     ctx = GuestContext.open(args.config_dir, args.work_dir, tee=args.tee, sim_state_dir=args.sim_state)
     sys_config = ctx.sys_config()
     serve_argv = [sys.executable, "-m", "ansible_collections.dstack.tee.agents.guest.cli", "serve",
@@ -259,7 +270,7 @@ def cmd_run(args):
         if kms_ca_cert:
             serve_argv += ["--kms-ca-cert", kms_ca_cert]
     child = subprocess.Popen(serve_argv)  # pylint: disable=consider-using-with
-    runner = None
+    runner = boot = None
     stopping = {"now": False}
 
     def stop(signum, frame):  # pylint: disable=unused-argument
@@ -276,13 +287,15 @@ def cmd_run(args):
     try:
         _wait_socket(os.path.abspath(args.socket), child)
         project = args.project or "dstack-" + (ctx.instance().get("instance_id") or "app")[:12]
-        runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine)
+        runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine, netns=args.netns)
         boot = Boot(ctx, runner=runner, sockets={"dstack": os.path.abspath(args.socket),
                                                  "tappd": os.path.abspath(args.tappd_socket) if args.tappd_socket else ""},
-                    port_map=ports or None)
+                    port_map=ports or None, netns=args.netns)
         boot.run()
         _say(f"booted: app_id {boot.app_id}, instance_id {boot.instance_id}, compose_hash {boot.compose_hash}")
     except DstackError:
+        if boot is not None:
+            boot.close()
         if child.poll() is None:
             child.terminate()
             child.wait(timeout=30)
@@ -291,6 +304,7 @@ def cmd_run(args):
         raise
     code = child.wait()
     runner.down()
+    boot.close()
     if stopping["now"]:
         _say("stopped")
         return None

@@ -7,6 +7,12 @@ The app's compose file is rewritten once, into the work folder, so that:
   /var/run/tappd.sock (where the app declares them, their source is replaced by this CVM's socket);
 - published ports follow the VM's port map (`port_map`: CVM port -> "host_address:host_port"),
   when one is given (the process backend, where CVMs share the host's network).
+With a network namespace (`netns`, the CVM's own: podman only), the engine runs inside it
+(`nsenter --net=/run/netns/NAME podman-compose ...`; not `ip netns exec`, whose private /sys has
+no cgroup mounts for runc): the project's bridge network is made in the CVM's
+namespace and a published port is the CVM's port on the CVM's addresses (its WireGuard address
+among them), as in a VM; the port map does not apply. (podman-compose 1.0's `network_mode:
+ns:/run/netns/NAME` cannot be used: it adds the project network after it, which podman refuses.)
 The runner is given only the app's allowed env values (plus PATH and the container settings),
 so the compose file can interpolate nothing else.
 """
@@ -20,9 +26,11 @@ import yaml
 from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_netns_name
 
 GUEST_SOCKETS = {"/var/run/dstack.sock": "dstack", "/run/dstack.sock": "dstack",
                  "/var/run/dstack/dstack.sock": "dstack", "/var/run/tappd.sock": "tappd", "/run/tappd.sock": "tappd"}
+NETNS_DIR = "/run/netns"
 MOUNT_POINTS = {"dstack": "/var/run/dstack.sock", "tappd": "/var/run/tappd.sock"}
 # podman on these machines (machine-recipes.md): runc (crun fails with hybrid cgroups) and
 # explicit rlimits (the defaults need CAP_SYS_RESOURCE).
@@ -89,10 +97,15 @@ def _map_port(entry, port_map, service):
 class ComposeRunner:
     """docker compose or podman-compose, for one CVM's project."""
 
-    def __init__(self, project, work_dir, engine="auto"):
+    def __init__(self, project, work_dir, engine="auto", netns=None):
         self.project = project
         self.work_dir = work_dir
-        self.engine = self._pick(engine)
+        self.netns = netns
+        self.engine = self._pick("podman" if netns and engine == "auto" else engine)
+        if netns:
+            if self.engine != "podman":
+                raise DstackError("netns", "containers join the CVM's network namespace with podman only")
+            check_netns_name(netns)
         self.compose_file = os.path.join(work_dir, "docker-compose.yaml")
 
     @staticmethod
@@ -119,10 +132,12 @@ class ComposeRunner:
     def _command(self, *args):
         if self.engine == "docker":
             return ["docker", "compose", "-p", self.project, "-f", self.compose_file, *args]
-        return ["podman-compose", "-p", self.project, "-f", self.compose_file, *args]
+        argv = ["podman-compose", "-p", self.project, "-f", self.compose_file, *args]
+        return ["nsenter", f"--net={NETNS_DIR}/{self.netns}", *argv] if self.netns else argv
 
     def up(self, compose_text, app_env, sockets, port_map=None):
         """Write the rewritten compose file and start the services, detached."""
+        port_map = None if self.netns else port_map  # in its own namespace a CVM port is the CVM's
         atomic_write(self.compose_file, rewrite_compose(compose_text, sockets, port_map).encode(), mode=0o600)
         proc = subprocess.run(self._command("up", "-d"), capture_output=True, text=True, cwd=self.work_dir,
                               env=self._env(app_env), timeout=600, check=False)

@@ -7,13 +7,16 @@
                      [--base-domain DOMAIN] [--os-image-hash HEX] [--server-name NAME ...]
                      [--allowed-host-address IP ...] [--max-vcpu N] [--max-memory-mb N]
                      [--max-disk-size-gb N] [--max-name-length N] [--max-cvm-number N]
-                     [--max-log-followers N] [--api-threads N]
+                     [--max-log-followers N] [--api-threads N] [--cvm-netns]
 
 Serves the JSON API (/prpc/Vmm.*), the web UI (/) and /logs with gunicorn (one worker: the VMM
 serializes changes to a VM; api_threads threads for the API and the host API, and
 max_log_followers more for /logs followers, so that following never takes the API's). Listening
 on anything but loopback requires a token (--token, or DSTACK_VMM_TOKENS=comma,separated). On
 start it finds the VMs of its run path again and starts those that should run.
+--cvm-netns (vmm.toml cvm_netns = true; process backend, as root): each CVM in its own network
+namespace with a veth to the host (cvm_netns_range, default 10.213.0.0/16, one /30 each), the
+guest agent run with --netns; needed by CVMs that use the gateway.
 """
 
 import argparse
@@ -29,7 +32,8 @@ from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
         "os_image_hash", "gateway_urls", "libvirt_uri", "image_path", "host_api_base", "server_names",
         "allowed_host_addresses", "max_allocable_vcpu", "max_allocable_memory_in_mb", "max_disk_size_gb",
-        "max_name_length", "max_cvm_number", "max_log_followers", "api_threads", "max_request_bytes")
+        "max_name_length", "max_cvm_number", "max_log_followers", "api_threads", "max_request_bytes", "cvm_netns",
+        "cvm_netns_range")
 API_THREADS = 16
 
 
@@ -42,7 +46,8 @@ def load_config(args):
              "allowed_host_addresses": args.allowed_host_address or None, "max_allocable_vcpu": args.max_vcpu,
              "max_allocable_memory_in_mb": args.max_memory_mb, "max_disk_size_gb": args.max_disk_size_gb,
              "max_name_length": args.max_name_length, "max_cvm_number": args.max_cvm_number,
-             "max_log_followers": args.max_log_followers, "api_threads": args.api_threads}
+             "max_log_followers": args.max_log_followers, "api_threads": args.api_threads,
+             "cvm_netns": True if getattr(args, "cvm_netns", False) else None}
     config.update({k: v for k, v in flags.items() if v is not None})
     if os.environ.get("DSTACK_VMM_TOKENS") and not config.get("auth_tokens"):
         config["auth_tokens"] = [t for t in os.environ["DSTACK_VMM_TOKENS"].split(",") if t]
@@ -57,7 +62,11 @@ def load_config(args):
 def make_backend(config):
     if config["backend"] == "process":
         from ansible_collections.dstack.tee.agents.vmm.backends.process import ProcessBackend  # pylint: disable=import-outside-toplevel
-        return ProcessBackend(config["run_path"], config["sim_state_dir"])
+        cvm_netns = config.get("cvm_netns", False)
+        if not isinstance(cvm_netns, bool):
+            raise DstackError("cvm_netns", "must be true or false")
+        return ProcessBackend(config["run_path"], config["sim_state_dir"], cvm_netns=cvm_netns,
+                              cvm_netns_range=config.get("cvm_netns_range") or "10.213.0.0/16")
     if config["backend"] == "libvirt":
         from ansible_collections.dstack.tee.agents.vmm.backends.libvirt import LibvirtBackend  # pylint: disable=import-outside-toplevel
         return LibvirtBackend(config.get("libvirt_uri", "qemu:///system"), image_dir=config.get("image_path", "images"))
@@ -124,6 +133,9 @@ def build_parser():
     serve.add_argument("--max-log-followers", type=int,
                        help="most /logs followers at once (default 8; more get 429)")
     serve.add_argument("--api-threads", type=int, help="threads for the API and the host API (default 16)")
+    serve.add_argument("--cvm-netns", action="store_true", default=None,
+                       help="process backend: each CVM in its own network namespace with a veth to the host "
+                            "(vmm.toml cvm_netns; default off; needed by CVMs that use the gateway)")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -6,30 +6,107 @@ Each CVM is a supervisord program running the guest agent (`dstack-guest-agent r
 dstack socket API, boot the app, keep its containers running). supervisord is driven through
 its XML-RPC API on a unix socket in <run_path>/supervisor/; it runs on its own, so CVMs keep
 running while the VMM restarts, and the VMM finds them again.
+
+With cvm_netns (opt-in; vmm.toml `cvm_netns = true`, `--cvm-netns`), each CVM gets its own network
+namespace `dstack-<vm id>` (made at start, kept across restarts, removed with the CVM) and a veth
+pair to the host: `dh<id>` (here, 10.213.X.Y/30) and `eth0` (there, the next address, with the
+default route through the host), for the WireGuard UDP to the gateway. The guest agent gets
+`--netns`: its gateway interface and containers go into the namespace.
 """
 
+import ipaddress
 import os
 import shlex
+import signal
+import subprocess
 import sys
+import threading
 
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, STOPPING, Backend
+from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.supervisor import Supervisor, program_conf
+
+
+CVM_NETNS_RANGE = "10.213.0.0/16"   # the veths' /30s, one per CVM with cvm_netns
 
 
 class ProcessBackend(Backend):
     name = "process"
 
-    def __init__(self, run_path, sim_state_dir, guest_agent=None, stop_wait=60, extra_env=None):
+    def __init__(self, run_path, sim_state_dir, guest_agent=None, stop_wait=60, extra_env=None, cvm_netns=False,
+                 cvm_netns_range=CVM_NETNS_RANGE):
         self.supervisor = Supervisor(os.path.join(run_path, "supervisor"))
         self.sim_state_dir = sim_state_dir
         self.guest_agent = guest_agent or [os.path.join(os.path.dirname(sys.executable), "dstack-guest-agent")]
         self.stop_wait = stop_wait
         self.extra_env = dict(extra_env or {})
+        self.cvm_netns = bool(cvm_netns)
+        try:
+            self.cvm_netns_range = ipaddress.ip_network(cvm_netns_range)
+        except ValueError as exc:
+            raise DstackError("cvm_netns_range", f"is not an IPv4 network: {exc}") from None
+        self._netns_lock = threading.Lock()
 
     @staticmethod
     def program(vm):
         return "cvm-" + vm.id
+
+    @staticmethod
+    def netns(vm):
+        return "dstack-" + vm.id
+
+    @staticmethod
+    def host_veth(vm):
+        return "dh" + vm.id.replace("-", "")[:12]
+
+    def _ensure_netns(self, vm):
+        """The CVM's namespace and its veth to the host (made once; kept while the CVM exists)."""
+        name = self.netns(vm)
+        with self._netns_lock:
+            if wireguard.netns_exists(name) and wireguard.link_exists(self.host_veth(vm)):
+                return
+            host_ip, cvm_ip, prefix = self._free_pair()
+            if not wireguard.netns_exists(name):
+                wireguard.netns_add(name)
+            try:
+                wireguard.configure_link("lo", name)
+                wireguard.veth_pair(self.host_veth(vm), None, "eth0", name)
+                wireguard.configure_link(self.host_veth(vm), None, address=f"{host_ip}/{prefix}")
+                wireguard.configure_link("eth0", name, address=f"{cvm_ip}/{prefix}")
+                subprocess.run(["ip", "-n", name, "route", "replace", "default", "via", str(host_ip)], check=True,
+                               capture_output=True, timeout=10)
+            except (DstackError, OSError, subprocess.SubprocessError) as exc:
+                self._remove_netns(vm)
+                raise DstackError("cvm_netns", f"cannot make the network namespace {name}: {exc}") from None
+
+    def _free_pair(self):
+        """(host address, CVM address, prefix length) of the first /30 of cvm_netns_range that no
+        address of this host's namespace is in."""
+        used = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True,
+                              timeout=10).stdout
+        taken = [ipaddress.ip_interface(word) for line in used.splitlines() for word in line.split()
+                 if "/" in word and word[0].isdigit()]
+        for subnet in self.cvm_netns_range.subnets(new_prefix=30):
+            if not any(address.ip in subnet for address in taken):
+                host_ip, cvm_ip = list(subnet.hosts())[:2]
+                return host_ip, cvm_ip, 30
+        raise DstackError("cvm_netns_range", f"{self.cvm_netns_range} has no free /30 left")
+
+    def _remove_netns(self, vm):
+        """What runs in the namespace is killed (a wireguard-go a killed agent left), then the
+        veth and the namespace go."""
+        name = self.netns(vm)
+        if wireguard.netns_exists(name):
+            found = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False,
+                                   timeout=10)
+            for pid in found.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        wireguard.delete_link(self.host_veth(vm))
+        wireguard.netns_remove(name)
 
     def _command(self, vm):
         args = list(self.guest_agent) + [
@@ -38,6 +115,8 @@ class ProcessBackend(Backend):
             "--tappd-socket", os.path.join(vm.run_dir, "tappd.sock"), "--project", "dstack-" + vm.id[:8]]
         for port in vm.port_map:
             args += ["--port", f"{port['vm_port']}={port.get('host_address') or '127.0.0.1'}:{port['host_port']}"]
+        if self.cvm_netns:
+            args += ["--netns", self.netns(vm)]
         return " ".join(shlex.quote(a) for a in args)
 
     def create(self, vm):
@@ -54,6 +133,8 @@ class ProcessBackend(Backend):
     def start(self, vm):
         if self.supervisor.info(self.program(vm)) is None:
             self.create(vm)
+        if self.cvm_netns:
+            self._ensure_netns(vm)
         self.supervisor.start(self.program(vm))
 
     def stop(self, vm, force=True):
@@ -68,6 +149,8 @@ class ProcessBackend(Backend):
 
     def remove(self, vm):
         self.supervisor.undefine(self.program(vm))
+        if self.cvm_netns:
+            self._remove_netns(vm)
 
     def status(self, vm):
         info = self.supervisor.info(self.program(vm))
