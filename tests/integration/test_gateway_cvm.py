@@ -224,16 +224,15 @@ def test_the_checker_rule_and_its_backoff():
     assert gateway_link.needs_registration(1181.0, 1000.0, [wireguard.Peer("k")], True) != ""
     assert gateway_link.needs_registration(1001.0, 1000.0, [fresh], False) == "the WireGuard interface is gone"
     delays = [0.0]
-    for _ in range(10):
+    while len(delays) < 11:
         delays.append(gateway_link.next_retry(delays[-1]))
     assert delays[1:5] == [5.0, 10.0, 20.0, 40.0] and delays[-1] == gateway_link.RETRY_MAX
 
 
 def test_gateway_link_needs_a_namespace():
-    with pytest.raises(Exception) as err:
+    with pytest.raises(DstackError) as err:
         gateway_link.GatewayLink(object(), ["https://gw.test"], None, "dwgtest")
-    assert getattr(err.value, "field", "") == "netns"
-
+    assert err.value.field == "netns"
 
 
 @needs_podman
@@ -290,10 +289,9 @@ def test_the_process_backend_makes_a_namespace_per_cvm_only_when_asked(tmp_path)
                                 check=True).stdout
         host_ip = routes.split()[2]
         with socket.create_server((host_ip, 0)) as listener:   # the host, reached from the CVM's namespace
-            probe = subprocess.run(wireguard.netns_exec_argv(name, [
-                sys.executable, "-c", f"import socket; socket.create_connection(('{host_ip}', "
-                                      f"{listener.getsockname()[1]}), timeout=3).close()"]),
-                capture_output=True, text=True, timeout=20, check=False)
+            connect = f"import socket; socket.create_connection(('{host_ip}', {listener.getsockname()[1]}), timeout=3)"
+            probe = subprocess.run(wireguard.netns_exec_argv(name, [sys.executable, "-c", connect]),
+                                   capture_output=True, text=True, timeout=20, check=False)
         assert probe.returncode == 0, probe.stderr
         sleeper = subprocess.Popen(wireguard.netns_exec_argv(name, ["sleep", "300"]))  # pylint: disable=consider-using-with
         cleanup.callback(sleeper.wait)
