@@ -130,12 +130,7 @@ class KmsService:
                 raise Refused("compose_hash", "the event log has no 32-byte compose-hash event before boot-mr-done")
             if len(boot["instance_id"]) not in (0, 40):
                 raise Refused("instance_id", "the instance-id event before boot-mr-done is neither empty nor 20 bytes")
-            try:
-                provider = json_limits.loads(bytes.fromhex(boot["key_provider_info"]) or b"null", "key_provider")
-            except DstackError:
-                provider = None
-            if not isinstance(provider, dict) or provider.get("name") != "kms" \
-                    or str(provider.get("id", "")).lower() != self.key_provider_id():
+            if not attestation.measured_kms(boot, self.key_provider_id()):
                 raise Refused("key_provider", "the CVM did not measure this KMS as its key provider "
                                               "(key-provider event before boot-mr-done)")
         measured = boot["os_image_hash"]

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ansible_collections.dstack.tee.plugins.module_utils import eventlog, tdx_quote
+from ansible_collections.dstack.tee.plugins.module_utils import eventlog, json_limits, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.tdx import pad_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
@@ -276,6 +276,17 @@ class QuoteTrust:
 
 
 # ---- the verifier -----------------------------------------------------------------------------
+
+def measured_kms(boot_info, key_provider_id):
+    """Whether the boot measured, before boot-mr-done, the KMS whose root CA key is key_provider_id
+    (hex SPKI, app_certs.key_provider_id) as its key provider: {"name": "kms", "id": that}."""
+    try:
+        provider = json_limits.loads(bytes.fromhex(boot_info.get("key_provider_info", "")) or b"null", "key_provider")
+    except (DstackError, ValueError):  # not hex, or not JSON within the depth limit
+        return False
+    return isinstance(provider, dict) and provider.get("name") == "kms" \
+        and str(provider.get("id", "")).lower() == key_provider_id
+
 
 def boot_info_from(report, boot_log, ppid, tcb_status, advisory_ids, mode):
     """The boot info of dstack-reference 7.4, from a verified TD report and its RTMR3 events read by

@@ -27,7 +27,7 @@ instance_id, compose_hash, device_id, ...).
 
 import datetime
 
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 try:
@@ -167,12 +167,7 @@ class Verifier:
             raise Refused("attestation", "the attested app_id is not the certificate's app id")
         if len(boot.get("compose_hash", "")) != 64:
             raise Refused("attestation", "the event log has no compose-hash event before boot-mr-done")
-        try:
-            provider = json_limits.loads(bytes.fromhex(boot.get("key_provider_info", "")) or b"null", "key_provider")
-        except (DstackError, ValueError):
-            provider = None
-        if not isinstance(provider, dict) or provider.get("name") != "kms" or \
-                str(provider.get("id", "")).lower() != self.kms_key_provider_id:
+        if not attestation.measured_kms(boot, self.kms_key_provider_id):
             raise Refused("attestation", "the CVM did not measure this KMS as its key provider")
         if self.require_instance_id and not boot.get("instance_id"):
             raise Refused("instance_id", "is empty: an app with no_instance_id cannot use the gateway")
