@@ -405,3 +405,17 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
     result.boot_info = boot_info_from(quote.report, boot_log, ppid, result.tcb_status, result.advisory_ids,
                                       result.attestation_mode)
     return result
+
+
+# The Worker's public attestation (Worker.Attest on port 8090): anyone may ask, so the caller's nonce
+# is hashed under this label; a caller can never choose the report_data of another use (RA-TLS
+# certificates, GetQuote, the KMS's nonces).
+WORKER_ATTEST_LABEL = b"dstack.tee-worker-attest:"
+WORKER_NONCE_MIN, WORKER_NONCE_MAX = 16, 64
+
+
+def worker_report_data(nonce):
+    """The 64-byte report_data of Worker.Attest for a caller's nonce (bytes, 16 to 64 of them)."""
+    if not isinstance(nonce, (bytes, bytearray)) or not WORKER_NONCE_MIN <= len(nonce) <= WORKER_NONCE_MAX:
+        raise DstackError("nonce", f"must be {WORKER_NONCE_MIN} to {WORKER_NONCE_MAX} bytes (hex)")
+    return hashlib.sha512(WORKER_ATTEST_LABEL + bytes(nonce)).digest()
