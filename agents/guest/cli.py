@@ -23,7 +23,7 @@
       keys and measurements) on the same simulated platform and KMS.
 
   dstack-guest-agent run --config-dir DIR --work-dir DIR [serve's options] [--project NAME]
-                         [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman] [--netns NAME]
+                         [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman|none] [--netns NAME]
       a CVM's main process: serves the socket API, boots the app (agents/guest/boot.py: measure,
       keys from the KMS, env, gateway, containers), and keeps it running until SIGTERM, when it takes
       the containers down (and the gateway tunnel). A failed boot exits with code 2 and the failed
@@ -208,8 +208,9 @@ def add_run_arguments(parser):
     parser.add_argument("--project", help="the compose project name (default: dstack-<instance id>)")
     parser.add_argument("--port", action="append", default=[], metavar="VM_PORT=HOST:PORT",
                         help="publish CVM port VM_PORT on HOST:PORT (the VM's port map; repeatable)")
-    parser.add_argument("--engine", choices=("auto", "docker", "podman"), default="auto",
-                        help="the container engine (default: docker when an engine answers, else podman)")
+    parser.add_argument("--engine", choices=("auto", "docker", "podman", "none"), default="auto",
+                        help="the container engine (default: docker when an engine answers, else podman; none: start "
+                             "no containers, the workload runs beside the agent)")
     parser.add_argument("--netns", help="the CVM's network namespace (/run/netns/NAME): its WireGuard interface and "
                                         "containers go there (podman); required by the gateway step")
 

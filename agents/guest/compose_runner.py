@@ -15,6 +15,9 @@ among them), as in a VM; the port map does not apply. (podman-compose 1.0's `net
 ns:/run/netns/NAME` cannot be used: it adds the project network after it, which podman refuses.)
 The runner is given only the app's allowed env values (plus PATH and the container settings),
 so the compose file can interpolate nothing else.
+Engine "none": the compose file is measured and written but nothing is started; the CVM's
+workload is a process its host runs beside the agent (the gateway's own CVM on the simulated
+default: the measured compose names the gateway, `dstack-gateway serve` runs under supervisord).
 """
 
 import os
@@ -102,7 +105,7 @@ class ComposeRunner:
         self.work_dir = work_dir
         self.netns = netns
         self.engine = self._pick("podman" if netns and engine == "auto" else engine)
-        if netns:
+        if netns and self.engine != "none":
             if self.engine != "podman":
                 raise DstackError("netns", "containers join the CVM's network namespace with podman only")
             check_netns_name(netns)
@@ -139,6 +142,8 @@ class ComposeRunner:
         """Write the rewritten compose file and start the services, detached."""
         port_map = None if self.netns else port_map  # in its own namespace a CVM port is the CVM's
         atomic_write(self.compose_file, rewrite_compose(compose_text, sockets, port_map).encode(), mode=0o600)
+        if self.engine == "none":
+            return
         proc = subprocess.run(self._command("up", "-d"), capture_output=True, text=True, cwd=self.work_dir,
                               env=self._env(app_env), timeout=600, check=False)
         # podman-compose echoes its `podman run -e KEY=value` lines: never log its output unscrubbed.
@@ -147,13 +152,15 @@ class ComposeRunner:
                                             f"{scrub(_last_line(proc.stderr or proc.stdout), app_env.values())}")
 
     def down(self):
-        if not os.path.exists(self.compose_file):
+        if self.engine == "none" or not os.path.exists(self.compose_file):
             return
         subprocess.run(self._command("down"), capture_output=True, text=True, cwd=self.work_dir,
                        env=self._env({}), timeout=300, check=False)
 
     def ps(self):
         """[(container name, status)] of this project's containers."""
+        if self.engine == "none":
+            return []
         if self.engine == "docker":
             cmd = ["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
                    "--format", "{{.Names}}\t{{.Status}}"]
