@@ -53,10 +53,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from cryptography.x509.oid import NameOID
 from Crypto.Hash import keccak as pycryptodome_keccak
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
 
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
-from ansible_collections.dstack.tee.agents.wsgi import request_params
+from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, eventlog, kdf, tdx, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, ratls_report_data
@@ -453,6 +452,21 @@ TAPPD_METHODS = {
 }
 
 
+def install_errors(app):
+    """The guest agent's JSON errors (wsgi.install_json_errors, plus 503 not ready and the TEE's or the
+    signer's failures); the socket API and the public Worker (agents/guest/worker.py) share them."""
+    install_json_errors(app, log)
+
+    @app.errorhandler(NotReady)
+    def not_ready(exc):
+        return jsonify({"error": str(exc)}), 503
+
+    @app.errorhandler(ServerFailure)
+    def server_failure(exc):
+        log.error("%s failed: %s", request.path, exc)
+        return jsonify({"error": str(exc)}), exc.status
+
+
 def create_app(context, config=None):
     """The guest agent's Flask app over a GuestContext. config: {"max_request_bytes": int} (optional)."""
     config = config or {}
@@ -472,26 +486,5 @@ def create_app(context, config=None):
     for name, method in TAPPD_METHODS.items():
         route(f"/prpc/Tappd.{name}", f"Tappd.{name}", method)
 
-    @app.errorhandler(DstackError)
-    def bad_input(exc):
-        return jsonify({"error": str(exc)}), 400
-
-    @app.errorhandler(NotReady)
-    def not_ready(exc):
-        return jsonify({"error": str(exc)}), 503
-
-    @app.errorhandler(ServerFailure)
-    def server_failure(exc):
-        log.error("%s failed: %s", request.path, exc)
-        return jsonify({"error": str(exc)}), exc.status
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc):
-        return jsonify({"error": exc.description or exc.name}), exc.code
-
-    @app.errorhandler(Exception)
-    def internal(exc):  # no traceback and no detail that could hold a secret
-        log.exception("internal error on %s", request.path)
-        return jsonify({"error": f"internal error ({type(exc).__name__})"}), 500
-
+    install_errors(app)
     return app

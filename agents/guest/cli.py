@@ -24,6 +24,7 @@
 
   dstack-guest-agent run --config-dir DIR --work-dir DIR [serve's options] [--project NAME]
                          [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman|none] [--netns NAME]
+                         [--worker-port 8090]
       a CVM's main process: serves the socket API, boots the app (agents/guest/boot.py: measure,
       keys from the KMS, env, gateway, containers), and keeps it running until SIGTERM, when it takes
       the containers down (and the gateway tunnel). A failed boot exits with code 2 and the failed
@@ -31,7 +32,15 @@
       the agent itself stays in the host's (its KMS, host API and the gateway's control API are
       reached from there, as a VM's agent reaches them over its NIC); the WireGuard interface of the
       gateway step and the app's containers (podman, run inside it) are put in NAME. The gateway
-      step needs it.
+      step needs it. With --netns, too: the public Worker API (agents/guest/worker.py) on
+      0.0.0.0:--worker-port (8090) inside NAME, refused on NAME's eth0 (the host's way in) unless a
+      --port maps it; and each --port VM_PORT=HOST_ADDR:HOST_PORT is a TCP forwarder on
+      HOST_ADDR:HOST_PORT here to VM_PORT of NAME's eth0 address (agents/guest/netns_ports.py),
+      listening before the boot and closed with the agent.
+
+  dstack-guest-agent serve-worker --config-dir DIR --work-dir DIR --fd N [--tee ...] [--sim-state DIR]
+                                  [--kms-url URL [--kms-ca-cert FILE]] [--threads N]
+      the Worker API on an inherited listening TCP socket (run --netns starts it so)
 
 Subcommands are registered in COMMANDS (name, help, add_arguments, run).
 """
@@ -43,7 +52,7 @@ import os
 import secrets
 import sys
 
-from ansible_collections.dstack.tee.agents.guest import measure, server
+from ansible_collections.dstack.tee.agents.guest import measure, server, worker
 from ansible_collections.dstack.tee.agents.wsgi import run_cli
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
@@ -95,27 +104,68 @@ def _serve(ctx, args, on_ready):
 
 # ---- serve --------------------------------------------------------------------------------------
 
-def add_serve_arguments(parser):
+def add_context_arguments(parser):
+    """What opens the CVM's context (open_context): serve, serve-worker and run take them."""
     parser.add_argument("--config-dir", required=True, help="the config share (app-compose.json, .sys-config.json, ...)")
     parser.add_argument("--work-dir", required=True, help="the guest's work folder (.appkeys.json, runtime_events.log, ...)")
-    add_socket_arguments(parser, server.DEFAULT_SOCKET, server.DEFAULT_TAPPD_SOCKET,
-                         f"the legacy Tappd socket (default {server.DEFAULT_TAPPD_SOCKET}; '' for none)")
     parser.add_argument("--tee", choices=("auto", "tdx", "sim"), default="auto", help="the TEE provider (default auto)")
     parser.add_argument("--sim-state", help="the simulated TDX state directory (with --tee sim, or auto without TDX)")
     parser.add_argument("--kms-url", help="the KMS that signs GetTlsKey certificates (KMS.SignCert, attested)")
     parser.add_argument("--kms-ca-cert", help="the KMS root CA certificate to check its HTTPS against")
 
 
-def cmd_serve(args):
+def context_argv(args, kms_url=None, kms_ca_cert=None):
+    """add_context_arguments' options as argv, for the children `run` starts."""
+    argv = ["--config-dir", args.config_dir, "--work-dir", args.work_dir, "--tee", args.tee]
+    if args.sim_state:
+        argv += ["--sim-state", args.sim_state]
+    if kms_url:
+        argv += ["--kms-url", kms_url]
+        if kms_ca_cert:
+            argv += ["--kms-ca-cert", kms_ca_cert]
+    return argv
+
+
+def open_context(args):
     ctx = GuestContext.open(args.config_dir, args.work_dir, tee=args.tee, sim_state_dir=args.sim_state)
     if args.kms_url:
         from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsCertSigner, KmsClient  # pylint: disable=import-outside-toplevel
         ctx.cert_signer = KmsCertSigner(KmsClient(args.kms_url, ca_cert=args.kms_ca_cert), ctx)
+    return ctx
+
+
+def add_serve_arguments(parser):
+    add_context_arguments(parser)
+    add_socket_arguments(parser, server.DEFAULT_SOCKET, server.DEFAULT_TAPPD_SOCKET,
+                         f"the legacy Tappd socket (default {server.DEFAULT_TAPPD_SOCKET}; '' for none)")
+
+
+def cmd_serve(args):
+    ctx = open_context(args)
 
     def ready(paths):
         _say(f"{ctx.attestation_mode}: serving on {', '.join(paths)}")
 
     _serve(ctx, args, ready)
+
+
+# ---- serve-worker -------------------------------------------------------------------------------
+
+def add_serve_worker_arguments(parser):
+    add_context_arguments(parser)
+    parser.add_argument("--fd", type=int, required=True,
+                        help="a listening TCP socket, inherited (run binds it in the CVM's network namespace)")
+    parser.add_argument("--threads", type=int, default=worker.DEFAULT_THREADS,
+                        help=f"gunicorn threads (default {worker.DEFAULT_THREADS})")
+
+
+def cmd_serve_worker(args):
+    ctx = open_context(args)
+
+    def ready():
+        _say(f"{ctx.attestation_mode}: Worker API serving on fd {args.fd}")
+
+    worker.serve(worker.create_worker_app(ctx), args.fd, threads=args.threads, on_ready=ready)
 
 
 # ---- simulate -----------------------------------------------------------------------------------
@@ -207,12 +257,15 @@ def add_run_arguments(parser):
     add_serve_arguments(parser)
     parser.add_argument("--project", help="the compose project name (default: dstack-<instance id>)")
     parser.add_argument("--port", action="append", default=[], metavar="VM_PORT=HOST:PORT",
-                        help="publish CVM port VM_PORT on HOST:PORT (the VM's port map; repeatable)")
+                        help="publish CVM port VM_PORT on HOST:PORT (the VM's port map; repeatable); with --netns a "
+                             "forwarder on HOST:PORT to VM_PORT of the CVM's eth0 address")
     parser.add_argument("--engine", choices=("auto", "docker", "podman", "none"), default="auto",
                         help="the container engine (default: docker when an engine answers, else podman; none: start "
                              "no containers, the workload runs beside the agent)")
     parser.add_argument("--netns", help="the CVM's network namespace (/run/netns/NAME): its WireGuard interface and "
                                         "containers go there (podman); required by the gateway step")
+    parser.add_argument("--worker-port", type=int, default=worker.WORKER_PORT,
+                        help=f"with --netns: the public Worker API's port in the namespace (default {worker.WORKER_PORT})")
 
 
 def _port_map(entries):
@@ -241,8 +294,49 @@ def _wait_socket(path, child, timeout=60):
     raise DstackError("serve", f"the socket API did not listen on {path} within {timeout} s")
 
 
+class _NamespacePorts:
+    """With --netns: the Worker's listening socket in the namespace (eth0 refused on its port, unless
+    the VM's port map forwards it) and a forwarder per port mapping, all made before the boot."""
+
+    def __init__(self, netns, ports, worker_port):
+        from ansible_collections.dstack.tee.agents.guest import netns_ports  # pylint: disable=import-outside-toplevel
+        self.worker_socket = None
+        self.forwarders = []
+        try:
+            targets = [(netns_ports.parse_host_port(host), vm_port) for vm_port, host in ports.items()]
+            if worker_port not in ports:
+                netns_ports.guard_port(netns, worker_port)
+            self.worker_socket = netns_ports.listen_in_netns(netns, "0.0.0.0", worker_port, field="--worker-port")
+            cvm_ip = netns_ports.cvm_address(netns) if targets else ""
+            for listen, vm_port in targets:
+                self.forwarders.append(netns_ports.PortForwarder(listen, (cvm_ip, vm_port)).start())
+        except BaseException:
+            self.close()
+            raise
+
+    def handed_over(self):
+        """The Worker's child holds its socket now: this process lets go of it (so it stops with the child)."""
+        self.worker_socket.close()
+
+    def close(self):
+        if self.worker_socket is not None:
+            self.worker_socket.close()
+        for forwarder in self.forwarders:
+            forwarder.close()
+
+
+def _wait_any(children):
+    import time  # pylint: disable=import-outside-toplevel
+    while True:
+        for name, proc in children.items():
+            if proc.poll() is not None:
+                return name, proc.returncode
+        time.sleep(0.2)
+
+
 def cmd_run(args):
-    """Serve the socket API, boot the app, keep it running until SIGTERM; then stop its containers."""
+    """Serve the socket API (and with --netns the Worker API), boot the app, keep it running until
+    SIGTERM; then stop its containers."""
     import signal  # pylint: disable=import-outside-toplevel
     import subprocess  # pylint: disable=import-outside-toplevel
     from ansible_collections.dstack.tee.agents.guest.boot import Boot  # pylint: disable=import-outside-toplevel
@@ -255,38 +349,46 @@ def cmd_run(args):
             raise DstackError("--netns", f"no network namespace {args.netns} (/run/netns/{args.netns})")
     ctx = GuestContext.open(args.config_dir, args.work_dir, tee=args.tee, sim_state_dir=args.sim_state)
     sys_config = ctx.sys_config()
-    serve_argv = [sys.executable, "-m", "ansible_collections.dstack.tee.agents.guest.cli", "serve",
-                  "--config-dir", args.config_dir, "--work-dir", args.work_dir, "--socket", args.socket,
-                  "--tappd-socket", args.tappd_socket or "", "--socket-mode", oct(args.socket_mode),
-                  "--tee", args.tee, "--workers", str(args.workers)]
-    if args.sim_state:
-        serve_argv += ["--sim-state", args.sim_state]
     kms_url = args.kms_url or (sys_config.get("kms_urls") or [""])[0]
-    if kms_url:
-        serve_argv += ["--kms-url", kms_url]
-        kms_ca_cert = args.kms_ca_cert
-        if not kms_ca_cert and sys_config.get("kms_ca_cert"):
-            kms_ca_cert = ctx.paths.work("kms-ca.crt")
-            atomic_write(kms_ca_cert, sys_config["kms_ca_cert"].encode(), mode=0o644)
-        if kms_ca_cert:
-            serve_argv += ["--kms-ca-cert", kms_ca_cert]
-    child = subprocess.Popen(serve_argv)  # pylint: disable=consider-using-with
+    kms_ca_cert = args.kms_ca_cert
+    if kms_url and not kms_ca_cert and sys_config.get("kms_ca_cert"):
+        kms_ca_cert = ctx.paths.work("kms-ca.crt")
+        atomic_write(kms_ca_cert, sys_config["kms_ca_cert"].encode(), mode=0o644)
+    agent = [sys.executable, "-m", "ansible_collections.dstack.tee.agents.guest.cli"]
+    opened = context_argv(args, kms_url, kms_ca_cert)
+    serve_argv = [*agent, "serve", *opened, "--socket", args.socket, "--tappd-socket", args.tappd_socket or "",
+                  "--socket-mode", oct(args.socket_mode), "--workers", str(args.workers)]
+    # With a namespace, the CVM's ports are made first: a port in use fails here, before anything runs.
+    netns_ports = _NamespacePorts(args.netns, ports, args.worker_port) if args.netns else None
+    children = {}
+    try:
+        children["serve"] = subprocess.Popen(serve_argv)  # pylint: disable=consider-using-with
+        if netns_ports:
+            fd = netns_ports.worker_socket.fileno()
+            children["worker"] = subprocess.Popen([*agent, "serve-worker", *opened, "--fd", str(fd)],  # pylint: disable=consider-using-with
+                                                  pass_fds=(fd,))
+            netns_ports.handed_over()
+    except BaseException:
+        _stop(children)
+        if netns_ports:
+            netns_ports.close()
+        raise
     runner = boot = None
     stopping = {"now": False}
 
     def stop(signum, frame):  # pylint: disable=unused-argument
-        # Only flag and pass the signal on: the main flow (blocked in child.wait()) takes the
-        # containers down once the socket API has exited. Waiting here would deadlock on
-        # Popen's wait lock, which the interrupted child.wait() holds.
+        # Only flag and pass the signal on: the main flow (polling the children) takes the
+        # containers down once they have exited.
         stopping["now"] = True
-        _say(f"stopping (signal {signum}): socket API off, then the containers")
-        if child.poll() is None:
-            child.terminate()
+        _say(f"stopping (signal {signum}): the APIs off, then the containers")
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        _wait_socket(os.path.abspath(args.socket), child)
+        _wait_socket(os.path.abspath(args.socket), children["serve"])
         project = args.project or "dstack-" + (ctx.instance().get("instance_id") or "app")[:12]
         runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine, netns=args.netns)
         boot = Boot(ctx, runner=runner, sockets={"dstack": os.path.abspath(args.socket),
@@ -297,19 +399,35 @@ def cmd_run(args):
     except DstackError:
         if boot is not None:
             boot.close()
-        if child.poll() is None:
-            child.terminate()
-            child.wait(timeout=30)
+        _stop(children)
+        if netns_ports:
+            netns_ports.close()
         if stopping["now"]:
             return None
         raise
-    code = child.wait()
+    name, code = _wait_any(children)
+    _stop(children)
     runner.down()
     boot.close()
+    if netns_ports:
+        netns_ports.close()
     if stopping["now"]:
         _say("stopped")
         return None
-    raise DstackError("serve", f"the socket API exited with code {code}")
+    raise DstackError(name, f"the {'Worker' if name == 'worker' else 'socket'} API exited with code {code}")
+
+
+def _stop(children):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in children.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -318,6 +436,8 @@ def cmd_run(args):
 COMMANDS = [
     ("serve", "serve the socket API (DstackGuest and Tappd) of this CVM", add_serve_arguments, cmd_serve),
     ("simulate", "run a simulated CVM with the socket API, for app development", add_simulate_arguments, cmd_simulate),
+    ("serve-worker", "serve the public Worker API on an inherited listening socket (run --netns starts it)",
+     add_serve_worker_arguments, cmd_serve_worker),
     ("run", "a CVM's main process: serve the socket API, boot the app, keep it running", add_run_arguments, cmd_run),
 ]
 
