@@ -19,8 +19,11 @@ dstack's keys where they exist (dstack-reference 3; durations as "5s", "10m", "5
     [admin]             listen ("" = no Admin API), token (required with listen)
 Ours (what dstack gets from its own CVM boot):
     [rpc]               listen (the control API, mutual TLS), cert, key (the gateway's TLS
-                        certificate), kms_root_ca (the KMS root CA that client certificates must
-                        chain to: the KMS's root-ca.crt, pinned), workers
+                        certificate), guest_agent (instead of cert and key: the socket of the
+                        guest agent of the gateway's own CVM, asked at start for an RA-TLS
+                        certificate the KMS signs, so CVMs can check the gateway's attested app
+                        id; cert_names: its DNS names), kms_root_ca (the KMS root CA that client certificates must chain to:
+                        the KMS's root-ca.crt, pinned), workers
     [attestation]       mode ("production" | "simulation"), sim_state_dir, root_ca, collateral,
                         pccs_url, collateral_cache_dir, allowed_tcb_statuses, allowed_advisory_ids
                         (as the KMS's keys: how the quote in a client certificate is verified)
@@ -213,6 +216,8 @@ SCHEMA = {
         "listen": (_listen, "127.0.0.1:8010"),
         "cert": (_text, ""),
         "key": (_text, ""),
+        "guest_agent": (_text, ""),
+        "cert_names": (_list_of(_text), []),
         "kms_root_ca": (_text, REQUIRED),
         "workers": (_int(1, 64), 2),
     },
@@ -334,6 +339,9 @@ def _check(config):
         raise DstackError("rpc.kms_root_ca", f"{config['rpc']['kms_root_ca']} is not a file (the KMS's root-ca.crt)")
     if bool(config["rpc"]["cert"]) != bool(config["rpc"]["key"]):
         raise DstackError("rpc.key" if config["rpc"]["cert"] else "rpc.cert", "rpc.cert and rpc.key go together")
+    if config["rpc"]["guest_agent"] and config["rpc"]["cert"]:
+        raise DstackError("rpc.guest_agent", "and rpc.cert exclude each other: the certificate comes either from the "
+                                             "gateway's guest agent (attested) or from the files")
 
 
 def _first_hosts(network):

@@ -49,13 +49,15 @@ from multiprocessing import connection as mp_connection
 
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
 from ansible_collections.dstack.tee.agents.gateway.proxy import GatewayProxy, ProxySettings, StoreRouter, server_contexts
-from ansible_collections.dstack.tee.plugins.module_utils import wireguard
+from ansible_collections.dstack.tee.plugins.module_utils import guest_client, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 
 log = logging.getLogger("dstack.gateway")
 
 KEY_FILE = "wireguard.key"
+RA_TLS_CERT_FILE, RA_TLS_KEY_FILE = "rpc-ra-tls.crt", "rpc-ra-tls.key"
+GUEST_AGENT_WAIT = 120.0      # how long serve waits for its CVM's guest agent to have booted (keys from the KMS)
 HANDSHAKE_REFRESH = 30.0      # at most this long between reads of the handshakes (the data plane orders by them)
 SUPERVISE_TICK = 1.0          # how often wireguard-go (not a forked child) is checked
 START_TIMEOUT = 60.0
@@ -109,6 +111,43 @@ def load_config(path, overrides=None):
         raise DstackError("core.wg.public_key", f"is not the public half of {key_file}, the key serve uses when "
                                                 "core.wg.private_key is not set")
     return gateway_config.load_config(path, overrides=dict(overrides, **{"core.wg.private_key": key}))
+
+
+def attested_rpc_certificate(config, wait=GUEST_AGENT_WAIT):
+    """With rpc.guest_agent: the control and Admin APIs' certificate from the guest agent of the
+    gateway's own CVM (GetTlsKey with usage_ra_tls: the KMS signs it, the quote of the gateway's
+    boot is in it), written to the state directory (0600) and set as rpc.cert and rpc.key. This is
+    the gateway's attested identity: a CVM registers only with a gateway whose certificate names
+    the KMS's gateway_app_id. Asked again at every start; the guest agent may still be booting, so
+    it is retried for `wait` seconds."""
+    rpc, state_dir = config["rpc"], config["core"]["state_dir"]
+    if not rpc["guest_agent"]:
+        return
+    params = {"subject": config["core"]["rpc_domain"] or "dstack-gateway", "alt_names": rpc["cert_names"], "usage_ra_tls": True,
+              "usage_server_auth": True, "usage_client_auth": False}
+    deadline, said = time.monotonic() + wait, ""
+    while True:
+        try:
+            answer = guest_client.call(rpc["guest_agent"], "GetTlsKey", params, field="rpc.guest_agent")
+            chain, key = answer["certificate_chain"], answer["key"]
+            break
+        except DstackError as exc:
+            if time.monotonic() > deadline:
+                raise DstackError("rpc.guest_agent", f"no RA-TLS certificate within {wait:.0f} s: {exc.reason}") from None
+            if exc.reason != said:
+                log.info("waiting for the gateway CVM's guest agent (%s)", exc.reason)
+                said = exc.reason
+            time.sleep(1.0)
+        except (KeyError, TypeError):
+            raise DstackError("rpc.guest_agent", "GetTlsKey answered without certificate_chain and key") from None
+    with open(rpc["kms_root_ca"], encoding="utf-8") as handle:
+        root = handle.read().strip()
+    served = [pem for pem in chain if pem.strip() != root]  # the CVMs have the root; serve leaf and app CA
+    cert_path, key_path = os.path.join(state_dir, RA_TLS_CERT_FILE), os.path.join(state_dir, RA_TLS_KEY_FILE)
+    atomic_write(key_path, key.encode(), mode=0o600)
+    atomic_write(cert_path, "".join(pem if pem.endswith("\n") else pem + "\n" for pem in served).encode(), mode=0o600)
+    rpc["cert"], rpc["key"] = cert_path, key_path
+    log.info("control API certificate: RA-TLS from the gateway CVM's guest agent %s (%s)", rpc["guest_agent"], cert_path)
 
 
 def check_serving(config):
@@ -422,6 +461,7 @@ class Supervisor:
 def serve(config_path, overrides=None):
     """`dstack-gateway serve`: load, check, and run until stopped."""
     config = load_config(config_path, overrides)
+    attested_rpc_certificate(config)
     Supervisor(config).run()
 
 

@@ -5,7 +5,6 @@
 dstack.tee.gateway role with the Python of the venv that holds dstack-gateway).
 
     STATE/tls/ca.key, ca.crt              a local CA (P-256, 10 years), made once
-    STATE/tls/rpc.key, rpc.crt            the control and Admin APIs' server certificate (the names given)
     STATE/tls/wildcard.key, wildcard.crt  *.<base domain>, what the data plane terminates TLS with
     STATE/wireguard.key                   the hub's WireGuard private key (the file `serve` reads)
     STATE/admin-token                     the Admin API token (only with --admin-token-file)
@@ -165,18 +164,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--base-domain", required=True)
-    parser.add_argument("--rpc-name", action="append", default=[], help="a DNS name or IP of the rpc certificate")
     parser.add_argument("--admin-token-file", help="make this token file (0600) when it does not exist")
     parser.add_argument("--check", action="store_true", help="report what would be made, write nothing")
     args = parser.parse_args(argv)
-    if not args.rpc_name:
-        parser.error("--rpc-name: at least one name")
     folder = os.path.join(args.state_dir, "tls")
     made = []
     if not args.check:
         os.makedirs(folder, mode=0o700, exist_ok=True)
     ca = _ensure_ca(folder, args.check, made)
-    _ensure_leaf(folder, "rpc", sorted(set(args.rpc_name)), ca, args.check, made)
     _ensure_leaf(folder, "wildcard", [f"*.{args.base_domain}"], ca, args.check, made)
     wg_public = _ensure_wireguard_key(args.state_dir, args.check, made)
     if args.admin_token_file:
