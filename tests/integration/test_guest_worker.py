@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -23,10 +24,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position
-from conftest import free_port  # noqa: E402
+from conftest import free_port, needs_podman  # noqa: E402
 from test_gateway_serve import needs_ip_netns  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest import netns_ports  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.api import create_app  # noqa: E402
+from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.cli import SIM_VM_CONFIG, simulated_cvm  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.worker import WORKER_PORT, create_worker_app  # noqa: E402
 from ansible_collections.dstack.tee.agents.vmm.backends.base import VmRecord  # noqa: E402
@@ -169,11 +171,11 @@ def _cvm_namespace(tmp_path):
         backend._remove_netns(vm)  # pylint: disable=protected-access
 
 
-def _run_agent(tmp_path, netns, *extra):
+def _run_agent(tmp_path, netns, *extra, engine="none"):
     share = tmp_path / "share" if (tmp_path / "share").exists() else _share(tmp_path)
     argv = [*AGENT, "run", "--config-dir", str(share), "--work-dir", str(tmp_path / "work"), "--tee", "sim",
             "--sim-state", str(tmp_path / "sim"), "--socket", str(tmp_path / "dstack.sock"), "--tappd-socket", "",
-            "--engine", "none", "--netns", netns, *extra]
+            "--engine", engine, "--netns", netns, *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # pylint: disable=consider-using-with
                             start_new_session=True)
 
@@ -358,3 +360,49 @@ def test_a_host_port_in_use_fails_the_run_naming_port_before_anything_starts(tmp
             with pytest.raises(DstackError) as exc:
                 netns_ports.parse_host_port(bad.split("=")[1])
             assert exc.value.field == "--port"
+
+
+@needs_podman
+@needs_ip_netns
+def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, busybox_image):
+    """The real case: the app's container (podman, in the CVM's namespace) publishes CVM port 8080;
+    the VM's port map brings a host port to it, as dstack's port forward brings one to a VM."""
+    share = tmp_path / "share"
+    share.mkdir()
+    app = compose.build(f"""services:
+  web:
+    image: {busybox_image}
+    command: ["/bin/sh", "-c", "mkdir -p /w && echo in-the-cvm > /w/i && exec httpd -f -p 80 -h /w"]
+    ports:
+      - "8080:80"
+""", "worker-podman", key_provider="none")
+    (share / "app-compose.json").write_bytes(compose.render(app))
+    (share / ".sys-config.json").write_text(json.dumps({"vm_config": json.dumps(SIM_VM_CONFIG)}))
+    with contextlib.ExitStack() as cleanup:
+        netns = cleanup.enter_context(_cvm_namespace(tmp_path))
+        host_port = free_port()
+        project = f"dstack-wk{os.getpid()}"
+        cleanup.callback(ComposeRunner(project, str(tmp_path / "work"), engine="podman", netns=netns).down)  # after a failure
+        agent = _run_agent(tmp_path, netns, "--port", f"8080=127.0.0.1:{host_port}", "--project", project, engine="podman")
+        cleanup.callback(lambda: agent.poll() is None and os.killpg(agent.pid, signal.SIGKILL))
+        _wait_booted(tmp_path, agent, timeout=300)
+
+        def fetch():
+            with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/i", timeout=5) as response:
+                return response.read()
+
+        assert _eventually(fetch) == b"in-the-cvm\n"
+        os.killpg(agent.pid, signal.SIGTERM)
+        assert agent.wait(timeout=120) == 0, agent.stderr.read()
+        _refused("127.0.0.1", host_port)
+
+
+def _eventually(call, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
