@@ -264,16 +264,22 @@ def add_run_arguments(parser):
                              "no containers, the workload runs beside the agent)")
     parser.add_argument("--netns", help="the CVM's network namespace (/run/netns/NAME): its WireGuard interface and "
                                         "containers go there (podman); required by the gateway step")
-    parser.add_argument("--worker-port", type=int, default=worker.WORKER_PORT,
+    parser.add_argument("--worker-port", type=_tcp_port, default=worker.WORKER_PORT,
                         help=f"with --netns: the public Worker API's port in the namespace (default {worker.WORKER_PORT})")
+
+
+def _tcp_port(text):
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text[:16]!r} is not a TCP port (1-65535)")
+    return int(text)
 
 
 def _port_map(entries):
     ports = {}
     for entry in entries:
         vm_port, sep, host = entry.partition("=")
-        if not sep or not vm_port.isdigit() or ":" not in host:
-            raise DstackError("--port", f"{entry!r} is not VM_PORT=HOST:PORT")
+        if not sep or not vm_port.isdigit() or not 0 < int(vm_port) < 65536 or ":" not in host:
+            raise DstackError("--port", f"{entry!r} is not VM_PORT=HOST:PORT (VM_PORT 1-65535)")
         ports[int(vm_port)] = host
     return ports
 

@@ -356,6 +356,10 @@ def test_a_host_port_in_use_fails_the_run_naming_port_before_anything_starts(tmp
         inside = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htln"], capture_output=True, text=True,
                                 check=True).stdout
         assert f":{WORKER_PORT} " not in inside                     # and the Worker's socket was let go
+        for bad in (["--port", "70000=127.0.0.1:8080"], ["--port", "8080=127.0.0.1:x"], ["--worker-port", "0"]):
+            refused = _run_agent(tmp_path, netns, *bad)
+            _out, err = refused.communicate(timeout=60)
+            assert refused.returncode == 2 and f"{bad[0]}" in err and "Traceback" not in err, err
         for bad in ("8080=localhost:80", "8080=127.0.0.1:0", "8080=127.0.0.1:x"):
             with pytest.raises(DstackError) as exc:
                 netns_ports.parse_host_port(bad.split("=")[1])
