@@ -259,6 +259,35 @@ def validate(app_compose):
     return app_compose
 
 
+# The app.yml fields roles/app gives app_compose (roles/app/tasks/main.yml, &dstack_app_compose_options);
+# whatever else app.yml holds is not in the app-compose.json it deploys. verify_app reads an app
+# folder through app_yml_options, so that its compose_hash is the deployed one.
+APP_YML_FIELDS = ("allowed_envs", "public_logs", "public_sysinfo", "gateway_enabled", "key_provider",
+                  "no_instance_id", "storage_fs")
+
+
+def app_yml_options(text, field="app.yml"):
+    """(name or None, build options) from an app folder's app.yml text ("" or None: no file), as
+    roles/app reads it."""
+    if not text or not text.strip():
+        return None, {}
+    if yaml is None:
+        raise DstackError(field, "cannot be read: PyYAML is not installed")
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise DstackError(field, "is not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    if spec is None:
+        return None, {}
+    if not isinstance(spec, dict):
+        raise DstackError(field, "must be a YAML mapping of app options")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise DstackError(field, "its name must be a string")
+    return name, {k: spec[k] for k in APP_YML_FIELDS if spec.get(k) is not None}
+
+
 def build(compose_text, name, **options):
     """An app-compose dict from docker-compose text plus options; None options take dstack's defaults.
 

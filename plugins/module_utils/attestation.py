@@ -275,6 +275,32 @@ class QuoteTrust:
                             self.root_ca_der, policy, event_log)
 
 
+def module_trust_argument_spec():
+    """The options of the modules that verify quotes (verify_quote, verify_app), documented once in
+    the doc fragment dstack.tee.quote_trust."""
+    return dict(collateral=dict(type="path"), sim_state_dir=dict(type="path"),
+                allowed_tcb_statuses=dict(type="list", elements="str", default=["UpToDate"]))
+
+
+class ModuleTrust(QuoteTrust):
+    """A QuoteTrust from those options: the simulator's root with sim_state_dir (the simulated
+    default only), else Intel's SGX Root CA; the collateral file when one is given, else the
+    simulator's."""
+
+    def __init__(self, sim_state_dir=None, collateral=None, allowed_tcb_statuses=("UpToDate",)):
+        if not sim_state_dir and not collateral:
+            raise DstackError("collateral", "is required (a DCAP collateral JSON file) unless sim_state_dir "
+                                            "names the simulated TDX to trust")
+        if sim_state_dir and not os.path.isfile(os.path.join(sim_state_dir, "root-ca.crt")):
+            # SimTdx would make a new simulated installation there: a verifier trusts an existing one
+            raise DstackError("sim_state_dir", f"{sim_state_dir} holds no simulated TDX (no root-ca.crt)")
+        super().__init__({"mode": "simulation" if sim_state_dir else "production", "sim_state_dir": sim_state_dir,
+                          "collateral": collateral, "allowed_tcb_statuses": allowed_tcb_statuses}, "")
+
+    def collateral(self, raw_quote):
+        return self.settings["collateral"] or super().collateral(raw_quote)
+
+
 # ---- the verifier -----------------------------------------------------------------------------
 
 def measured_kms(boot_info, key_provider_id):

@@ -184,24 +184,33 @@ class Verifier:
             raise Refused(self.field, "is not for server authentication (GetTlsKey usage_server_auth)")
 
     def _attested_boot(self, leaf):
-        raw = _extension(leaf, app_certs.OID_ATTESTATION)
-        if raw is None:
-            raise Refused("attestation", "the certificate has no attestation extension (GetTlsKey usage_ra_tls)")
-        try:
-            doc = app_certs.parse_attestation_document(raw)
-        except DstackError as exc:
-            raise Refused(exc.field, exc.reason) from None
-        expected = app_certs.ratls_report_data(leaf.public_key())
-        if doc["report_data"] != expected:
-            raise Refused("attestation.report_data", "is not SHA-512(\"ratls-cert:\" || this certificate's key): "
-                                                     "the attestation is of another key")
-        result = self.trust.verify(doc["quote"], doc["event_log"], expected)
-        if not result.ok:
-            failed = result.failures[0]
-            raise Refused("attestation", f"{failed.name}: {failed.detail}")
-        if doc["attestation_mode"] != result.attestation_mode:
-            raise Refused("attestation.attestation_mode", f"says {doc['attestation_mode'][:20]!r}; the quote is "
-                                                          f"{result.attestation_mode}")
-        if self.trust.mode == "production" and result.attestation_mode != attestation.MODE_TDX:
-            raise Refused("attestation", "production refuses quotes that chain to a simulated root")
-        return dict(result.boot_info)
+        return attested_boot(leaf, self.trust)
+
+
+def attested_boot(leaf, trust):
+    """The boot info a certificate's attestation extension (.1.8) proves, checked as Verifier's
+    step 2: report_data is SHA-512("ratls-cert:" || the leaf's SPKI), the quote and event log pass
+    `trust` (an attestation.QuoteTrust), the document's attestation_mode is the quote's, production
+    refuses simulated quotes. The chain and the app-id extension are the caller's to check
+    (Verifier, or verify_app's TLS check under its own CA). Refused otherwise, naming the check."""
+    raw = _extension(leaf, app_certs.OID_ATTESTATION)
+    if raw is None:
+        raise Refused("attestation", "the certificate has no attestation extension (GetTlsKey usage_ra_tls)")
+    try:
+        doc = app_certs.parse_attestation_document(raw)
+    except DstackError as exc:
+        raise Refused(exc.field, exc.reason) from None
+    expected = app_certs.ratls_report_data(leaf.public_key())
+    if doc["report_data"] != expected:
+        raise Refused("attestation.report_data", "is not SHA-512(\"ratls-cert:\" || this certificate's key): "
+                                                 "the attestation is of another key")
+    result = trust.verify(doc["quote"], doc["event_log"], expected)
+    if not result.ok:
+        failed = result.failures[0]
+        raise Refused("attestation", f"{failed.name}: {failed.detail}")
+    if doc["attestation_mode"] != result.attestation_mode:
+        raise Refused("attestation.attestation_mode", f"says {doc['attestation_mode'][:20]!r}; the quote is "
+                                                      f"{result.attestation_mode}")
+    if trust.mode == "production" and result.attestation_mode != attestation.MODE_TDX:
+        raise Refused("attestation", "production refuses quotes that chain to a simulated root")
+    return dict(result.boot_info)

@@ -32,25 +32,15 @@ options:
   quote_file:
     description: A GetQuote response JSON (or raw quote) to verify instead.
     type: path
-  collateral:
-    description: DCAP collateral JSON file. Not needed with O(sim_state_dir) (the simulator makes it).
-    type: path
-  sim_state_dir:
-    description: Trust the simulated TDX of this state directory (the simulated default only).
-    type: path
   expected_compose_hash:
     description: The compose_hash the quote's event log must show.
     type: str
   expected_app_id:
     description: The app_id the quote's event log must show.
     type: str
-  allowed_tcb_statuses:
-    description: TCB statuses to accept.
-    type: list
-    elements: str
-    default: [UpToDate]
 extends_documentation_fragment:
   - dstack.tee.attributes
+  - dstack.tee.quote_trust
 """
 
 EXAMPLES = r"""
@@ -100,11 +90,9 @@ def main():
         argument_spec=dict(
             socket=dict(type="path"),
             quote_file=dict(type="path"),
-            collateral=dict(type="path"),
-            sim_state_dir=dict(type="path"),
             expected_compose_hash=dict(type="str"),
             expected_app_id=dict(type="str"),
-            allowed_tcb_statuses=dict(type="list", elements="str", default=["UpToDate"]),
+            **attestation.module_trust_argument_spec(),
         ),
         mutually_exclusive=[("socket", "quote_file")],
         required_one_of=[("socket", "quote_file"), ("collateral", "sim_state_dir")],
@@ -123,17 +111,8 @@ def main():
                 answer = json.loads(handle.read())
             expected_report_data = None
         quote = parse_hex(answer.get("quote", ""), "quote")
-        root = None
-        if p["sim_state_dir"]:
-            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
-            sim = SimTdx(p["sim_state_dir"])
-            root = sim.root_ca_der
-            collateral = p["collateral"] or sim.collateral()
-        else:
-            collateral = p["collateral"]
-        policy = attestation.Policy(allowed_tcb_statuses=tuple(p["allowed_tcb_statuses"]),
-                                    expected_report_data=expected_report_data, require_event_log=True)
-        result = attestation.verify_quote(quote, collateral, root, policy, answer.get("event_log"))
+        trust = attestation.ModuleTrust(p["sim_state_dir"], p["collateral"], tuple(p["allowed_tcb_statuses"]))
+        result = trust.verify(quote, answer.get("event_log"), expected_report_data)
     except (DstackError, OSError, ValueError) as exc:
         module.fail_json(msg=str(exc), field=getattr(exc, "field", "quote"))
     info = result.boot_info
