@@ -9,7 +9,10 @@ dstack's keys where they exist (dstack-reference 3; durations as "5s", "10m", "5
     [core.wg]           private_key (base64; or public_key alone: the control plane needs only
                         the public half), public_key, ip ("10.0.0.1/24"), reserved_net (list),
                         client_ip_range ("10.0.0.0/25"), listen_port, interface, endpoint (required:
-                        the HOST:PORT CVMs reach the gateway's WireGuard on)
+                        the HOST:PORT CVMs reach the gateway's WireGuard on); ours: netns (the
+                        interface in this network namespace, made when missing, while its UDP
+                        port and the gateway's listeners stay in serve's: the CVMs' tunnel
+                        addresses are then reachable only through the gateway)
     [core.proxy]        listen_addr, listen_port, external_port, base_domain, agent_port,
                         connect_top_n, max_connections_per_app (per routed id), app_address_ns_prefix,
                         cert_chain, cert_key, inbound_pp_enabled, workers
@@ -49,6 +52,11 @@ MODES = ("production", "simulation")
 
 
 # ---- one checker per kind of value: (value, key) -> the normalized value ---------------------
+
+def _netns(value, key):
+    text = _text(value, key)
+    return wireguard.check_netns_name(text, key) if text else text
+
 
 def _text(value, key):
     if not isinstance(value, str):
@@ -177,6 +185,7 @@ SCHEMA = {
             "interface": (_text, "wg0"),
             "endpoint": (_host_port, REQUIRED),
             "config_path": (_text, ""),
+            "netns": (_netns, ""),
         },
         "proxy": {
             "listen_addr": (_text, "0.0.0.0"),

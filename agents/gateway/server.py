@@ -225,6 +225,10 @@ def _proxy_main(config, store, ready):
     async def serve():
         proxy = GatewayProxy(settings, StoreRouter(store), tls, tls_h2)
         await proxy.start()
+        if config["core"]["wg"]["netns"]:
+            # Listening where serve runs, connecting from where the tunnels are: this loop's thread
+            # (the only one that connects) enters the WireGuard namespace.
+            wireguard.enter_netns(config["core"]["wg"]["netns"])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -318,10 +322,16 @@ class Supervisor:
 
     def _bring_up_wireguard(self):
         wg = self.config["core"]["wg"]
-        self.interface = wireguard.WgInterface(wg["interface"], wireguard_go=self.wireguard_go)
+        if wg["netns"] and not wireguard.netns_exists(wg["netns"]):
+            wireguard.netns_add(wg["netns"])
+            wireguard.configure_link("lo", wg["netns"])
+            log.info("WireGuard: made the network namespace %s (the CVMs' tunnel addresses live there only)", wg["netns"])
+        self.interface = wireguard.WgInterface(wg["interface"], wireguard_go=self.wireguard_go,
+                                               link_netns=wg["netns"] or None)
         self.hub = self.interface.up(address=wg["ip"], private_key=wg["private_key"], listen_port=wg["listen_port"])
-        log.info("WireGuard: %s up at %s, UDP port %s, public key %s (wireguard-go pid %s)", wg["interface"], wg["ip"],
-                 wg["listen_port"], wg["public_key"], self.interface.process.pid)
+        log.info("WireGuard: %s up at %s%s, UDP port %s, public key %s (wireguard-go pid %s)", wg["interface"], wg["ip"],
+                 f" in netns {wg['netns']}" if wg["netns"] else "", wg["listen_port"], wg["public_key"],
+                 self.interface.process.pid)
 
     def _restore_peers(self):
         """The interface's peers: exactly the store's, each at its last known endpoint."""

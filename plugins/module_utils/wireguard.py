@@ -464,6 +464,39 @@ def configure_link(name, netns=None, address=None, mtu=None, up=True):
             raise _netlink_error("address" if iface is not None else "link", exc) from None
 
 
+def move_link(name, netns, to_netns):
+    """Move a link from namespace `netns` (None: this one) into namespace `to_netns`."""
+    check_interface_name(name, "link")
+    check_netns_name(to_netns)
+    if not netns_exists(to_netns):
+        raise DstackError("netns", f"no network namespace {to_netns}")
+    with _open_ns(netns) as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            raise DstackError("link", f"no link {name} in {netns or 'this namespace'}")
+        try:
+            ipr.link("set", index=found[0], net_ns_fd=to_netns)
+        except NetlinkError as exc:
+            raise _netlink_error("link", exc) from None
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(netns):
+    """Move the calling thread into network namespace NAME (setns(2) changes that thread only: a
+    short thread can make a socket there, a single-threaded child can live there)."""
+    import ctypes  # pylint: disable=import-outside-toplevel
+    fd = os.open(os.path.join("/var/run/netns", check_netns_name(netns)), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
+
+
 def delete_link(name, netns=None):
     """Delete a link (a veth pair goes with either end). Nothing if it or its namespace is gone."""
     check_interface_name(name, "link")
@@ -511,11 +544,17 @@ class WgInterface:
     address, MTU and link state; down() stops it and removes what is left (the link, the socket).
     A failed up() leaves nothing behind. The UAPI socket directory is the same for every namespace,
     so interface names must be unique across namespaces.
+
+    link_netns: move the interface into this namespace once wireguard-go made it, while its UDP
+    socket stays where wireguard-go runs (`netns`). The namespace trick of WireGuard: the tunnel's
+    addresses are reachable only from inside link_netns (the gateway keeps the CVMs' tunnel
+    addresses out of its host's namespace), the encrypted packets travel on the outer network.
     """
 
-    def __init__(self, name, netns=None, socket_dir=UAPI_SOCKET_DIR, wireguard_go="wireguard-go"):
+    def __init__(self, name, netns=None, socket_dir=UAPI_SOCKET_DIR, wireguard_go="wireguard-go", link_netns=None):
         self.name = check_interface_name(name)
         self.netns = None if netns is None else check_netns_name(netns)
+        self.link_netns = self.netns if link_netns is None else check_netns_name(link_netns)
         self.wireguard_go = wireguard_go
         self.uapi = Uapi(self.name, socket_dir)
         self.process = None
@@ -523,7 +562,7 @@ class WgInterface:
         self._owned = False  # set once our wireguard-go runs: only then is the name's link ours
 
     def __repr__(self):
-        return f"WgInterface({self.name!r}, netns={self.netns!r})"
+        return f"WgInterface({self.name!r}, netns={self.netns!r}, link_netns={self.link_netns!r})"
 
     def __enter__(self):
         return self
@@ -552,16 +591,20 @@ class WgInterface:
             parse_key(private_key, "private_key")
         if listen_port is not None:
             _port(listen_port, "listen_port", allow_zero=True)
-        if self.netns is not None and not netns_exists(self.netns):
-            raise DstackError("netns", f"no network namespace {self.netns}")
+        for netns in dict.fromkeys((self.netns, self.link_netns)):
+            if netns is not None and not netns_exists(netns):
+                raise DstackError("netns", f"no network namespace {netns}")
         if self._socket_answers():
             raise DstackError("interface", f"{self.name} is in use: a WireGuard UAPI socket answers at {self.uapi.path}")
-        if link_exists(self.name, self.netns):
-            raise DstackError("interface", f"a link named {self.name} exists in {self.netns or 'this namespace'}")
+        for netns in dict.fromkeys((self.netns, self.link_netns)):
+            if link_exists(self.name, netns):
+                raise DstackError("interface", f"a link named {self.name} exists in {netns or 'this namespace'}")
         self._start(timeout)
         try:
             self.uapi.set_device(private_key=private_key, listen_port=listen_port)
-            configure_link(self.name, self.netns, address=address, mtu=mtu, up=True)
+            if self.link_netns != self.netns:
+                move_link(self.name, self.netns, self.link_netns)
+            configure_link(self.name, self.link_netns, address=address, mtu=mtu, up=True)
         except BaseException:
             self.down()
             raise
@@ -626,7 +669,8 @@ class WgInterface:
             self._stderr.close()
             self._stderr = None
         if HAS_PYROUTE2:
-            delete_link(self.name, self.netns)
+            for netns in dict.fromkeys((self.link_netns, self.netns)):
+                delete_link(self.name, netns)
         # A socket left by our stopped process (none answered before we started).
         if not self._socket_answers():
             try:

@@ -412,3 +412,48 @@ def test_cleanup_after_a_failure_leaves_nothing():
     assert not wireguard.netns_exists(seen["names"]["ns_b"])
     assert not wireguard.link_exists(seen["names"]["veth_a"])
     assert not wireguard.link_exists(seen["names"]["wg_a"])
+
+
+def test_link_netns_puts_the_tunnel_in_its_own_namespace_and_the_udp_port_outside():
+    """The gateway's namespace trick: wireguard-go (and its UDP port) in ns_a, the interface moved
+    into an inner namespace. The CVM's tunnel address answers from the inner namespace only; the
+    encrypted packets still go out through ns_a; down() removes the moved link."""
+    made = names()
+    inner = made["ns_a"] + "-in"
+    with contextlib.ExitStack() as stack:
+        for ns in (made["ns_a"], made["ns_b"], inner):
+            stack.callback(wireguard.netns_remove, ns)
+            wireguard.netns_add(ns)
+        wireguard.configure_link("lo", inner)
+        wireguard.veth_pair(made["veth_a"], made["ns_a"], made["veth_b"], made["ns_b"])
+        wireguard.configure_link(made["veth_a"], made["ns_a"], address=f"{UNDERLAY[0]}/24")
+        wireguard.configure_link(made["veth_b"], made["ns_b"], address=f"{UNDERLAY[1]}/24")
+        topo = Topology(made)
+        topo.wg_a = WgInterface(made["wg_a"], netns=made["ns_a"], link_netns=inner)
+        stack.callback(topo.wg_a.down)
+        topo.wg_a.up(f"{TUNNEL[0]}/24", private_key=topo.key_a, listen_port=WG_PORT)
+        assert wireguard.link_exists(made["wg_a"], inner) and not wireguard.link_exists(made["wg_a"], made["ns_a"])
+        stack.callback(topo.wg_b.down)
+        topo.wg_b.up(f"{TUNNEL[1]}/24", private_key=topo.key_b, listen_port=WG_PORT)
+        topo.echo = subprocess.Popen(  # pylint: disable=consider-using-with
+            wireguard.netns_exec_argv(made["ns_b"], [sys.executable, "-c", ECHO_SERVER, TUNNEL[1], str(ECHO_PORT)]),
+            stdout=subprocess.PIPE, text=True)
+        stack.callback(_stop, topo.echo)
+        assert topo.echo.stdout.readline().strip() == "ready"
+        topo.link_up_both_ways()
+
+        def connect_from(netns, timeout):
+            return subprocess.run(wireguard.netns_exec_argv(netns, [sys.executable, "-c", CLIENT, TUNNEL[1],
+                                                                    str(ECHO_PORT), str(timeout)]),
+                                  capture_output=True, text=True, timeout=timeout + 10, check=False)
+
+        answer = next((done.stdout.strip() for done in (connect_from(inner, 3.0) for _ in range(3))
+                       if done.returncode == 0), None)
+        assert answer == f"olleh from {TUNNEL[0]}"
+        # The packets went through ns_a's UDP port: B learned A's endpoint on the underlay.
+        assert peers_by_key(topo.b)[topo.pub_a].endpoint == f"{UNDERLAY[0]}:{WG_PORT}"
+        # From the namespace wireguard-go runs in, the tunnel address is not there at all.
+        assert connect_from(made["ns_a"], 1.0).returncode != 0
+        topo.wg_a.down()
+        assert not wireguard.link_exists(made["wg_a"], inner)
+        assert not Path(topo.a.path).exists()
