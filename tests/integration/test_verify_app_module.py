@@ -11,6 +11,7 @@ deliver it). Tests then re-route it: the Worker of another CVM, a replayed answe
 
 import datetime
 import json
+import os
 import ssl
 import sys
 import threading
@@ -374,8 +375,9 @@ def test_bad_input_names_the_option(w, tmp_path):
 
 
 def test_the_playbook(w):
+    # A relative app_dir is the shell's (ansible-playbook runs in ROOT), not the module's folder's.
     proc = run_playbook(ROOT / "playbooks" / "verify-app.yml", "-e", f"app_url={url(w, w['ids']['a'])}",
-                        "-e", f"app_dir={w['app_dir']}", "-e", f"ca_cert={w['base'] / 'ca.crt'}",
+                        "-e", f"app_dir={os.path.relpath(w['app_dir'], ROOT)}", "-e", f"ca_cert={w['base'] / 'ca.crt'}",
                         "-e", f"sim_state_dir={w['sim'].state_dir}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert f"CVM:           app {w['app_a']['app_id']}" in proc.stdout
