@@ -53,9 +53,9 @@ options:
   app_dir:
     description:
       - An app folder as C(deploy-app.yml) takes it, C(docker-compose.yaml) and an optional
-        C(app.yml) (C(name), C(allowed_envs), C(public_logs), C(public_sysinfo),
-        C(gateway_enabled), C(key_provider), C(no_instance_id), C(storage_fs): the fields the
-        C(dstack.tee.app) role renders). The name is C(app.yml)'s, else the folder's name.
+        C(app.yml). Of C(app.yml), the fields the C(dstack.tee.app) role renders are read, C(name),
+        C(allowed_envs), C(public_logs), C(public_sysinfo), C(gateway_enabled), C(key_provider),
+        C(no_instance_id) and C(storage_fs). The name is C(app.yml)'s, else the folder's name.
     type: path
   name:
     description: The app name, as the deploy gave it (wins over C(app.yml)'s).
@@ -96,7 +96,9 @@ options:
       - When unset, the URL's id must be the attested app_id or the attested instance_id.
     type: str
   wait_timeout:
-    description: Seconds to keep retrying while the URL does not answer yet (refused, an id the gateway does not route yet, HTTP 502-504).
+    description:
+      - Seconds to keep retrying while the URL does not answer yet (connection refused, an id the
+        gateway does not route yet, HTTP 502 to 504).
     type: int
     default: 0
   timeout:
@@ -145,7 +147,9 @@ checks:
   elements: dict
   contains:
     name:
-      description: C(worker), the verifier's checks (C(dcap), C(tcb_status), C(report_data), C(rtmr3_replay), ...), C(compose_hash), C(app_id) or C(instance_id), C(tls), C(app).
+      description:
+        - C(worker), the verifier's checks (C(dcap), C(tcb_status), C(report_data), C(rtmr3_replay), ...),
+          C(compose_hash), C(app_id) or C(instance_id), C(tls), C(app).
       type: str
     ok:
       description: Whether it passed.
