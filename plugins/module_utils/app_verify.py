@@ -276,4 +276,4 @@ class AppCheck:
         return dict(ok=self.ok, checks=[c.to_dict() for c in self.checks], app_id=self.boot.get("app_id", ""),
                     instance_id=self.boot.get("instance_id", ""), compose_hash=self.boot.get("compose_hash", ""),
                     local_compose_hash=self.local.compose_hash, tcb_status=v.tcb_status if v else "",
-                    attestation_mode=v.attestation_mode if v else "", report=self.report())
+                    attestation_mode=v.attestation_mode if v else "", boot_info=dict(self.boot), report=self.report())

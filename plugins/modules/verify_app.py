@@ -181,6 +181,12 @@ attestation_mode:
   description: V(dstack-tdx) or V(dstack-sim).
   returned: when the Worker answered with a quote
   type: str
+boot_info:
+  description:
+    - What the verified quote and event log say (as M(dstack.tee.verify_quote) returns it), for
+      comparisons this module does not make, such as os_image_hash, mr_aggregated, mrtd, rtmr0 to rtmr2.
+  returned: when the Worker answered with a quote
+  type: dict
 report:
   description: Short lines for a person.
   returned: always

@@ -212,6 +212,7 @@ def test_the_right_compose_passes_and_check_mode_checks_the_same(w):
     assert result["local_compose_hash"] == w["app_a"]["compose_hash"]  # app.yml read as the deploy read it
     assert result["instance_id"] == w["ids"]["instance_a"]
     assert result["attestation_mode"] == "dstack-sim" and result["tcb_status"] == "UpToDate"
+    assert result["boot_info"]["os_image_hash"] == OS_IMAGE  # for comparisons the module does not make
     checks = {c["name"]: c for c in result["checks"]}
     for name in ("worker", "dcap", "tcb_status", "report_data", "event_log", "rtmr3_replay", "compose_hash",
                  "app_id", "tls", "app"):
