@@ -121,8 +121,9 @@ class GatewayLink:
             # render_wg_quick checked every field of the answer already (Registration.wg_quick).
             gateway_ip = str(server["ip"]).split("/", 1)[0]
             prefix = f"{gateway_ip}/{32 if ':' not in gateway_ip else 128}"
+            endpoint = _resolved(server["endpoint"], f"answer.wg.servers[{i}].endpoint")
             peers.append(wireguard.Peer(public_key=server["pk"], allowed_ips=[prefix],
-                                        endpoint=_resolved(server["endpoint"], f"answer.wg.servers[{i}].endpoint"),
+                                        endpoint=_host_loopback(endpoint, self.netns),
                                         persistent_keepalive=wireguard.CVM_KEEPALIVE))
             routes.append(prefix)
         address = f"{registration.client_ip}/{32 if ':' not in registration.client_ip else 128}"
@@ -204,6 +205,22 @@ def _resolved(endpoint, field_name):
         raise DstackError(field_name, f"cannot resolve {host}: {exc}") from None
     family, _type, _proto, _name, sockaddr = infos[0]
     return f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+
+
+def _host_loopback(endpoint, netns):
+    """A loopback endpoint (a gateway on this host, e.g. the simulated default's 127.0.0.1:51830)
+    as seen from the CVM's namespace: the host's side of its veth, the namespace's default route,
+    as a VM on QEMU's user network reaches the host's loopback at its gateway (10.0.2.2)."""
+    host, _sep, port = endpoint.rpartition(":")
+    if not ipaddress.ip_address(host.strip("[]")).is_loopback:
+        return endpoint
+    done = subprocess.run(["ip", "-n", netns, "-4", "route", "show", "default"], capture_output=True, text=True,
+                          timeout=10, check=False)
+    words = done.stdout.split()
+    if done.returncode != 0 or "via" not in words:
+        raise DstackError("endpoint", f"the gateway is at {endpoint}, on this host's loopback, and the namespace {netns} "
+                                      "has no default route to the host")
+    return f"{words[words.index('via') + 1]}:{port}"
 
 
 def _ip_route(netns, prefix, interface):

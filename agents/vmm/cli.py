@@ -47,7 +47,8 @@ def load_config(args):
              "max_allocable_memory_in_mb": args.max_memory_mb, "max_disk_size_gb": args.max_disk_size_gb,
              "max_name_length": args.max_name_length, "max_cvm_number": args.max_cvm_number,
              "max_log_followers": args.max_log_followers, "api_threads": args.api_threads,
-             "cvm_netns": True if getattr(args, "cvm_netns", False) else None}
+             "cvm_netns": True if getattr(args, "cvm_netns", False) else None,
+             "gateway_urls": getattr(args, "gateway_url", None) or None}
     config.update({k: v for k, v in flags.items() if v is not None})
     if os.environ.get("DSTACK_VMM_TOKENS") and not config.get("auth_tokens"):
         config["auth_tokens"] = [t for t in os.environ["DSTACK_VMM_TOKENS"].split(",") if t]
@@ -117,6 +118,8 @@ def build_parser():
     serve.add_argument("--sim-state", help="the simulated TDX state directory (process backend)")
     serve.add_argument("--token", action="append", help="an API token (repeatable)")
     serve.add_argument("--base-domain", help="the gateway's base domain, for app URLs")
+    serve.add_argument("--gateway-url", action="append",
+                       help="a gateway's control API the CVMs register with (.sys-config.json gateway_urls; repeatable)")
     serve.add_argument("--os-image-hash", help="the OS image hash the CVMs report (vm_config)")
     serve.add_argument("--server-name", action="append",
                        help="a name this VMM is reached by (Host header), besides its listen address and localhost "

@@ -1,16 +1,22 @@
 """The README's main command end to end: site.yml + deploy-app.yml on the simulated default.
 
-Runs `playbooks/demo.yml` for real (KMS and VMM under supervisord, the CVM as a supervised guest
-agent with podman), in a short temporary root with its own ports, then: a second run changes
-nothing, check mode changes nothing, the quote verifies with dstack-verify and names the local
-compose_hash, a compose change deploys as an update of the same instance, and bad input is
+Runs `playbooks/demo.yml` for real (KMS, gateway and VMM under supervisord, the CVM as a
+supervised guest agent with podman in its own network namespace, registered with the gateway over
+WireGuard), in a short temporary root with its own ports, interface and namespace names, then:
+the app answers at its https URL through the gateway and not on its WireGuard address from outside
+the gateway's namespace, verify-app.yml passes on it and fails on a changed compose file, a second
+run changes nothing, check mode changes nothing, the quote verifies with dstack-verify and names the
+local compose_hash, a compose change deploys as an update of the same instance, and bad input is
 refused before anything is made.
 """
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -20,12 +26,15 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port, needs_podman, run_playbook
+from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
 BIN = Path(sys.executable).parent
 TOKEN = "demo-vmm-token"
+BASE = "dstack.localhost"
+HELLO = "Hello from a confidential VM"
 
 
 def _recap(output):
@@ -39,14 +48,51 @@ def demo_root():
     root = Path(tempfile.mkdtemp(prefix="dd-", dir="/tmp"))
     app = root / "hello"
     shutil.copytree(ROOT / "examples" / "hello", app)
-    ports = {"kms": free_port(), "vmm": free_port(), "app": free_port()}
+    ports = {"kms": free_port(), "vmm": free_port(), "app": free_port(), "rpc": free_port(), "admin": free_port(),
+             "proxy": free_port(), "wg": _free_udp_port()}
+    # The gateway's interface and namespace, named for this run (a running demo keeps its own).
+    gateway_names = {"interface": f"ddg{os.getpid() % 100000}", "netns": f"dstack-test-gw-{os.getpid()}"}
     (app / "app.yml").write_text((app / "app.yml").read_text().replace("host_port: 8080", f"host_port: {ports['app']}"))
     extra = ["-e", f"dstack_root={root}", "-e", f"dstack_kms_listen=127.0.0.1:{ports['kms']}",
              "-e", f"dstack_kms_url=https://127.0.0.1:{ports['kms']}", "-e", f"dstack_vmm_listen=127.0.0.1:{ports['vmm']}",
-             "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}", "-e", json.dumps({"dstack_vmm_tokens": [TOKEN]})]
+             "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}", "-e", json.dumps({"dstack_vmm_tokens": [TOKEN]}),
+             "-e", json.dumps({"dstack_gateway_rpc_listen": f"127.0.0.1:{ports['rpc']}",
+                               "dstack_gateway_admin_listen": f"127.0.0.1:{ports['admin']}",
+                               "dstack_gateway_proxy_listen_addr": "127.0.0.1",
+                               "dstack_gateway_proxy_listen_port": ports["proxy"], "dstack_gateway_wg_listen_port": ports["wg"],
+                               "dstack_gateway_wg_interface": gateway_names["interface"],
+                               "dstack_gateway_wg_netns": gateway_names["netns"]})]
     yield root, app, ports, extra
     _teardown(root, ports)
+    wireguard.netns_remove(gateway_names["netns"])
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        return sock.getsockname()[1]
+
+
+def _https_get(port, host, cafile):
+    """GET / from the gateway's data plane at 127.0.0.1:port with SNI `host`, checked under cafile."""
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as conn:
+        conn.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return b"".join(iter(lambda: conn.recv(65536), b"")).decode(errors="replace")
+
+
+GET_FROM = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], 80), timeout=3) as conn:
+        conn.settimeout(3)
+        conn.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        print(b"".join(iter(lambda: conn.recv(65536), b"")).decode(errors="replace"))
+except OSError as exc:
+    print("no answer:", exc)
+"""
 
 
 def _teardown(root, ports):
@@ -80,12 +126,40 @@ def test_demo_deploys_verifies_and_updates(demo_root):
     assert "verified, dstack-sim, TCB UpToDate" in first.stdout and "compose_hash matches" in first.stdout
     with urllib.request.urlopen(f"http://127.0.0.1:{ports['app']}/", timeout=10) as response:
         page = response.read().decode()
-    assert "Hello from a confidential VM" in page and "App key fingerprint" in page and "(no key" not in page
+    assert HELLO in page and "App key fingerprint" in page and "(no key" not in page
     for secret in ("demo-token-0123456789", "dropped-by-the-guest"):
         assert secret not in first.stdout + first.stderr
 
-    # The quote from the CVM's socket verifies with dstack-verify, and names the local compose_hash.
+    # Through the gateway: the URL it printed, verified from outside by the deploy itself.
+    app_id = compose_hash[:40]
+    url = f"https://{app_id}.{BASE}:{ports['proxy']}/"
+    assert f"url:            {url}" in first.stdout, first.stdout[-3000:]
+    assert re.search(r"via the gateway: .*all \d+ checks passed", first.stdout, re.S), first.stdout[-3000:]
+    gateway_ca = str(root / "gateway" / "tls" / "ca.crt")
+    answer = _https_get(ports["proxy"], f"{app_id}.{BASE}", gateway_ca)
+    assert answer.startswith("HTTP/1.1 200") and HELLO in answer, answer[:500]
+    # The CVM's WireGuard address answers inside the gateway's namespace, and not from the host's.
     vm = _vmm(ports, "Status")["vms"][0]
+    wg_ip = _gateway_hosts(root, ports)[vm["instance_id"]]
+    inside = subprocess.run(wireguard.netns_exec_argv(_gateway_netns(extra), [sys.executable, "-c", GET_FROM, wg_ip]),
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    assert HELLO in inside, inside[:500]
+    outside = subprocess.run([sys.executable, "-c", GET_FROM, wg_ip], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    assert HELLO not in outside, outside[:500]
+
+    # verify-app.yml, as an outsider runs it: passes on the app, fails naming compose_hash on a changed compose.
+    verify = ["-e", f"app_url={url}", "-e", f"ca_cert={gateway_ca}", "-e", f"sim_state_dir={root / 'kms' / 'tdx-sim'}"]
+    passed = run_playbook(ROOT / "playbooks" / "verify-app.yml", *verify, "-e", f"app_dir={app}")
+    assert passed.returncode == 0 and "checks passed" in passed.stdout, passed.stdout[-3000:]
+    changed = root / "changed"
+    shutil.copytree(app, changed)
+    (changed / "docker-compose.yaml").write_text((app / "docker-compose.yaml").read_text() + "# changed\n")
+    failed = run_playbook(ROOT / "playbooks" / "verify-app.yml", *verify, "-e", f"app_dir={changed}")
+    assert failed.returncode != 0 and "compose_hash" in failed.stdout, failed.stdout[-3000:]
+    shutil.rmtree(changed)
+
+    # The quote from the CVM's socket verifies with dstack-verify, and names the local compose_hash.
     sock = root / "run" / vm["id"] / "dstack.sock"
     quote = subprocess.run(["curl", "-s", "--unix-socket", str(sock), "-X", "POST", "http://cvm/GetQuote", "-d",
                             '{"report_data": "abcd"}'], capture_output=True, text=True, check=True).stdout
@@ -134,6 +208,21 @@ def test_demo_deploys_verifies_and_updates(demo_root):
     refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={other}")
     assert refused.returncode != 0 and "name: may hold only" in refused.stdout
     assert _state(root, ports) == before
+
+
+def _gateway_netns(extra):
+    return next(json.loads(e)["dstack_gateway_wg_netns"] for e in extra if "dstack_gateway_wg_netns" in e)
+
+
+def _gateway_hosts(root, ports):
+    """Admin.Status's instance_id -> WireGuard address, over the gateway's RA-TLS (under the KMS root)."""
+    context = ssl.create_default_context(cafile=str(root / "gateway" / "kms-root-ca.crt"))
+    context.check_hostname = False
+    token = (root / "gateway" / "admin-token").read_text().strip()
+    request = urllib.request.Request(f"https://127.0.0.1:{ports['admin']}/prpc/Admin.Status", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        return {h["instance_id"]: h["ip"] for h in json.loads(response.read())["hosts"]}
 
 
 def _state(root, ports):
