@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # pylint: disable=wrong-import-position
 from conftest import run_module  # noqa: E402
 from test_gateway_control import ADMIN_TOKEN, Cvm, _allow, _boot  # noqa: E402
-from test_guest_boot import make_share  # noqa: E402
+from test_guest_boot import COMPOSE, make_share  # noqa: E402
 from test_kms import make_kms  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway import server  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.store import Store  # noqa: E402
@@ -65,7 +65,7 @@ needs_ip_netns = pytest.mark.skipif(not _ip_netns_works(),
 
 PID = os.getpid()
 GW_NS, CVM_NS = f"gw-{PID}", f"cvm-{PID}"
-VETH_ROOT, VETH_GW, VETH_GW_CVM, VETH_CVM = (f"{p}{PID}" for p in ("dsr", "dsg", "dsc", "dsv"))
+VETH_ROOT, VETH_GW = f"dsr{PID}", f"dsg{PID}"   # the CVMs' veths: CvmNet
 GW_WG, CVM_WG = f"wgg{PID}", f"wgc{PID}"
 BASE = "dstack.localhost"
 WG_IP, WG_RANGE = "10.77.0.1/24", "10.77.0.0/25"
@@ -158,13 +158,27 @@ def _write_certs(folder, gateway_ips):
 
 # ---- the network --------------------------------------------------------------------------------------
 
-class Network:
-    """The addresses of one topology (the module docstring's picture)."""
+class CvmNet:
+    """One CVM's namespace: its veth to the gateway's namespace, its addresses, its WireGuard
+    interface. The first keeps the names of the module docstring's picture; the k-th (k >= 1)
+    is cvm-<pid>-k with the /30 10.99.X.(4k+4) (interface names stay within 15 bytes)."""
 
-    def __init__(self, third):
+    def __init__(self, index, third):
+        suffix = f"x{index}" if index else ""
+        self.netns = f"{CVM_NS}-{index}" if index else CVM_NS
+        self.veth_gw, self.veth = f"dsc{PID}{suffix}", f"dsv{PID}{suffix}"
+        self.wg = f"wgc{PID}{suffix}"
+        self.gw_ip, self.ip = f"10.99.{third}.{4 * index + 5}", f"10.99.{third}.{4 * index + 6}"
+
+
+class Network:
+    """The addresses of one topology (the module docstring's picture), with `cvms` CVM namespaces."""
+
+    def __init__(self, third, cvms=1):
         prefix = f"10.99.{third}"
         self.root_ip, self.gw_ip = f"{prefix}.1", f"{prefix}.2"              # root <-> gateway
-        self.gw_cvm_ip, self.cvm_ip = f"{prefix}.5", f"{prefix}.6"          # gateway <-> CVM
+        self.cvms = [CvmNet(index, third) for index in range(cvms)]
+        self.gw_cvm_ip, self.cvm_ip = self.cvms[0].gw_ip, self.cvms[0].ip   # gateway <-> the first CVM
 
 
 def _free_third_octet():
@@ -199,20 +213,25 @@ def _ip(*args):
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
-def _build_network(cleanup):
-    net = Network(_free_third_octet())
-    for netns in (GW_NS, CVM_NS):
+def _build_network(cleanup, cvms=1):
+    """The namespaces and veths of Network(cvms); every removal registered on `cleanup` first."""
+    net = Network(_free_third_octet(), cvms)
+    for netns in (GW_NS, *(cvm.netns for cvm in net.cvms)):
         cleanup.callback(wireguard.netns_remove, netns)
         wireguard.netns_add(netns)
         wireguard.configure_link("lo", netns)
     cleanup.callback(wireguard.delete_link, VETH_ROOT)  # its peer (and the route through it) go with it
     wireguard.veth_pair(VETH_ROOT, None, VETH_GW, GW_NS)
-    wireguard.veth_pair(VETH_GW_CVM, GW_NS, VETH_CVM, CVM_NS)
     wireguard.configure_link(VETH_ROOT, None, address=f"{net.root_ip}/30")
     wireguard.configure_link(VETH_GW, GW_NS, address=f"{net.gw_ip}/30")
-    wireguard.configure_link(VETH_GW_CVM, GW_NS, address=f"{net.gw_cvm_ip}/30")
-    wireguard.configure_link(VETH_CVM, CVM_NS, address=f"{net.cvm_ip}/30")
-    for netns, interface in ((GW_NS, GW_WG), (CVM_NS, CVM_WG)):  # run before the namespaces go
+    for cvm in net.cvms:
+        wireguard.veth_pair(cvm.veth_gw, GW_NS, cvm.veth, cvm.netns)
+        wireguard.configure_link(cvm.veth_gw, GW_NS, address=f"{cvm.gw_ip}/30")
+        wireguard.configure_link(cvm.veth, cvm.netns, address=f"{cvm.ip}/30")
+        # The gateway's control port and WireGuard endpoint are on the first CVM's veth
+        # (net.gw_cvm_ip): every CVM reaches them through its own veth (no forwarding involved).
+        _ip("-n", cvm.netns, "route", "add", "default", "via", cvm.gw_ip)
+    for netns, interface in ((GW_NS, GW_WG), *((cvm.netns, cvm.wg) for cvm in net.cvms)):  # run before the namespaces go
         cleanup.callback(_remove_socket, interface)
         cleanup.callback(_kill_everything_in, netns)
     return net
@@ -220,29 +239,68 @@ def _build_network(cleanup):
 
 # ---- the CVM side -------------------------------------------------------------------------------------
 
-def _boot_cvm(base):
+def _boot_cvms(base, apps):
+    """A KMS (in process) and, for each app {folder: (compose, [CVM names])}, its config share and
+    its CVMs booted against the KMS, every app allowed: (sim, {CVM name: Cvm})."""
     sim = SimTdx(str(base / "sim"))
     _kms_app, kms = make_kms(base, sim)
-    (base / "app").mkdir()
-    share, app = make_share(base / "app", run_module, kms)
-    _allow(base / "auth-config.json", app)
-    return sim, Cvm(_boot(base, "cvm", share, sim, kms), kms, app)
+    shares = {}
+    for folder, (compose, _names) in apps.items():
+        (base / folder).mkdir()
+        shares[folder] = make_share(base / folder, run_module, kms, compose=compose)
+    _allow(base / "auth-config.json", *(app for _share, app in shares.values()))
+    return sim, {name: Cvm(_boot(base, name, shares[folder][0], sim, kms), kms, shares[folder][1])
+                 for folder, (_compose, names) in apps.items() for name in names}
 
 
-def _in_cvm(argv, **kwargs):
-    return subprocess.run(wireguard.netns_exec_argv(CVM_NS, argv), capture_output=True, text=True, timeout=30,
+def _boot_cvm(base):
+    sim, cvms = _boot_cvms(base, {"app": (COMPOSE, ["cvm"])})
+    return sim, cvms["cvm"]
+
+
+def _in_cvm(argv, netns=CVM_NS, **kwargs):
+    return subprocess.run(wireguard.netns_exec_argv(netns, argv), capture_output=True, text=True, timeout=30,
                           check=False, **kwargs)
 
 
-def _register(net, cvm, server_ca, folder):
-    (folder / "client.pem").write_text("".join(cvm.cert["certificate_chain"][:2]))
-    (folder / "client.key").write_text(cvm.cert["key"])
-    (folder / "client.key").chmod(0o600)
+def _register(net, cvm, server_ca, folder, netns=CVM_NS, **body):
+    """RegisterCvm from the CVM's namespace with its RA-TLS client certificate: [status, answer].
+    `body`: more of the request (port_policy)."""
+    cert, key = folder / f"client-{cvm.instance_id}.pem", folder / f"client-{cvm.instance_id}.key"
+    cert.write_text("".join(cvm.cert["certificate_chain"][:2]))
+    key.write_text(cvm.cert["key"])
+    key.chmod(0o600)
     done = _in_cvm([sys.executable, "-c", REGISTER, f"https://{net.gw_cvm_ip}:{RPC_PORT}/prpc/Gateway.RegisterCvm",
-                    str(server_ca), str(folder / "client.pem"), str(folder / "client.key"),
-                    json.dumps({"client_public_key": cvm.wg_public})])
+                    str(server_ca), str(cert), str(key), json.dumps({"client_public_key": cvm.wg_public, **body})],
+                   netns=netns)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def _cvm_tunnel(cleanup, cvm, answer, netns=CVM_NS, interface=CVM_WG):
+    """The CVM's WireGuard interface in its namespace from RegisterCvm's answer alone (as wg-quick
+    would make it from dstack-wg0.conf): its address, the gateway peers and a route to each."""
+    cvm_interface = wireguard.WgInterface(interface, netns=netns)
+    cleanup.callback(cvm_interface.down)
+    cvm_hub = cvm_interface.up(f"{answer['wg']['client_ip']}/32", private_key=cvm.wg_private,
+                               listen_port=wireguard.CVM_LISTEN_PORT)
+    for gw in answer["wg"]["servers"]:
+        gateway_ip = gw["ip"].split("/")[0]
+        cvm_hub.set_peer(gw["pk"], [f"{gateway_ip}/32"], endpoint=gw["endpoint"],
+                         persistent_keepalive=wireguard.CVM_KEEPALIVE)
+        _ip("-n", netns, "route", "add", f"{gateway_ip}/32", "dev", interface)
+    return cvm_interface
+
+
+def _start_in(cleanup, netns, script, *args):
+    """A Python script in a namespace that prints "ready" once it serves; killed at cleanup."""
+    process = subprocess.Popen(  # pylint: disable=consider-using-with
+        wireguard.netns_exec_argv(netns, [sys.executable, "-c", script, *map(str, args)]), stdout=subprocess.PIPE,
+        text=True)
+    cleanup.callback(process.wait)
+    cleanup.callback(process.kill)
+    assert process.stdout.readline().strip() == "ready"
+    return process
 
 
 # ---- the gateway ----------------------------------------------------------------------------------------
@@ -390,14 +448,7 @@ def test_serve_routes_through_wireguard_keeps_routes_across_a_restart_and_drops_
         assert {p.public_key: p.allowed_ips for p in gateway_hub.get()["peers"]} == {cvm.wg_public: [f"{client_ip}/32"]}
 
         # The CVM's interface, from the answer alone (as wg-quick would make it from dstack-wg0.conf).
-        cvm_interface = wireguard.WgInterface(CVM_WG, netns=CVM_NS)
-        cleanup.callback(cvm_interface.down)
-        cvm_hub = cvm_interface.up(f"{client_ip}/32", private_key=cvm.wg_private, listen_port=wireguard.CVM_LISTEN_PORT)
-        for gw in answer["wg"]["servers"]:
-            gateway_ip = gw["ip"].split("/")[0]
-            cvm_hub.set_peer(gw["pk"], [f"{gateway_ip}/32"], endpoint=gw["endpoint"],
-                             persistent_keepalive=wireguard.CVM_KEEPALIVE)
-            _ip("-n", CVM_NS, "route", "add", f"{gateway_ip}/32", "dev", CVM_WG)
+        _cvm_tunnel(cleanup, cvm, answer)
 
         # The app, on the CVM's WireGuard address only; its TLS port with the CVM's own certificate.
         instance_id, app_id = cvm.instance_id, cvm.app["app_id"]
@@ -405,13 +456,7 @@ def test_serve_routes_through_wireguard_keeps_routes_across_a_restart_and_drops_
         own = cvm.tls_key(usage_server_auth=True, usage_client_auth=False, alt_names=[passthrough_name])
         (tmp_path / "app.crt").write_text("".join(own["certificate_chain"][:2]))
         (tmp_path / "app.key").write_text(own["key"])
-        app = subprocess.Popen(  # pylint: disable=consider-using-with
-            wireguard.netns_exec_argv(CVM_NS, [sys.executable, "-c", APP_SERVERS, client_ip, app_id, str(APP_TLS_PORT),
-                                               str(tmp_path / "app.crt"), str(tmp_path / "app.key")]),
-            stdout=subprocess.PIPE, text=True)
-        cleanup.callback(app.wait)
-        cleanup.callback(app.kill)
-        assert app.stdout.readline().strip() == "ready"
+        _start_in(cleanup, CVM_NS, APP_SERVERS, client_ip, app_id, APP_TLS_PORT, tmp_path / "app.crt", tmp_path / "app.key")
 
         # Terminated with the wildcard certificate, by app id, to port 80 through the tunnel.
         answer_text, served = _eventually(lambda: _https_get(net.gw_ip, f"{app_id}.{BASE}", server_ca))
