@@ -21,8 +21,9 @@ APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
 # locally from busybox-static), also what `make demo` will run apps with.
 APT_PACKAGES+=(podman runc podman-compose busybox-static)
 # The gateway's WireGuard hub and the CVMs' tunnels: no kernel module here, so wireguard-go (a
-# userspace interface; wg-quick falls back to it) and wg; ip netns for each CVM's namespace.
-APT_PACKAGES+=(wireguard-go wireguard-tools iproute2)
+# userspace interface; wg-quick falls back to it) and wg; ip netns for each CVM's namespace;
+# iptables for the rules inside it (the Worker port off eth0, the WireGuard port to the gateways).
+APT_PACKAGES+=(wireguard-go wireguard-tools iproute2 iptables)
 # What only the tests need: ansible-test sanity's shellcheck; the VMM web UI's test in a real
 # headless Chromium (Debian's chromium and chromedriver, driven by Selenium).
 ((WITH_TEST)) && APT_PACKAGES+=(shellcheck chromium chromium-driver)

@@ -6,7 +6,8 @@ GatewayLink(client, urls, netns, interface).connect() registers with the first g
 answers (gateway_client.GatewayClient: RA-TLS both ways, the gateway's attested app id checked),
 then brings this CVM's WireGuard interface up in the CVM's network namespace with the answer:
 the returned client_ip (/32), the gateway peers (each accepting its gateway's tunnel address
-alone, keepalive 25 s) and a route to each gateway address through the interface. The interface
+alone, keepalive 25 s), a route to each gateway address through the interface, and the CVM's
+WireGuard port open to the gateways' endpoint addresses only (iptables chain DSTACK_WG, as dstack). The interface
 is a wireguard-go one (wireguard.WgInterface); its UAPI socket directory is shared by every
 namespace of the host, so the name is per CVM (`interface_name`).
 
@@ -26,6 +27,7 @@ import subprocess
 import threading
 import time
 
+from ansible_collections.dstack.tee.agents.guest import netns_ports
 from ansible_collections.dstack.tee.plugins.module_utils import ra_tls, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.prpc import Refused as GatewayRefused
@@ -140,6 +142,9 @@ class GatewayLink:
             # one, and ours would otherwise be kept until its rekey, minutes away).
             self.interface.uapi.sync_peers([])
         self.interface.uapi.sync_peers(peers)
+        # Only the gateways may reach this CVM's WireGuard port (dstack's DSTACK_WG chain).
+        netns_ports.guard_wireguard_port(self.netns, wireguard.CVM_LISTEN_PORT,
+                                         sorted({p.endpoint.rpartition(":")[0].strip("[]") for p in peers}))
         for prefix in routes:
             _ip_route(self.netns, prefix, self.interface.name)
 

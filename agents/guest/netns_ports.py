@@ -16,37 +16,21 @@ The agent process stays in the host's namespace; what the CVM serves lives in NA
   thread per direction; an EOF is passed on as a half-close (shutdown SHUT_WR), an error closes both.
 """
 
-import ctypes
 import errno
 import ipaddress
 import logging
-import os
 import socket
 import subprocess
 import threading
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_netns_name, netns_exec_argv
+from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_netns_name, enter_netns, netns_exec_argv
 
-NETNS_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
 CVM_LINK = "eth0"  # the CVM's veth to the host (agents/vmm/backends/process.py)
 MAX_CONNECTIONS = 256  # per forwarded port: beyond it a new connection is closed at once
 CONNECT_TIMEOUT = 10
 CHUNK = 64 * 1024
 log = logging.getLogger("dstack.guest.ports")
-
-
-def _enter_netns(netns):
-    """Move the calling thread into network namespace NAME."""
-    fd = os.open(os.path.join(NETNS_DIR, check_netns_name(netns)), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
-    finally:
-        os.close(fd)
 
 
 def listen_in_netns(netns, host, port, field="port", backlog=128):
@@ -56,7 +40,7 @@ def listen_in_netns(netns, host, port, field="port", backlog=128):
 
     def enter_and_listen():
         try:
-            _enter_netns(netns)
+            enter_netns(netns)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,6 +92,25 @@ def guard_port(netns, port):
     if done.returncode != 0:
         raise DstackError("--netns", f"cannot keep port {port} from {CVM_LINK} in {netns} (iptables: "
                                      f"{(done.stderr or done.stdout).strip()[:200]})")
+
+
+WG_CHAIN = "DSTACK_WG"  # dstack's chain name
+
+
+def guard_wireguard_port(netns, port, sources):
+    """Accept UDP `port` (the CVM's WireGuard) in `netns` only from the gateways' addresses
+    `sources`, as dstack's chain DSTACK_WG does; made again with every registration's answer."""
+    steps = [["-N", WG_CHAIN], ["-F", WG_CHAIN]]
+    steps += [["-A", WG_CHAIN, "-s", str(ipaddress.ip_address(source)), "-j", "ACCEPT"] for source in sources]
+    steps += [["-A", WG_CHAIN, "-j", "DROP"]]
+    jump = ["INPUT", "-p", "udp", "--dport", str(int(port)), "-j", WG_CHAIN]
+    if _run(netns_exec_argv(netns, ["iptables", "-w", "-C", *jump]), "iptables").returncode != 0:
+        steps.append(["-I", *jump])
+    for step in steps:
+        done = _run(netns_exec_argv(netns, ["iptables", "-w", *step]), "iptables")
+        if done.returncode != 0 and not (step[0] == "-N" and "exists" in (done.stderr or "")):
+            raise DstackError("netns", f"cannot keep the WireGuard port {port} to the gateways in {netns} (iptables "
+                                       f"{step[0]}: {(done.stderr or done.stdout).strip()[:200]})")
 
 
 def parse_host_port(text, field="--port"):

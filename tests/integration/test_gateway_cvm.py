@@ -151,6 +151,14 @@ def test_the_boot_registers_tunnels_and_the_checker_registers_again(tmp_path):
         assert _registered(net, world.kms_root) == {boot.instance_id: client_ip}
         assert wireguard.link_exists(link.interface.name, CVM_NS)
         assert not wireguard.link_exists(link.interface.name)      # in the CVM's namespace only
+        # Only the gateway's endpoint address may reach the CVM's WireGuard port (dstack's DSTACK_WG chain).
+        chain = subprocess.run(wireguard.netns_exec_argv(CVM_NS, ["iptables", "-S", "DSTACK_WG"]), capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+        assert [line for line in chain if line.startswith("-A")] == [
+            f"-A DSTACK_WG -s {net.gw_cvm_ip}/32 -j ACCEPT", "-A DSTACK_WG -j DROP"], chain
+        jump = subprocess.run(wireguard.netns_exec_argv(CVM_NS, ["iptables", "-S", "INPUT"]), capture_output=True,
+                              text=True, check=True).stdout
+        assert f"-A INPUT -p udp -m udp --dport {wireguard.CVM_LISTEN_PORT} -j DSTACK_WG" in jump, jump
         cache = tmp_path / "cvm" / "gateway-cache.json"
         assert cache.stat().st_mode & 0o777 == 0o600
 
