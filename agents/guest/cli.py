@@ -40,7 +40,9 @@
 
   dstack-guest-agent serve-worker --config-dir DIR --work-dir DIR --fd N [--tee ...] [--sim-state DIR]
                                   [--kms-url URL [--kms-ca-cert FILE]] [--threads N]
-      the Worker API on an inherited listening TCP socket (run --netns starts it so)
+                                  [--project NAME --engine E --netns NAME]
+      the Worker API on an inherited listening TCP socket (run --netns starts it so); with the
+      compose project, /logs/<container> when app-compose's public_logs is true
 
 Subcommands are registered in COMMANDS (name, help, add_arguments, run).
 """
@@ -157,15 +159,28 @@ def add_serve_worker_arguments(parser):
                         help="a listening TCP socket, inherited (run binds it in the CVM's network namespace)")
     parser.add_argument("--threads", type=int, default=worker.DEFAULT_THREADS,
                         help=f"gunicorn threads (default {worker.DEFAULT_THREADS})")
+    parser.add_argument("--project", help="the app's compose project (for /logs; default: from the instance id)")
+    parser.add_argument("--engine", choices=("auto", "docker", "podman", "none"), default="auto",
+                        help="the container engine of the app (for /logs)")
+    parser.add_argument("--netns", help="the CVM's network namespace (for /logs: podman runs in it)")
+
+
+def compose_project(args, ctx):
+    """The app's compose project: --project, else dstack-<instance id, 12 hex>."""
+    return args.project or "dstack-" + (ctx.instance().get("instance_id") or "app")[:12]
 
 
 def cmd_serve_worker(args):
+    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
     ctx = open_context(args)
 
     def ready():
         _say(f"{ctx.attestation_mode}: Worker API serving on fd {args.fd}")
 
-    worker.serve(worker.create_worker_app(ctx), args.fd, threads=args.threads, on_ready=ready)
+    def runner():  # made per request: the instance id (the default project) exists once booted
+        return ComposeRunner(compose_project(args, ctx), ctx.paths.work_dir, engine=args.engine, netns=args.netns)
+
+    worker.serve(worker.create_worker_app(ctx, runner=runner), args.fd, threads=args.threads, on_ready=ready)
 
 
 # ---- simulate -----------------------------------------------------------------------------------
@@ -371,8 +386,9 @@ def cmd_run(args):
         children["serve"] = subprocess.Popen(serve_argv)  # pylint: disable=consider-using-with
         if netns_ports:
             fd = netns_ports.worker_socket.fileno()
-            children["worker"] = subprocess.Popen([*agent, "serve-worker", *opened, "--fd", str(fd)],  # pylint: disable=consider-using-with
-                                                  pass_fds=(fd,))
+            children["worker"] = subprocess.Popen(  # pylint: disable=consider-using-with
+                [*agent, "serve-worker", *opened, "--fd", str(fd), "--engine", args.engine, "--netns", args.netns,
+                 *(["--project", args.project] if args.project else [])], pass_fds=(fd,))
             netns_ports.handed_over()
     except BaseException:
         _stop(children)
@@ -395,7 +411,7 @@ def cmd_run(args):
     signal.signal(signal.SIGINT, stop)
     try:
         _wait_socket(os.path.abspath(args.socket), children["serve"])
-        project = args.project or "dstack-" + (ctx.instance().get("instance_id") or "app")[:12]
+        project = compose_project(args, ctx)
         runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine, netns=args.netns)
         boot = Boot(ctx, runner=runner, sockets={"dstack": os.path.abspath(args.socket),
                                                  "tappd": os.path.abspath(args.tappd_socket) if args.tappd_socket else ""},

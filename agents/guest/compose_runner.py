@@ -97,6 +97,10 @@ def _map_port(entry, port_map, service):
     return f"{host}:{container_port}{proto}"
 
 
+LOG_TAIL_DEFAULT, LOG_TAIL_MAX = 200, 10000
+LOG_MAX_BYTES = 4 * 1024 * 1024
+
+
 class ComposeRunner:
     """docker compose or podman-compose, for one CVM's project."""
 
@@ -157,6 +161,26 @@ class ComposeRunner:
         subprocess.run(self._command("down"), capture_output=True, text=True, cwd=self.work_dir,
                        env=self._env({}), timeout=300, check=False)
 
+    def logs(self, container, tail=LOG_TAIL_DEFAULT, timestamps=False, since=None):
+        """The last `tail` lines (stdout then stderr, at most LOG_MAX_BYTES) of one of this project's
+        containers, named as ps() names it or by its service; DstackError("container") for any other."""
+        if self.engine == "none":
+            raise DstackError("container", "this CVM runs no containers")
+        names = [name for name, _status in self.ps()]
+        found = container if container in names else \
+            next((name for name in names if _service_of(name, self.project) == container), None)
+        if found is None:
+            raise DstackError("container", f"{container[:64]!r} is not one of this app's containers")
+        cmd = [self.engine, "logs", "--tail", str(int(tail))]
+        if timestamps:
+            cmd.append("--timestamps")
+        if since is not None:
+            cmd += ["--since", str(int(since))]
+        proc = subprocess.run(cmd + [found], capture_output=True, env=self._env({}), timeout=60, check=False)
+        if proc.returncode != 0:
+            raise DstackError("container", f"{self.engine} logs {found} failed: {_last_line(proc.stderr.decode(errors='replace'))}")
+        return (proc.stdout + proc.stderr)[-LOG_MAX_BYTES:].decode("utf-8", "replace")
+
     def ps(self):
         """[(container name, status)] of this project's containers."""
         if self.engine == "none":
@@ -169,6 +193,18 @@ class ComposeRunner:
                    "--format", "{{.Names}}\t{{.Status}}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=self._env({}), timeout=60, check=False)
         return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
+
+
+def _service_of(container, project):
+    """The compose service a container of `project` runs: podman-compose names it
+    <project>_<service>_<n>, docker compose <project>-<service>-<n>; None for another's."""
+    for sep in ("_", "-"):
+        prefix = project + sep
+        if container.startswith(prefix):
+            service, _sep, number = container[len(prefix):].rpartition(sep)
+            if service and number.isdigit():
+                return service
+    return None
 
 
 def scrub(text, secrets):

@@ -17,6 +17,11 @@ Anyone may call it: it answers only what is public, never a key.
                                      attestation.worker_report_data(nonce) (SHA-512 of a label and
                                      the nonce), so a caller can never obtain the report_data of an
                                      RA-TLS certificate, a GetQuote or a KMS request
+    GET  /logs/<container>?tail=N&timestamps=true&since=UNIX
+                                     the last N lines (default 200, at most 10000) of one of the
+                                     app's containers (or its service's), text; only when
+                                     app-compose's public_logs is true (else 404), as dstack's
+                                     (no follow: one answer, bounded)
 
 Anything else is 404 (the socket API's methods are not served here). Errors are JSON, as the
 socket API's (api.install_errors): 400 naming the field, 413 too large, 503 not ready, 500/502.
@@ -24,8 +29,9 @@ socket API's (api.install_errors): 400 naming the field, 413 too large, 503 not 
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify, request
 
+from ansible_collections.dstack.tee.agents.guest import compose_runner
 from ansible_collections.dstack.tee.agents.guest.api import GuestApi, ServerFailure, install_errors
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
 from ansible_collections.dstack.tee.agents.wsgi import request_params, run_gunicorn
@@ -36,20 +42,30 @@ WORKER_PORT = 8090  # dstack's agent_port, the one the gateway's <app-id>-8090 n
 MAX_REQUEST_BYTES = 64 * 1024  # a nonce; nothing here takes more
 DEFAULT_THREADS = 8
 GRACEFUL_TIMEOUT = 5
-ROUTES = ("/prpc/Worker.Info", "/prpc/Worker.Version", "/prpc/Worker.Attest")
+ROUTES = ("/prpc/Worker.Info", "/prpc/Worker.Version", "/prpc/Worker.Attest", "/logs/<container>")
 log = logging.getLogger("dstack.guest.worker")
 
 
-def _public_tcbinfo(context):
-    """app-compose's public_tcbinfo; only a literal true shows the TCB info (missing is false, as in dstack)."""
+def _public(context, flag):
+    """app-compose's public_tcbinfo / public_logs; only a literal true opens it (missing is false, as in dstack)."""
     try:
-        return context.app_compose().get("public_tcbinfo") is True
+        return context.app_compose().get(flag) is True
     except DstackError as exc:
         raise ServerFailure(str(exc)) from None
 
 
-def create_worker_app(context, config=None):
-    """The Worker's Flask app over a GuestContext. config: {"max_request_bytes": int} (optional)."""
+def _query_int(name, default, low, high):
+    text = request.args.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise DstackError(name, f"must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def create_worker_app(context, config=None, runner=None):
+    """The Worker's Flask app over a GuestContext. config: {"max_request_bytes": int} (optional);
+    runner: a callable giving the app's ComposeRunner (for /logs), or None (no logs)."""
     config = config or {}
     app = Flask("dstack-guest-worker")
     app.config["MAX_CONTENT_LENGTH"] = int(config.get("max_request_bytes") or MAX_REQUEST_BYTES)
@@ -70,7 +86,7 @@ def create_worker_app(context, config=None):
     def info():
         request_params()  # a body, if any, must still be a JSON object
         answer = api.info({})
-        if not _public_tcbinfo(context):
+        if not _public(context, "public_tcbinfo"):
             answer.update(tcb_info="", vm_config="")
         return jsonify(answer)
 
@@ -83,6 +99,21 @@ def create_worker_app(context, config=None):
     def attest():
         nonce = parse_hex(request_params().get("nonce", ""), "nonce")
         return jsonify(api.get_quote({"report_data": attestation.worker_report_data(nonce).hex()}))
+
+    @app.route("/logs/<container>", methods=["GET"])
+    def logs(container):
+        if runner is None or not _public(context, "public_logs"):
+            return jsonify({"error": "not found: this app's logs are not public (app-compose public_logs)"}), 404
+        tail = _query_int("tail", compose_runner.LOG_TAIL_DEFAULT, 1, compose_runner.LOG_TAIL_MAX)
+        since = _query_int("since", None, 0, 2 ** 40)
+        timestamps = request.args.get("timestamps", "false").lower() in ("1", "true", "yes")
+        try:
+            text = runner().logs(container, tail=tail, timestamps=timestamps, since=since)
+        except DstackError as exc:
+            if exc.field == "container":
+                return jsonify({"error": f"not found: {exc.reason}"}), 404
+            raise
+        return Response(text, mimetype="text/plain")
 
     install_errors(app)
     return app

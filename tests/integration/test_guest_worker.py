@@ -125,10 +125,12 @@ def test_version_the_index_and_nothing_else(cvm, worker):
     assert index["app_id"] == summary["app_id"] and "/prpc/Worker.Attest" in index["routes"]
     # The socket API's methods (keys, certificates, raw quotes, events) are not here.
     for path in ("/GetKey", "/GetQuote", "/GetTlsKey", "/Sign", "/EmitEvent", "/Info", "/prpc/Tappd.DeriveKey",
-                 "/prpc/Tappd.RawQuote", "/prpc/Worker.GetAttestationForAppKey", "/logs/app", "/metrics"):
+                 "/prpc/Tappd.RawQuote", "/prpc/Worker.GetAttestationForAppKey", "/metrics"):
         answer = worker.post(path, json={"path": "x", "report_data": "00"})
         assert answer.status_code == 404 and "error" in answer.json, path
     assert worker.get("/prpc/Worker.Attest").status_code == 405
+    # Logs only when app-compose's public_logs is true (this app's is not set).
+    assert worker.get("/logs/app").status_code == 404 and "public_logs" in worker.get("/logs/app").json["error"]
     assert worker.post("/prpc/Worker.Info", data="[1]").status_code == 400
     assert worker.post("/prpc/Worker.Attest", data="0" * 100_000).status_code == 413
 
@@ -230,6 +232,24 @@ def _call_in(netns, method, body=None, address="127.0.0.1", port=WORKER_PORT):
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout, done.stderr
     return json.loads(done.stdout)
+
+
+GET_TEXT = r"""
+import json, sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=30) as response:
+        print(json.dumps([response.status, response.read().decode()]))
+except urllib.error.HTTPError as exc:
+    print(json.dumps([exc.code, exc.read().decode()]))
+"""
+
+
+def _get_in(netns, path, port=WORKER_PORT):
+    """GET http://127.0.0.1:<port>/<path> from inside the namespace: (status, text)."""
+    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", GET_TEXT, f"http://127.0.0.1:{port}/{path}"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout, done.stderr
+    return tuple(json.loads(done.stdout))
 
 
 def _refused(address, port):
@@ -376,10 +396,10 @@ def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, b
     app = compose.build(f"""services:
   web:
     image: {busybox_image}
-    command: ["/bin/sh", "-c", "mkdir -p /w && echo in-the-cvm > /w/i && exec httpd -f -p 80 -h /w"]
+    command: ["/bin/sh", "-c", "echo started-in-the-cvm && mkdir -p /w && echo in-the-cvm > /w/i && exec httpd -f -p 80 -h /w"]
     ports:
       - "8080:80"
-""", "worker-podman", key_provider="none")
+""", "worker-podman", key_provider="none", public_logs=True)
     (share / "app-compose.json").write_bytes(compose.render(app))
     (share / ".sys-config.json").write_text(json.dumps({"vm_config": json.dumps(SIM_VM_CONFIG)}))
     with contextlib.ExitStack() as cleanup:
@@ -396,6 +416,11 @@ def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, b
                 return response.read()
 
         assert _eventually(fetch) == b"in-the-cvm\n"
+        # public_logs: the Worker serves the container's log, by service name, and nothing of another's.
+        status, text = _get_in(netns, "logs/web?tail=5")
+        assert status == 200 and "started-in-the-cvm" in text, (status, text)
+        assert _get_in(netns, "logs/not-ours")[0] == 404
+        assert _get_in(netns, "logs/web?tail=0")[0] == 400
         os.killpg(agent.pid, signal.SIGTERM)
         assert agent.wait(timeout=120) == 0, agent.stderr.read()
         _refused("127.0.0.1", host_port)
