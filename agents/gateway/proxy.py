@@ -15,7 +15,7 @@ The path of one connection:
    handshake timeout; SO_RCVLOWAT makes the kernel wake us only when the bytes announced by the
    record headers are there.
 2. route: the server name's `<id>[-<port>][s|g].<base>` (sni.parse_route); `gateway.<base>` is the
-   gateway's own /health; otherwise router.resolve(id) gives the candidates (instance_id, ip),
+   gateway's own pages (/health, /.dstack/index, /.dstack/app-info); otherwise router.resolve(id) gives the candidates (instance_id, ip),
    freshest first, each kept only when its port policy allows the port. A refusal here is a TLS
    alert to the client (nothing was consumed, so it reads as the server's answer to its hello).
 3. connect to the first connect_top_n candidates at once; the first that answers wins, the
@@ -39,6 +39,7 @@ The router is called on the event loop and must answer from memory, not block on
 import asyncio
 import errno
 import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -254,37 +255,62 @@ class _Connection:
 
 
 class _HealthProtocol(asyncio.Protocol):
-    """gateway.<base>: a one-request HTTP/1.1 answer over the terminated TLS."""
+    """gateway.<base>: the gateway's own pages, one request, over the terminated TLS (dstack's):
+    /health, /.dstack/index ({type, paths}) and /.dstack/app-info (the Info of the gateway's own
+    CVM, from its guest agent: app_id, compose_hash, tcb_info, ...; 404 without one)."""
 
-    def __init__(self):
+    def __init__(self, app_info=None):
         self.transport = None
         self.buffer = bytearray()
+        self.app_info = app_info
+        self.answered = False
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
+        if self.answered:
+            return
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer:
             if len(self.buffer) > HEALTH_REQUEST_LIMIT:
                 self._answer(431, b"request header too large\n")
             return
+        self.answered = True
         request_line = bytes(self.buffer.split(b"\r\n", 1)[0]).split(b" ")
         if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
             self._answer(400, b"bad request\n")
-        elif request_line[0] not in (b"GET", b"HEAD"):
+            return
+        head = request_line[0] == b"HEAD"
+        path = request_line[1].split(b"?", 1)[0]
+        if request_line[0] not in (b"GET", b"HEAD"):
             self._answer(405, b"method not allowed\n")
-        elif request_line[1].split(b"?", 1)[0] == b"/health":
-            self._answer(200, b"OK\n", head=request_line[0] == b"HEAD")
+        elif path == b"/health":
+            self._answer(200, b"OK\n", head=head)
+        elif path == b"/.dstack/index":
+            body = {"type": "dstack gateway", "paths": ["/index"] + (["/app-info"] if self.app_info else [])}
+            self._answer(200, json.dumps(body).encode(), head=head, json_body=True)
+        elif path == b"/.dstack/app-info" and self.app_info is not None:
+            task = asyncio.get_running_loop().run_in_executor(None, self.app_info)
+            task.add_done_callback(lambda done: self._app_info_done(done, head))
         else:
             self._answer(404, b"not found\n")
 
-    def _answer(self, status, body, head=False):
+    def _app_info_done(self, done, head):
+        try:
+            body = json.dumps(done.result()).encode()
+        except Exception as exc:  # pylint: disable=broad-except
+            log.warning("/.dstack/app-info: the gateway CVM's guest agent did not answer: %s", exc)
+            self._answer(502, b"the gateway's guest agent did not answer\n")
+            return
+        self._answer(200, body, head=head, json_body=True)
+
+    def _answer(self, status, body, head=False, json_body=False):
         if self.transport.is_closing():
             return
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large"}[status]
-        header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+                  431: "Request Header Fields Too Large", 502: "Bad Gateway"}[status]
+        header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {'application/json' if json_body else 'text/plain'}\r\n"
                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         self.transport.write(header if head else header + body)
         self.transport.close()
@@ -384,8 +410,9 @@ class _Hello:
 class GatewayProxy:
     """The listener and its connections; see the module's documentation for the path of one."""
 
-    def __init__(self, settings, router, tls, tls_h2=None):
+    def __init__(self, settings, router, tls, tls_h2=None, app_info=None):
         self.settings = settings
+        self.app_info = app_info          # () -> the gateway CVM's Info (blocking; run in a thread), or None
         self.router = router
         self.tls = tls
         self.tls_h2 = tls_h2
@@ -617,7 +644,7 @@ class GatewayProxy:
         left = started + self.settings.timeouts.handshake - self.loop.time()
         try:
             transport, _protocol = await self.loop.connect_accepted_socket(
-                _HealthProtocol, sock, ssl=self.tls, ssl_handshake_timeout=max(left, 0.1))
+                lambda: _HealthProtocol(self.app_info), sock, ssl=self.tls, ssl_handshake_timeout=max(left, 0.1))
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake with %s for gateway failed: %s", peer[0], exc)
             sock.close()

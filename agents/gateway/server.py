@@ -213,6 +213,25 @@ def _control_main(config, service, ready):
                  accesslog="-", errorlog="-", loglevel="info", when_ready=when_ready)
 
 
+APP_INFO_TTL = 10.0  # seconds /.dstack/app-info is served from memory (a public page: one ask of the agent per 10 s)
+
+
+def _app_info_source(config):
+    """/.dstack/app-info's source: the Info of the gateway's own CVM (rpc.guest_agent), cached
+    APP_INFO_TTL seconds; None without a guest agent (the page is then 404)."""
+    socket_path = config["rpc"]["guest_agent"]
+    if not socket_path:
+        return None
+    cache = {"at": -APP_INFO_TTL, "info": None}
+
+    def app_info():
+        now = time.monotonic()
+        if now - cache["at"] >= APP_INFO_TTL:
+            cache["info"], cache["at"] = guest_client.info(socket_path, timeout=10, field="rpc.guest_agent"), now
+        return cache["info"]
+    return app_info
+
+
 def _proxy_main(config, store, ready):
     """One data-plane process: GatewayProxy on uvloop until SIGTERM (a child)."""
     _child_setup()
@@ -223,7 +242,7 @@ def _proxy_main(config, store, ready):
     tls, tls_h2 = server_contexts(proxy_config["cert_chain"], proxy_config["cert_key"])
 
     async def serve():
-        proxy = GatewayProxy(settings, StoreRouter(store), tls, tls_h2)
+        proxy = GatewayProxy(settings, StoreRouter(store), tls, tls_h2, app_info=_app_info_source(config))
         await proxy.start()
         if config["core"]["wg"]["netns"]:
             # Listening where serve runs, connecting from where the tunnels are: this loop's thread

@@ -172,13 +172,13 @@ class Router:
 class Gateway:
     """GatewayProxy on a uvloop loop in a thread, listening on 127.0.0.1."""
 
-    def __init__(self, router, pki, **settings):
+    def __init__(self, router, pki, app_info=None, **settings):
         timeouts = Timeouts(**settings.pop("timeouts", {}))
         self.settings = ProxySettings(base_domain=BASE, listen_addr="127.0.0.1", listen_port=0,
                                       timeouts=timeouts, **settings)
         self.loop = uvloop.new_event_loop()
         self.proxy = GatewayProxy(self.settings, router,
-                                  *server_contexts(pki["gateway"].cert_file, pki["gateway"].key_file))
+                                  *server_contexts(pki["gateway"].cert_file, pki["gateway"].key_file), app_info=app_info)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.proxy.start())
@@ -243,8 +243,8 @@ def router():
 def gateway(pki, router, sentinel):
     made = []
 
-    def start(routes=None, **settings):
-        gw = Gateway(routes or router, pki, **settings)
+    def start(routes=None, app_info=None, **settings):
+        gw = Gateway(routes or router, pki, app_info=app_info, **settings)
         made.append(gw)
         return gw
     yield start
@@ -538,6 +538,30 @@ def test_gateway_health(gateway, pki, router):
     gw = gateway()
     assert get_via_gateway(gw, pki, f"gateway.{BASE}", "/health") == (200, b"OK\n")
     assert get_via_gateway(gw, pki, f"gateway.{BASE}", "/nothing")[0] == 404
+    assert router.asked == []
+
+
+def test_gateway_pages_index_and_app_info(gateway, pki, router):
+    """dstack's /.dstack/index and /.dstack/app-info (the gateway CVM's Info, asked off the event loop)."""
+    asked = []
+
+    def app_info():
+        asked.append(threading.current_thread().name)
+        if len(asked) == 2:
+            raise OSError("the guest agent is gone")
+        return {"app_id": "ab" * 20, "compose_hash": "cd" * 32}
+
+    gw = gateway(app_info=app_info)
+    assert get_via_gateway(gw, pki, f"gateway.{BASE}", "/.dstack/index") == \
+        (200, {"type": "dstack gateway", "paths": ["/index", "/app-info"]})
+    assert get_via_gateway(gw, pki, f"gateway.{BASE}", "/.dstack/app-info") == \
+        (200, {"app_id": "ab" * 20, "compose_hash": "cd" * 32})
+    assert get_via_gateway(gw, pki, f"gateway.{BASE}", "/.dstack/app-info")[0] == 502
+    assert asked and gw.thread.name not in asked            # never on the event loop's thread
+    # Without a guest agent there is no app-info page.
+    plain = gateway()
+    assert get_via_gateway(plain, pki, f"gateway.{BASE}", "/.dstack/app-info")[0] == 404
+    assert get_via_gateway(plain, pki, f"gateway.{BASE}", "/.dstack/index")[1]["paths"] == ["/index"]
     assert router.asked == []
 
 
