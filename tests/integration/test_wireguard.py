@@ -116,16 +116,25 @@ class Topology:
 
 
 @contextlib.contextmanager
-def topology():
+def topology(inner=False):
+    """Two namespaces joined by a veth, a wireguard-go interface in each, the echo server behind B's.
+    inner: A's interface is moved into a third namespace (names()["ns_a"] + "-in"; WgInterface
+    link_netns) while its wireguard-go and UDP port stay in ns_a."""
     made = names()
+    made["inner"] = made["ns_a"] + "-in" if inner else None
     with contextlib.ExitStack() as stack:
-        for ns in (made["ns_a"], made["ns_b"]):
-            stack.callback(wireguard.netns_remove, ns)
-            wireguard.netns_add(ns)
+        for ns in (made["ns_a"], made["ns_b"], made["inner"]):
+            if ns:
+                stack.callback(wireguard.netns_remove, ns)
+                wireguard.netns_add(ns)
+        if inner:
+            wireguard.configure_link("lo", made["inner"])
         wireguard.veth_pair(made["veth_a"], made["ns_a"], made["veth_b"], made["ns_b"])
         wireguard.configure_link(made["veth_a"], made["ns_a"], address=f"{UNDERLAY[0]}/24")
         wireguard.configure_link(made["veth_b"], made["ns_b"], address=f"{UNDERLAY[1]}/24")
         topo = Topology(made)
+        if inner:
+            topo.wg_a = WgInterface(made["wg_a"], netns=made["ns_a"], link_netns=made["inner"])
         stack.callback(topo.wg_a.down)
         topo.wg_a.up(f"{TUNNEL[0]}/24", private_key=topo.key_a, listen_port=WG_PORT)
         stack.callback(topo.wg_b.down)
@@ -418,28 +427,9 @@ def test_link_netns_puts_the_tunnel_in_its_own_namespace_and_the_udp_port_outsid
     """The gateway's namespace trick: wireguard-go (and its UDP port) in ns_a, the interface moved
     into an inner namespace. The CVM's tunnel address answers from the inner namespace only; the
     encrypted packets still go out through ns_a; down() removes the moved link."""
-    made = names()
-    inner = made["ns_a"] + "-in"
-    with contextlib.ExitStack() as stack:
-        for ns in (made["ns_a"], made["ns_b"], inner):
-            stack.callback(wireguard.netns_remove, ns)
-            wireguard.netns_add(ns)
-        wireguard.configure_link("lo", inner)
-        wireguard.veth_pair(made["veth_a"], made["ns_a"], made["veth_b"], made["ns_b"])
-        wireguard.configure_link(made["veth_a"], made["ns_a"], address=f"{UNDERLAY[0]}/24")
-        wireguard.configure_link(made["veth_b"], made["ns_b"], address=f"{UNDERLAY[1]}/24")
-        topo = Topology(made)
-        topo.wg_a = WgInterface(made["wg_a"], netns=made["ns_a"], link_netns=inner)
-        stack.callback(topo.wg_a.down)
-        topo.wg_a.up(f"{TUNNEL[0]}/24", private_key=topo.key_a, listen_port=WG_PORT)
+    with topology(inner=True) as topo:
+        made, inner = topo.names, topo.names["inner"]
         assert wireguard.link_exists(made["wg_a"], inner) and not wireguard.link_exists(made["wg_a"], made["ns_a"])
-        stack.callback(topo.wg_b.down)
-        topo.wg_b.up(f"{TUNNEL[1]}/24", private_key=topo.key_b, listen_port=WG_PORT)
-        topo.echo = subprocess.Popen(  # pylint: disable=consider-using-with
-            wireguard.netns_exec_argv(made["ns_b"], [sys.executable, "-c", ECHO_SERVER, TUNNEL[1], str(ECHO_PORT)]),
-            stdout=subprocess.PIPE, text=True)
-        stack.callback(_stop, topo.echo)
-        assert topo.echo.stdout.readline().strip() == "ready"
         topo.link_up_both_ways()
 
         def connect_from(netns, timeout):
