@@ -21,11 +21,10 @@
 """
 
 import argparse
-import ssl
 import sys
 
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
-from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
+from ansible_collections.dstack.tee.agents.wsgi import run_cli
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
@@ -54,27 +53,21 @@ def cmd_serve(args):
 def cmd_serve_control(args):
     """Serve the control (and Admin) API under gunicorn until stopped."""
     import logging  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.agents.gateway.app import create_admin_app, create_app, serve_both  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.gateway import server  # pylint: disable=import-outside-toplevel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = _load(args)
     rpc, admin = config["rpc"], config["admin"]
     if not rpc["listen"]:
         raise DstackError("rpc.listen", "is required for serve-control")
+    server.attested_rpc_certificate(config)
     if not rpc["cert"]:
-        raise DstackError("rpc.cert", "is required for serve-control: the control API is served over TLS only "
-                                      "(RegisterCvm authenticates CVMs by their client certificate)")
-    control = create_app(config)  # fails here, before listening, on a bad configuration
-    service = control.extensions["dstack_gateway"]
-    admin_app = create_admin_app(config, service) if admin["listen"] else None
-    binds = [rpc["listen"]] + ([admin["listen"]] if admin["listen"] else [])
+        raise DstackError("rpc.cert", "is required for serve-control (or rpc.guest_agent): the control API is served "
+                                      "over TLS only (RegisterCvm authenticates CVMs by their client certificate)")
     print(f"dstack-gateway: control API on https://{rpc['listen']}/prpc/Gateway.*"
           + (f", Admin API on https://{admin['listen']}/prpc/Admin.*" if admin["listen"] else "")
           + f" (client certificates under {rpc['kms_root_ca']})", file=sys.stderr)
-    admin_port = int(admin["listen"].rpartition(":")[2]) if admin["listen"] else None
-    run_gunicorn(serve_both(control, admin_app, admin_port), bind=binds, certfile=rpc["cert"], keyfile=rpc["key"],
-                 ca_certs=rpc["kms_root_ca"], cert_reqs=ssl.CERT_OPTIONAL, workers=rpc["workers"],
-                 worker_class="gthread", threads=4, timeout=60, accesslog="-", errorlog="-", loglevel="info")
+    server.run_control(config)
     return None
 
 

@@ -192,25 +192,27 @@ def _child_setup():
         os._exit(1)
 
 
-def _control_main(config, service, ready):
-    """The control and Admin APIs under gunicorn (a child)."""
-    _child_setup()
+def run_control(config, service=None, when_ready=None):
+    """The control API (mutual TLS, client certificates under the KMS root) and, with admin.listen,
+    the Admin API, under one gunicorn until it stops (serve's control child; serve-control)."""
     from ansible_collections.dstack.tee.agents.gateway.app import create_admin_app, create_app, serve_both  # pylint: disable=import-outside-toplevel
     from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn  # pylint: disable=import-outside-toplevel
 
     rpc, admin = config["rpc"], config["admin"]
-    control = create_app(config, service=service)
-    admin_app = create_admin_app(config, service) if admin["listen"] else None
+    control = create_app(config, service=service)  # fails here, before listening, on a bad configuration
+    admin_app = create_admin_app(config, control.extensions["dstack_gateway"]) if admin["listen"] else None
     binds = [rpc["listen"]] + ([admin["listen"]] if admin["listen"] else [])
     admin_port = int(admin["listen"].rpartition(":")[2]) if admin["listen"] else None
-
-    def when_ready(_arbiter):
-        ready.send(("control", os.getpid()))
-
     run_gunicorn(serve_both(control, admin_app, admin_port), bind=binds, certfile=rpc["cert"], keyfile=rpc["key"],
                  ca_certs=rpc["kms_root_ca"], cert_reqs=ssl.CERT_OPTIONAL, workers=rpc["workers"],
                  worker_class="gthread", threads=4, timeout=60, graceful_timeout=GUNICORN_GRACEFUL,
-                 accesslog="-", errorlog="-", loglevel="info", when_ready=when_ready)
+                 accesslog="-", errorlog="-", loglevel="info", **({"when_ready": when_ready} if when_ready else {}))
+
+
+def _control_main(config, service, ready):
+    """The control and Admin APIs under gunicorn (a child)."""
+    _child_setup()
+    run_control(config, service, when_ready=lambda _arbiter: ready.send(("control", os.getpid())))
 
 
 APP_INFO_TTL = 10.0  # seconds /.dstack/app-info is served from memory (a public page: one ask of the agent per 10 s)
