@@ -22,6 +22,9 @@ Anyone may call it: it answers only what is public, never a key.
                                      app's containers (or its service's), text; only when
                                      app-compose's public_logs is true (else 404), as dstack's
                                      (no follow: one answer, bounded)
+    GET  /metrics                    the CVM's system info in Prometheus text (dstack's metric
+                                     names, agents/guest/sysinfo.py), only when app-compose's
+                                     public_sysinfo is true (else 404)
 
 Anything else is 404 (the socket API's methods are not served here). Errors are JSON, as the
 socket API's (api.install_errors): 400 naming the field, 413 too large, 503 not ready, 500/502.
@@ -31,7 +34,7 @@ import logging
 
 from flask import Flask, Response, jsonify, request
 
-from ansible_collections.dstack.tee.agents.guest import compose_runner
+from ansible_collections.dstack.tee.agents.guest import compose_runner, sysinfo
 from ansible_collections.dstack.tee.agents.guest.api import GuestApi, ServerFailure, install_errors
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
 from ansible_collections.dstack.tee.agents.wsgi import request_params, run_gunicorn
@@ -42,7 +45,7 @@ WORKER_PORT = 8090  # dstack's agent_port, the one the gateway's <app-id>-8090 n
 MAX_REQUEST_BYTES = 64 * 1024  # a nonce; nothing here takes more
 DEFAULT_THREADS = 8
 GRACEFUL_TIMEOUT = 5
-ROUTES = ("/prpc/Worker.Info", "/prpc/Worker.Version", "/prpc/Worker.Attest", "/logs/<container>")
+ROUTES = ("/prpc/Worker.Info", "/prpc/Worker.Version", "/prpc/Worker.Attest", "/logs/<container>", "/metrics")
 log = logging.getLogger("dstack.guest.worker")
 
 
@@ -114,6 +117,13 @@ def create_worker_app(context, config=None, runner=None):
                 return jsonify({"error": f"not found: {exc.reason}"}), 404
             raise
         return Response(text, mimetype="text/plain")
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics():
+        if not _public(context, "public_sysinfo"):
+            return jsonify({"error": "not found: this CVM's system info is not public (app-compose public_sysinfo)"}), 404
+        return Response(sysinfo.prometheus(sysinfo.collect(("/", context.paths.work_dir))),
+                        mimetype="text/plain; version=0.0.4")
 
     install_errors(app)
     return app

@@ -117,6 +117,32 @@ def test_info_is_the_socket_apis_with_the_tcb_info_only_when_public(tmp_path):
         assert hidden["app_id"] == summary["app_id"] and hidden["compose_hash"] == summary["compose_hash"]
 
 
+def test_metrics_only_when_public_sysinfo(tmp_path):
+    """dstack's /metrics: the system info in Prometheus text, only with app-compose's public_sysinfo."""
+    ctx, _summary = simulated_cvm(str(tmp_path / "cvm"))
+    app = json.loads(ctx.app_compose_bytes())
+    for value in (None, False):
+        app.pop("public_sysinfo", None)
+        if value is not None:
+            app["public_sysinfo"] = value
+        Path(ctx.paths.app_compose).write_bytes(compose.render(app))
+        hidden = create_worker_app(ctx).test_client().get("/metrics")
+        assert hidden.status_code == 404 and "public_sysinfo" in hidden.json["error"], value
+    app["public_sysinfo"] = True
+    Path(ctx.paths.app_compose).write_bytes(compose.render(app))
+    shown = create_worker_app(ctx).test_client().get("/metrics")
+    assert shown.status_code == 200 and shown.mimetype == "text/plain"
+    samples = dict(line.rsplit(" ", 1) for line in shown.get_data(as_text=True).splitlines()
+                   if line and not line.startswith("#"))
+    assert int(samples["system_num_cpus"]) == os.cpu_count()
+    mem_total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal:"))
+    assert int(samples["system_memory_total"]) == mem_total
+    assert float(samples["system_uptime"]) > 0
+    assert any(name.startswith('disk_total_size{name="/", mount_point="/"}') for name in samples)
+    assert any(name.startswith("system_kernel_version{") for name in samples)
+
+
 def test_version_the_index_and_nothing_else(cvm, worker):
     ctx, summary = cvm
     assert worker.get("/prpc/Worker.Version").json == worker.post("/prpc/Worker.Version").json == \
@@ -125,7 +151,7 @@ def test_version_the_index_and_nothing_else(cvm, worker):
     assert index["app_id"] == summary["app_id"] and "/prpc/Worker.Attest" in index["routes"]
     # The socket API's methods (keys, certificates, raw quotes, events) are not here.
     for path in ("/GetKey", "/GetQuote", "/GetTlsKey", "/Sign", "/EmitEvent", "/Info", "/prpc/Tappd.DeriveKey",
-                 "/prpc/Tappd.RawQuote", "/prpc/Worker.GetAttestationForAppKey", "/metrics"):
+                 "/prpc/Tappd.RawQuote", "/prpc/Worker.GetAttestationForAppKey"):
         answer = worker.post(path, json={"path": "x", "report_data": "00"})
         assert answer.status_code == 404 and "error" in answer.json, path
     assert worker.get("/prpc/Worker.Attest").status_code == 405
