@@ -259,16 +259,16 @@ def validate(app_compose):
     return app_compose
 
 
-# The app.yml fields roles/app gives app_compose (roles/app/tasks/main.yml, &dstack_app_compose_options);
-# whatever else app.yml holds is not in the app-compose.json it deploys. verify_app reads an app
-# folder through app_yml_options, so that its compose_hash is the deployed one.
-APP_YML_FIELDS = ("allowed_envs", "public_logs", "public_sysinfo", "gateway_enabled", "key_provider",
-                  "no_instance_id", "storage_fs")
+# An app folder's app.yml: every app-compose field a deployer sets (all but name, which app.yml
+# gives as `name`, and the compose text), plus what roles/app reads itself: `name` (the app's and
+# its CVM's name) and `ports` (the VM's port map). Anything else is refused, naming it.
+APP_YML_FIELDS = tuple(f for f in FIELDS if f not in ("name", "docker_compose_file"))
+APP_YML_OWN_KEYS = ("name", "ports")
 
 
 def app_yml_options(text, field="app.yml"):
-    """(name or None, build options) from an app folder's app.yml text ("" or None: no file), as
-    roles/app reads it."""
+    """(name or None, build options) from an app folder's app.yml text ("" or None: no file): the
+    one reading of app.yml (the app_compose module's app_yml option, which roles/app uses, and verify_app)."""
     if not text or not text.strip():
         return None, {}
     if yaml is None:
@@ -282,6 +282,9 @@ def app_yml_options(text, field="app.yml"):
         return None, {}
     if not isinstance(spec, dict):
         raise DstackError(field, "must be a YAML mapping of app options")
+    unknown = sorted(str(k) for k in spec if k not in APP_YML_FIELDS and k not in APP_YML_OWN_KEYS)
+    if unknown:
+        raise DstackError(unknown[0], f"in {field} is not an app-compose field (nor name or ports)")
     name = spec.get("name")
     if name is not None and not isinstance(name, str):
         raise DstackError(field, "its name must be a string")

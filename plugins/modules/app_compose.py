@@ -34,6 +34,13 @@ options:
   compose:
     description: The docker-compose text itself.
     type: str
+  app_yml:
+    description:
+      - An app folder's C(app.yml) - its app-compose fields (any of this module's field options, by
+        the same names) are used as options; an option given to the module wins. Its C(name) and
+        C(ports) are skipped (C(dstack.tee.app) reads them); any other key is refused, naming it.
+      - A path that does not exist gives no options.
+    type: path
   dest:
     description:
       - Where to write app-compose.json. Its folder must exist.
@@ -179,6 +186,7 @@ dest:
 """
 
 import json
+import os
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -230,6 +238,7 @@ def main():
         argument_spec=dict(
             compose_file=dict(type="path"),
             compose=dict(type="str"),
+            app_yml=dict(type="path"),
             dest=dict(type="path"),
             name=dict(type="str", required=True),
             app_id=dict(type="str"),
@@ -253,7 +262,11 @@ def main():
         # The compose text is checked under the option the user gave it as.
         if params["runner"] != "bash":
             compose.parse_compose_yaml(text, source_field)
-        fields = {k: params[k] for k in FIELD_SPECS}
+        fields = {}
+        if params["app_yml"]:
+            yml_text = read_text(module, params["app_yml"], "app_yml") if os.path.exists(params["app_yml"]) else ""
+            fields = compose.app_yml_options(yml_text, params["app_yml"])[1]
+        fields.update({k: params[k] for k in FIELD_SPECS if params[k] is not None})
         app = compose.build(text, params["name"], **fields)
         data = compose.render(app)
         compose_hash = compose.compose_hash(data)

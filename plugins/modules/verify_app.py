@@ -53,9 +53,9 @@ options:
   app_dir:
     description:
       - An app folder as C(deploy-app.yml) takes it, C(docker-compose.yaml) and an optional
-        C(app.yml). Of C(app.yml), the fields the C(dstack.tee.app) role renders are read, C(name),
-        C(allowed_envs), C(public_logs), C(public_sysinfo), C(gateway_enabled), C(key_provider),
-        C(no_instance_id) and C(storage_fs). The name is C(app.yml)'s, else the folder's name.
+        C(app.yml), read as the C(dstack.tee.app) role reads it (M(dstack.tee.app_compose)'s
+        O(dstack.tee.app_compose#module:app_yml)) - every app-compose field it sets. The name is
+        C(app.yml)'s, else the folder's name.
     type: path
   name:
     description: The app name, as the deploy gave it (wins over C(app.yml)'s).
@@ -201,6 +201,11 @@ from ansible_collections.dstack.tee.plugins.module_utils import app_compose, app
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
+# The app-compose fields given as options here (app.yml, with app_dir, may set any of them).
+FIELD_OPTIONS = ("allowed_envs", "public_logs", "public_sysinfo", "gateway_enabled", "key_provider", "no_instance_id",
+                 "storage_fs")
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -234,8 +239,7 @@ def main():
     p = module.params
     try:
         url = gateway_http.parse_app_url(p["app_url"])
-        local = app_verify.local_app(p["compose"], p["app_dir"], p["name"],
-                                     {k: p[k] for k in app_compose.APP_YML_FIELDS})
+        local = app_verify.local_app(p["compose"], p["app_dir"], p["name"], {k: p[k] for k in FIELD_OPTIONS})
         trust = attestation.ModuleTrust(p["sim_state_dir"], p["collateral"], tuple(p["allowed_tcb_statuses"]))
         check = app_verify.AppCheck(url, local, trust, ca_cert=p["ca_cert"], expected_app_id=p["expected_app_id"],
                                     timeout=p["timeout"], wait_timeout=p["wait_timeout"]).run()

@@ -92,3 +92,29 @@ def test_missing_compose_file_and_missing_folder(module, tmp_path):
     assert result["failed"] and result["msg"].startswith("compose_file: cannot read")
     result = module("app_compose", {"compose": COMPOSE, "name": "a", "dest": str(tmp_path / "no" / "x.json")})
     assert result["failed"] and result["msg"].startswith("dest: the folder")
+
+
+def test_app_yml_gives_every_app_compose_field_and_refuses_unknown_keys(module, tmp_path, compose_file):
+    """app.yml, as roles/app passes it: any app-compose field (secure_time, public_tcbinfo, port_policy,
+    ... not only a few), its name and ports skipped, an option given to the module winning."""
+    spec = tmp_path / "app.yml"
+    spec.write_text("name: ignored-here\nports: [{host_port: 8080, vm_port: 80}]\nallowed_envs: [A]\n"
+                    "secure_time: true\npublic_tcbinfo: false\nport_policy: {restrict_mode: true, ports: []}\n")
+    base = {"compose_file": str(compose_file), "name": "hello", "app_yml": str(spec)}
+    app = module("app_compose", base)["app_compose"]
+    assert app["name"] == "hello" and app["allowed_envs"] == ["A"] and app["secure_time"] is True
+    assert app["public_tcbinfo"] is False and app["port_policy"] == {"restrict_mode": True, "ports": []}
+    assert module("app_compose", dict(base, secure_time=False))["app_compose"]["secure_time"] is False
+    # The same app.yml read by verify_app's one reader gives the same compose_hash.
+    from ansible_collections.dstack.tee.plugins.module_utils import app_compose  # pylint: disable=import-outside-toplevel
+    _name, options = app_compose.app_yml_options(spec.read_text())
+    assert app_compose.compose_hash(app_compose.render(app_compose.build(COMPOSE, "hello", **options))) == \
+        module("app_compose", base)["compose_hash"]
+    # No app.yml: no options. An unknown key, or a field of the wrong type: refused, named.
+    assert module("app_compose", dict(base, app_yml=str(tmp_path / "none.yml")))["app_compose"]["allowed_envs"] == []
+    spec.write_text("allowed_envs: [A]\nsecure_tme: true\n")
+    refused = module("app_compose", base)
+    assert refused["failed"] and refused["field"] == "secure_tme" and "not an app-compose field" in refused["msg"]
+    spec.write_text("public_logs: sometimes\n")
+    bad_type = module("app_compose", base)
+    assert bad_type["failed"] and bad_type["field"] == "public_logs", bad_type
