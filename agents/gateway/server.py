@@ -30,8 +30,9 @@ its own process group and gets SIGTERM from the kernel if the supervisor dies (P
 
 Endpoints: a new interface has no session and does not know where its peers are, and a CVM
 whose session died only starts a new handshake minutes later. So the endpoints WireGuard learns
-are kept in the store (on every refresh and at stop) and set again at start: the gateway then
-starts each handshake itself and a restart keeps every route at once.
+are kept in the store (on every refresh and at stop, with the handshakes) and set again at start,
+and one empty datagram to each of those CVMs makes WireGuard start each handshake at once: a
+restart keeps every route, and no idle CVM looks stale to the recycler.
 """
 
 import asyncio
@@ -42,8 +43,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import ssl
 import sys
+import threading
 import time
 from multiprocessing import connection as mp_connection
 
@@ -369,6 +372,30 @@ class Supervisor:
                 except DstackError as exc:  # a bad stored endpoint: the CVM's next handshake finds it
                     log.warning("WireGuard: the endpoint of instance %s not restored: %s", instance.instance_id, exc)
         log.info("WireGuard: %d peer(s) from the store (%d at their last endpoint)", count, restored)
+        if restored:
+            self._poke([i.client_ip for i in store.instances() if endpoints.get(i.public_key)])
+
+    def _poke(self, addresses):
+        """One UDP datagram to each restored CVM's tunnel address (its discard port), sent from the
+        interface's namespace: WireGuard sends nothing before it has something to send, so without
+        this the gateway would start no handshake until the first request for that CVM, and a CVM
+        idle since the restart would look stale to the recycler."""
+        netns = self.config["core"]["wg"]["netns"]
+
+        def send():
+            if netns:
+                wireguard.enter_netns(netns)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                for address in addresses:
+                    try:
+                        sock.sendto(b"", (address, 9))
+                    except OSError as exc:
+                        log.warning("WireGuard: no handshake started with %s: %s", address, exc)
+
+        thread = threading.Thread(target=send, name="wireguard-poke")  # its namespace goes with it
+        thread.start()
+        thread.join(10)
+        log.info("WireGuard: a handshake started with %d CVM(s) at their last endpoint", len(addresses))
 
     def _start_children(self):
         reader, writer = _FORK.Pipe(duplex=False)
@@ -463,7 +490,7 @@ class Supervisor:
         self.service.store.record_endpoints({p.public_key: p.endpoint for p in peers if p.endpoint})
 
     def _stop(self):
-        """Children stopped and reaped, endpoints saved, the interface down; whatever was started."""
+        """Children stopped and reaped, handshakes and endpoints saved, the interface down; whatever was started."""
         alive = [(what, process) for what, process in self.children if process.is_alive()]
         if alive:
             log.info("stopping %s", ", ".join(f"the {what} (pid {process.pid})" for what, process in alive))
@@ -483,7 +510,7 @@ class Supervisor:
         self.children = []
         if self.hub is not None:
             if self.service is not None and self.interface.running:
-                self._guarded("saving the endpoints", self._save_endpoints)
+                self._guarded("saving the handshakes and endpoints", self._refresh)
             self.interface.down()
             log.info("WireGuard: %s down", self.interface.name)
             self.interface = self.hub = None

@@ -57,7 +57,9 @@ def stack(chain):
         "dstack_vmm_url": f"http://127.0.0.1:{ports['vmm']}", "dstack_vmm_tokens": [TOKEN],
         # The KMS asks the chain; deploy-app.yml reuses these for the app's contract.
         "dstack_kms_auth_type": "ethereum", "dstack_kms_eth_rpc_url": url, "dstack_kms_eth_chain_id": CHAIN_ID,
-        "dstack_kms_contract_address": kms["address"]})]
+        "dstack_kms_contract_address": kms["address"],
+        # The gateway's own app would need its own DstackApp on this chain: this test is about the app's.
+        "dstack_gateway_enabled": False})]
     try:
         yield dict(root=root, app=app, ports=ports, extra=extra, url=url, w3=w3, kms=kms["address"])
     finally:
