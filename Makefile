@@ -31,5 +31,8 @@ stop:
 	-$(VENV)/bin/supervisorctl -c .demo/run/supervisor/supervisord.conf shutdown
 	-$(VENV)/bin/supervisorctl -c .demo/services/supervisord.conf shutdown
 
+## make clean: remove .demo/ (stop first) and the network namespaces of its CVMs and gateway
 clean:
+	-for vm in .demo/run/*/; do [ -d "$$vm" ] && ip netns del "dstack-$$(basename "$$vm")" 2>/dev/null; done; true
+	-ip netns del dstack-gateway 2>/dev/null; true
 	rm -rf .demo build test-artifacts
