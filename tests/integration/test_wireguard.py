@@ -437,7 +437,7 @@ def test_link_netns_puts_the_tunnel_in_its_own_namespace_and_the_udp_port_outsid
                                                                     str(ECHO_PORT), str(timeout)]),
                                   capture_output=True, text=True, timeout=timeout + 10, check=False)
 
-        answer = next((done.stdout.strip() for done in (connect_from(inner, 3.0) for _ in range(3))
+        answer = next((done.stdout.strip() for done in (connect_from(inner, 3.0) for _attempt in range(3))
                        if done.returncode == 0), None)
         assert answer == f"olleh from {TUNNEL[0]}"
         # The packets went through ns_a's UDP port: B learned A's endpoint on the underlay.
