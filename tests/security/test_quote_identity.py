@@ -24,7 +24,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import attestation
 from ansible_collections.dstack.tee.plugins.module_utils import tdx_quote as tq
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 
-TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tdx"
+TESTDATA = Path(__file__).resolve().parents[1] / "data" / "tdx"  # real Intel TDX evidence (README there)
 PINNED = 1750331763  # when the sample's collateral is valid (shared/testdata/tdx/README.md)
 # The identity of Intel's sample quote. Audit logs keep identities: a change of definition must
 # be deliberate (a new IDENTITY_DOMAIN), never a side effect.
@@ -43,8 +43,6 @@ class Evidence:
 
 
 def _intel():
-    if not (TESTDATA / "tdx_quote").exists():
-        pytest.skip(f"the shared TDX sample is not at {TESTDATA}")
     return Evidence("intel", (TESTDATA / "tdx_quote").read_bytes(),
                     (TESTDATA / "tdx_quote_collateral.json").read_text(), None, PINNED)
 

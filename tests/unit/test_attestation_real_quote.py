@@ -15,13 +15,11 @@ from ansible_collections.dstack.tee.plugins.module_utils import attestation as a
 from ansible_collections.dstack.tee.plugins.module_utils import tdx_quote as tq
 from ansible_collections.dstack.tee.plugins.module_utils.intel_root_ca import INTEL_SGX_ROOT_CA_SHA256
 
-TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tdx"
+TESTDATA = Path(__file__).resolve().parents[1] / "data" / "tdx"  # real Intel TDX evidence (README there)
 PINNED = 1750331763  # one hour after the TCB info's issueDate (testdata README)
 
 
 def _testdata():
-    if not (TESTDATA / "tdx_quote").exists():
-        pytest.skip(f"the shared TDX sample is not at {TESTDATA}")
     return (TESTDATA / "tdx_quote").read_bytes(), (TESTDATA / "tdx_quote_collateral.json").read_text()
 
 

@@ -8,15 +8,13 @@ import pytest
 from ansible_collections.dstack.tee.plugins.module_utils import attestation as at
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
-TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tdx"
+TESTDATA = Path(__file__).resolve().parents[1] / "data" / "tdx"  # real Intel TDX evidence (README there)
 PINNED = 1750331763
 NEXT_UPDATE = 1752920163  # 2025-07-19T10:16:03Z, the TCB info's nextUpdate (QE identity's is later)
 
 
 @pytest.fixture
 def sample():
-    if not (TESTDATA / "tdx_quote").exists():
-        pytest.skip("no shared TDX sample")
     return (TESTDATA / "tdx_quote").read_bytes(), json.loads((TESTDATA / "tdx_quote_collateral.json").read_text())
 
 
