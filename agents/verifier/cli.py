@@ -5,10 +5,13 @@
     dstack-verify QUOTE_FILE --collateral FILE [--event-log FILE] [--root-ca FILE | --sim-state DIR]
                   [--at UNIX_SECONDS] [--pccs-url URL --cache-dir DIR] [--report-data HEX]
                   [--allow-status S ...] [--allow-advisory ID ...]
+    dstack-verify QUOTE_FILE --sim-state DIR      a simulated quote: root and collateral from DIR
 
 QUOTE_FILE holds the raw quote, its hex, or a guest agent's GetQuote response JSON
 ({"quote": hex, "event_log": "...", ...}; its event log is then used unless --event-log is given).
 Prints JSON; exits 0 when every check passes, 1 when one fails (named on stderr), 2 on bad input.
+At most MAX_INPUT_BYTES are read from QUOTE_FILE (a quote is a few KB; a GetQuote answer adds its
+event log).
 """
 
 import argparse
@@ -19,14 +22,21 @@ from ansible_collections.dstack.tee.plugins.module_utils import attestation, jso
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 
-def _read(path, field):
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+
+
+def _read(path, field, limit=MAX_INPUT_BYTES):
     try:
         if path == "-":
-            return sys.stdin.buffer.read()
-        with open(path, "rb") as handle:
-            return handle.read()
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(limit + 1)
     except OSError as exc:
         raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise DstackError(field, f"{path} holds more than {limit} bytes: not a quote or a GetQuote answer")
+    return data
 
 
 def read_quote_input(data):
@@ -55,7 +65,8 @@ def build_parser():
     parser.add_argument("--event-log", help="the event log JSON (GetQuote's event_log)")
     roots = parser.add_mutually_exclusive_group()
     roots.add_argument("--root-ca", help="trust root certificate (PEM or DER); default: Intel SGX Root CA")
-    roots.add_argument("--sim-state", help="trust the simulated root CA of this simulator state directory")
+    roots.add_argument("--sim-state", help="trust the simulated root CA of this simulator state directory (and use its "
+                                           "collateral unless --collateral or --pccs-url is given)")
     parser.add_argument("--at", type=int, help="verify as at this Unix time (default: now)")
     parser.add_argument("--report-data", help="require this report_data (hex, at most 64 bytes)")
     parser.add_argument("--allow-status", action="append", default=[],
@@ -69,10 +80,12 @@ def run(args):
     quote, event_log = read_quote_input(_read(args.quote_file, "QUOTE_FILE"))
     if args.event_log:
         event_log = _read(args.event_log, "--event-log").decode("utf-8", "replace")
+    sim = None
     if args.sim_state:
         # Imported only here: trusting a simulator is an explicit choice.
         from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
-        root = SimTdx(args.sim_state).root_ca_der
+        sim = SimTdx(args.sim_state)
+        root = sim.root_ca_der
     elif args.root_ca:
         root = attestation.load_root_ca(_read(args.root_ca, "--root-ca"))
     else:
@@ -81,20 +94,32 @@ def run(args):
         collateral = attestation.load_collateral(args.collateral)
     elif args.pccs_url:
         collateral = attestation.CollateralCache(args.cache_dir, args.pccs_url).get(quote, args.at)
+    elif sim is not None:
+        # The simulated platform's own collateral, issued around the verification time.
+        collateral = attestation.load_collateral(sim.collateral(now=args.at) if args.at else sim.collateral())
     else:
-        raise DstackError("--collateral", "is required (or --pccs-url to fetch it)")
+        raise DstackError("--collateral", "is required (or --pccs-url to fetch it; --sim-state for a simulated quote)")
     policy = attestation.Policy(
         allowed_tcb_statuses=tuple(dict.fromkeys(["UpToDate", *args.allow_status])),
         allowed_advisory_ids=tuple(args.allow_advisory),
         expected_report_data=parse_hex(args.report_data, "--report-data") if args.report_data else None,
         require_event_log=args.require_event_log)
-    return attestation.verify_quote(quote, collateral, root, policy, event_log, args.at)
+    return attestation.verify_quote(quote, collateral, root, policy, event_log, args.at), quote
+
+
+def _simulated_hint(args, quote):
+    """A line for a simulated quote checked against Intel's root (or another), which fails its chain."""
+    from ansible_collections.dstack.tee.plugins.module_utils import tdx_sim  # pylint: disable=import-outside-toplevel
+    if args.sim_state or not tdx_sim.issued_by_simulator(quote):
+        return ""
+    return ("dstack-verify: this quote is from the dstack.tee simulator, not from Intel TDX hardware: "
+            "pass --sim-state DIR (the simulator's state, e.g. .demo/kms/tdx-sim) to trust that simulator")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        result = run(args)
+        result, quote = run(args)
     except DstackError as exc:
         print(f"dstack-verify: error: {exc}", file=sys.stderr)
         return 2
@@ -104,6 +129,8 @@ def main(argv=None):
         print(f"dstack-verify: FAILED {check.name}: {check.detail}", file=sys.stderr)
     if result.ok:
         print(f"dstack-verify: OK ({result.attestation_mode}, TCB {result.tcb_status})", file=sys.stderr)
+    elif _simulated_hint(args, quote):
+        print(_simulated_hint(args, quote), file=sys.stderr)
     return 0 if result.ok else 1
 
 

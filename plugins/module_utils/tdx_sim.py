@@ -45,7 +45,8 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 from ansible_collections.dstack.tee.plugins.module_utils.tdx import check_rtmr_args, pad_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_quote import (
-    CERT_TYPE_PCK_CHAIN, TD_ATTRIBUTES_DEBUG, QeCertificationData, Quote, QuoteHeader, SgxReportBody, TdReport10)
+    CERT_TYPE_PCK_CHAIN, TD_ATTRIBUTES_DEBUG, QeCertificationData, Quote, QuoteError, QuoteHeader, SgxReportBody,
+    TdReport10, parse_quote)
 
 try:
     from cryptography import x509
@@ -261,6 +262,18 @@ def _dt(timestamp):
 
 def _svn_components(svns):
     return [{"svn": svn} for svn in svns]
+
+
+def issued_by_simulator(quote):
+    """Whether a quote's PCK chain ends at a dstack.tee simulator's root (its organization names the
+    simulator): to tell a user who checks it against Intel's root what happened. Never a trust
+    decision: only the verifier's chain check is one."""
+    try:
+        chain = parse_quote(bytes(quote)).certification.pck_chain_der()
+        return bool(chain) and any(attr.value == SIM_ORG for attr in x509.load_der_x509_certificate(chain[-1])
+                                   .issuer.get_attributes_for_oid(NameOID.ORGANIZATION_NAME))
+    except (QuoteError, ValueError, TypeError):
+        return False
 
 
 def _tcb_level(cpu_svn, pce_svn, tee_tcb_svn, status, tcb_date, advisory_ids=()):

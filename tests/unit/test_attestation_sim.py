@@ -137,3 +137,24 @@ def test_dstack_verify_takes_a_get_quote_response(sim, tmp_path):
     bad = subprocess.run([VERIFY, str(tmp_path / "missing"), "--collateral", "x"], capture_output=True, text=True,
                          timeout=60, check=False)
     assert bad.returncode == 2 and "QUOTE_FILE: cannot read" in bad.stderr
+
+
+def test_dstack_verify_a_simulated_quote_with_only_sim_state(sim, tmp_path):
+    """As the README says: `dstack-verify QUOTE --sim-state DIR`, nothing else (the simulator's own
+    collateral); the same quote under Intel's root says it is the simulator's; input is bounded."""
+    log, _events = measured_boot(sim)
+    (tmp_path / "resp.json").write_text(json.dumps({"quote": sim.get_quote(b"hi").hex(), "event_log": log}))
+    ok = subprocess.run([VERIFY, str(tmp_path / "resp.json"), "--sim-state", sim.state_dir],
+                        capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["boot_info"]["compose_hash"] == COMPOSE_HASH.hex(), ok.stderr
+    (tmp_path / "collateral.json").write_text(sim.collateral_json())
+    intel = subprocess.run([VERIFY, str(tmp_path / "resp.json"), "--collateral", str(tmp_path / "collateral.json")],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert intel.returncode == 1 and "this quote is from the dstack.tee simulator" in intel.stderr
+    assert "--sim-state DIR" in intel.stderr
+    none = subprocess.run([VERIFY, str(tmp_path / "resp.json")], capture_output=True, text=True, timeout=60, check=False)
+    assert none.returncode == 2 and "--collateral: is required" in none.stderr and "--sim-state" in none.stderr
+    (tmp_path / "huge").write_bytes(b"0" * (4 * 1024 * 1024 + 1))
+    huge = subprocess.run([VERIFY, str(tmp_path / "huge"), "--sim-state", sim.state_dir], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert huge.returncode == 2 and "more than 4194304 bytes" in huge.stderr
