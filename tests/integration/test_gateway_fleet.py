@@ -252,7 +252,7 @@ def test_another_apps_cvm_is_unreachable_through_an_apps_names(fleet):
         {ids["a1"], ids["a2"]}
     for name in (f"{app_a}-{PP_PORT}.{BASE}", f"{ids['a1']}-{PP_PORT}.{BASE}"):
         assert "INTERNAL_ERROR" in fleet.refusal(name), name
-        assert f"no candidate of {name.split('-')[0]} answered on port {PP_PORT}" in fleet.gateway.log
+        assert f"no candidate of {name.split('-', maxsplit=1)[0]} answered on port {PP_PORT}" in fleet.gateway.log
     # B's instance id combined with A's names, or one character short, is no route: refused at
     # the handshake. (Their concatenation, a label longer than 63 bytes, cannot even be sent.)
     for name in (f"{ids['b1']}.{app_a}.{BASE}", f"{app_a}.{ids['b1']}.{BASE}", f"{app_a}-{ids['b1'][:8]}.{BASE}",
