@@ -1,13 +1,14 @@
 # -*- coding: utf-8 -*-
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The governance contracts from Python (dstack-reference 9): connect, deploy, call, send.
+"""The governance contracts from Python (dstack-reference 9): connect, deploy, call, send, plan.
 
-One home for the KMS's ethereum auth backend (`is_app_allowed`, `is_kms_allowed`) and the
-kms_contract / app_contract modules. Needs web3 (`HAS_WEB3`); errors are DstackError naming the
-field, never a private key.
+One home for the KMS's ethereum auth backend (`ask`: isAppAllowed / isKmsAllowed) and the chain
+side of kms_contract / app_contract (their Ansible side is contract_module.py). Needs web3
+(`HAS_WEB3`); errors are DstackError naming the field, never a private key.
 """
 
+import contextlib
 import traceback
 
 from ansible_collections.dstack.tee.plugins.module_utils.contract_artifacts import ARTIFACTS
@@ -30,7 +31,6 @@ else:
     WEB3_IMPORT_ERROR = None
 
 ZERO_ADDRESS = "0x" + "00" * 20
-UP_TO_DATE = "UpToDate"
 # Custom errors a revert may carry (selector -> name), decoded for the messages.
 _ERRORS = {
     "118cdaa7": "the key is not the contract owner (OwnableUnauthorizedAccount)",
@@ -129,27 +129,20 @@ def ask(kms, method, boot_info):
     return bool(allowed), str(reason)
 
 
-def _ask(method, rpc_url, kms_contract_address, chain_id, boot_info, w3):
-    require_web3()
-    boot_info_tuple(boot_info)  # malformed input is named before the chain is asked anything
-    kms = contract(connect(rpc_url, chain_id, w3=w3), "DstackKms", kms_contract_address)
-    return ask(kms, method, boot_info)
-
-
-def is_app_allowed(rpc_url, kms_contract_address, chain_id, boot_info, w3=None):
-    """(allowed, reason) from DstackKms.isAppAllowed; errors (chain, input) are refusals with the reason."""
+@contextlib.contextmanager
+def _refusals(what):
+    """A revert or the node's refusal of a transaction as a DstackError naming `what` (never the key)."""
     try:
-        return _ask("isAppAllowed", rpc_url, kms_contract_address, chain_id, boot_info, w3)
-    except DstackError as exc:
-        return False, str(exc)
-
-
-def is_kms_allowed(rpc_url, kms_contract_address, chain_id, boot_info, w3=None):
-    """(allowed, reason) from DstackKms.isKmsAllowed; errors are refusals with the reason."""
-    try:
-        return _ask("isKmsAllowed", rpc_url, kms_contract_address, chain_id, boot_info, w3)
-    except DstackError as exc:
-        return False, str(exc)
+        yield
+    except (ContractLogicError, ContractCustomError, ValueError) as exc:
+        raise DstackError(what, f"the transaction would revert: {revert_reason(exc)}") from None
+    except Web3RPCError as exc:
+        raise DstackError(what, f"the node refused the transaction: {rpc_refusal(exc)}") from None
+    except Exception as exc:  # pylint: disable=broad-except
+        # eth-tester raises its own TransactionFailed; keep the reason, never the key.
+        if type(exc).__name__ == "TransactionFailed":
+            raise DstackError(what, f"the transaction would revert: {revert_reason(exc)}") from None
+        raise
 
 
 class Signer:
@@ -171,7 +164,7 @@ class Signer:
         tx.setdefault("from", self.address)
         tx["nonce"] = self.w3.eth.get_transaction_count(self.address, "pending")
         tx["chainId"] = self.w3.eth.chain_id
-        try:
+        with _refusals(what):
             if "gas" not in tx:
                 tx["gas"] = int(self.w3.eth.estimate_gas(tx) * 1.2) + 10000
             if "gasPrice" not in tx and "maxFeePerGas" not in tx:
@@ -179,15 +172,6 @@ class Signer:
             signed = self.account.sign_transaction(tx)
             tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
             receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
-        except (ContractLogicError, ContractCustomError, ValueError) as exc:
-            raise DstackError(what, f"the transaction would revert: {revert_reason(exc)}") from None
-        except Web3RPCError as exc:
-            raise DstackError(what, f"the node refused the transaction: {rpc_refusal(exc)}") from None
-        except Exception as exc:  # pylint: disable=broad-except
-            # eth-tester raises its own TransactionFailed; keep the reason, never the key.
-            if type(exc).__name__ == "TransactionFailed":
-                raise DstackError(what, f"the transaction would revert: {revert_reason(exc)}") from None
-            raise
         self.tx_hashes.append("0x" + bytes(receipt.transactionHash).hex())
         if receipt.status != 1:
             raise DstackError(what, f"the transaction {tx_hash.hex()} reverted")
@@ -195,16 +179,8 @@ class Signer:
 
     def transact(self, fn, what=None):
         """Send a contract function call; returns the receipt."""
-        try:
+        with _refusals(what or fn.fn_name):
             tx = fn.build_transaction({"from": self.address})
-        except (ContractLogicError, ContractCustomError, ValueError) as exc:
-            raise DstackError(what or fn.fn_name, f"the transaction would revert: {revert_reason(exc)}") from None
-        except Web3RPCError as exc:
-            raise DstackError(what or fn.fn_name, f"the node refused the transaction: {rpc_refusal(exc)}") from None
-        except Exception as exc:  # pylint: disable=broad-except
-            if type(exc).__name__ == "TransactionFailed":
-                raise DstackError(what or fn.fn_name, f"the transaction would revert: {revert_reason(exc)}") from None
-            raise
         return self._send(tx, what or fn.fn_name)
 
     def deploy(self, name, *args):
@@ -292,56 +268,3 @@ def check_values(params, sets):
     for field in sets:
         for value in params.get(field) or []:
             bytes32(value, field)
-
-
-def settle(module, target, signer, plan, deployed, what):
-    """Plan the module's changes on `target` and make them: the module's result.
-
-    plan(target, params) gives (changes, before, after), changes being (function, argument, field).
-    The owner is checked first, then one transaction each, none in check mode. Check mode without
-    a key only previews (a read-only question: "is this allowed on chain?"); with a key it also
-    checks that the key owns the contract. A failure after a deployment says where the new
-    contract is (exit_module returns it), so the next run attaches to it instead of deploying again.
-    """
-    try:
-        changes, before, after = plan(target, module.params)
-        if changes and not deployed:
-            if signer is None and not module.check_mode:
-                raise DstackError("private_key", f"is required to change the {what} at {target.address}")
-            if signer is not None:
-                require_owner(target, signer)
-        if not module.check_mode:
-            for name, arg, field in changes:
-                signer.transact(target.functions[name](arg), field)
-    except DstackError as exc:
-        if deployed:
-            exc.deployed = target.address
-        raise
-    result = dict(changed=deployed or bool(changes), address=target.address,
-                  tx_hashes=signer.tx_hashes if signer else [])
-    if module._diff:  # pylint: disable=protected-access
-        result["diff"] = dict(before=before, after=after)
-    return result
-
-
-def exit_module(module, run, module_name, name, describe=lambda address: {}):
-    """Run a contract module's run(module) and exit with its result, or fail with a clear message.
-
-    module_name names the module in an unexpected error; name is the contract (DstackKms, ...).
-    describe(address) adds fields derived from the contract's address (app_contract's app_id),
-    on success and on a failure after a deployment alike.
-    """
-    from ansible.module_utils.basic import missing_required_lib  # pylint: disable=import-outside-toplevel
-    if not HAS_WEB3:
-        module.fail_json(msg=missing_required_lib("web3"), exception=WEB3_IMPORT_ERROR)
-    try:
-        result = run(module)
-    except DstackError as exc:
-        deployed = getattr(exc, "deployed", None)
-        extra = dict(address=deployed, **describe(deployed)) if deployed else {}
-        module.fail_json(msg=str(exc) + (f" (the {name} was deployed at {deployed})" if deployed else ""),
-                         field=exc.field, **extra)
-    except Exception as exc:  # pylint: disable=broad-except
-        module.fail_json(msg=f"{module_name}: {type(exc).__name__}: {exc}", exception=traceback.format_exc())
-    result.update(describe(result.get("address")))
-    module.exit_json(**result)

@@ -28,18 +28,6 @@ attributes:
   idempotent:
     support: full
 options:
-  rpc_url:
-    description: The chain's JSON-RPC endpoint (http:// or https://).
-    type: str
-    required: true
-  chain_id:
-    description: The chain id the RPC must serve.
-    type: int
-    required: true
-  private_key:
-    description:
-      - The owner's private key (32 bytes, hex). Required when a deployment or a change is needed.
-    type: str
   kms_address:
     description:
       - The DstackKms whose factory deploys and registers the app; required when O(address) is
@@ -66,10 +54,9 @@ options:
     type: str
     choices: [present, absent]
     default: present
-requirements:
-  - web3
 extends_documentation_fragment:
   - dstack.tee.attributes
+  - dstack.tee.contract
 """
 
 EXAMPLES = r"""
@@ -110,7 +97,7 @@ tx_hashes:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.dstack.tee.plugins.module_utils import contracts
+from ansible_collections.dstack.tee.plugins.module_utils import contract_module, contracts
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 # option -> (view, add, remove)
@@ -128,31 +115,21 @@ def plan(app, params):
     return changes, before, after
 
 
-def run(module):
-    p = module.params
-    contracts.check_values(p, _SETS)  # malformed input fails before anything is sent
-    w3 = contracts.connect(p["rpc_url"], p["chain_id"])
-    signer = None
-    if p["private_key"] is not None:
-        signer = contracts.Signer(w3, p["private_key"])
-    deployed = False
-    address = p["address"]
-    if address is None:
-        if p["kms_address"] is None:
-            raise DstackError("kms_address", "is required to deploy a DstackApp (no address given)")
-        kms = contracts.contract(w3, "DstackKms", p["kms_address"])
-        if signer is None:
-            raise DstackError("private_key", "is required to deploy a DstackApp (no address given)")
-        if module.check_mode:
-            return dict(changed=True, address=None, tx_hashes=[])
+def deployer(w3, params):
+    """A new DstackApp through the DstackKms factory at kms_address: deploy(signer) -> its address."""
+    if params["kms_address"] is None:
+        raise DstackError("kms_address", "is required to deploy a DstackApp (no address given)")
+    kms = contracts.contract(w3, "DstackKms", params["kms_address"])
+
+    def deploy(signer):
         # The first hash and device go into the factory call itself, so a new app is deployed
         # and allowed in one transaction: no contract is left behind without its hash.
-        first = {field: contracts.bytes32(p[field][0], field) if p["state"] == "present" and p[field] else b"\0" * 32
+        first = {field: contracts.bytes32(params[field][0], field)
+                 if params["state"] == "present" and params[field] else b"\0" * 32
                  for field in _SETS}
-        address = contracts.deploy_app(signer, kms, allow_any_device=bool(p["allow_any_device"]),
-                                       compose_hash=first["compose_hashes"], device_id=first["devices"])
-        deployed = True
-    return contracts.settle(module, contracts.contract(w3, "DstackApp", address), signer, plan, deployed, "DstackApp")
+        return contracts.deploy_app(signer, kms, allow_any_device=bool(params["allow_any_device"]),
+                                    compose_hash=first["compose_hashes"], device_id=first["devices"])
+    return deploy
 
 
 def app_id_of(address):
@@ -162,21 +139,16 @@ def app_id_of(address):
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            rpc_url=dict(type="str", required=True),
-            chain_id=dict(type="int", required=True),
-            private_key=dict(type="str", no_log=True),
+        argument_spec=contract_module.argument_spec(
             kms_address=dict(type="str"),
-            address=dict(type="str"),
             compose_hashes=dict(type="list", elements="str", default=[]),
             devices=dict(type="list", elements="str", default=[]),
             allow_any_device=dict(type="bool"),
-            state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
         required_one_of=[("address", "kms_address")],
         supports_check_mode=True,
     )
-    contracts.exit_module(module, run, "app_contract", "DstackApp", app_id_of)
+    contract_module.main(module, "app_contract", "DstackApp", _SETS, plan, deployer, app_id_of)
 
 
 if __name__ == "__main__":

@@ -27,18 +27,6 @@ attributes:
   idempotent:
     support: full
 options:
-  rpc_url:
-    description: The chain's JSON-RPC endpoint (http:// or https://).
-    type: str
-    required: true
-  chain_id:
-    description: The chain id the RPC must serve.
-    type: int
-    required: true
-  private_key:
-    description:
-      - The owner's private key (32 bytes, hex). Required when a deployment or a change is needed.
-    type: str
   address:
     description:
       - The address of an existing DstackKms (its proxy). When absent, a new DstackKms is deployed
@@ -70,10 +58,9 @@ options:
     type: str
     choices: [present, absent]
     default: present
-requirements:
-  - web3
 extends_documentation_fragment:
   - dstack.tee.attributes
+  - dstack.tee.contract
 """
 
 EXAMPLES = r"""
@@ -108,8 +95,7 @@ tx_hashes:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.dstack.tee.plugins.module_utils import contracts
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils import contract_module, contracts
 
 # option -> (view, add, remove)
 _SETS = {
@@ -131,43 +117,23 @@ def plan(kms, params):
     return changes, before, after
 
 
-def run(module):
-    p = module.params
-    contracts.check_values(p, _SETS)  # malformed input fails before anything is sent
-    w3 = contracts.connect(p["rpc_url"], p["chain_id"])
-    signer = None
-    if p["private_key"] is not None:
-        signer = contracts.Signer(w3, p["private_key"])
-    address = None
-    deployed = False
-    if p["address"] is None:
-        if signer is None:
-            raise DstackError("private_key", "is required to deploy a DstackKms (no address given)")
-        if module.check_mode:
-            return dict(changed=True, address=None, tx_hashes=[])
-        address = contracts.deploy_kms(signer)["kms_contract_address"]
-        deployed = True
-    return contracts.settle(module, contracts.contract(w3, "DstackKms", address or p["address"]), signer, plan,
-                            deployed, "DstackKms")
+def deployer(_w3, _params):
+    """A new DstackKms (its implementations and proxy): deploy(signer) -> the proxy's address."""
+    return lambda signer: contracts.deploy_kms(signer)["kms_contract_address"]
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            rpc_url=dict(type="str", required=True),
-            chain_id=dict(type="int", required=True),
-            private_key=dict(type="str", no_log=True),
-            address=dict(type="str"),
+        argument_spec=contract_module.argument_spec(
             os_images=dict(type="list", elements="str", default=[]),
             kms_aggregated_mrs=dict(type="list", elements="str", default=[]),
             kms_devices=dict(type="list", elements="str", default=[]),
             gateway_app_id=dict(type="str"),
             app_implementation=dict(type="str"),
-            state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
         supports_check_mode=True,
     )
-    contracts.exit_module(module, run, "kms_contract", "DstackKms")
+    contract_module.main(module, "kms_contract", "DstackKms", _SETS, plan, deployer)
 
 
 if __name__ == "__main__":
