@@ -1,7 +1,7 @@
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent),
-and the one request parser they share."""
+"""Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent,
+gateway), and what their JSON APIs share: the request parser, the pRPC routes, the JSON errors."""
 
 import json
 
@@ -124,13 +124,38 @@ def request_params(list_fields=(), strict=False):
     return params
 
 
-def install_json_errors(app, log):
+def add_prpc_routes(app, prefix, handlers, *, endpoint_prefix="", list_fields=(), strict=False, methods=None):
+    """One route per pRPC method, the way every agent serves them: `prefix + name` answers
+    jsonify(handler(params)), params from request_params(list_fields, strict).
+
+    handlers maps method names to handler(params); the endpoint is endpoint_prefix + name. GET and
+    POST are served, POST only when strict (what request_params(strict=True) accepts) or as methods says.
+    """
+    from flask import jsonify  # pylint: disable=import-outside-toplevel
+
+    methods = list(methods or (["POST"] if strict else ["GET", "POST"]))
+
+    def view_of(endpoint, handler):
+        def view():
+            return jsonify(handler(request_params(list_fields, strict)))
+        view.__name__ = endpoint
+        return view
+
+    for name, handler in handlers.items():
+        endpoint = endpoint_prefix + name
+        app.add_url_rule(prefix + name, endpoint, view_of(endpoint, handler), methods=methods)
+
+
+def install_json_errors(app, log, statuses=None):
     """JSON errors for every failure: {"error": "..."} with the right status, never a traceback.
 
     A DstackError (bad input, named) is 400; an HTTP error keeps its status; anything else is a
-    500 that says only its type (the detail, which could hold a secret, goes to the log). Apps
-    register handlers for their own DstackError subclasses (403, 404, 429...) besides these;
-    Flask picks the most specific one.
+    500 that says only its type (the detail, which could hold a secret, goes to the log).
+    statuses maps the agent's own exception classes (a refusal 403, not ready 503, ...) to their
+    status, or to a function of the exception giving it; each answers {"error": str(exc)} and is
+    logged with the path and the client (a warning; an error for a 5xx the agent must fix, 503
+    "not now" aside). Flask picks the most specific handler, so a DstackError subclass listed
+    there wins over the 400.
     """
     from flask import jsonify, request  # pylint: disable=import-outside-toplevel
     from werkzeug.exceptions import HTTPException  # pylint: disable=import-outside-toplevel
@@ -147,6 +172,17 @@ def install_json_errors(app, log):
     def internal(exc):
         log.exception("internal error on %s", request.path)
         return jsonify({"error": f"internal error ({type(exc).__name__})"}), 500
+
+    def handler_of(status):
+        def answer(exc):
+            code = status(exc) if callable(status) else status
+            level = log.error if code >= 500 and code != 503 else log.warning
+            level("%s %s from %s: %s", code, request.path, request.remote_addr, exc)
+            return jsonify({"error": str(exc)}), code
+        return answer
+
+    for exception_class, status in (statuses or {}).items():
+        app.register_error_handler(exception_class, handler_of(status))
 
 
 def run_cli(prog, parser, argv=None):

@@ -29,7 +29,7 @@ import ssl
 from flask import Flask, jsonify, request
 
 from ansible_collections.dstack.tee.agents.gateway.service import GatewayService, Refused, Unavailable
-from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
+from ansible_collections.dstack.tee.agents.wsgi import add_prpc_routes, install_json_errors
 from ansible_collections.dstack.tee.plugins.module_utils import ra_tls
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -47,17 +47,7 @@ def client_certificate_chain(environ):
 
 
 def _errors(app):
-    @app.errorhandler(Refused)
-    def refused(exc):
-        log.warning("refused %s from %s: %s", request.path, request.remote_addr, exc)
-        return jsonify({"error": str(exc)}), 403
-
-    @app.errorhandler(Unavailable)
-    def unavailable(exc):
-        log.warning("unavailable %s: %s", request.path, exc)
-        return jsonify({"error": str(exc)}), 503
-
-    install_json_errors(app, log)
+    install_json_errors(app, log, {Refused: 403, Unavailable: 503})
 
 
 def create_app(config, service=None, hub=None):
@@ -67,19 +57,15 @@ def create_app(config, service=None, hub=None):
     service = service or GatewayService(config, hub=hub)
     app.extensions["dstack_gateway"] = service
 
-    @app.post("/prpc/Gateway.RegisterCvm")
-    def register_cvm():
-        return jsonify(service.register_cvm(client_certificate_chain(request.environ), request_params()))
+    def peer_chain():
+        return client_certificate_chain(request.environ)
 
-    @app.route("/prpc/Gateway.Info", methods=["GET", "POST"])
-    def info():
-        request_params()
-        return jsonify(service.info())
-
-    @app.route("/prpc/Gateway.GetPeers", methods=["GET", "POST"])
-    def get_peers():
-        request_params()
-        return jsonify(service.get_peers(client_certificate_chain(request.environ)))
+    add_prpc_routes(app, "/prpc/Gateway.", {
+        "RegisterCvm": lambda params: service.register_cvm(peer_chain(), params)}, methods=["POST"])
+    add_prpc_routes(app, "/prpc/Gateway.", {
+        "Info": lambda params: service.info(),
+        "GetPeers": lambda params: service.get_peers(peer_chain()),
+    })
 
     @app.get("/health")
     def health():
@@ -104,17 +90,13 @@ def create_admin_app(config, service):
             return jsonify({"error": "unauthorized: the Admin API needs Authorization: Bearer <admin.token>"}), 401
         return None
 
-    def route(name, handler):
-        def view():
-            return jsonify(handler(request_params()))
-        view.__name__ = name
-        app.add_url_rule(f"/prpc/Admin.{name}", name, view, methods=["GET", "POST"])
-
-    route("Status", lambda params: service.status())
-    route("GetInfo", service.get_info)
-    route("GetMeta", lambda params: service.get_meta())
-    route("RemoveInstance", service.remove_instance)
-    route("SetPortPolicy", service.set_port_policy)
+    add_prpc_routes(app, "/prpc/Admin.", {
+        "Status": lambda params: service.status(),
+        "GetInfo": service.get_info,
+        "GetMeta": lambda params: service.get_meta(),
+        "RemoveInstance": service.remove_instance,
+        "SetPortPolicy": service.set_port_policy,
+    })
     _errors(app)
     return app
 

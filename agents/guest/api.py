@@ -38,6 +38,7 @@ failed, 501 usage_ra_tls with a signer that cannot embed an attestation, 500 a T
 internal error (never a traceback).
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -52,10 +53,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import NameOID
 from Crypto.Hash import keccak as pycryptodome_keccak
-from flask import Flask, jsonify, request
+from flask import Flask
 
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
-from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
+from ansible_collections.dstack.tee.agents.wsgi import add_prpc_routes, install_json_errors
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, eventlog, kdf, tdx, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, ratls_report_data
@@ -121,8 +122,8 @@ def _server(call, *args, **kwargs):
 
 # ---- request parameters ------------------------------------------------------------------------
 
-def _params():
-    return request_params(list_fields=("alt_names",))
+# The parameters a GET may repeat (?alt_names=a&alt_names=b), read as lists.
+LIST_FIELDS = ("alt_names",)
 
 
 def _text(params, name, default=""):
@@ -455,16 +456,7 @@ TAPPD_METHODS = {
 def install_errors(app):
     """The guest agent's JSON errors (wsgi.install_json_errors, plus 503 not ready and the TEE's or the
     signer's failures); the socket API and the public Worker (agents/guest/worker.py) share them."""
-    install_json_errors(app, log)
-
-    @app.errorhandler(NotReady)
-    def not_ready(exc):
-        return jsonify({"error": str(exc)}), 503
-
-    @app.errorhandler(ServerFailure)
-    def server_failure(exc):
-        log.error("%s failed: %s", request.path, exc)
-        return jsonify({"error": str(exc)}), exc.status
+    install_json_errors(app, log, {NotReady: 503, ServerFailure: lambda exc: exc.status})
 
 
 def create_app(context, config=None):
@@ -475,16 +467,10 @@ def create_app(context, config=None):
     api = GuestApi(context)
     app.extensions["dstack_guest"] = api
 
-    def route(rule, endpoint, method):
-        def view():
-            return jsonify(method(api, _params()))
-        view.__name__ = endpoint
-        app.add_url_rule(rule, endpoint, view, methods=["GET", "POST"])
+    def bound(methods):
+        return {name: functools.partial(method, api) for name, method in methods.items()}
 
-    for name, method in DSTACK_GUEST_METHODS.items():
-        route(f"/{name}", name, method)
-    for name, method in TAPPD_METHODS.items():
-        route(f"/prpc/Tappd.{name}", f"Tappd.{name}", method)
-
+    add_prpc_routes(app, "/", bound(DSTACK_GUEST_METHODS), list_fields=LIST_FIELDS)
+    add_prpc_routes(app, "/prpc/Tappd.", bound(TAPPD_METHODS), endpoint_prefix="Tappd.", list_fields=LIST_FIELDS)
     install_errors(app)
     return app

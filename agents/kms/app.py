@@ -11,7 +11,7 @@ import logging
 
 from flask import Flask, jsonify, request
 
-from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
+from ansible_collections.dstack.tee.agents.wsgi import add_prpc_routes, install_json_errors
 from ansible_collections.dstack.tee.agents.kms.service import KmsService, Refused
 
 MAX_REQUEST_BYTES = 256 * 1024
@@ -25,27 +25,21 @@ def create_app(config):
     service = KmsService(config)
     app.extensions["dstack_kms"] = service
 
-    def route(name, handler):
-        def view():
-            return jsonify(handler(request_params()))
-        view.__name__ = name
-        app.add_url_rule(f"/prpc/KMS.{name}", name, view, methods=["GET", "POST"])
+    def remote():
+        return request.remote_addr or ""
 
-    route("GetMeta", lambda params: service.get_meta())
-    route("GetAppEnvEncryptPubKey", lambda params: service.env_pubkey(params.get("app_id", "")))
-    route("GetNonce", lambda params: service.new_nonce())
-    route("GetAppKey", lambda params: service.get_app_key(params, request.remote_addr or ""))
-    route("SignCert", lambda params: service.sign_cert(params, request.remote_addr or ""))
-    route("GetKmsKey", lambda params: service.get_kms_key(params, request.remote_addr or ""))
+    add_prpc_routes(app, "/prpc/KMS.", {
+        "GetMeta": lambda params: service.get_meta(),
+        "GetAppEnvEncryptPubKey": lambda params: service.env_pubkey(params.get("app_id", "")),
+        "GetNonce": lambda params: service.new_nonce(),
+        "GetAppKey": lambda params: service.get_app_key(params, remote()),
+        "SignCert": lambda params: service.sign_cert(params, remote()),
+        "GetKmsKey": lambda params: service.get_kms_key(params, remote()),
+    })
 
     @app.get("/health")
     def health():
         return jsonify({"status": "ok", "mode": service.mode})
 
-    @app.errorhandler(Refused)
-    def refused(exc):
-        log.warning("refused %s: %s", request.path, exc)
-        return jsonify({"error": str(exc)}), 403
-
-    install_json_errors(app, log)
+    install_json_errors(app, log, {Refused: 403})
     return app
