@@ -6,6 +6,8 @@
                   [--at UNIX_SECONDS] [--pccs-url URL --cache-dir DIR] [--report-data HEX]
                   [--allow-status S ...] [--allow-advisory ID ...]
     dstack-verify QUOTE_FILE --sim-state DIR      a simulated quote: root and collateral from DIR
+    dstack-verify serve-pccs --sim-state DIR [--listen HOST:PORT]
+                  the simulated platform's collateral over Intel's PCCS API, for --pccs-url (pccs.py)
 
 QUOTE_FILE holds the raw quote, its hex, or a guest agent's GetQuote response JSON
 ({"quote": hex, "event_log": "...", ...}; its event log is then used unless --event-log is given).
@@ -57,7 +59,9 @@ def read_quote_input(data):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="dstack-verify", description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser = argparse.ArgumentParser(prog="dstack-verify", description=__doc__.split("\n\n", maxsplit=1)[0],
+                                     epilog="dstack-verify serve-pccs --help: serve a simulated platform's "
+                                            "collateral over Intel's PCCS API (for --pccs-url)")
     parser.add_argument("quote_file", metavar="QUOTE_FILE", help="raw quote, hex, or GetQuote JSON ('-' for stdin)")
     parser.add_argument("--collateral", help="DCAP collateral JSON (QuoteCollateralV3 fields)")
     parser.add_argument("--pccs-url", help="fetch collateral from this PCCS instead (cached per FMSPC)")
@@ -93,7 +97,7 @@ def run(args):
     if args.collateral:
         collateral = attestation.load_collateral(args.collateral)
     elif args.pccs_url:
-        collateral = attestation.CollateralCache(args.cache_dir, args.pccs_url).get(quote, args.at)
+        collateral = attestation.CollateralCache(args.cache_dir, args.pccs_url, root_ca_der=root).get(quote, args.at)
     elif sim is not None:
         # The simulated platform's own collateral, issued around the verification time.
         collateral = attestation.load_collateral(sim.collateral(now=args.at) if args.at else sim.collateral())
@@ -117,6 +121,10 @@ def _simulated_hint(args, quote):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve-pccs"]:  # a quote file of that name is ./serve-pccs
+        from ansible_collections.dstack.tee.agents.verifier import pccs  # pylint: disable=import-outside-toplevel
+        return pccs.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         result, quote = run(args)

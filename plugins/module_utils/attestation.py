@@ -165,18 +165,62 @@ def _next_update(collateral_json):
     return min(times)
 
 
-class CollateralCache:
-    """Collateral from a PCCS, cached per FMSPC (and CA) in a folder until its nextUpdate."""
+def _dcap_get_collateral(pccs_url, raw_quote):
+    """dcap-qvl's PCCS fetch (async: its future is made on a running loop, so it is called in one).
 
-    def __init__(self, cache_dir, pccs_url, fetch=None):
+    The answer comes from one of dcap-qvl's tokio threads: it takes the GIL and calls the loop's
+    call_soon_threadsafe, whose self-pipe write lets the GIL go until the write returns. The loop
+    may resolve the future in that moment, and a process that then exits finalizes Python while
+    the tokio thread waits for the GIL: that thread is ended inside Rust code (a segfault). So the
+    fetch returns only once that call has returned into the tokio thread.
+    """
+    import asyncio  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+
+    handed_over = threading.Event()
+    caller = threading.get_ident()
+
+    class Loop(asyncio.SelectorEventLoop):
+        def call_soon_threadsafe(self, *args, **kwargs):
+            try:
+                return super().call_soon_threadsafe(*args, **kwargs)
+            finally:
+                if threading.get_ident() != caller:
+                    handed_over.set()
+
+    spawned = []
+
+    async def fetch():
+        pending = dcap_qvl.get_collateral(pccs_url, raw_quote)
+        spawned.append(pending)  # from here on a tokio thread answers
+        return await pending
+
+    loop = Loop()
+    try:
+        return loop.run_until_complete(fetch())
+    finally:
+        if spawned:
+            handed_over.wait(10)
+        loop.close()
+
+
+class CollateralCache:
+    """Collateral from a PCCS, cached per FMSPC (and CA) in a folder until its nextUpdate.
+
+    Only collateral that verifies the quote it was fetched for under root_ca_der (the verifier's
+    trust root; Intel's when None) is kept: one tampered or broken answer would otherwise be
+    served from the cache, failing every quote of that FMSPC, until its nextUpdate.
+    """
+
+    def __init__(self, cache_dir, pccs_url, fetch=None, root_ca_der=None):
         self.cache_dir = cache_dir
         self.pccs_url = pccs_url
+        self.root_ca_der = root_ca_der
         self._fetch = fetch or self._fetch_pccs
 
     def _fetch_pccs(self, raw_quote):
-        import asyncio  # pylint: disable=import-outside-toplevel
         try:
-            return json.loads(asyncio.run(dcap_qvl.get_collateral(self.pccs_url, raw_quote)).to_json())
+            return json.loads(_dcap_get_collateral(self.pccs_url, bytes(raw_quote)).to_json())
         except (ValueError, RuntimeError, OSError) as exc:
             raise DstackError("pccs_url", f"could not fetch collateral from {self.pccs_url}: {exc}") from None
 
@@ -192,6 +236,10 @@ class CollateralCache:
         except (OSError, ValueError):
             pass
         fresh = self._fetch(raw_quote)
+        try:
+            dcap_claims(raw_quote, fresh, self.root_ca_der, now)
+        except (DstackError, ValueError, RuntimeError):
+            return fresh  # not kept; the verifier names what is wrong with it
         os.makedirs(self.cache_dir, exist_ok=True)
         atomic_write(path, json.dumps(fresh).encode(), mode=0o644)
         return fresh
@@ -263,7 +311,8 @@ class QuoteTrust:
             return self.settings["collateral"]
         if self.settings.get("pccs_url"):
             cache = CollateralCache(self.settings.get("collateral_cache_dir")
-                                    or os.path.join(self.state_dir, "collateral"), self.settings["pccs_url"])
+                                    or os.path.join(self.state_dir, "collateral"), self.settings["pccs_url"],
+                                    root_ca_der=self.root_ca_der)
             return cache.get(raw_quote)
         raise DstackError(f"{self.field}collateral", "no collateral source: set collateral (a file) or pccs_url")
 
@@ -347,6 +396,18 @@ def boot_info_from(report, boot_log, ppid, tcb_status, advisory_ids, mode):
     }
 
 
+def dcap_claims(raw_quote, collateral, root_ca_der, now):
+    """dcap-qvl's verification (quote signature, QE report, PCK chain to root_ca_der or Intel's
+    root, CRLs, TCB info and QE identity, dates) and its claims; raises ValueError or RuntimeError
+    (dcap-qvl's) or DstackError (collateral that is not collateral)."""
+    if not isinstance(collateral, dcap_qvl.QuoteCollateralV3):
+        collateral = load_collateral(collateral)  # drops a PCK chain: the quote's own is the one verified
+    now = int(now)
+    root = root_ca_der if root_ca_der is not None else intel_root_ca_der()
+    return json.loads(dcap_qvl.QuoteVerifier(root_ca_der=root).verify_with_policy(
+        bytes(raw_quote), collateral, now, dcap_qvl.QuotePolicy.claims_only(now)).to_json())
+
+
 def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log=None, now=None):
     """Verify a quote and return a Verification with every check. Never raises on a bad quote.
 
@@ -374,10 +435,7 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
                else "not a debug TD")
 
     try:
-        if not isinstance(collateral, dcap_qvl.QuoteCollateralV3):
-            collateral = load_collateral(collateral)  # drops a PCK chain: the quote's own is the one verified
-        claims = json.loads(dcap_qvl.QuoteVerifier(root_ca_der=root).verify_with_policy(
-            bytes(raw_quote), collateral, now, dcap_qvl.QuotePolicy.claims_only(now)).to_json())
+        claims = dcap_claims(raw_quote, collateral, root, now)
     except DstackError as exc:
         result.add("dcap", False, str(exc))
         return result
