@@ -2,8 +2,12 @@
 same code as a real PCCS (dcap-qvl's fetch in attestation.CollateralCache) for `dstack-verify
 --pccs-url` and the KMS's pccs_url; its cache filled once and reused; a tampered answer refused."""
 
+import datetime
+import hashlib
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,10 +22,14 @@ from urllib.parse import unquote
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
 
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from conftest import free_port
+from test_guest_api import Agent, short_dir
 from test_kms import VM_CONFIG, boot, make_kms
 
 VERIFY = str(Path(sys.executable).parent / "dstack-verify")
@@ -119,6 +127,68 @@ def test_dstack_verify_through_the_simulated_pccs_fills_and_reuses_the_cache(sim
                    "--cache-dir", str(tmp_path / "other-cache"))
     assert third.returncode == 0, third.stderr
     assert len(pccs.requests()) == 2 * len(ROUTES)
+
+
+def test_a_quote_from_dstack_guest_agent_simulate_verifies_through_the_pccs(tmp_path):
+    """The README's path: a simulated CVM, a quote through the dstack SDK, dstack-verify --pccs-url."""
+    base = short_dir()
+    agent = Agent(base).start()
+    server = None
+    try:
+        report_data = os.urandom(32)
+        answer = agent.client().get_quote(report_data)
+        quote_file = tmp_path / "quote.json"
+        quote_file.write_text(json.dumps({"quote": answer.quote, "event_log": answer.event_log}))
+        sim_state = agent.state / "tdx-sim"
+        server = PccsProcess(sim_state, tmp_path / "pccs.log")
+        result = verify(quote_file, "--sim-state", str(sim_state), "--pccs-url", server.url,
+                        "--cache-dir", str(tmp_path / "cache"), "--report-data", report_data.hex(),
+                        "--require-event-log")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["boot_info"]["compose_hash"] == hashlib.sha256(agent.app_compose_bytes()).hexdigest()
+        assert {c["name"] for c in report["checks"] if c["ok"]} >= {"dcap", "report_data", "rtmr3_replay"}
+        assert sorted(server.requests()) == sorted(ROUTES)
+    finally:
+        if server:
+            server.stop()
+        agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sim-pccs")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(Encoding.PEM))
+    (tmp_path / "tls.key").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return tmp_path / "tls.crt", tmp_path / "tls.key"
+
+
+def test_serve_pccs_over_https(sim, tmp_path):
+    cert, key = self_signed(tmp_path)
+    server = PccsProcess(sim.state_dir, tmp_path / "pccs.log", "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        url = server.url.replace("http://", "https://")
+        quote_file = get_quote_file(sim, tmp_path / "quote.json")
+        args = ("--sim-state", sim.state_dir, "--pccs-url", url, "--cache-dir", str(tmp_path / "cache"))
+        # dcap-qvl checks the server's certificate under the system's trust store (SSL_CERT_FILE).
+        refused = verify(quote_file, *args)
+        assert refused.returncode == 2 and "pccs_url: could not fetch collateral" in refused.stderr
+        env = dict(os.environ, SSL_CERT_FILE=str(cert))
+        trusted = subprocess.run([VERIFY, str(quote_file), *args], capture_output=True, text=True, timeout=60,
+                                 check=False, env=env)
+        assert trusted.returncode == 0, trusted.stderr
+    finally:
+        server.stop()
 
 
 def test_the_routes_answer_as_intels_pccs_does(sim, pccs):
