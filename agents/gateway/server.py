@@ -54,7 +54,7 @@ from ansible_collections.dstack.tee.agents.gateway import config as gateway_conf
 from ansible_collections.dstack.tee.agents.gateway.proxy import GatewayProxy, ProxySettings, StoreRouter, server_contexts
 from ansible_collections.dstack.tee.plugins.module_utils import guest_client, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_text
 
 log = logging.getLogger("dstack.gateway")
 
@@ -83,11 +83,7 @@ def gateway_private_key(state_dir):
     mode = os.stat(path).st_mode & 0o777
     if mode & 0o077:
         raise DstackError("core.wg.private_key", f"{path} may be read by others (mode {mode:04o}): chmod 600 it")
-    try:
-        with open(path, encoding="ascii") as handle:
-            text = handle.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DstackError("core.wg.private_key", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    text = read_text(path, "core.wg.private_key", encoding="ascii").strip()
     wireguard.parse_key(text, f"core.wg.private_key ({path})")
     return text
 

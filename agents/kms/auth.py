@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes
 
 BACKENDS = ("local", "webhook", "ethereum")
 
@@ -70,10 +71,10 @@ class LocalAllowlist:
         stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         with self._lock:
             if stamp != self._stamp:
+                data = read_bytes(self.path, "auth.local")
                 try:
-                    with open(self.path, encoding="utf-8") as handle:
-                        config = json.load(handle)
-                except (OSError, ValueError) as exc:
+                    config = json.loads(data)
+                except ValueError as exc:
                     raise DstackError("auth.local", f"the allowlist {self.path} is not valid JSON: {exc}") from None
                 if not isinstance(config, dict):
                     raise DstackError("auth.local", "the allowlist must be a JSON object")

@@ -41,7 +41,7 @@ from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, guest_client, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_text
 
 
 def _meta(keys):
@@ -68,11 +68,7 @@ def cmd_env_pubkey(args):
 
 def cmd_decrypt_env(args):
     keys = root_keys.load(args.state_dir)
-    try:
-        with open(args.input, "rb") as handle:
-            blob = handle.read()
-    except OSError as exc:
-        raise DstackError("--in", f"cannot read {args.input}: {exc.strerror}") from None
+    blob = read_bytes(args.input, "--in")
     items = env_crypt.decrypt_env(blob, kdf.env_crypt_key(keys.ca_key, args.app_id), ".encrypted-env")
     allowed = [a for a in (args.allowed_envs or "").split(",") if a]
     kept, dropped = env_crypt.filter_allowed(items, allowed) if args.allowed_envs is not None else (items, [])
@@ -85,11 +81,8 @@ def cmd_decrypt_env(args):
               "out_dir": os.path.abspath(args.out_dir)}
     if args.expect_env_file:
         # Compare with the clear source, naming variables only, never values.
-        try:
-            with open(args.expect_env_file, encoding="utf-8") as handle:
-                expected = dict(env_crypt.parse_dotenv(handle.read(), "--expect-env-file"))
-        except OSError as exc:
-            raise DstackError("--expect-env-file", f"cannot read {args.expect_env_file}: {exc.strerror}") from None
+        expected_text = read_text(args.expect_env_file, "--expect-env-file")
+        expected = dict(env_crypt.parse_dotenv(expected_text, "--expect-env-file"))
         result["round_trip"] = {
             "equal": sorted(k for k, v in kept if expected.get(k) == v),
             "different": sorted(k for k, v in kept if k in expected and expected[k] != v),

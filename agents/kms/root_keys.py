@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 from ansible_collections.dstack.tee.agents.kms import tls
 from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes
 
 ROOT_CA_KEY = "root-ca.key"
 ROOT_CA_CERT = "root-ca.crt"
@@ -200,14 +200,11 @@ def _identity(keys):
 
 def _read_manifest(folder, where=""):
     """The manifest as a dict, None when there is none; refused, naming it, when unreadable or malformed."""
-    path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path, "rb") as handle:
-            manifest = json.loads(handle.read())
-    except FileNotFoundError:
+    data = read_bytes(os.path.join(folder, MANIFEST), where + MANIFEST, missing_ok=True)
+    if data is None:
         return None
-    except OSError as exc:
-        raise DstackError(where + MANIFEST, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        manifest = json.loads(data)
     except ValueError:
         manifest = None
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -251,17 +248,8 @@ def _changed_reason(name, data, manifest):
 
 def _read_files(folder, where=""):
     """{name: bytes} of the key files present in folder; unreadable ones are refused by name."""
-    files = {}
-    for name in KEY_FILES:
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as handle:
-                files[name] = handle.read()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise DstackError(where + name, f"cannot read {path}: {exc.strerror}") from None
-    return files
+    files = {name: read_bytes(os.path.join(folder, name), where + name, missing_ok=True) for name in KEY_FILES}
+    return {name: data for name, data in files.items() if data is not None}
 
 
 def _check(folder, files, manifest, where, hint):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, app_compose, attestation, gateway_http, ra_tls
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_text
 
 try:
     from cryptography import x509
@@ -51,16 +52,6 @@ class LocalApp:
     source: str
 
 
-def _read(path, field):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read().decode("utf-8")
-    except OSError as exc:
-        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise DstackError(field, f"{path} is not UTF-8 text") from None
-
-
 def local_app(compose=None, app_dir=None, name=None, options=None):
     """The compose_hash of a compose file (compose) or an app folder (app_dir: docker-compose.yaml
     and an optional app.yml), computed as roles/app does through app_compose: the name from
@@ -73,7 +64,7 @@ def local_app(compose=None, app_dir=None, name=None, options=None):
         if not os.path.isfile(compose):
             raise DstackError("app_dir", f"{app_dir} has no docker-compose.yaml")
         spec_path = os.path.join(folder, "app.yml")
-        spec_text = _read(spec_path, "app_dir") if os.path.exists(spec_path) else ""
+        spec_text = read_text(spec_path, "app_dir") if os.path.exists(spec_path) else ""
         spec_name, spec_options = app_compose.app_yml_options(spec_text, f"{spec_path}")
         name = name or spec_name or os.path.basename(folder)
         options = dict(spec_options, **options)
@@ -83,7 +74,7 @@ def local_app(compose=None, app_dir=None, name=None, options=None):
             raise DstackError("compose", "is required (or app_dir)")
         name = name or os.path.basename(os.path.dirname(os.path.abspath(compose)))
         field = "compose"
-    text = _read(compose, field)
+    text = read_text(compose, field)
     app_compose.parse_compose_yaml(text, field)
     data = app_compose.render(app_compose.build(text, name, **options))
     return LocalApp(name=name, compose_hash=app_compose.compose_hash(data), source=compose)

@@ -1,8 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Atomic file writes and TOML configuration reads for the agents and commands (Ansible modules use
-module_support instead)."""
+"""File reads that name the field on error, atomic file writes and TOML configuration reads: the one
+home for agents, commands and module_utils (module_support turns the errors into fail_json)."""
 
 import os
 import tempfile
@@ -36,14 +36,38 @@ def atomic_write(path, data, mode=0o644):
         os.close(dir_fd)
 
 
+def read_bytes(path, field, missing_ok=False):
+    """A file's bytes; DstackError naming `field` (and the path) when it cannot be read. With
+    missing_ok, a file that does not exist is None."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return None
+        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+    except OSError as exc:
+        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_text(path, field, encoding="utf-8", missing_ok=False):
+    """A file's text (read_bytes, then decoded); DstackError naming `field` when it is not text in
+    that encoding."""
+    data = read_bytes(path, field, missing_ok)
+    if data is None:
+        return None
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError:
+        raise DstackError(field, f"{path} is not {encoding.upper()} text") from None
+
+
 def read_toml(path, field="config"):
     """A TOML file (an agent's configuration) as a dict; DstackError naming `field` when it cannot be
     read or is not TOML."""
     import tomllib  # pylint: disable=import-outside-toplevel
+    text = read_text(path, field)
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except OSError as exc:
-        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise DstackError(field, f"{path} is not valid TOML: {exc}") from None

@@ -6,26 +6,22 @@
 import os
 import tempfile
 
+from ansible_collections.dstack.tee.plugins.module_utils import fileio
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
 
 def read_text(module, path, field):
-    """The text of a file named by an option, or fail naming the option."""
+    """The UTF-8 text of a file named by an option, or fail naming the option."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read().decode("utf-8")
-    except OSError as exc:
-        module.fail_json(msg=f"{field}: cannot read {path}: {exc.strerror}", field=field)
-    except UnicodeDecodeError:
-        module.fail_json(msg=f"{field}: {path} is not UTF-8 text", field=field)
+        return fileio.read_text(path, field)
+    except DstackError as exc:
+        module.fail_json(msg=str(exc), field=field)
     return None
 
 
-def read_bytes(path):
-    """A file's bytes, or None when it does not exist."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
+def read_bytes(path, field="path"):
+    """A file's bytes, or None when it does not exist (fileio.read_bytes)."""
+    return fileio.read_bytes(path, field, missing_ok=True)
 
 
 def write_file(module, dest, data, field="dest"):
@@ -35,7 +31,7 @@ def write_file(module, dest, data, field="dest"):
     so that a typo in dest fails here instead of creating a tree.
     """
     dest = os.path.abspath(dest)  # atomic_move needs a folder even for a bare file name
-    before = read_bytes(dest)
+    before = read_bytes(dest, field)
     if before == data:
         return False
     if module.check_mode:

@@ -29,6 +29,7 @@ import datetime
 
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes
 
 try:
     from cryptography import x509
@@ -58,11 +59,7 @@ def load_certificate(data, field):
 
 def load_kms_root(path, field="rpc.kms_root_ca"):
     """The KMS root CA certificate a verifier pins, from a PEM or DER file."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+    data = read_bytes(path, field)
     try:
         return load_certificate(data, field)
     except DstackError:

@@ -20,6 +20,7 @@ import uuid
 
 from ansible_collections.dstack.tee.plugins.module_utils import eventlog
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes
 
 TSM_REPORT_DIR = "/sys/kernel/config/tsm/report"
 TDX_MEASUREMENTS_DIR = "/sys/devices/virtual/misc/tdx_guest/measurements"
@@ -77,7 +78,7 @@ class TdxProvider:
             generation = _read_text(os.path.join(entry, "generation"), "tdx").strip()
             with open(os.path.join(entry, "inblob"), "wb") as handle:
                 handle.write(inblob)
-            quote = _read_bytes(os.path.join(entry, "outblob"), "tdx")
+            quote = read_bytes(os.path.join(entry, "outblob"), "tdx")
             # A changed generation means another writer touched this entry between our write and read.
             if _read_text(os.path.join(entry, "generation"), "tdx").strip() != _next_generation(generation):
                 raise DstackError("tdx", "the configfs-tsm report entry was changed by another writer; try again")
@@ -99,7 +100,7 @@ class TdxProvider:
     def read_rtmrs(self):
         values = []
         for index in range(4):
-            value = _read_bytes(os.path.join(self.measurements_dir, f"rtmr{index}:sha384"), "tdx")
+            value = read_bytes(os.path.join(self.measurements_dir, f"rtmr{index}:sha384"), "tdx")
             if len(value) != RTMR_SIZE:
                 raise DstackError("tdx", f"RTMR{index} reads as {len(value)} bytes, expected {RTMR_SIZE}")
             values.append(value)
@@ -114,15 +115,8 @@ def _next_generation(before):
 
 
 def _read_text(path, field):
-    return _read_bytes(path, field).decode("ascii", "replace")
-
-
-def _read_bytes(path, field):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise DstackError(field, f"cannot read {path}: {exc.strerror}") from None
+    # configfs attributes: short ASCII, whatever the kernel writes is shown, never refused.
+    return read_bytes(path, field).decode("ascii", "replace")
 
 
 def _remove_entry(entry):

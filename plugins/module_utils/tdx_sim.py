@@ -42,7 +42,7 @@ import time
 from contextlib import contextmanager
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes
 from ansible_collections.dstack.tee.plugins.module_utils.tdx import check_rtmr_args, pad_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_quote import (
     CERT_TYPE_PCK_CHAIN, TD_ATTRIBUTES_DEBUG, QeCertificationData, Quote, QuoteError, QuoteHeader, SgxReportBody,
@@ -296,14 +296,6 @@ def _locked(path, mode):
         os.close(fd)  # closing drops the lock
 
 
-def _read_file(path, what):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise DstackError(what, f"cannot read {path}: {exc.strerror}") from None
-
-
 class SimTdx:
     """The simulated TDX of one installation (its state directory)."""
 
@@ -326,6 +318,15 @@ class SimTdx:
         self._certs = {}
         self._platform = {}
         self._open()
+
+    @classmethod
+    def existing(cls, state_dir, field="sim_state_dir"):
+        """The simulated TDX already installed in state_dir, for a verifier: SimTdx() would make a
+        new installation in an empty or wrong folder, whose root no quote chains to."""
+        if not state_dir or not os.path.isfile(os.path.join(state_dir, "root-ca.crt")):
+            raise DstackError(field, f"{state_dir} holds no simulated TDX (no root-ca.crt): give the simulator's "
+                                     "state directory (the demo's is .demo/kms/tdx-sim)")
+        return cls(state_dir)
 
     # --- state: the simulated PKI ---
 
@@ -377,7 +378,7 @@ class SimTdx:
         for name in KEY_NAMES:
             path = self._path(name + ".key")
             try:
-                key = serialization.load_pem_private_key(_read_file(path, name + ".key"), password=None)
+                key = serialization.load_pem_private_key(read_bytes(path, name + ".key"), password=None)
             except (ValueError, TypeError, UnsupportedAlgorithm):
                 raise DstackError(name + ".key", f"{path} is damaged (not a PEM private key); it is not "
                                                  "replaced: restore it from a backup or remove the state "
@@ -388,7 +389,7 @@ class SimTdx:
         for name in CERT_NAMES:
             path = self._path(name + ".crt")
             try:
-                cert = x509.load_pem_x509_certificate(_read_file(path, name + ".crt"))
+                cert = x509.load_pem_x509_certificate(read_bytes(path, name + ".crt"))
             except ValueError:
                 raise DstackError(name + ".crt", f"{path} is damaged (not a PEM certificate)") from None
             if not _same_public_key(cert.public_key(), self._keys[name].public_key()):
@@ -411,7 +412,7 @@ class SimTdx:
     def _load_platform(self):
         path = self._path(PLATFORM_FILE)
         try:
-            data = json.loads(_read_file(path, PLATFORM_FILE))
+            data = json.loads(read_bytes(path, PLATFORM_FILE))
             if not isinstance(data, dict):
                 raise ValueError("not an object")
             return {"ppid": parse_hex(data.get("ppid"), "ppid", 16),
@@ -599,7 +600,7 @@ class SimTdx:
         """{"rtmr0".."rtmr3", and "mr_td" when the TD was launched with launch_measurements}."""
         path = self.rtmr_state
         try:
-            data = json.loads(_read_file(path, RTMRS_FILE))
+            data = json.loads(read_bytes(path, RTMRS_FILE))
             state = {f"rtmr{i}": parse_hex(data[f"rtmr{i}"], f"rtmr{i}", RTMR_SIZE) for i in range(4)}
             if data.get("mr_td"):
                 state["mr_td"] = parse_hex(data["mr_td"], "mr_td", RTMR_SIZE)
