@@ -3,8 +3,8 @@
 """Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent,
 gateway), and what their JSON APIs share: the request parser, the pRPC routes, the JSON errors."""
 
-import json
-
+# run_cli lives in agents/cli_support.py; re-exported here until guest/cli.py and vmm/cli.py import it from there.
+from ansible_collections.dstack.tee.agents.cli_support import run_cli  # noqa: F401  pylint: disable=unused-import
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
@@ -183,19 +183,3 @@ def install_json_errors(app, log, statuses=None):
 
     for exception_class, status in (statuses or {}).items():
         app.register_error_handler(exception_class, handler_of(status))
-
-
-def run_cli(prog, parser, argv=None):
-    """Parse, run args.func, print its JSON result; DstackError -> "PROG: error: ..." and exit code 2."""
-    import sys  # pylint: disable=import-outside-toplevel
-
-    args = parser.parse_args(argv)
-    try:
-        result = args.func(args)
-    except DstackError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    if result is not None:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    return 0

@@ -23,8 +23,8 @@
 import argparse
 import sys
 
+from ansible_collections.dstack.tee.agents.cli_support import run_cli
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
-from ansible_collections.dstack.tee.agents.wsgi import run_cli
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
