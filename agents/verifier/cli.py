@@ -88,7 +88,7 @@ def run(args):
     if args.sim_state:
         # Imported only here: trusting a simulator is an explicit choice.
         from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
-        sim = SimTdx(args.sim_state)
+        sim = SimTdx.existing(args.sim_state, "--sim-state")
         root = sim.root_ca_der
     elif args.root_ca:
         root = attestation.load_root_ca(_read(args.root_ca, "--root-ca"))

@@ -54,10 +54,7 @@ def create_app(sim_state_dir):
     from ansible_collections.dstack.tee.agents.wsgi import install_json_errors  # pylint: disable=import-outside-toplevel
     from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
 
-    if not os.path.isfile(os.path.join(sim_state_dir, "root-ca.crt")):
-        # SimTdx would make a new simulated installation there, whose collateral no quote matches.
-        raise DstackError("--sim-state", f"{sim_state_dir} holds no simulated TDX (no root-ca.crt)")
-    sim = SimTdx(sim_state_dir)
+    sim = SimTdx.existing(sim_state_dir, "--sim-state")
     fmspc = sim.fmspc.hex().upper()
     app = Flask("dstack-sim-pccs")
     app.extensions["dstack_sim_pccs"] = sim

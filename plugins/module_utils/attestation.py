@@ -340,9 +340,9 @@ class ModuleTrust(QuoteTrust):
         if not sim_state_dir and not collateral:
             raise DstackError("collateral", "is required (a DCAP collateral JSON file) unless sim_state_dir "
                                             "names the simulated TDX to trust")
-        if sim_state_dir and not os.path.isfile(os.path.join(sim_state_dir, "root-ca.crt")):
-            # SimTdx would make a new simulated installation there: a verifier trusts an existing one
-            raise DstackError("sim_state_dir", f"{sim_state_dir} holds no simulated TDX (no root-ca.crt)")
+        if sim_state_dir:
+            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
+            SimTdx.existing(sim_state_dir)  # a verifier trusts an existing simulated TDX, never makes one
         super().__init__({"mode": "simulation" if sim_state_dir else "production", "sim_state_dir": sim_state_dir,
                           "collateral": collateral, "allowed_tcb_statuses": allowed_tcb_statuses}, "")
 

@@ -158,3 +158,8 @@ def test_dstack_verify_a_simulated_quote_with_only_sim_state(sim, tmp_path):
     huge = subprocess.run([VERIFY, str(tmp_path / "huge"), "--sim-state", sim.state_dir], capture_output=True,
                           text=True, timeout=60, check=False)
     assert huge.returncode == 2 and "more than 4194304 bytes" in huge.stderr
+    # A folder with no simulated TDX is refused, and nothing is made there.
+    wrong = subprocess.run([VERIFY, str(tmp_path / "resp.json"), "--sim-state", str(tmp_path / "not-a-sim")],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert wrong.returncode == 2 and "--sim-state: " in wrong.stderr and "holds no simulated TDX" in wrong.stderr
+    assert not (tmp_path / "not-a-sim").exists()
