@@ -139,8 +139,7 @@ def attested_rpc_certificate(config, wait=GUEST_AGENT_WAIT):
             time.sleep(1.0)
         except (KeyError, TypeError):
             raise DstackError("rpc.guest_agent", "GetTlsKey answered without certificate_chain and key") from None
-    with open(rpc["kms_root_ca"], encoding="utf-8") as handle:
-        root = handle.read().strip()
+    root = read_text(rpc["kms_root_ca"], "rpc.kms_root_ca").strip()
     served = [pem for pem in chain if pem.strip() != root]  # the CVMs have the root; serve leaf and app CA
     cert_path, key_path = os.path.join(state_dir, RA_TLS_CERT_FILE), os.path.join(state_dir, RA_TLS_KEY_FILE)
     atomic_write(key_path, key.encode(), mode=0o600)

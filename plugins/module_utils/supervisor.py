@@ -17,7 +17,7 @@ import time
 import xmlrpc.client
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_text
 
 try:
     from supervisor.datatypes import dict_of_key_value_pairs
@@ -156,11 +156,8 @@ class Supervisor:
         return os.path.join(self.dir, "conf.d", name + ".conf")
 
     def read_conf(self, name):
-        try:
-            with open(self.conf_path(name), encoding="utf-8") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return None
+        """A program's section as installed, None when there is none."""
+        return read_text(self.conf_path(name), name, missing_ok=True)
 
     def define(self, name, conf):
         """Install or replace a program's section; a replaced running program is restarted."""
