@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ansible_collections.dstack.tee.plugins.module_utils import eventlog, json_limits, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.tdx import pad_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_text
 from ansible_collections.dstack.tee.plugins.module_utils.intel_root_ca import (
     INTEL_SGX_ROOT_CA_PEM, INTEL_SGX_ROOT_CA_SHA256)
 
@@ -135,11 +135,7 @@ def load_collateral(source):
     elif isinstance(source, str) and source.lstrip().startswith("{"):
         text = source
     else:
-        try:
-            with open(source, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise DstackError("collateral", f"cannot read {source}: {exc.strerror}") from None
+        text = read_text(source, "collateral")
     try:
         fields = json.loads(text)
         # Collateral may carry a PCK chain, which dcap-qvl would then verify instead of the quote's
@@ -287,11 +283,7 @@ class QuoteTrust:
             self._sim = SimTdx(settings["sim_state_dir"])
             return self._sim.root_ca_der
         if settings.get("root_ca"):
-            try:
-                with open(settings["root_ca"], "rb") as handle:
-                    return load_root_ca(handle.read())
-            except OSError as exc:
-                raise DstackError(f"{field}root_ca", f"cannot read {settings['root_ca']}: {exc.strerror}") from None
+            return load_root_ca(read_bytes(settings["root_ca"], f"{field}root_ca"))
         raise DstackError(f"{field}sim_state_dir", "simulation mode needs the simulator's state directory (or root_ca)")
 
     @property
