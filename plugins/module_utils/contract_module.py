@@ -19,15 +19,17 @@ def argument_spec(**options):
                 state=dict(type="str", default="present", choices=["present", "absent"]), **options)
 
 
-def run(module, name, sets, plan, deployer):
+def run(module, name, sets, scalars, deployer):
     """Deploy or attach to the contract `name` and bring its allowlists to module.params: the result.
 
-    sets maps the options holding 32-byte values to (view, add, remove) functions (plan_sets);
-    plan(target, params) gives (changes, before, after). deployer(w3, params) is called when no
-    address is given: it checks what a deployment needs and returns deploy(signer) -> the new address.
+    sets maps the options holding 32-byte values to (view, add, remove) functions; scalars(params)
+    lists the single values to set, (getter, setter, field, wanted or None) (contracts.plan).
+    deployer(w3, params) is called when no address is given: it checks what a deployment needs and
+    returns deploy(signer) -> the new address.
     """
     params = module.params
     contracts.check_values(params, sets)  # malformed input fails before anything is sent
+    wanted = scalars(params)
     w3 = contracts.connect(params["rpc_url"], params["chain_id"])
     signer = contracts.Signer(w3, params["private_key"]) if params["private_key"] is not None else None
     address = params["address"]
@@ -40,10 +42,10 @@ def run(module, name, sets, plan, deployer):
             return dict(changed=True, address=None, tx_hashes=[])
         address = deploy(signer)
         deployed = True
-    return _settle(module, contracts.contract(w3, name, address), signer, plan, deployed, name)
+    return _settle(module, contracts.contract(w3, name, address), signer, sets, wanted, deployed, name)
 
 
-def _settle(module, target, signer, plan, deployed, name):
+def _settle(module, target, signer, sets, scalars, deployed, name):
     """Plan the module's changes on `target` and make them: the module's result.
 
     The owner is checked first, then one transaction each, none in check mode. Check mode without
@@ -52,7 +54,7 @@ def _settle(module, target, signer, plan, deployed, name):
     contract is (main returns it), so the next run attaches to it instead of deploying again.
     """
     try:
-        changes, before, after = plan(target, module.params)
+        changes, before, after = contracts.plan(target, module.params, sets, scalars)
         if changes and not deployed:
             if signer is None and not module.check_mode:
                 raise DstackError("private_key", f"is required to change the {name} at {target.address}")
@@ -72,7 +74,7 @@ def _settle(module, target, signer, plan, deployed, name):
     return result
 
 
-def main(module, module_name, name, sets, plan, deployer, describe=lambda address: {}):
+def main(module, module_name, name, sets, scalars, deployer, describe=lambda address: {}):
     """run() and exit with its result, or fail with a clear message.
 
     module_name names the module in an unexpected error; name is the contract (DstackKms, ...).
@@ -82,7 +84,7 @@ def main(module, module_name, name, sets, plan, deployer, describe=lambda addres
     if not contracts.HAS_WEB3:
         module.fail_json(msg=missing_required_lib("web3"), exception=contracts.WEB3_IMPORT_ERROR)
     try:
-        result = run(module, name, sets, plan, deployer)
+        result = run(module, name, sets, scalars, deployer)
     except DstackError as exc:
         deployed = getattr(exc, "deployed", None)
         extra = dict(address=deployed, **describe(deployed)) if deployed else {}

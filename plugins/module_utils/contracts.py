@@ -263,6 +263,15 @@ def plan_value(contract, getter, setter, field, wanted, changes, before, after):
         changes.append((setter, wanted, field))
 
 
+def plan(contract, params, sets, scalars):
+    """(changes, before, after) for a contract module: the sets' membership (plan_sets) and the
+    scalars, each (getter, setter, field, wanted value or None to leave it) (plan_value)."""
+    changes, before, after = plan_sets(contract, params, sets, params["state"])
+    for getter, setter, field, wanted in scalars:
+        plan_value(contract, getter, setter, field, wanted, changes, before, after)
+    return changes, before, after
+
+
 def check_values(params, sets):
     """Refuse a malformed 32-byte value of any listed option before anything is sent."""
     for field in sets:

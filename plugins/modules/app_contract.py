@@ -107,12 +107,9 @@ _SETS = {
 }
 
 
-def plan(app, params):
-    """(changes, before, after): changes are (function name, argument, field)."""
-    changes, before, after = contracts.plan_sets(app, params, _SETS, params["state"])
-    contracts.plan_value(app, "allowAnyDevice", "setAllowAnyDevice", "allow_any_device", params["allow_any_device"],
-                         changes, before, after)
-    return changes, before, after
+def scalars(params):
+    """The single values to set: (getter, setter, option, wanted or None to leave it)."""
+    return [("allowAnyDevice", "setAllowAnyDevice", "allow_any_device", params["allow_any_device"])]
 
 
 def deployer(w3, params):
@@ -148,7 +145,7 @@ def main():
         required_one_of=[("address", "kms_address")],
         supports_check_mode=True,
     )
-    contract_module.main(module, "app_contract", "DstackApp", _SETS, plan, deployer, app_id_of)
+    contract_module.main(module, "app_contract", "DstackApp", _SETS, scalars, deployer, app_id_of)
 
 
 if __name__ == "__main__":

@@ -105,16 +105,13 @@ _SETS = {
 }
 
 
-def plan(kms, params):
-    """(changes, before, after): changes are (function name, argument, field)."""
-    changes, before, after = contracts.plan_sets(kms, params, _SETS, params["state"])
-    contracts.plan_value(kms, "gatewayAppId", "setGatewayAppId", "gateway_app_id", params["gateway_app_id"],
-                         changes, before, after)
-    if params["app_implementation"] is not None:
-        wanted = contracts.address(params["app_implementation"], "app_implementation")
-        contracts.plan_value(kms, "appImplementation", "setAppImplementation", "app_implementation", wanted,
-                             changes, before, after)
-    return changes, before, after
+def scalars(params):
+    """The single values to set: (getter, setter, option, wanted or None to leave it)."""
+    implementation = params["app_implementation"]
+    if implementation is not None:
+        implementation = contracts.address(implementation, "app_implementation")
+    return [("gatewayAppId", "setGatewayAppId", "gateway_app_id", params["gateway_app_id"]),
+            ("appImplementation", "setAppImplementation", "app_implementation", implementation)]
 
 
 def deployer(_w3, _params):
@@ -133,7 +130,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    contract_module.main(module, "kms_contract", "DstackKms", _SETS, plan, deployer)
+    contract_module.main(module, "kms_contract", "DstackKms", _SETS, scalars, deployer)
 
 
 if __name__ == "__main__":
