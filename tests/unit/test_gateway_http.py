@@ -69,15 +69,16 @@ def test_an_app_folder_is_read_as_roles_app_reads_it(tmp_path):
     (folder / "docker-compose.yaml").write_text(COMPOSE)
     # No app.yml: the folder's name, dstack's defaults.
     assert app_verify.local_app(app_dir=str(folder) + "/").compose_hash == _hash("shop")
-    # app.yml: its name and the fields the role renders; ports (the VMM's) and a field the role
-    # does not pass (secure_time) are not in the deployed app-compose.json.
-    (folder / "app.yml").write_text("name: web\nallowed_envs: [A]\npublic_logs: true\nsecure_time: false\n"
+    # app.yml: its name and every app-compose field it sets (as the app_compose module's app_yml
+    # reads it for the role); ports (the VMM's) are not in the deployed app-compose.json.
+    (folder / "app.yml").write_text("name: web\nallowed_envs: [A]\npublic_logs: true\nsecure_time: true\n"
                                     "ports: [{host_port: 8080, vm_port: 80}]\n")
     local = app_verify.local_app(app_dir=str(folder))
-    assert local.name == "web" and local.compose_hash == _hash("web", allowed_envs=["A"], public_logs=True)
+    assert local.name == "web" and local.compose_hash == _hash("web", allowed_envs=["A"], public_logs=True,
+                                                               secure_time=True)
     # Options given to the module win over app.yml's.
     assert app_verify.local_app(app_dir=str(folder), name="other", options={"public_logs": False}).compose_hash == \
-        _hash("other", allowed_envs=["A"], public_logs=False)
+        _hash("other", allowed_envs=["A"], public_logs=False, secure_time=True)
     # A compose file alone: the name given, else its folder's.
     compose = str(folder / "docker-compose.yaml")
     assert app_verify.local_app(compose=compose).compose_hash == _hash("shop")
