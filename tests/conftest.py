@@ -111,13 +111,14 @@ class ModuleResult(dict):
     raw = ""
 
 
-def run_module(name, args, check=False, diff=False):
-    """Run plugins/modules/<name>.py the way Ansible does: a JSON args file, JSON on stdout."""
+def run_module(name, args, check=False, diff=False, timeout=300):
+    """Run plugins/modules/<name>.py the way Ansible does: a JSON args file, JSON on stdout.
+    timeout: a CVM's boot waited for by dstack.tee.cvm can take minutes on a loaded machine."""
     payload = dict(args, _ansible_check_mode=check, _ansible_diff=diff, _ansible_no_log=False)
     proc = subprocess.run(
         [sys.executable, "-m", f"ansible_collections.dstack.tee.plugins.modules.{name}"],
         input=json.dumps({"ANSIBLE_MODULE_ARGS": payload}), capture_output=True, text=True,
-        timeout=60, check=False)
+        timeout=timeout, check=False)
     try:
         result = ModuleResult(json.loads(proc.stdout))
     except ValueError:
