@@ -23,7 +23,6 @@ Plain HTTP is served on loopback only; elsewhere --tls-cert and --tls-key are re
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -108,11 +107,7 @@ def create_app(sim_state_dir):
     def root_ca_crl():
         return Response(sim.collateral()["root_ca_crl"], mimetype="text/plain")
 
-    @app.errorhandler(NotServed)
-    def not_served(exc):
-        return Response(json.dumps({"error": str(exc)}), status=404, mimetype="application/json")
-
-    install_json_errors(app, log)
+    install_json_errors(app, log, {NotServed: 404})
     return app
 
 
