@@ -126,14 +126,29 @@ options:
     type: bool
     default: true
   wait_timeout:
-    description: Seconds to wait for the boot.
+    description: Seconds to wait for the boot (and then, with O(wait_app), as long again for the app's first answer).
     type: int
     default: 300
+  wait_app:
+    description:
+      - With O(wait), also wait after the boot until the app answers HTTP at RV(app_url) (any status below 500),
+        polling every 0.1 s, and return its first answer as RV(app_answer). Nothing to wait for when the CVM
+        has no RV(app_url) (no port forwarded).
+    type: bool
+    default: false
+  app_compose_dest:
+    description:
+      - Also keep the app-compose.json the CVM is given (the exact bytes sent to the VMM) in this file, written
+        atomically with mode 0644 when they differ, once the VMM took them (not in check mode). Its folder must
+        exist.
+      - An app-compose holds no secret (its hash is measured and public).
+    type: path
 extends_documentation_fragment:
   - dstack.tee.attributes
 seealso:
   - module: dstack.tee.app_compose
   - module: dstack.tee.env_encrypt
+  - module: dstack.tee.verify_app
 """
 
 EXAMPLES = r"""
@@ -181,14 +196,28 @@ recreated:
   description: Whether the CVM was (or, in check mode, would be) removed and created anew.
   returned: always
   type: bool
+app_answer:
+  description: The app's first answer at RV(app_url) (O(wait_app)).
+  returned: when O(wait_app) waited for it
+  type: dict
+  contains:
+    status:
+      description: Its HTTP status.
+      type: int
+    content:
+      description: The first 4 KiB of its body, as text (undecodable bytes replaced).
+      type: str
 """
 
 import hashlib
+import os
+import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.urls import fetch_url
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
-from ansible_collections.dstack.tee.plugins.module_utils.module_support import read_bytes
+from ansible_collections.dstack.tee.plugins.module_utils.module_support import read_bytes, write_file
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
 
@@ -240,6 +269,8 @@ def main():
             recreate=dict(type="bool", default=False),
             wait=dict(type="bool", default=True),
             wait_timeout=dict(type="int", default=300),
+            wait_app=dict(type="bool", default=False),
+            app_compose_dest=dict(type="path"),
         ),
         mutually_exclusive=[("app_compose_file", "app_compose"), ("encrypted_env_file", "encrypted_env")],
         required_if=[("state", "present", ("app_compose_file", "app_compose"), True),
@@ -251,6 +282,10 @@ def main():
     try:
         current = client.find(p["name"])
         result = _apply(module, client, current)
+        if p["state"] != "absent":
+            result["changed"] |= _keep_compose(module)
+        if p["wait_app"] and p["wait"] and p["state"] == "running" and result.get("app_url") and not module.check_mode:
+            result["app_answer"] = _wait_answer(module, result["app_url"], p["wait_timeout"])
     except DstackError as exc:
         module.fail_json(msg=str(exc), field=exc.field)
     module.exit_json(**result)
@@ -344,6 +379,33 @@ def _apply(module, client, current):
     out = dict(changed=changed, recreated=recreated, diff=dict(before=before, after=after))
     out.update(_result(current or {}))
     return out
+
+
+def _keep_compose(module):
+    """app_compose_dest: the bytes the VMM now has, kept beside the build; whether they changed."""
+    dest = module.params["app_compose_dest"]
+    if not dest:
+        return False
+    compose, _env = _desired(module)
+    changed = write_file(module, dest, compose, "app_compose_dest")
+    if changed and not module.check_mode:
+        os.chmod(dest, 0o644)
+    return changed
+
+
+def _wait_answer(module, url, timeout):
+    """The app's first HTTP answer below 500 at url (its containers are up and serving)."""
+    deadline = time.monotonic() + timeout
+    info = {}
+    while time.monotonic() < deadline:
+        # The app is on this host (the port map): no proxy between.
+        response, info = fetch_url(module, url, timeout=5, use_proxy=False)
+        if 0 < info.get("status", -1) < 500:
+            body = response.read(4096) if response else info.get("body", b"")
+            return {"status": info["status"], "content": (body or b"")[:4096].decode("utf-8", "replace")}
+        time.sleep(0.1)
+    raise DstackError("wait_app", f"{url} did not answer in {timeout} s "
+                                  f"(last: {info.get('status', -1)} {str(info.get('msg', ''))[:200]})")
 
 
 def _check_resources(client, p):
