@@ -109,8 +109,10 @@ def vmm(port, method, body=None):
 def playbook(name, extra, times=None, collection=None):
     """ansible-playbook playbooks/<name> of this checkout, or of `collection` (an exported
     ansible_collections/dstack/tee, found first on the collections path)."""
-    env = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": os.environ.get("HOME", "/root")}
+    # The caller's ANSIBLE_* settings apply (ANSIBLE_PIPELINING=1, say), to every run alike.
+    env = {key: value for key, value in os.environ.items() if key.startswith("ANSIBLE_")}
+    env.update({"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME": os.environ.get("HOME", "/root")})
     source = ROOT
     if collection:
         source = collection
