@@ -214,7 +214,6 @@ import os
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.urls import fetch_url
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.module_support import read_bytes, write_file
@@ -395,6 +394,9 @@ def _keep_compose(module):
 
 def _wait_answer(module, url, timeout):
     """The app's first HTTP answer below 500 at url (its containers are up and serving)."""
+    # Here, not at the top: urls is compiled afresh at every module run (~0.1 s), and most runs
+    # (through a gateway, or state absent) never wait here.
+    from ansible.module_utils.urls import fetch_url  # pylint: disable=import-outside-toplevel
     deadline = time.monotonic() + timeout
     info = {}
     while time.monotonic() < deadline:

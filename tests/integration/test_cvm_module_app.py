@@ -16,7 +16,8 @@ from test_vmm import app_files, stack  # noqa: F401 pylint: disable=unused-impor
 SILENT = f"""services:
   web:
     image: {IMAGE}
-    command: ["/bin/sh", "-c", "exec sleep 600"]
+    # Serves nothing, and stops at once on SIGTERM (a PID 1 without a handler would ignore it).
+    command: ["/bin/sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
 """
 
 
