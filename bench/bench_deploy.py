@@ -287,8 +287,8 @@ def main():
               flush=True)
         playbook("demo.yml", extra)
         deploy = Deploy(root, ports, extra)
-        results = {label: defaultdict(list) for label, _ in variants}
-        tasks = {label: [] for label, _ in variants}
+        results = {label: defaultdict(list) for label, _source in variants}
+        tasks = {label: [] for label, _source in variants}
         bares = []
         for run in range(1, args.runs + 1):
             for label, collection in variants:
@@ -304,7 +304,7 @@ def main():
             print(f"  run {run}: bare podman run {bares[-1]:4.2f} s", flush=True)
         bare = statistics.median(bares)
         print(f"app {deploy.app_id}; bare podman run to first answer: median {bare:.2f} s")
-        for label, _ in variants:
+        for label, _source in variants:
             print(summary(label, results[label], tasks[label], bare, args.slowest))
         print(f"(on {os.cpu_count()} cores, load average over the last 5 minutes {os.getloadavg()[1]:.1f}: other work "
               "on the machine shows in every figure)")
