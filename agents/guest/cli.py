@@ -395,8 +395,7 @@ def _wait_ready(ready, child, timeout=60):
 
 class _NamespacePorts:
     """With --netns: the Worker's listening socket in the namespace (eth0 refused on its port, unless
-    the VM's port map forwards it), made before the APIs are forked, and a forwarder per port mapping,
-    started once they are (its thread must not be copied into them); both before the boot."""
+    the VM's port map forwards it), made before anything starts, and a forwarder per port mapping."""
 
     def __init__(self, netns, ports, worker_port):
         from ansible_collections.dstack.tee.agents.guest import netns_ports  # pylint: disable=import-outside-toplevel
@@ -475,8 +474,7 @@ def _worker_child(args, worker_socket):
 
 # What the children run (the socket API's Flask app, gunicorn and its threaded worker), imported
 # before they are forked.
-CHILDREN_IMPORT = ("ansible_collections.dstack.tee.agents.guest.api", "gunicorn.app.base", "gunicorn.glogging",
-                   "gunicorn.workers.gthread")
+CHILDREN_IMPORT = ("ansible_collections.dstack.tee.agents.guest.api", "gunicorn.app.base", "gunicorn.workers.gthread")
 
 
 def cmd_run(args):
@@ -502,7 +500,7 @@ def cmd_run(args):
     child_args = argparse.Namespace(**{**vars(args), "kms_url": kms_url, "kms_ca_cert": kms_ca_cert})
     for module in CHILDREN_IMPORT:  # here, once, for both children
         importlib.import_module(module)
-    # With a namespace, the CVM's ports are made before the boot: a port in use fails the start.
+    # With a namespace, the CVM's ports are made first: a port in use fails here, before the boot.
     netns_ports = _NamespacePorts(args.netns, ports, args.worker_port) if args.netns else None
     children = {}
     ready_r, ready_w = os.pipe()
