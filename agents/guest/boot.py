@@ -166,7 +166,6 @@ class Boot:
         self.env = []
         self._kms = None
         self._containers = None  # the containers' start, beside the gateway step (_Beside)
-        self._prepared = False  # the runner made something before the containers step (its network)
 
     def run(self):
         """Run every step; raise BootFailed naming the step that failed.
@@ -177,8 +176,6 @@ class Boot:
         self._power_on()
         try:
             for step in STEPS:
-                if step == "measure":
-                    self._prepare_containers()
                 if step == "gateway":
                     self._containers = _Beside(self._containers_up)
                 try:
@@ -188,9 +185,8 @@ class Boot:
                 except OSError as exc:
                     self._failed(step, f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})", str(exc.strerror or exc))
         except BootFailed:
-            if self._containers is not None or self._prepared:
-                if self._containers is not None:
-                    self._containers.join()
+            if self._containers is not None:
+                self._containers.join()
                 try:
                     self._runner().down()
                 except (DstackError, OSError) as exc:
@@ -400,14 +396,6 @@ class Boot:
         if self.runner is None:
             self.runner = ComposeRunner(f"dstack-{(self.instance_id or self.app_id)[:12]}", self.ctx.paths.work_dir)
         return self.runner
-
-    def _prepare_containers(self):
-        """What the runner can make before the containers step, in the background (ComposeRunner.prepare:
-        the project's network), once the compose is read and the instance id known (the project's name)."""
-        prepare = getattr(self._runner(), "prepare", None)
-        if prepare is not None:
-            prepare(self.app["docker_compose_file"])
-            self._prepared = True
 
     def _containers_up(self):
         """The containers step's work, in a thread beside the gateway step (so it tells no progress)."""

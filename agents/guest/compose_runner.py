@@ -138,7 +138,6 @@ class ComposeRunner:
         self.compose_file = os.path.join(work_dir, "docker-compose.yaml")
         # With its own namespace, the CVM's own network definitions (see the module's note).
         self.network_dir = os.path.join(work_dir, "podman-networks") if netns and self.engine == "podman" else None
-        self._network_maker = None  # prepare()'s `podman network create`
 
     @staticmethod
     def _pick(engine):
@@ -188,42 +187,12 @@ class ComposeRunner:
             argv.append("--podman-args=" + shlex.join(self._podman_options()))
         return self._in_netns([*argv, *args])
 
-    def prepare(self, compose_text):
-        """Start making the project's default network, in the background, while the boot goes on:
-        `up` then finds it (podman-compose's `network create` and second `network exists`, about
-        0.1 s, off the containers step). Only with podman, and only for a compose that declares no
-        network of its own: the network compose names <project>_default, labelled as podman-compose
-        labels it (so that down removes it)."""
-        if self.engine != "podman" or self._network_maker is not None:
-            return
-        try:
-            services = parse_compose_yaml(compose_text, "docker_compose_file")
-        except DstackError:
-            return  # up reports it
-        if services.get("networks") or any(isinstance(service, dict) and {"networks", "network_mode"} & set(service)
-                                           for service in services["services"].values()):
-            return
-        labels = [f"--label={label}={self.project}" for label in (PODMAN_PROJECT_LABEL, "com.docker.compose.project")]
-        self._network_maker = subprocess.Popen(  # pylint: disable=consider-using-with
-            self._in_netns(self._podman("network", "create", *labels, f"{self.project}_default")),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self._env({}))
-
-    def _prepared(self):
-        """Wait for prepare()'s network (made, or there already: podman-compose decides either way)."""
-        if self._network_maker is not None:
-            try:
-                self._network_maker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self._network_maker.kill()
-                self._network_maker.wait()
-
     def up(self, compose_text, app_env, sockets, port_map=None):
         """Write the rewritten compose file and start the services, detached."""
         port_map = None if self.netns else port_map  # in its own namespace a CVM port is the CVM's
         atomic_write(self.compose_file, rewrite_compose(compose_text, sockets, port_map).encode(), mode=0o600)
         if self.engine == "none":
             return
-        self._prepared()
         proc = subprocess.run(self._command("up", "-d"), capture_output=True, text=True, cwd=self.work_dir,
                               env=self._env(app_env), timeout=600, check=False)
         # podman-compose echoes its `podman create -e KEY=value` lines: never log its output unscrubbed.
@@ -233,12 +202,10 @@ class ComposeRunner:
 
     def down(self):
         """Stop and remove the project's containers, then (podman) its networks."""
-        if self.engine == "none":
+        if self.engine == "none" or not os.path.exists(self.compose_file):
             return
-        self._prepared()
-        if os.path.exists(self.compose_file):
-            subprocess.run(self._command("down"), capture_output=True, text=True, cwd=self.work_dir,
-                           env=self._env({}), timeout=300, check=False)
+        subprocess.run(self._command("down"), capture_output=True, text=True, cwd=self.work_dir,
+                       env=self._env({}), timeout=300, check=False)
         if self.engine == "podman":
             found = subprocess.run(self._podman("network", "ls", "--filter", f"label={PODMAN_PROJECT_LABEL}={self.project}",
                                                 "--format", "{{.Name}}"),

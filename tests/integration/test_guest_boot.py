@@ -330,34 +330,3 @@ def test_the_containers_start_once_the_socket_api_listens(tmp_path, module, worl
         again.run()
     assert err.value.field == "containers" and err.value.reason.startswith("serve: the socket API exited")
     assert not again.runner.started and again.runner.downs == 1
-
-
-@needs_podman
-def test_the_network_made_beside_the_boot_goes_with_a_failed_boot(tmp_path, module, world):
-    """ComposeRunner.prepare makes the project's network in the background (up then finds it); down
-    removes it, and so does a boot that fails after it was made."""
-    def exists(name):
-        return subprocess.run(["podman", "network", "exists", name], check=False).returncode == 0
-
-    runner = ComposeRunner(f"dstack-prep-{os.getpid()}", str(tmp_path / "made"), engine="podman")
-    os.makedirs(runner.work_dir)
-    runner.prepare(COMPOSE)
-    deadline = time.monotonic() + 30
-    while not exists(f"{runner.project}_default"):
-        assert time.monotonic() < deadline, "prepare made no network"
-        time.sleep(0.1)
-    runner.down()
-    assert not exists(f"{runner.project}_default")
-
-    def forbid(_share, tmp, _app):
-        (tmp / "auth-config.json").write_text(json.dumps({"osImages": ["0x" + OS_IMAGE], "apps": {}}))
-
-    boot, _runner, _ctx = _boot_without_containers(tmp_path, module, world, forbid)
-    boot.runner = ComposeRunner(f"dstack-prep2-{os.getpid()}", str(tmp_path / "work"), engine="podman")
-    try:
-        with pytest.raises(BootFailed) as err:
-            boot.run()
-        assert err.value.field == "keys"
-        assert not exists(f"{boot.runner.project}_default")
-    finally:
-        boot.runner.down()
