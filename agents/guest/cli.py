@@ -313,7 +313,6 @@ class _Child:
         self.name = name
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
-        self.parent = os.getpid()
         self.returncode = None
 
     def poll(self):
@@ -334,9 +333,7 @@ class _Child:
         return self.poll()
 
     def _signal(self, signum):
-        # Only from `run` itself: a process forked from it later (pyroute2 forks helpers into
-        # network namespaces) holds the pidfd too, and must never stop the APIs.
-        if self.returncode is None and os.getpid() == self.parent:
+        if self.returncode is None:
             try:
                 signal.pidfd_send_signal(self.pidfd, signum)
             except ProcessLookupError:
@@ -521,15 +518,10 @@ def cmd_run(args):
         os.close(ready_w)
     runner = boot = None
     stopping = {"now": False}
-    agent = os.getpid()
 
     def stop(signum, frame):  # pylint: disable=unused-argument
         # Only flag and pass the signal on: the main flow (waiting on the children) takes the
         # containers down once they have exited.
-        if os.getpid() != agent:  # a process forked from this one (pyroute2's netns helpers): the default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         stopping["now"] = True
         _say(f"stopping (signal {signum}): the APIs off, then the containers")
         for child in children.values():

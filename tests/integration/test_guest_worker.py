@@ -477,25 +477,3 @@ def _eventually(call, timeout=30):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
-
-
-def test_a_process_forked_from_run_cannot_stop_its_apis():
-    """pyroute2 forks helpers from `run` (into network namespaces) and stops them with SIGTERM: such a
-    copy holds the APIs' pidfds and run's SIGTERM handler, and must not stop the APIs with them."""
-    from ansible_collections.dstack.tee.agents.guest.cli import _Child  # pylint: disable=import-outside-toplevel
-    pid = os.fork()
-    if pid == 0:
-        time.sleep(60)
-        os._exit(0)  # pylint: disable=protected-access
-    child = _Child("serve", pid)
-    try:
-        copy = os.fork()
-        if copy == 0:
-            child.terminate()
-            os._exit(0)  # pylint: disable=protected-access
-        os.waitpid(copy, 0)
-        assert child.wait(0.5) is None                  # still serving
-        child.terminate()
-        assert child.wait(10) == -signal.SIGTERM        # run itself stops it
-    finally:
-        child.kill()
