@@ -412,22 +412,6 @@ def test_a_host_port_in_use_fails_the_run_naming_port_before_anything_starts(tmp
             assert exc.value.field == "--port"
 
 
-def test_a_socket_api_that_cannot_listen_fails_the_boot_naming_it(tmp_path):
-    """run forks the socket API and boots beside its start: a socket API that dies before it listens
-    fails the boot at the containers (which mount its socket), naming it; the path is left alone."""
-    share = _share(tmp_path)
-    taken = tmp_path / "dstack.sock"
-    taken.write_text("not a socket")
-    done = subprocess.run([*AGENT, "run", "--config-dir", str(share), "--work-dir", str(tmp_path / "work"), "--tee", "sim",
-                           "--sim-state", str(tmp_path / "sim"), "--socket", str(taken), "--tappd-socket", "",
-                           "--engine", "none"], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 2, done.stderr
-    assert "exists and is not a socket" in done.stderr                    # the child's own error
-    assert "containers: serve: the socket API exited (code 2) before listening" in done.stderr, done.stderr
-    assert taken.read_text() == "not a socket"
-    assert json.loads((tmp_path / "work" / "boot.json").read_text())["stage"] == "containers"
-
-
 @needs_podman
 @needs_ip_netns
 def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, busybox_image):
