@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import random
 import shutil
 import socket
@@ -61,6 +62,17 @@ IMAGE = "localhost/dstack-test-busybox:latest"
 CHAIN_ID = 1337
 KEY = "0x" + "42" * 32        # funded owner key on the test chain
 OTHER_KEY = "0x" + "43" * 32  # funded, owns nothing
+
+
+def stop_process_group(proc, timeout=20):
+    """SIGTERM a server started with start_new_session (its whole group), SIGKILL after `timeout` s."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def free_port():

@@ -8,7 +8,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -24,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from conftest import stop_process_group
 from ansible_collections.dstack.tee.agents.guest import cli, server
 from ansible_collections.dstack.tee.agents.guest.api import ATTESTATION_VERSION, TAPPD_HASHES, create_app
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
@@ -65,13 +65,7 @@ class Agent:
         return self.stderr_path.read_text(encoding="utf-8") if self.stderr_path.exists() else ""
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         return self.proc.returncode if self.proc else None
 
     # what the simulated CVM is made of, read as an outside verifier would

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.app_certs import key_pr
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
-from conftest import free_port
+from conftest import free_port, stop_process_group
 from test_kms import APP_ID, COMPOSE_HASH, KMS_ROOTS, VM_CONFIG, allowlist, boot
 
 KMS = str(Path(sys.executable).parent / "dstack-kms")
@@ -47,13 +46,7 @@ class KmsProcess:
         raise AssertionError("dstack-kms did not listen within 30 s")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         return self.proc.stdout.read() if self.proc else ""
 
     def client(self):

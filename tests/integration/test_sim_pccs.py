@@ -8,7 +8,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from cryptography.x509.oid import NameOID
 
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
-from conftest import free_port
+from conftest import free_port, stop_process_group
 from test_guest_api import Agent, short_dir
 from test_kms import VM_CONFIG, boot, make_kms
 
@@ -67,13 +66,7 @@ class PccsProcess:
                 if '"GET ' in line]
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
 
 
 @pytest.fixture
