@@ -248,8 +248,10 @@ def test_another_apps_cvm_is_unreachable_through_an_apps_names(fleet):
     # App A's names never reach it: not by app id (whatever the Host header says: the gateway
     # routes by the TLS name), and not on a port only app B serves (app A's CVMs have nothing
     # there, so the gateway refuses; it does not look for the port elsewhere).
-    assert {fleet.instance(f"{app_a}.{BASE}", host=f"{ids['b1']}.{BASE}") for _round in range(10)} == \
-        {ids["a1"], ids["a2"]}
+    # (Which of A's instances answers is the race's choice: test 1 shows both do; here only
+    # "never B's" is the point, so one answering every time is fine.)
+    reached = {fleet.instance(f"{app_a}.{BASE}", host=f"{ids['b1']}.{BASE}") for _round in range(10)}
+    assert reached and reached <= {ids["a1"], ids["a2"]}, reached
     for name in (f"{app_a}-{PP_PORT}.{BASE}", f"{ids['a1']}-{PP_PORT}.{BASE}"):
         assert "INTERNAL_ERROR" in fleet.refusal(name), name
         assert f"no candidate of {name.split('-', maxsplit=1)[0]} answered on port {PP_PORT}" in fleet.gateway.log
