@@ -18,8 +18,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 APT_PACKAGES=(git make gcc python3 python3-venv python3-dev libffi-dev)
 # Later issues add here: podman runc pebble wireguard-go ... (one list, one install step).
 # The simulated CVM's container runner (machine-recipes.md: podman with runc; images made
-# locally from busybox-static), also what `make demo` will run apps with.
-APT_PACKAGES+=(podman runc podman-compose busybox-static)
+# locally from busybox-static), also what `make demo` will run apps with. podman-compose comes
+# from PyPI into the venv (pyproject.toml: 1.6+; Debian's 1.0 sleeps 1 s after each container).
+APT_PACKAGES+=(podman runc busybox-static)
 # The gateway's WireGuard hub and the CVMs' tunnels: no kernel module here, so wireguard-go (a
 # userspace interface; wg-quick falls back to it) and wg; ip netns for each CVM's namespace;
 # iptables for the rules inside it (the Worker port off eth0, the WireGuard port to the gateways).

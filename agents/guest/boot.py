@@ -19,23 +19,27 @@
                     gateway_app_id, attested), the WireGuard interface up in the CVM's network
                     namespace (required: `netns`), and a checker that registers again when the
                     tunnel goes stale (agents/guest/gateway_link.py)
-    containers      start the compose services (docker compose or podman-compose)
+    containers      start the compose services (docker compose or podman-compose), once the socket
+                    API they mount listens (`before_containers`); started beside the gateway step,
+                    which they do not need, and reported after it
 
 Progress and errors go to boot.json in the work folder and, when .sys-config.json names a
 host_api_url (http://...), to the host as HostApi.Notify events: POST <host_api_url>/Notify
-{"event": "boot.progress" | "boot.error" | "instance.info", "payload": "..."}. A failed step
-stops the boot with the step named; files are written whole (atomically) or not at all; no
-secret value is logged.
+{"event": "boot.progress" | "boot.error" | "instance.info", "payload": "..."}, sent in order by
+a thread over a kept-alive connection (no step waits for the host). A failed step stops the boot
+with the step named and takes down what the boot started (tunnel, containers); files are written
+whole (atomically) or not at all; no secret value is logged.
 """
 
 import copy
+import http.client
 import json
 import logging
 import os
+import queue
+import threading
 import time
-import urllib.error
-
-from ansible.module_utils.urls import open_url
+import urllib.parse
 
 from ansible_collections.dstack.tee.agents.guest import gateway_link, measure
 from ansible_collections.dstack.tee.agents.guest.api import GuestApi, NotReady, ServerFailure
@@ -57,12 +61,21 @@ class BootFailed(DstackError):
 
 
 class HostNotifier:
-    """Boot progress to boot.json and, when configured, to the host's HostApi.Notify."""
+    """Boot progress to boot.json and, when configured, to the host's HostApi.Notify.
+
+    boot.json is written at once; the host is told by a sender thread, in order, over one kept-alive
+    connection, so that no boot step waits for the host's answer. A failed boot waits (a bounded
+    time) until the host has its error, before the agent exits."""
+
+    FLUSH_TIMEOUT = 10
 
     def __init__(self, ctx):
         self.ctx = ctx
         self.state = {"stage": "", "done": False, "error": "", "events": []}
         self.url = ""
+        self._queue = queue.Queue()
+        self._sender = None
+        self._connection = None
 
     def configure(self, sys_config):
         url = str(sys_config.get("host_api_url") or "")
@@ -73,11 +86,47 @@ class HostNotifier:
         self.state["events"] = (self.state["events"] + [entry])[-20:]
         atomic_write(self.ctx.paths.boot_state, json.dumps(self.state, indent=2).encode(), mode=0o644)
         if self.url:
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_all, name="host-notifier", daemon=True)
+                self._sender.start()
+            self._queue.put((event, payload))
+
+    def flush(self, timeout=FLUSH_TIMEOUT):
+        """Wait until the host was told everything so far (or `timeout` seconds)."""
+        if self._sender is not None:
+            told = threading.Event()
+            self._queue.put(told)
+            told.wait(timeout)
+
+    def _send_all(self):
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self._send(*item)
+
+    def _send(self, event, payload):
+        body = json.dumps({"event": event, "payload": payload}).encode()
+        parts = urllib.parse.urlsplit(self.url)
+        while True:
+            reused = self._connection is not None
+            if not reused:
+                kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                self._connection = kind(parts.netloc, timeout=5)
             try:
-                open_url(self.url + "/Notify", data=json.dumps({"event": event, "payload": payload}).encode(),
-                         method="POST", headers={"Content-Type": "application/json"}, timeout=5, use_proxy=False)
-            except (urllib.error.URLError, OSError) as exc:
-                log.warning("could not tell the host %s: %s", event, getattr(exc, "reason", exc))
+                self._connection.request("POST", parts.path + "/Notify", body, {"Content-Type": "application/json"})
+                response = self._connection.getresponse()
+                answer = response.read()
+                if response.status != 200:
+                    log.warning("could not tell the host %s: HTTP %s %s", event, response.status, answer[:200])
+                return
+            except (http.client.HTTPException, OSError) as exc:
+                self._connection.close()
+                self._connection = None
+                if not reused:  # a kept connection the host had closed is tried once more, anew
+                    log.warning("could not tell the host %s: %s", event, exc)
+                    return
 
     def progress(self, stage, message):
         self.state["stage"] = stage
@@ -88,6 +137,7 @@ class HostNotifier:
         self.state.update(stage=stage, error=reason)
         log.error("boot failed at %s: %s", stage, reason)
         self.notify("boot.error", f"{stage}: {reason}")
+        self.flush()
 
     def done(self):
         self.state.update(done=True, stage="running")
@@ -98,8 +148,9 @@ class Boot:
     """One boot of one CVM. `kms_client` / `runner` may be given (tests, other engines)."""
 
     def __init__(self, ctx, kms_client=None, runner=None, sockets=None, port_map=None, netns=None,
-                 gateway_settings=None):
+                 gateway_settings=None, before_containers=None):
         self.ctx = ctx
+        self.before_containers = before_containers  # e.g. wait until the socket API the containers mount listens
         self.kms_client = kms_client
         self.runner = runner
         self.sockets = sockets or {}
@@ -114,23 +165,44 @@ class Boot:
         self.keys = {}
         self.env = []
         self._kms = None
+        self._containers = None  # the containers' start, beside the gateway step (_Beside)
+        self._prepared = False  # the runner made something before the containers step (its network)
 
     def run(self):
-        """Run every step; raise BootFailed naming the step that failed."""
+        """Run every step; raise BootFailed naming the step that failed.
+
+        The containers start beside the gateway step (neither needs the other: the app's ports are
+        the CVM's either way, the tunnel only adds a way in); progress is still told in STEPS order,
+        and a failed boot takes down what it started (the tunnel and the containers)."""
         self._power_on()
-        for step in STEPS:
-            try:
-                getattr(self, "step_" + step.replace("-", "_"))()
-            except DstackError as exc:
-                self.close()  # a failed boot leaves no tunnel behind
-                self.notifier.failed(step, str(exc))
-                raise BootFailed(step, str(exc)) from None
-            except OSError as exc:
-                self.close()
-                self.notifier.failed(step, f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})")
-                raise BootFailed(step, str(exc.strerror or exc)) from None
+        try:
+            for step in STEPS:
+                if step == "measure":
+                    self._prepare_containers()
+                if step == "gateway":
+                    self._containers = _Beside(self._containers_up)
+                try:
+                    getattr(self, "step_" + step.replace("-", "_"))()
+                except DstackError as exc:
+                    self._failed(step, str(exc), str(exc))
+                except OSError as exc:
+                    self._failed(step, f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})", str(exc.strerror or exc))
+        except BootFailed:
+            if self._containers is not None or self._prepared:
+                if self._containers is not None:
+                    self._containers.join()
+                try:
+                    self._runner().down()
+                except (DstackError, OSError) as exc:
+                    log.warning("could not take the containers down after the failed boot: %s", exc)
+            raise
         self.notifier.done()
         return self
+
+    def _failed(self, step, told, reason):
+        self.close()  # a failed boot leaves no tunnel behind
+        self.notifier.failed(step, told)
+        raise BootFailed(step, reason) from None
 
     def _power_on(self):
         """A simulated TD starts with an empty RTMR3 and runtime log, as a real one does, and MRTD and
@@ -324,12 +396,54 @@ class Boot:
             self.gateway_link.close()
             self.gateway_link = None
 
-    def step_containers(self):
+    def _runner(self):
+        if self.runner is None:
+            self.runner = ComposeRunner(f"dstack-{(self.instance_id or self.app_id)[:12]}", self.ctx.paths.work_dir)
+        return self.runner
+
+    def _prepare_containers(self):
+        """What the runner can make before the containers step, in the background (ComposeRunner.prepare:
+        the project's network), once the compose is read and the instance id known (the project's name)."""
+        prepare = getattr(self._runner(), "prepare", None)
+        if prepare is not None:
+            prepare(self.app["docker_compose_file"])
+            self._prepared = True
+
+    def _containers_up(self):
+        """The containers step's work, in a thread beside the gateway step (so it tells no progress)."""
         if self.app.get("runner", "docker-compose") not in ("docker-compose", "nerdctl-compose"):
             raise DstackError("runner", f"{self.app.get('runner')!r} is not supported by this agent")
-        runner = self.runner or ComposeRunner(f"dstack-{(self.instance_id or self.app_id)[:12]}", self.ctx.paths.work_dir)
+        runner = self._runner()
+        if self.before_containers is not None:
+            self.before_containers()
         runner.up(self.app["docker_compose_file"], dict(self.env), self.sockets, self.port_map)
+
+    def step_containers(self):
+        self._containers.wait()
         self.notifier.progress("containers", "compose services started")
+
+
+class _Beside:
+    """Work in a thread of its own; wait() returns when it is done, raising what it raised."""
+
+    def __init__(self, work):
+        self._error = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name="boot-beside", daemon=True)
+        self._thread.start()
+
+    def _run(self, work):
+        try:
+            work()
+        except BaseException as exc:  # pylint: disable=broad-exception-caught  # raised again by wait()
+            self._error = exc
+
+    def join(self):
+        self._thread.join()
+
+    def wait(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _vm_config_field(vm_config, name):

@@ -28,7 +28,10 @@
       a CVM's main process: serves the socket API, boots the app (agents/guest/boot.py: measure,
       keys from the KMS, env, gateway, containers), and keeps it running until SIGTERM, when it takes
       the containers down (and the gateway tunnel). A failed boot exits with code 2 and the failed
-      step named. --netns NAME: the CVM's own network namespace (/run/netns/NAME, made by the VMM):
+      step named. The socket API (and the Worker API) are children forked from `run` once it has
+      imported what they run, so none imports it all again; the boot goes on beside their start
+      and waits for the socket API (it tells `run` on a pipe when it listens) only before the
+      containers, which mount its socket. --netns NAME: the CVM's own network namespace (/run/netns/NAME, made by the VMM):
       the agent itself stays in the host's (its KMS, host API and the gateway's control API are
       reached from there, as a VM's agent reaches them over its NIC); the WireGuard interface of the
       gateway step and the app's containers (podman, run inside it) are put in NAME. The gateway
@@ -41,7 +44,7 @@
   dstack-guest-agent serve-worker --config-dir DIR --work-dir DIR --fd N [--tee ...] [--sim-state DIR]
                                   [--kms-url URL [--kms-ca-cert FILE]] [--threads N]
                                   [--project NAME --engine E --netns NAME]
-      the Worker API on an inherited listening TCP socket (run --netns starts it so); with the
+      the Worker API on an inherited listening TCP socket (run --netns runs the same in a child); with the
       compose project, /logs/<container> when app-compose's public_logs is true
 
 Subcommands are registered in COMMANDS (name, help, add_arguments, run).
@@ -52,7 +55,9 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import sys
+import time
 
 from ansible_collections.dstack.tee.agents.guest import measure, server, worker
 from ansible_collections.dstack.tee.agents.wsgi import run_cli
@@ -299,41 +304,120 @@ def _port_map(entries):
     return ports
 
 
-def _wait_socket(path, child, timeout=60):
-    import socket as socketlib  # pylint: disable=import-outside-toplevel
-    import time  # pylint: disable=import-outside-toplevel
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if child.poll() is not None:
-            raise DstackError("serve", f"the socket API exited (code {child.returncode}) before listening")
-        with socketlib.socket(socketlib.AF_UNIX) as probe:
+class _Child:
+    """A child forked from this process (so with its modules imported already: a new interpreter
+    would import them again, about 0.5 s of CPU each), waited on through a pidfd, without polling.
+    Its pidfd stays open while this process lives: a signal sent through it never reaches another
+    process that took the pid."""
+
+    def __init__(self, name, pid):
+        self.name = name
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.parent = os.getpid()
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
             try:
-                probe.connect(path)
-                return
-            except OSError:
-                time.sleep(0.1)
-    raise DstackError("serve", f"the socket API did not listen on {path} within {timeout} s")
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped meanwhile by the SIGTERM handler's poll
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        """The exit code, or None when the child still runs after `timeout` seconds."""
+        import select  # pylint: disable=import-outside-toplevel
+        if self.poll() is None:
+            select.select([self.pidfd], [], [], timeout)
+        return self.poll()
+
+    def _signal(self, signum):
+        # Only from `run` itself: a process forked from it later (pyroute2 forks helpers into
+        # network namespaces) holds the pidfd too, and must never stop the APIs.
+        if self.returncode is None and os.getpid() == self.parent:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self):
+        self._signal(signal.SIGTERM)
+
+    def kill(self):
+        self._signal(signal.SIGKILL)
+
+
+def _fork(name, run, let_go=()):
+    """Run `run()` in a child process forked from this one; its exit code as `run_cli` gives it
+    (0, 2 for a DstackError, 1 for anything else). The child closes its copies of `let_go` (sockets
+    or descriptors of others). Fork while this process has only its main thread: a lock another
+    thread held would stay held in the child."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return _Child(name, pid)
+    code = 1
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        for item in let_go:
+            if isinstance(item, int):
+                os.close(item)
+            else:
+                item.close()
+        run()
+        code = 0
+    except SystemExit as exc:  # gunicorn stops so
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except DstackError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        code = 2
+    except BaseException:  # pylint: disable=broad-exception-caught
+        import traceback  # pylint: disable=import-outside-toplevel
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # pylint: disable=protected-access  # never the parent's atexit or finally
+
+
+def _wait_ready(ready, child, timeout=60):
+    """Wait for the socket API's child to say it listens (one byte on the `ready` pipe)."""
+    import select  # pylint: disable=import-outside-toplevel
+    if not select.select([ready], [], [], timeout)[0]:
+        raise DstackError("serve", f"the socket API did not listen within {timeout} s")
+    if not os.read(ready, 1):
+        raise DstackError("serve", f"the socket API exited (code {child.wait(5)}) before listening")
 
 
 class _NamespacePorts:
     """With --netns: the Worker's listening socket in the namespace (eth0 refused on its port, unless
-    the VM's port map forwards it) and a forwarder per port mapping, all made before the boot."""
+    the VM's port map forwards it), made before the APIs are forked, and a forwarder per port mapping,
+    started once they are (its thread must not be copied into them); both before the boot."""
 
     def __init__(self, netns, ports, worker_port):
         from ansible_collections.dstack.tee.agents.guest import netns_ports  # pylint: disable=import-outside-toplevel
         self.worker_socket = None
         self.forwarders = []
         try:
-            targets = [(netns_ports.parse_host_port(host), vm_port) for vm_port, host in ports.items()]
+            self.targets = [(netns_ports.parse_host_port(host), vm_port) for vm_port, host in ports.items()]
             if worker_port not in ports:
                 netns_ports.guard_port(netns, worker_port)
             self.worker_socket = netns_ports.listen_in_netns(netns, "0.0.0.0", worker_port, field="--worker-port")
-            cvm_ip = netns_ports.cvm_address(netns) if targets else ""
-            for listen, vm_port in targets:
-                self.forwarders.append(netns_ports.PortForwarder(listen, (cvm_ip, vm_port)).start())
+            self.cvm_ip = netns_ports.cvm_address(netns) if self.targets else ""
         except BaseException:
             self.close()
             raise
+
+    def forward(self):
+        """Start the forwarders (listening, with a thread each: after the children are forked)."""
+        from ansible_collections.dstack.tee.agents.guest import netns_ports  # pylint: disable=import-outside-toplevel
+        for listen, vm_port in self.targets:
+            self.forwarders.append(netns_ports.PortForwarder(listen, (self.cvm_ip, vm_port)).start())
 
     def handed_over(self):
         """The Worker's child holds its socket now: this process lets go of it (so it stops with the child)."""
@@ -347,21 +431,62 @@ class _NamespacePorts:
 
 
 def _wait_any(children):
-    import time  # pylint: disable=import-outside-toplevel
+    """The first child to exit: (name, exit code). Blocks on their pidfds (a signal's handler runs
+    meanwhile: SIGTERM's terminates them, which ends the wait)."""
+    import select  # pylint: disable=import-outside-toplevel
     while True:
-        for name, proc in children.items():
-            if proc.poll() is not None:
-                return name, proc.returncode
-        time.sleep(0.2)
+        for child in children.values():
+            if child.poll() is not None:
+                return child.name, child.returncode
+        select.select([child.pidfd for child in children.values()], [], [])
+
+
+def _serve_child(args, ready_w, ready_r):
+    """The socket API, in a child: it tells `run` on the `ready` pipe once it listens."""
+    def ready(paths):
+        _say(f"{ctx.attestation_mode}: serving on {', '.join(paths)}")
+        os.write(ready_w, b".")
+        os.close(ready_w)  # before gunicorn forks its worker: a dead server is an EOF for `run`
+
+    def run():
+        nonlocal ctx
+        os.close(ready_r)
+        ctx = open_context(args)
+        _serve(ctx, args, ready)
+
+    ctx = None
+    return run
+
+
+def _worker_child(args, worker_socket):
+    """The Worker API, in a child, on the socket `run` bound in the namespace."""
+    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
+
+    def run():
+        fd = worker_socket.detach()  # gunicorn's now: no object here may close it
+        ctx = open_context(args)
+
+        def runner():  # made per request: the instance id (the default project) exists once booted
+            return ComposeRunner(compose_project(args, ctx), ctx.paths.work_dir, engine=args.engine, netns=args.netns)
+
+        worker.serve(worker.create_worker_app(ctx, runner=runner), fd, threads=worker.DEFAULT_THREADS,
+                     on_ready=lambda: _say(f"{ctx.attestation_mode}: Worker API serving in {args.netns}"))
+    return run
+
+
+# What the children run (the socket API's Flask app, gunicorn and its threaded worker), imported
+# before they are forked.
+CHILDREN_IMPORT = ("ansible_collections.dstack.tee.agents.guest.api", "gunicorn.app.base", "gunicorn.glogging",
+                   "gunicorn.workers.gthread")
 
 
 def cmd_run(args):
     """Serve the socket API (and with --netns the Worker API), boot the app, keep it running until
-    SIGTERM; then stop its containers."""
-    import signal  # pylint: disable=import-outside-toplevel
-    import subprocess  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.agents.guest.boot import Boot  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
+    SIGTERM; then stop its containers.
+
+    The APIs are children forked from this process, started at once: the boot runs beside their
+    start and waits for the socket API only before the containers (which mount its socket)."""
+    import importlib  # pylint: disable=import-outside-toplevel
 
     ports = _port_map(args.port)
     if args.netns:
@@ -375,47 +500,55 @@ def cmd_run(args):
     if kms_url and not kms_ca_cert and sys_config.get("kms_ca_cert"):
         kms_ca_cert = ctx.paths.work("kms-ca.crt")
         atomic_write(kms_ca_cert, sys_config["kms_ca_cert"].encode(), mode=0o644)
-    agent = [sys.executable, "-m", "ansible_collections.dstack.tee.agents.guest.cli"]
-    opened = context_argv(args, kms_url, kms_ca_cert)
-    serve_argv = [*agent, "serve", *opened, "--socket", args.socket, "--tappd-socket", args.tappd_socket or "",
-                  "--socket-mode", oct(args.socket_mode), "--workers", str(args.workers)]
-    # With a namespace, the CVM's ports are made first: a port in use fails here, before anything runs.
+    child_args = argparse.Namespace(**{**vars(args), "kms_url": kms_url, "kms_ca_cert": kms_ca_cert})
+    for module in CHILDREN_IMPORT:  # here, once, for both children
+        importlib.import_module(module)
+    # With a namespace, the CVM's ports are made before the boot: a port in use fails the start.
     netns_ports = _NamespacePorts(args.netns, ports, args.worker_port) if args.netns else None
     children = {}
+    ready_r, ready_w = os.pipe()
     try:
-        children["serve"] = subprocess.Popen(serve_argv)  # pylint: disable=consider-using-with
+        worker_socket = [netns_ports.worker_socket] if netns_ports else []
+        children["serve"] = _fork("serve", _serve_child(child_args, ready_w, ready_r), let_go=worker_socket)
         if netns_ports:
-            fd = netns_ports.worker_socket.fileno()
-            children["worker"] = subprocess.Popen(  # pylint: disable=consider-using-with
-                [*agent, "serve-worker", *opened, "--fd", str(fd), "--engine", args.engine, "--netns", args.netns,
-                 *(["--project", args.project] if args.project else [])], pass_fds=(fd,))
+            children["worker"] = _fork("worker", _worker_child(child_args, netns_ports.worker_socket),
+                                       let_go=(ready_r, ready_w, children["serve"].pidfd))
             netns_ports.handed_over()
+            netns_ports.forward()
     except BaseException:
         _stop(children)
         if netns_ports:
             netns_ports.close()
         raise
+    finally:
+        os.close(ready_w)
     runner = boot = None
     stopping = {"now": False}
+    agent = os.getpid()
 
     def stop(signum, frame):  # pylint: disable=unused-argument
-        # Only flag and pass the signal on: the main flow (polling the children) takes the
+        # Only flag and pass the signal on: the main flow (waiting on the children) takes the
         # containers down once they have exited.
+        if os.getpid() != agent:  # a process forked from this one (pyroute2's netns helpers): the default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         stopping["now"] = True
         _say(f"stopping (signal {signum}): the APIs off, then the containers")
-        for proc in children.values():
-            if proc.poll() is None:
-                proc.terminate()
+        for child in children.values():
+            child.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        _wait_socket(os.path.abspath(args.socket), children["serve"])
+        from ansible_collections.dstack.tee.agents.guest.boot import Boot  # pylint: disable=import-outside-toplevel
+        from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
         project = compose_project(args, ctx)
         runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine, netns=args.netns)
         boot = Boot(ctx, runner=runner, sockets={"dstack": os.path.abspath(args.socket),
                                                  "tappd": os.path.abspath(args.tappd_socket) if args.tappd_socket else ""},
-                    port_map=ports or None, netns=args.netns)
+                    port_map=ports or None, netns=args.netns,
+                    before_containers=lambda: _wait_ready(ready_r, children["serve"]))
         boot.run()
         _say(f"booted: app_id {boot.app_id}, instance_id {boot.instance_id}, compose_hash {boot.compose_hash}")
     except DstackError:
@@ -427,6 +560,8 @@ def cmd_run(args):
         if stopping["now"]:
             return None
         raise
+    finally:
+        os.close(ready_r)
     name, code = _wait_any(children)
     _stop(children)
     runner.down()
@@ -439,17 +574,30 @@ def cmd_run(args):
     raise DstackError(name, f"the {'Worker' if name == 'worker' else 'socket'} API exited with code {code}")
 
 
-def _stop(children):
-    import subprocess  # pylint: disable=import-outside-toplevel
-    for proc in children.values():
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in children.values():
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+# How long the APIs get to stop after SIGTERM (gunicorn's own graceful timeout is 5 s) before SIGKILL.
+STOP_GRACE = 8
+
+
+def _stop(children, grace=STOP_GRACE):
+    """SIGTERM to the children, again each second while they run (a gunicorn arbiter was seen sitting
+    in its signal wait with the first one unhandled; a second one let it stop: it is harmless once
+    it stops), SIGKILL after `grace` seconds. A stop is bounded: nothing here is worth a hung CVM."""
+    import select  # pylint: disable=import-outside-toplevel
+    deadline = time.monotonic() + grace
+    while True:
+        running = [child for child in children.values() if child.poll() is None]
+        if not running:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        for child in running:
+            child.terminate()
+        select.select([child.pidfd for child in running], [], [], min(1.0, remaining))
+    for child in running:
+        _say(f"the {child.name} API did not stop within {grace} s of SIGTERM: SIGKILL")
+        child.kill()
+        child.wait()
 
 
 # ---- the command --------------------------------------------------------------------------------

@@ -7,22 +7,34 @@ The app's compose file is rewritten once, into the work folder, so that:
   /var/run/tappd.sock (where the app declares them, their source is replaced by this CVM's socket);
 - published ports follow the VM's port map (`port_map`: CVM port -> "host_address:host_port"),
   when one is given (the process backend, where CVMs share the host's network).
+With podman the runner is the venv's podman-compose (pyproject.toml pins 1.6+, whose `up -d`
+creates and starts the containers in depends_on order with no fixed sleep; Debian's 1.0 slept
+1 s after each container), without a pod (`--in-pod false`: plain containers on the project's
+network, as before). `down` also removes the project's networks, which podman-compose leaves:
+every leftover network is read by every later podman call (about 12 ms each, per call).
 With a network namespace (`netns`, the CVM's own: podman only), the engine runs inside it
 (`nsenter --net=/run/netns/NAME podman-compose ...`; not `ip netns exec`, whose private /sys has
-no cgroup mounts for runc): the project's bridge network is made in the CVM's
-namespace and a published port is the CVM's port on the CVM's addresses (its WireGuard address
-among them), as in a VM; the port map does not apply. (podman-compose 1.0's `network_mode:
-ns:/run/netns/NAME` cannot be used: it adds the project network after it, which podman refuses.)
+no cgroup mounts for runc): the project's bridge network is made in the CVM's namespace and a
+published port is the CVM's port on the CVM's addresses (its WireGuard address among them), as
+in a VM; the port map does not apply. Its network definitions are the CVM's own too, as in a VM:
+podman reads them from the work folder (`--network-config-dir`), so that a boot does not pay for
+the networks of the host's other CVMs, and two CVMs may use the same subnet in their namespaces.
+(`network_mode: ns:/run/netns/NAME` cannot be used: podman-compose adds the project network after
+it, which podman refuses.)
 The runner is given only the app's allowed env values (plus PATH and the container settings),
-so the compose file can interpolate nothing else.
+so the compose file can interpolate nothing else; its output, which echoes `-e KEY=value`, is
+never logged, and only scrubbed of every value in an error.
 Engine "none": the compose file is measured and written but nothing is started; the CVM's
 workload is a process its host runs beside the agent (the gateway's own CVM on the simulated
 default: the measured compose names the gateway, `dstack-gateway serve` runs under supervisord).
 """
 
+import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 
 import yaml
 
@@ -34,6 +46,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_
 GUEST_SOCKETS = {"/var/run/dstack.sock": "dstack", "/run/dstack.sock": "dstack",
                  "/var/run/dstack/dstack.sock": "dstack", "/var/run/tappd.sock": "tappd", "/run/tappd.sock": "tappd"}
 NETNS_DIR = "/run/netns"
+PODMAN_PROJECT_LABEL = "io.podman.compose.project"
 MOUNT_POINTS = {"dstack": "/var/run/dstack.sock", "tappd": "/var/run/tappd.sock"}
 # podman on these machines (machine-recipes.md): runc (crun fails with hybrid cgroups) and
 # explicit rlimits (the defaults need CAP_SYS_RESOURCE).
@@ -43,6 +56,15 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 [engine]
 runtime = "runc"
 """
+
+
+def podman_compose_argv():
+    """How to run podman-compose: the one installed with this interpreter (the venv's, the version
+    pyproject.toml pins), else one on PATH; [] when there is none."""
+    if importlib.util.find_spec("podman_compose") is not None:
+        return [sys.executable, "-m", "podman_compose"]
+    found = shutil.which("podman-compose")
+    return [found] if found else []
 
 
 def _split_volume(entry):
@@ -114,6 +136,9 @@ class ComposeRunner:
                 raise DstackError("netns", "containers join the CVM's network namespace with podman only")
             check_netns_name(netns)
         self.compose_file = os.path.join(work_dir, "docker-compose.yaml")
+        # With its own namespace, the CVM's own network definitions (see the module's note).
+        self.network_dir = os.path.join(work_dir, "podman-networks") if netns and self.engine == "podman" else None
+        self._network_maker = None  # prepare()'s `podman network create`
 
     @staticmethod
     def _pick(engine):
@@ -122,9 +147,9 @@ class ComposeRunner:
         if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=20,
                                                      check=False).returncode == 0:
             return "docker"
-        if shutil.which("podman-compose"):
+        if shutil.which("podman") and podman_compose_argv():
             return "podman"
-        raise DstackError("runner", "no container engine: need docker (with an engine) or podman-compose")
+        raise DstackError("runner", "no container engine: need docker (with an engine) or podman with podman-compose")
 
     def _env(self, app_env):
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": self.work_dir}
@@ -136,11 +161,61 @@ class ComposeRunner:
         env.update(app_env)
         return env
 
+    def _podman_options(self):
+        """podman's global options for this CVM: its own network definitions, with a namespace."""
+        if not self.network_dir:
+            return []
+        os.makedirs(self.network_dir, mode=0o700, exist_ok=True)
+        return ["--network-config-dir", self.network_dir]
+
+    def _podman(self, *args):
+        return ["podman", *self._podman_options(), *args]
+
+    def _engine(self, *args):
+        return self._podman(*args) if self.engine == "podman" else ["docker", *args]
+
+    def _in_netns(self, argv):
+        return ["nsenter", f"--net={NETNS_DIR}/{self.netns}", *argv] if self.netns else argv
+
     def _command(self, *args):
         if self.engine == "docker":
             return ["docker", "compose", "-p", self.project, "-f", self.compose_file, *args]
-        argv = ["podman-compose", "-p", self.project, "-f", self.compose_file, *args]
-        return ["nsenter", f"--net={NETNS_DIR}/{self.netns}", *argv] if self.netns else argv
+        compose = podman_compose_argv()
+        if not compose:
+            raise DstackError("runner", "podman-compose is not installed (scripts/setup.sh installs it into the venv)")
+        argv = [*compose, "--in-pod", "false", "-p", self.project, "-f", self.compose_file]
+        if self._podman_options():
+            argv.append("--podman-args=" + shlex.join(self._podman_options()))
+        return self._in_netns([*argv, *args])
+
+    def prepare(self, compose_text):
+        """Start making the project's default network, in the background, while the boot goes on:
+        `up` then finds it (podman-compose's `network create` and second `network exists`, about
+        0.1 s, off the containers step). Only with podman, and only for a compose that declares no
+        network of its own: the network compose names <project>_default, labelled as podman-compose
+        labels it (so that down removes it)."""
+        if self.engine != "podman" or self._network_maker is not None:
+            return
+        try:
+            services = parse_compose_yaml(compose_text, "docker_compose_file")
+        except DstackError:
+            return  # up reports it
+        if services.get("networks") or any(isinstance(service, dict) and {"networks", "network_mode"} & set(service)
+                                           for service in services["services"].values()):
+            return
+        labels = [f"--label={label}={self.project}" for label in (PODMAN_PROJECT_LABEL, "com.docker.compose.project")]
+        self._network_maker = subprocess.Popen(  # pylint: disable=consider-using-with
+            self._in_netns(self._podman("network", "create", *labels, f"{self.project}_default")),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self._env({}))
+
+    def _prepared(self):
+        """Wait for prepare()'s network (made, or there already: podman-compose decides either way)."""
+        if self._network_maker is not None:
+            try:
+                self._network_maker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._network_maker.kill()
+                self._network_maker.wait()
 
     def up(self, compose_text, app_env, sockets, port_map=None):
         """Write the rewritten compose file and start the services, detached."""
@@ -148,18 +223,30 @@ class ComposeRunner:
         atomic_write(self.compose_file, rewrite_compose(compose_text, sockets, port_map).encode(), mode=0o600)
         if self.engine == "none":
             return
+        self._prepared()
         proc = subprocess.run(self._command("up", "-d"), capture_output=True, text=True, cwd=self.work_dir,
                               env=self._env(app_env), timeout=600, check=False)
-        # podman-compose echoes its `podman run -e KEY=value` lines: never log its output unscrubbed.
+        # podman-compose echoes its `podman create -e KEY=value` lines: never log its output unscrubbed.
         if proc.returncode != 0:
             raise DstackError("containers", f"{self.engine} compose up failed (exit {proc.returncode}): "
                                             f"{scrub(_last_line(proc.stderr or proc.stdout), app_env.values())}")
 
     def down(self):
-        if self.engine == "none" or not os.path.exists(self.compose_file):
+        """Stop and remove the project's containers, then (podman) its networks."""
+        if self.engine == "none":
             return
-        subprocess.run(self._command("down"), capture_output=True, text=True, cwd=self.work_dir,
-                       env=self._env({}), timeout=300, check=False)
+        self._prepared()
+        if os.path.exists(self.compose_file):
+            subprocess.run(self._command("down"), capture_output=True, text=True, cwd=self.work_dir,
+                           env=self._env({}), timeout=300, check=False)
+        if self.engine == "podman":
+            found = subprocess.run(self._podman("network", "ls", "--filter", f"label={PODMAN_PROJECT_LABEL}={self.project}",
+                                                "--format", "{{.Name}}"),
+                                   capture_output=True, text=True, env=self._env({}), timeout=60, check=False)
+            names = found.stdout.split()
+            if names:
+                subprocess.run(self._in_netns(self._podman("network", "rm", *names)), capture_output=True, text=True,
+                               env=self._env({}), timeout=60, check=False)
 
     def logs(self, container, tail=LOG_TAIL_DEFAULT, timestamps=False, since=None):
         """The last `tail` lines (stdout then stderr, at most LOG_MAX_BYTES) of one of this project's
@@ -171,7 +258,7 @@ class ComposeRunner:
             next((name for name in names if _service_of(name, self.project) == container), None)
         if found is None:
             raise DstackError("container", f"{container[:64]!r} is not one of this app's containers")
-        cmd = [self.engine, "logs", "--tail", str(int(tail))]
+        cmd = self._engine("logs", "--tail", str(int(tail)))
         if timestamps:
             cmd.append("--timestamps")
         if since is not None:
@@ -189,8 +276,8 @@ class ComposeRunner:
             cmd = ["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
                    "--format", "{{.Names}}\t{{.Status}}"]
         else:
-            cmd = ["podman", "ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
-                   "--format", "{{.Names}}\t{{.Status}}"]
+            cmd = self._podman("ps", "-a", "--filter", f"label={PODMAN_PROJECT_LABEL}={self.project}",
+                               "--format", "{{.Names}}\t{{.Status}}")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=self._env({}), timeout=60, check=False)
         return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
 

@@ -132,6 +132,8 @@ def test_the_boot_registers_tunnels_and_the_checker_registers_again(tmp_path):
         with pytest.raises(BootFailed) as err:
             world.boot(cleanup, "refused")
         assert err.value.field == "gateway" and "app_id" in err.value.reason, str(err.value)
+        # The containers, started beside the gateway step, were taken down with the failed boot.
+        assert world.last.runner.started and world.last.runner.downs == 1
         assert _registered(net, world.kms_root) == {}
         refused = gateway_link.interface_name(world.last.instance_id, world.last.app_id)
         assert not wireguard.link_exists(refused, CVM_NS) and not os.path.exists(wireguard.Uapi(refused).path)
@@ -221,6 +223,7 @@ def test_without_a_namespace_the_gateway_step_refuses(tmp_path):
         with pytest.raises(BootFailed) as err:
             world.boot(cleanup, "cvm", netns=None)
         assert err.value.field == "gateway" and err.value.reason.startswith("netns: "), str(err.value)
+        assert world.last.runner.downs == 1   # the containers started beside it went down with it
         assert not os.path.exists(tmp_path / "cvm" / "gateway-cache.json")   # nothing asked of the KMS for it
 
 
@@ -265,6 +268,11 @@ def test_with_a_namespace_the_containers_run_in_it(tmp_path, busybox_image):  # 
     ports:
       - "8080:80"
 """, {}, {}, {8080: f"127.0.0.1:{host_port}"})
+        # The project's network is the CVM's own: defined in its work folder, not among the host's.
+        network = f"{runner.project}_default"
+        assert subprocess.run(["podman", "--network-config-dir", str(tmp_path / "podman-networks"), "network",
+                               "exists", network], check=False).returncode == 0
+        assert subprocess.run(["podman", "network", "exists", network], check=False).returncode == 1
 
         def fetch():
             done = subprocess.run(wireguard.netns_exec_argv(netns, ["wget", "-qO-", "-T", "2", "http://127.0.0.1:8080/i"]),
@@ -275,6 +283,8 @@ def test_with_a_namespace_the_containers_run_in_it(tmp_path, busybox_image):  # 
         _eventually(fetch, errors=(AssertionError,))
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", host_port), timeout=1).close()
+        runner.down()
+        assert os.listdir(tmp_path / "podman-networks") in ([], ["cni.lock"])   # and down removed it
     with pytest.raises(DstackError) as err:
         ComposeRunner("x", str(tmp_path), engine="docker", netns=netns)
     assert err.value.field == "netns"

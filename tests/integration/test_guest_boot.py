@@ -6,6 +6,7 @@ and podman running a locally imported busybox image.
 
 import json
 import os
+import subprocess
 import time
 import urllib.request
 
@@ -15,6 +16,7 @@ from ansible_collections.dstack.tee.agents.guest.boot import Boot, BootFailed
 from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
 from ansible_collections.dstack.tee.plugins.module_utils import attestation
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from conftest import IMAGE, free_port, needs_podman
 from test_kms import make_kms
@@ -86,6 +88,8 @@ def test_boot_to_a_running_app(tmp_path, module, world, busybox_image):
         assert "must-not-arrive" not in env_page
     finally:
         runner.down()
+    # down leaves no network behind (each one left would be read by every later podman call).
+    assert subprocess.run(["podman", "network", "exists", f"dstack-test-{port}_default"], check=False).returncode == 1
     # RTMR3 holds the boot events in dstack's order, and a quote's event log replays to it.
     names = [e.name for e in ctx.runtime_events()]
     assert names == ["system-preparing", "app-id", "compose-hash", "instance-id", "os-image-hash", "key-provider",
@@ -116,9 +120,13 @@ def _get(url, attempts=50):
 class NoContainers:
     def __init__(self):
         self.started = False
+        self.downs = 0
 
     def up(self, *args):
         self.started = True
+
+    def down(self):
+        self.downs += 1
 
 
 def _boot_without_containers(tmp_path, module, world, mutate=None):
@@ -209,3 +217,147 @@ def test_the_keys_a_boot_gets_are_dstacks_recomputed_by_hand(tmp_path, module, w
     # instance_id = SHA-256(seed || app_id)[0:20], with the seed the boot kept
     seed = bytes.fromhex(ctx.instance()["instance_id_seed"])
     assert boot.instance_id == hashlib.sha256(seed + app_id).digest()[:20].hex()
+
+
+class HostApi:
+    """A host API (the VMM's HostApi.Notify) on a local port: the events in arrival order, the
+    connections they came on; each answer after `delay` seconds."""
+
+    def __init__(self, delay=0.0):
+        import http.server  # pylint: disable=import-outside-toplevel
+        import threading  # pylint: disable=import-outside-toplevel
+        self.events, self.connections, self.paths = [], 0, []
+        host_api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps the connection open, as gunicorn does
+
+            def setup(self):
+                super().setup()
+                host_api.connections += 1
+
+            def do_POST(self):  # pylint: disable=invalid-name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(delay)
+                host_api.paths.append(self.path)
+                host_api.events.append((body["event"], body["payload"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/host-api/vm-1/token-1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _tell_host(url):
+    def mutate(share, _tmp, _app):
+        config = json.loads((share / ".sys-config.json").read_text())
+        (share / ".sys-config.json").write_text(json.dumps(dict(config, host_api_url=url)))
+    return mutate
+
+
+def test_the_host_is_told_every_event_in_order_over_one_connection(tmp_path, module, world):
+    host = HostApi()
+    try:
+        boot, _runner, ctx = _boot_without_containers(tmp_path, module, world, _tell_host(host.url))
+        boot.run()
+        boot.notifier.flush()
+    finally:
+        host.close()
+    recorded = [(e["event"], e["payload"]) for e in json.loads(open(ctx.paths.boot_state, encoding="utf-8").read())["events"]]
+    assert host.events == recorded and recorded[-1] == ("boot.progress", "running")
+    assert [p.split(":")[0] for e, p in recorded if e == "boot.progress"] == [
+        "read-config", "instance-id", "measure", "keys", "measure-system", "env", "gateway", "containers", "running"]
+    assert set(host.paths) == {"/host-api/vm-1/token-1/Notify"} and host.connections == 1
+
+
+def test_a_failed_boot_has_told_the_host_when_it_returns(tmp_path, module, world):
+    """The sender is a thread: a failed boot (after which the agent exits) waits for it."""
+    def tamper(share, tmp, app):
+        _tell_host(host.url)(share, tmp, app)
+        blob = bytearray((share / ".encrypted-env").read_bytes())
+        blob[-1] ^= 1
+        (share / ".encrypted-env").write_bytes(bytes(blob))
+
+    host = HostApi(delay=0.2)
+    try:
+        boot, _runner, _ctx = _boot_without_containers(tmp_path, module, world, tamper)
+        with pytest.raises(BootFailed):
+            boot.run()
+        assert host.events[-1][0] == "boot.error" and host.events[-1][1].startswith("env: ")
+    finally:
+        host.close()
+
+
+def test_a_host_that_does_not_answer_does_not_stop_the_boot(tmp_path, module, world):
+    gone = f"http://127.0.0.1:{free_port()}/host-api/vm-1/token-1"
+    boot, runner, _ctx = _boot_without_containers(tmp_path, module, world, _tell_host(gone))
+    assert boot.run().notifier.state["done"] and runner.started
+
+
+def test_the_containers_start_once_the_socket_api_listens(tmp_path, module, world):
+    """before_containers (run: the socket API's child listening) comes before the runner's up; when it
+    fails, the boot fails at containers naming it, and what was started beside the gateway step is
+    taken down."""
+    calls = []
+
+    class Runner(NoContainers):
+        def up(self, *args):
+            calls.append("up")
+            super().up(*args)
+
+    boot, _runner, _ctx = _boot_without_containers(tmp_path, module, world)
+    boot.runner = Runner()
+    boot.before_containers = lambda: calls.append("socket API listens")
+    boot.run()
+    assert calls == ["socket API listens", "up"] and boot.runner.downs == 0
+
+    def dead():
+        raise DstackError("serve", "the socket API exited (code 2) before listening")
+
+    again = Boot(boot.ctx, kms_client=boot.kms_client, runner=Runner(), before_containers=dead)
+    with pytest.raises(BootFailed) as err:
+        again.run()
+    assert err.value.field == "containers" and err.value.reason.startswith("serve: the socket API exited")
+    assert not again.runner.started and again.runner.downs == 1
+
+
+@needs_podman
+def test_the_network_made_beside_the_boot_goes_with_a_failed_boot(tmp_path, module, world):
+    """ComposeRunner.prepare makes the project's network in the background (up then finds it); down
+    removes it, and so does a boot that fails after it was made."""
+    def exists(name):
+        return subprocess.run(["podman", "network", "exists", name], check=False).returncode == 0
+
+    runner = ComposeRunner(f"dstack-prep-{os.getpid()}", str(tmp_path / "made"), engine="podman")
+    os.makedirs(runner.work_dir)
+    runner.prepare(COMPOSE)
+    deadline = time.monotonic() + 30
+    while not exists(f"{runner.project}_default"):
+        assert time.monotonic() < deadline, "prepare made no network"
+        time.sleep(0.1)
+    runner.down()
+    assert not exists(f"{runner.project}_default")
+
+    def forbid(_share, tmp, _app):
+        (tmp / "auth-config.json").write_text(json.dumps({"osImages": ["0x" + OS_IMAGE], "apps": {}}))
+
+    boot, _runner, _ctx = _boot_without_containers(tmp_path, module, world, forbid)
+    boot.runner = ComposeRunner(f"dstack-prep2-{os.getpid()}", str(tmp_path / "work"), engine="podman")
+    try:
+        with pytest.raises(BootFailed) as err:
+            boot.run()
+        assert err.value.field == "keys"
+        assert not exists(f"{boot.runner.project}_default")
+    finally:
+        boot.runner.down()

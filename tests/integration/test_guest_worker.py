@@ -412,6 +412,22 @@ def test_a_host_port_in_use_fails_the_run_naming_port_before_anything_starts(tmp
             assert exc.value.field == "--port"
 
 
+def test_a_socket_api_that_cannot_listen_fails_the_boot_naming_it(tmp_path):
+    """run forks the socket API and boots beside its start: a socket API that dies before it listens
+    fails the boot at the containers (which mount its socket), naming it; the path is left alone."""
+    share = _share(tmp_path)
+    taken = tmp_path / "dstack.sock"
+    taken.write_text("not a socket")
+    done = subprocess.run([*AGENT, "run", "--config-dir", str(share), "--work-dir", str(tmp_path / "work"), "--tee", "sim",
+                           "--sim-state", str(tmp_path / "sim"), "--socket", str(taken), "--tappd-socket", "",
+                           "--engine", "none"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "exists and is not a socket" in done.stderr                    # the child's own error
+    assert "containers: serve: the socket API exited (code 2) before listening" in done.stderr, done.stderr
+    assert taken.read_text() == "not a socket"
+    assert json.loads((tmp_path / "work" / "boot.json").read_text())["stage"] == "containers"
+
+
 @needs_podman
 @needs_ip_netns
 def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, busybox_image):
@@ -461,3 +477,62 @@ def _eventually(call, timeout=30):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+def test_a_process_forked_from_run_cannot_stop_its_apis():
+    """pyroute2 forks helpers from `run` (into network namespaces) and stops them with SIGTERM: such a
+    copy holds the APIs' pidfds and run's SIGTERM handler, and must not stop the APIs with them."""
+    from ansible_collections.dstack.tee.agents.guest.cli import _Child  # pylint: disable=import-outside-toplevel
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)  # pylint: disable=protected-access
+    child = _Child("serve", pid)
+    try:
+        copy = os.fork()
+        if copy == 0:
+            child.terminate()
+            os._exit(0)  # pylint: disable=protected-access
+        os.waitpid(copy, 0)
+        assert child.wait(0.5) is None                  # still serving
+        child.terminate()
+        assert child.wait(10) == -signal.SIGTERM        # run itself stops it
+    finally:
+        child.kill()
+
+
+def _child_ignoring_sigterm(times):
+    """A _Child (as run forks its APIs) that ignores its first `times` SIGTERMs (None: every one)."""
+    from ansible_collections.dstack.tee.agents.guest.cli import _Child  # pylint: disable=import-outside-toplevel
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        seen = []
+
+        def ignore(signum, frame):  # pylint: disable=unused-argument
+            seen.append(signum)
+            if times is not None and len(seen) > times:
+                os._exit(0)  # pylint: disable=protected-access
+
+        signal.signal(signal.SIGTERM, ignore)
+        os.write(ready_w, b".")
+        while True:
+            time.sleep(60)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"."
+    os.close(ready_r)
+    return _Child("serve", pid)
+
+
+def test_run_stops_an_api_that_misses_a_sigterm_and_kills_one_that_ignores_them():
+    """A stop is bounded: a gunicorn arbiter was seen leaving run's one SIGTERM unhandled (the CVM's
+    stop hung until supervisord's kill); run repeats it each second, and SIGKILLs after STOP_GRACE."""
+    from ansible_collections.dstack.tee.agents.guest.cli import _stop  # pylint: disable=import-outside-toplevel
+    misses_one, ignores_all = _child_ignoring_sigterm(1), _child_ignoring_sigterm(None)
+    try:
+        _stop({"serve": misses_one, "worker": ignores_all}, grace=3)
+        assert misses_one.returncode == 0                   # it stopped by itself, on the second SIGTERM
+        assert ignores_all.returncode == -signal.SIGKILL    # killed once the grace was over
+    finally:
+        misses_one.kill()
+        ignores_all.kill()
