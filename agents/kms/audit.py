@@ -7,8 +7,9 @@ Each line has the time, method, decision and reason, the app's identity and the 
 parse as a quote).
 It never holds a key: the writer takes only the fields listed in FIELDS.
 
-Durability: record() returns only once its line is on disk (fsync), so no answer leaves the KMS
-before its line is written. The fsyncs are batched (group commit): while one thread's fsync runs,
+Durability: record() returns only once its line is on disk (fdatasync: the data and the file's
+size, not its times, which a reader never needs), so no answer leaves the KMS before its line is
+written. The fsyncs are batched (group commit): while one thread's fsync runs,
 the lines other threads write wait for the next one, which covers them all. The file stays open
 (reopened when the path is another file, e.g. after log rotation, or in a forked worker).
 """
@@ -56,7 +57,7 @@ class AuditLog:
         upto = self._written
         self._lock.release()
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
             self._lock.acquire()
@@ -80,7 +81,7 @@ class AuditLog:
                     self._synced.wait()
                     continue  # look again: another thread may have reopened it meanwhile
                 if self._durable < self._written:
-                    os.fsync(self._fd)
+                    os.fdatasync(self._fd)
                     self._durable = self._written
             elif self._fd is not None:  # inherited over fork: this process counts its own lines
                 self._written = self._durable = 0

@@ -1,4 +1,4 @@
-"""The KMS audit log: no record() returns before an fsync covered its line; fsyncs are shared by
+"""The KMS audit log: no record() returns before an fdatasync covered its line; fsyncs are shared by
 concurrent writers (group commit); a rotated log file is followed."""
 
 import json
@@ -13,15 +13,15 @@ from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
 def test_no_record_returns_before_its_line_is_fsynced(tmp_path, monkeypatch):
     path = tmp_path / "audit.log"
     log = AuditLog(str(path))
-    synced_sizes, real_fsync = [], os.fsync
+    synced_sizes, real_fdatasync = [], os.fdatasync
 
-    def slow_fsync(fd):  # the real fsync, slowed so that writers pile up behind it
+    def slow_fdatasync(fd):  # the real fdatasync, slowed so that writers pile up behind it
         size = os.fstat(fd).st_size
         time.sleep(0.02)
-        real_fsync(fd)
+        real_fdatasync(fd)
         synced_sizes.append(size)
 
-    monkeypatch.setattr(audit_module.os, "fsync", slow_fsync)
+    monkeypatch.setattr(audit_module.os, "fdatasync", slow_fdatasync)
     failures = []
 
     def writer(index):
