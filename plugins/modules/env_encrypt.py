@@ -16,7 +16,8 @@ description:
     (O(kms_k256_pubkey)) for this O(app_id), preferring the timestamped O(signature_v1), which is
     refused when older than 300 seconds. A missing, bad or stale signature fails the task unless
     O(verify_signature=false) is set, which warns.
-  - Variables not in O(allowed_envs) (when given) are not encrypted at all, and are reported by name.
+  - Variables not in O(allowed_envs) (when given) are not encrypted at all, and are reported by
+    name in RV(dropped_envs) (not as a warning - leaving them out is what the option asks for).
   - Encryption is randomised, so to stay idempotent the module keeps beside O(dest) a file
     C(<dest>.fingerprint) holding the variable names and an HMAC of the public key and
     plaintext, keyed by a per-user secret (O(fingerprint_key_file)). The same input then
@@ -247,9 +248,9 @@ def main():
             module.warn("verify_signature is false: encrypting to a public key no KMS signature vouches for")
         dropped = []
         if params["allowed_envs"] is not None:
+            # Leaving out what allowed_envs does not name is what the option asks for, not a
+            # warning: the names are in the result (dropped_envs), as dstack's guest logs them.
             items, dropped = env_crypt.filter_allowed(items, params["allowed_envs"])
-            if dropped:
-                module.warn("not in allowed_envs, so not encrypted: " + ", ".join(dropped))
     except DstackError as exc:
         module.fail_json(msg=str(exc), field=exc.field)
 
