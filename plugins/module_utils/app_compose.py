@@ -152,6 +152,35 @@ def key_provider_of(app_compose):
     return "none"
 
 
+def diff_text(app_compose_bytes):
+    """app-compose.json as a person reads a change to it: YAML, one field a line, keys sorted, and the
+    docker-compose text (any text of several lines: scripts too) as its own lines in a block, exactly
+    as written, not one escaped JSON string. For diffs only (the bytes hashed are render()'s).
+    Bytes that are not an app-compose are shown as text."""
+    if not app_compose_bytes:
+        return ""
+    if isinstance(app_compose_bytes, str):
+        app_compose_bytes = app_compose_bytes.encode("utf-8")
+    try:
+        doc = parse(app_compose_bytes)
+    except DstackError:
+        return app_compose_bytes.decode("utf-8", "replace")
+    lines = []
+    for key in sorted(doc):
+        value = doc[key]
+        if isinstance(value, str) and "\n" in value.rstrip("\n"):
+            # The lines themselves, trailing spaces and all (a YAML dumper would quote such text).
+            lines.append(f"{key}: |" + ("" if value.endswith("\n") else "-"))
+            lines.extend(f"  {line}" if line else "" for line in value.rstrip("\n").split("\n"))
+        elif yaml is not None:
+            # Wide: a long value stays one line of the diff.
+            lines.extend(yaml.safe_dump({key: value}, default_flow_style=False, allow_unicode=True,
+                                        width=1 << 16).splitlines())
+        else:
+            lines.append(f"{key}: {json.dumps(value, sort_keys=True, ensure_ascii=False)}")
+    return "\n".join(lines) + "\n"
+
+
 def parse(app_compose_bytes, field="app-compose.json"):
     """Parse app-compose.json bytes into a dict, with an error naming the field on bad input."""
     data = json_limits.loads(app_compose_bytes, field)
@@ -160,19 +189,25 @@ def parse(app_compose_bytes, field="app-compose.json"):
     return data
 
 
+def load_yaml(text, field):
+    """YAML text (PyYAML's safe loader) as data; DstackError naming the field, the line and column, and
+    the parser's reason when it does not parse (the docker-compose text, an app folder's app.yml)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DstackError(field, f"is not valid YAML{where}: {problem}") from None
+
+
 def parse_compose_yaml(text, field="compose"):
     """Check that docker-compose text is a YAML mapping with a `services` mapping; return it."""
     if yaml is None:
         raise DstackError(field, "cannot be checked: PyYAML is not installed")
     if not isinstance(text, str) or not text.strip():
         raise DstackError(field, "is empty")
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DstackError(field, f"is not valid YAML{where}: {problem}") from None
+    doc = load_yaml(text, field)
     if not isinstance(doc, dict):
         raise DstackError(field, "must be a YAML mapping (a docker-compose file)")
     services = doc.get("services")
@@ -273,11 +308,7 @@ def app_yml_options(text, field="app.yml"):
         return None, {}
     if yaml is None:
         raise DstackError(field, "cannot be read: PyYAML is not installed")
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise DstackError(field, "is not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    spec = load_yaml(text, field)
     if spec is None:
         return None, {}
     if not isinstance(spec, dict):

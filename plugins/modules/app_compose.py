@@ -23,7 +23,9 @@ attributes:
     support: full
   diff_mode:
     support: full
-    details: The diff shows app-compose.json before and after, one field a line.
+    details: >-
+      The diff shows app-compose.json before and after as YAML, one field a line and the
+      docker-compose text line by line.
   idempotent:
     support: full
     details: The file is written only when its bytes change.
@@ -185,7 +187,6 @@ dest:
   type: str
 """
 
-import json
 import os
 import traceback
 
@@ -221,16 +222,6 @@ FIELD_SPECS = dict(
     verity_volumes=dict(type="raw"),
     event_log_version=dict(type="int"),
 )
-
-
-def _readable(data):
-    """app-compose bytes shown one field a line, so that a diff points at the field that changed."""
-    if data is None:
-        return ""
-    try:
-        return json.dumps(json.loads(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    except ValueError:
-        return data.decode("utf-8", "replace")
 
 
 def main():
@@ -285,7 +276,7 @@ def main():
         result["dest"] = dest
         if changed and module._diff:
             result["diff"] = dict(before_header=dest, after_header=dest,
-                                  before=_readable(before), after=_readable(data))
+                                  before=compose.diff_text(before), after=compose.diff_text(data))
     module.exit_json(**result)
 
 

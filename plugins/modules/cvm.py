@@ -27,7 +27,8 @@ attributes:
     support: full
     details: >-
       The diff shows the CVM's name, app_id, compose_hash, encrypted env digest, ports, vcpu,
-      memory, disk_size, image and state, before and after.
+      memory, disk_size, image and state, before and after; when the app-compose changes, a
+      second diff shows it as YAML lines, the docker-compose text line by line.
   idempotent:
     support: full
 options:
@@ -317,6 +318,7 @@ def _apply(module, client, current):
             client.call("RemoveVm", {"id": current["id"]})
         return dict(changed=bool(current), recreated=False, diff=dict(before=before, after={}))
     compose, env = _desired(module)
+    previous = current
     compose_hash = hashlib.sha256(compose).hexdigest()
     # An existing CVM keeps its app id across updates; a given one is compared with it.
     app_id = app_compose.app_id_for(compose_hash, p["app_id"]) if p["app_id"] or not current else before["app_id"]
@@ -375,9 +377,21 @@ def _apply(module, client, current):
         if state == "running" and p["wait"] and (changed or current.get("boot_progress") != "running"):
             client.wait_running(current["id"], p["wait_timeout"])
         current = client.call("GetInfo", {"id": current["id"]})["info"]
-    out = dict(changed=changed, recreated=recreated, diff=dict(before=before, after=after))
+    out = dict(changed=changed, recreated=recreated, diff=_diff(before, after, previous, compose, p["name"]))
     out.update(_result(current or {}))
     return out
+
+
+def _diff(before, after, previous, compose, name):
+    """The CVM's settings before and after; with a new app-compose, also the app-compose itself as
+    YAML lines (the docker-compose text line by line), so that a change shows what changed in it."""
+    diff = dict(before=before, after=after)
+    old = ((previous or {}).get("configuration") or {}).get("compose_file") or ""
+    if old.encode("utf-8") == compose:
+        return diff
+    return [diff, dict(before_header=f"app-compose of the CVM {name} (on the VMM)",
+                       after_header=f"app-compose of the CVM {name} (this run's)",
+                       before=app_compose.diff_text(old), after=app_compose.diff_text(compose))]
 
 
 def _keep_compose(module):

@@ -23,7 +23,9 @@ def test_check_apply_check_apply(module, tmp_path, compose_file):
 
     first = module("app_compose", args, check=True, diff=True)
     assert first["changed"] is True and not dest.exists()
-    assert '"name": "hello"' in first["diff"]["after"] and first["diff"]["before"] == ""
+    assert "\nname: hello\n" in first["diff"]["after"] and first["diff"]["before"] == ""
+    # The compose text line by line (YAML), not one escaped JSON string.
+    assert "docker_compose_file: |\n  services:\n    web:\n      image: nginx\n" in first["diff"]["after"]
 
     applied = module("app_compose", args, diff=True)
     assert applied["changed"] is True
@@ -46,7 +48,12 @@ def test_a_changed_field_changes_the_file_and_the_diff_names_it(module, tmp_path
     one = module("app_compose", base)
     two = module("app_compose", dict(base, public_logs=True), diff=True)
     assert two["changed"] and two["compose_hash"] != one["compose_hash"]
-    assert '-  "public_logs": false' in _unified(two["diff"]) and '+  "public_logs": true' in _unified(two["diff"])
+    assert "-public_logs: false" in _unified(two["diff"]) and "+public_logs: true" in _unified(two["diff"])
+    # A compose change shows as the changed compose line.
+    compose_file.write_text(COMPOSE.replace("nginx", "caddy"))
+    three = module("app_compose", dict(base, public_logs=True), diff=True)
+    changed = [line for line in _unified(three["diff"]).splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert changed == ["-      image: nginx", "+      image: caddy"], changed
 
 
 def _unified(diff):
