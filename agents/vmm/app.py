@@ -14,9 +14,18 @@ which the VMM never grants); the Host header must name this VMM (against DNS reb
 request from another origin (Origin, or Sec-Fetch-Site other than same-origin/none) is refused.
 Only the static UI (/, /res/) and /health answer a GET.
 
-/logs with follow streams new lines: at most max_log_followers at once (429 beyond), each
-noticing at once that its client closed, in gunicorn threads of their own so that the API and
-the host API always have theirs (see cli.py).
+POST /logs {"id", "ch", "lines", "follow", "service"} answers a CVM's log as text/plain:
+    id       the VM's id (required)
+    ch       stdout (default): the guest agent's stdout, where it writes the app's container output,
+             each line prefixed with its container's compose name (`web-1  | ...`; see
+             module_utils/service_log.py); stderr: the guest agent's own log; serial: a VM's
+             serial console (libvirt backend)
+    lines    the last N lines (default 200, at most 10000)
+    follow   true: then new lines as they come, until the client closes
+    service  only the lines of this compose service's containers (not in dstack's /logs)
+A follower streams: at most max_log_followers at once (429 beyond), each noticing at once that
+its client closed, in gunicorn threads of their own so that the API and the host API always have
+theirs (see cli.py); a log rotated under it (supervisord's 10 MB) is followed into the new file.
 """
 
 import hmac
@@ -33,6 +42,7 @@ from werkzeug.exceptions import Forbidden
 
 from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
 from ansible_collections.dstack.tee.agents.vmm.service import VERSION, NotFound, VmmService
+from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
@@ -114,14 +124,15 @@ def create_app(config, backend):
 
     @app.post("/logs")
     def logs():
-        path, lines, follow = service.log_request(request_params(strict=True))
+        path, lines, follow, wanted = service.log_request(request_params(strict=True))
+        keep = None if wanted is None else (lambda line: service_log.service_of(line) == wanted)
         if not follow:
-            return Response(_tail(path, lines), mimetype="text/plain")
+            return Response(_tail(path, lines, keep=keep), mimetype="text/plain")
         if not followers.take():
             return jsonify({"error": f"too many log followers: at most {followers.limit} at once "
                                      "(max_log_followers); try again when one closes"}), 429
         try:
-            response = Response(_tail(path, lines, follow=True, client=request.environ.get("gunicorn.socket")),
+            response = Response(_tail(path, lines, follow=True, client=request.environ.get("gunicorn.socket"), keep=keep),
                                 mimetype="text/plain", headers={"X-Accel-Buffering": "no"})
         except BaseException:
             followers.give_back()
@@ -241,46 +252,88 @@ class FollowerSlots:
         self._slots.release()
 
 
-def _last_lines(handle, lines, block=64 * 1024, most=8 * 1024 * 1024):
-    """The last `lines` lines of a file (read from its end, at most `most` bytes); leaves the
-    handle at the end."""
+def _last_lines(handle, lines, keep=None, block=64 * 1024, most=8 * 1024 * 1024):
+    """The last `lines` lines of a file (those `keep` keeps, when given), read from its end, at
+    most `most` bytes of it; leaves the handle at the end."""
     end = handle.seek(0, os.SEEK_END)
-    start, data = end, b""
-    while start > 0 and data.count(b"\n") <= lines and end - start < most:
+    start, head, picked = end, b"", []
+    while start > 0 and len(picked) < lines and end - start < most:
         step = min(block, start)
         start -= step
         handle.seek(start)
-        data = handle.read(step) + data
+        pieces = _split_lines(handle.read(step) + head)
+        # The first piece may be the end of a line that begins further back (unless at the start).
+        head = pieces.pop(0) if start > 0 and pieces else b""
+        picked[:0] = [piece for piece in pieces if keep is None or keep(piece)]
+    if start == 0 and head and (keep is None or keep(head)):
+        picked.insert(0, head)
     handle.seek(end)
-    return b"".join(data.splitlines(keepends=True)[-lines:])
+    return b"".join(picked[-lines:])
 
 
-def _tail(path, lines, follow=False, client=None, poll=0.5, heartbeat=60.0):
-    """The last `lines` lines of a log, then (follow) new lines as they come.
+def _split_lines(data):
+    """data as lines, each with its b"\\n" (the last without one when data does not end a line)."""
+    pieces = data.split(b"\n")
+    last = pieces.pop()
+    return [piece + b"\n" for piece in pieces] + ([last] if last else [])
+
+
+def _reopened(handle, path):
+    """A handle on `path` when the file there is another than `handle`'s (the log was rotated:
+    supervisord renamed it and began a new one), else None."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return None  # between the rename and the new file, or removed with its VM
+    if current.st_ino == os.fstat(handle.fileno()).st_ino:
+        return None
+    try:
+        return open(path, "rb")  # pylint: disable=consider-using-with
+    except FileNotFoundError:
+        return None
+
+
+def _tail(path, lines, follow=False, client=None, poll=0.5, heartbeat=60.0, keep=None):
+    """The last `lines` lines of a log (those `keep` keeps), then (follow) new lines as they come.
 
     Following ends as soon as the client closes its connection (its socket turns readable: no
-    request can follow this one on it) or the log file is removed with its VM. Without the
-    client's socket (another server than gunicorn) a heartbeat line every minute finds a closed
-    client by the failed write instead.
+    request can follow this one on it) or the log file is removed with its VM; a rotated log is
+    followed into its new file (what the old one got meanwhile first). Without the client's
+    socket (another server than gunicorn) a heartbeat line every minute finds a closed client by
+    the failed write instead. With `keep`, only whole lines are sent (a partial one waits for its
+    end, up to 64 KiB).
     """
     try:
         handle = open(path, "rb")  # pylint: disable=consider-using-with
     except FileNotFoundError:
         yield b""
         return
-    with handle:
-        yield _last_lines(handle, lines)
+    try:
+        yield _last_lines(handle, lines, keep)
         if not follow:
             return
         quiet_since = time.monotonic()
+        partial = b""
         while True:
             chunk = handle.read(64 * 1024)
             if chunk:
-                yield chunk
                 quiet_since = time.monotonic()
+                if keep is None:
+                    yield chunk
+                    continue
+                pieces = _split_lines(partial + chunk)
+                partial = pieces.pop() if not pieces[-1].endswith(b"\n") and len(pieces[-1]) < 64 * 1024 else b""
+                kept = b"".join(piece for piece in pieces if keep(piece))
+                if kept:
+                    yield kept
                 continue
             if os.fstat(handle.fileno()).st_nlink == 0:
                 return
+            rotated = _reopened(handle, path)
+            if rotated is not None:
+                handle.close()
+                handle = rotated
+                continue
             if client is not None:
                 if select.select([client], [], [], poll)[0]:
                     return
@@ -289,3 +342,5 @@ def _tail(path, lines, follow=False, client=None, poll=0.5, heartbeat=60.0):
                 quiet_since = time.monotonic()
             else:
                 time.sleep(poll)
+    finally:
+        handle.close()

@@ -17,17 +17,32 @@ start it finds the VMs of its run path again and starts those that should run.
 --cvm-netns (vmm.toml cvm_netns = true; process backend, as root): each CVM in its own network
 namespace with a veth to the host (cvm_netns_range, default 10.213.0.0/16, one /30 each), the
 guest agent run with --netns; needed by CVMs that use the gateway.
+
+    dstack-vmm logs NAME [--follow] [--lines N] [--ch stdout|stderr|serial] [--service SERVICE]
+                    [--url URL] [--token TOKEN] [--ca-cert FILE]
+
+Prints a CVM's log from the VMM's /logs (NAME: the VM's name or id): by default its stdout, the
+app's containers' output (each line prefixed `web-1  | `), --ch stderr the guest agent's own;
+--service only that compose service's lines; --follow then new lines until Ctrl-C. The VMM is
+--url (default $DSTACK_VMM_URL, else http://127.0.0.1:9080), with --token (default
+$DSTACK_VMM_TOKEN, else the first of $DSTACK_VMM_TOKENS, which serve reads) when it requires one.
 """
 
 import argparse
+import http.client
 import ipaddress
+import json
 import logging
 import os
 import sys
+from urllib.parse import urlsplit
 
-from ansible_collections.dstack.tee.agents.wsgi import run_cli, run_gunicorn
+from ansible_collections.dstack.tee.agents.cli_support import run_cli
+from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
+from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
+from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
         "os_image_hash", "gateway_urls", "libvirt_uri", "image_path", "host_api_base", "server_names",
@@ -35,6 +50,7 @@ KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_d
         "max_name_length", "max_cvm_number", "max_log_followers", "api_threads", "max_request_bytes", "cvm_netns",
         "cvm_netns_range")
 API_THREADS = 16
+DEFAULT_URL = "http://127.0.0.1:9080"
 
 
 def load_config(args):
@@ -105,6 +121,83 @@ def cmd_serve(args):
                  loglevel="info")
 
 
+class LogsClient(VmmClient):
+    """The VMM client, plus /logs (text, streamed) over the same connection settings."""
+
+    def logs(self, params, out):
+        """Copy /logs's answer to `out` (a binary stream) as it comes; with follow, until it ends."""
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        conn, _reused = self._connection()
+        try:
+            conn.request("POST", urlsplit(self.url).path + "/logs", body=json.dumps(params).encode(), headers=headers)
+            if params.get("follow"):
+                conn.sock.settimeout(None)  # a quiet log is no error: follow until the VMM or Ctrl-C ends it
+            answer = conn.getresponse()
+            if answer.status != 200:
+                self._refused(answer)
+            while True:
+                chunk = answer.read1(64 * 1024)
+                if not chunk:
+                    return
+                out.write(chunk)
+                out.flush()
+        except (OSError, http.client.HTTPException) as exc:
+            raise DstackError("--url", f"cannot read the logs from the VMM at {self.url}: "
+                                       f"{getattr(exc, 'strerror', None) or str(exc) or type(exc).__name__}") from None
+        finally:
+            self.close()
+
+    def _refused(self, answer):
+        try:
+            reason = json.loads(answer.read()).get("error", "")
+        except (ValueError, AttributeError):
+            reason = ""
+        if answer.status == 401:
+            raise DstackError("--token", f"the VMM at {self.url} wants a valid token (--token, or DSTACK_VMM_TOKEN)")
+        raise DstackError("logs", f"the VMM at {self.url} answered HTTP {answer.status}: {reason or answer.reason}")
+
+
+def _client_settings(args):
+    url = args.url or os.environ.get("DSTACK_VMM_URL") or DEFAULT_URL
+    token = args.token or os.environ.get("DSTACK_VMM_TOKEN") or \
+        next((t for t in os.environ.get("DSTACK_VMM_TOKENS", "").split(",") if t), None)
+    return url, token
+
+
+def vm_id_of(client, name):
+    """The id of the VM named `name` (or with that id)."""
+    vms = client.call("Status", {"brief": True}).get("vms", [])
+    for vm in vms:
+        if name in (vm.get("id"), vm.get("name")):
+            return vm["id"]
+    names = ", ".join(repr(vm.get("name")) for vm in vms[:20]) or "none"
+    raise DstackError("NAME", f"no VM named {name[:80]!r} (nor with that id) on the VMM at {client.url}; its VMs: {names}")
+
+
+def cmd_logs(args):
+    url, token = _client_settings(args)
+    service = service_log.check_service(args.service, "--service")
+    client = LogsClient(url, token=token, ca_cert=args.ca_cert, timeout=30)
+    params = {"id": vm_id_of(client, args.name), "ch": args.ch, "lines": args.lines, "follow": args.follow}
+    if service:
+        params["service"] = service
+    try:
+        client.logs(params, sys.stdout.buffer)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader went (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return None
+
+
+def _lines(text):
+    if not text.isdigit() or not 1 <= int(text) <= 10000:
+        raise argparse.ArgumentTypeError(f"{text[:16]!r} is not a number of lines from 1 to 10000")
+    return int(text)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="dstack-vmm", description="The dstack.tee host VM manager.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +233,19 @@ def build_parser():
                        help="process backend: each CVM in its own network namespace with a veth to the host "
                             "(vmm.toml cvm_netns; default off; needed by CVMs that use the gateway)")
     serve.set_defaults(func=cmd_serve)
+    logs = sub.add_parser("logs", help="print a CVM's log: its containers' output, or the guest agent's")
+    logs.add_argument("name", metavar="NAME", help="the VM's name or id")
+    logs.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come, until Ctrl-C")
+    logs.add_argument("-n", "--lines", type=_lines, default=200, help="the last N lines first (default 200, at most 10000)")
+    logs.add_argument("--ch", choices=["stdout", "stderr", "serial"], default="stdout",
+                      help="stdout: the app's containers' output (default); stderr: the guest agent's own log; "
+                           "serial: a VM's serial console (libvirt backend)")
+    logs.add_argument("--service", help="only the lines of this compose service's containers")
+    logs.add_argument("--url", help=f"the VMM (default: $DSTACK_VMM_URL, else {DEFAULT_URL})")
+    logs.add_argument("--token", help="the VMM's API token, when it requires one (default: $DSTACK_VMM_TOKEN, else the "
+                                      "first of $DSTACK_VMM_TOKENS)")
+    logs.add_argument("--ca-cert", help="the CA certificate to check an https:// VMM against")
+    logs.set_defaults(func=cmd_logs)
     return parser
 
 

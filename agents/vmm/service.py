@@ -22,6 +22,7 @@ import uuid
 
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, VmRecord
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
+from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 from ansible_collections.dstack.tee.plugins.module_utils.json_limits import check_depth, loads as json_loads
@@ -138,6 +139,7 @@ class VmmService:
         self.limits = read_limits(config)
         self._lock = threading.RLock()
         self._k256 = ""
+        self._service_names = {}  # compose_hash -> its services (info)
         self._cleanup_partial()
 
     # ---- records ----------------------------------------------------------------------------
@@ -465,7 +467,22 @@ class VmmService:
                 "app_id": vm.manifest.get("app_id", ""), "kms_urls": vm.manifest.get("kms_urls", []),
                 "gateway_urls": vm.manifest.get("gateway_urls", []), "no_tee": vm.manifest.get("no_tee", False)}
             info["events"] = _json(os.path.join(vm.run_dir, "events.json"), [])
+            # Not in dstack's VmInfo: the compose's services, whose lines /logs can pick (`service`).
+            info["services"] = self._services(info["compose_hash"], compose_text)
         return info
+
+    def _services(self, compose_hash, compose_text):
+        """The service names of an app-compose.json's docker_compose_file ([] when it has none)."""
+        if compose_hash not in self._service_names:
+            try:
+                doc = compose.parse(compose_text.encode("utf-8"), "compose_file")
+                names = sorted(compose.parse_compose_yaml(doc.get("docker_compose_file"), "docker_compose_file")["services"])
+            except (DstackError, AttributeError):
+                names = []
+            if len(self._service_names) > 1000:
+                self._service_names.clear()
+            self._service_names[compose_hash] = [str(name) for name in names]
+        return self._service_names[compose_hash]
 
     def _app_url(self, vm, instance_id):
         if self.base_domain and instance_id:
@@ -531,14 +548,16 @@ class VmmService:
         return KmsClient(self.kms_urls[0], ca_cert=self.kms_ca_cert).get_app_env_encrypt_pubkey(app_id)
 
     def log_request(self, params):
-        """A /logs request checked: (log file path, lines, follow)."""
+        """A /logs request checked: (log file path, lines, follow, service or None); see app.py."""
         lines = _int_field(params.get("lines"), "lines", 1, MAX_LOG_LINES, default=200)
         follow = _bool_field(params.get("follow"), "follow")
         channel = params.get("ch", "stdout")
         if channel not in ("stdout", "stderr", "serial"):
             raise DstackError("ch", "must be stdout, stderr or serial")
+        service = service_log.check_service(params.get("service"))
         vm = self._record(params.get("id"))
-        return {"stdout": vm.stdout_log, "stderr": vm.stderr_log, "serial": vm.serial_log}[channel], lines, follow
+        path = {"stdout": vm.stdout_log, "stderr": vm.stderr_log, "serial": vm.serial_log}[channel]
+        return path, lines, follow, service
 
     def recover(self):
         """After a VMM (or host) restart: start the VMs that should run and are not running."""
