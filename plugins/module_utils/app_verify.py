@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, app_compose, attestation, gateway_http, ra_tls
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, app_compose, app_folder, attestation, gateway_http, ra_tls
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_text
 
@@ -53,29 +53,19 @@ class LocalApp:
 
 
 def local_app(compose=None, app_dir=None, name=None, options=None):
-    """The compose_hash of a compose file (compose) or an app folder (app_dir: docker-compose.yaml
-    and an optional app.yml), computed as roles/app does through app_compose: the name from
-    app.yml, else the folder's name; app.yml's fields (app_compose.APP_YML_FIELDS); `name` and
-    `options` (those fields too) given here win."""
+    """The compose_hash of a compose file (compose) or an app folder (app_dir: read by app_folder, as
+    roles/app reads it: the name from app.yml, else the folder's name; app.yml's fields); `name` and
+    `options` (app-compose fields) given here win."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if app_dir:
-        folder = os.path.normpath(app_dir)
-        compose = os.path.join(folder, "docker-compose.yaml")
-        if not os.path.isfile(compose):
-            raise DstackError("app_dir", f"{app_dir} has no docker-compose.yaml")
-        spec_path = os.path.join(folder, "app.yml")
-        spec_text = read_text(spec_path, "app_dir") if os.path.exists(spec_path) else ""
-        spec_name, spec_options = app_compose.app_yml_options(spec_text, f"{spec_path}")
-        name = name or spec_name or os.path.basename(folder)
-        options = dict(spec_options, **options)
-        field = "app_dir"
-    else:
-        if not compose:
-            raise DstackError("compose", "is required (or app_dir)")
-        name = name or os.path.basename(os.path.dirname(os.path.abspath(compose)))
-        field = "compose"
-    text = read_text(compose, field)
-    app_compose.parse_compose_yaml(text, field)
+        app = app_folder.read(app_dir, name, options)
+        return LocalApp(name=app.name, compose_hash=app_compose.compose_hash(app_compose.render(app.app_compose)),
+                        source=os.path.join(app.path, app_folder.COMPOSE_FILE))
+    if not compose:
+        raise DstackError("compose", "is required (or app_dir)")
+    name = name or os.path.basename(os.path.dirname(os.path.abspath(compose)))
+    text = read_text(compose, "compose")
+    app_compose.parse_compose_yaml(text, "compose")
     data = app_compose.render(app_compose.build(text, name, **options))
     return LocalApp(name=name, compose_hash=app_compose.compose_hash(data), source=compose)
 

@@ -1,0 +1,136 @@
+# -*- coding: utf-8 -*-
+# Copyright: dstack.tee contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""An app folder (deploy-app.yml's `-e app_dir`): docker-compose.yaml, an optional app.yml (the app's
+name, its port map and its app-compose fields) and an optional secrets.env.
+
+The one reading of a folder: dstack.tee.app_check reads it for roles/app before anything is
+changed, and verify_app computes the compose_hash a deployment of it has. Every error names the
+file (and, for YAML and .env text, the line) and never a secret's value.
+"""
+
+import ipaddress
+import os
+from dataclasses import dataclass, field as dataclass_field
+
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose, env_crypt, fileio
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+COMPOSE_FILE = "docker-compose.yaml"
+APP_YML = "app.yml"
+SECRETS_FILE = "secrets.env"
+PROTOCOLS = ("tcp", "udp")
+
+
+@dataclass
+class AppFolder:
+    """What a deployment of the folder runs. app_compose is checked (app_compose.build); ports are
+    the VMM's port map entries {protocol, host_port, vm_port, host_address}; secrets is the path of
+    secrets.env, "" when the folder has none."""
+    path: str
+    name: str
+    app_compose: dict
+    ports: list = dataclass_field(default_factory=list)
+    secrets: str = ""
+
+
+def read(app_dir, name=None, options=None, host_port=0, field="app_dir"):
+    """The app folder at app_dir, checked: the compose text parses and has services, app.yml parses
+    and holds only app-compose fields, name and ports, and the app-compose these make is valid.
+
+    name and options (app-compose fields) win over app.yml's; host_port (not 0) replaces the host
+    port of app.yml's one port mapping. Raises DstackError naming the file, or `field` for the folder.
+    """
+    folder = os.path.abspath(app_dir)
+    if not os.path.isdir(folder):
+        reason = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise DstackError(field, f"{folder} {reason}")
+    compose_path = os.path.join(folder, COMPOSE_FILE)
+    if not os.path.isfile(compose_path):
+        raise DstackError(field, f"{folder} has no {COMPOSE_FILE}")
+    compose_text = fileio.read_text(compose_path, compose_path)
+    yml_path = os.path.join(folder, APP_YML)
+    yml_text = fileio.read_text(yml_path, yml_path, missing_ok=True) or ""
+    spec_name, spec_options = app_compose.app_yml_options(yml_text, yml_path)
+    name = name or spec_name or os.path.basename(folder)
+    options = dict(spec_options, **{k: v for k, v in (options or {}).items() if v is not None})
+    if options.get("runner") != "bash":
+        app_compose.parse_compose_yaml(compose_text, compose_path)
+    try:
+        app = app_compose.build(compose_text, name, **options)
+    except DstackError as exc:
+        if exc.field == "name" and name != spec_name:
+            if name != os.path.basename(folder):
+                raise  # the name given, not the folder's
+
+            raise DstackError(field, f"the app's name is its folder's, {name!r} ({APP_YML} names none), "
+                                     f"and a name {exc.reason}") from None
+        # A field of app.yml: named with its file.
+        raise DstackError(f"{yml_path}: {exc.field}", exc.reason) from None
+    ports = port_map(_yaml_ports(yml_text, yml_path), f"{yml_path}: ports")
+    if host_port:
+        ports = _replace_host_port(ports, host_port, yml_path)
+    secrets = os.path.join(folder, SECRETS_FILE)
+    return AppFolder(path=folder, name=name, app_compose=app, ports=ports,
+                     secrets=secrets if os.path.isfile(secrets) else "")
+
+
+def secret_names(app):
+    """(names kept, names dropped as not in allowed_envs) of the folder's secrets.env, parsed as
+    dstack.tee.env_encrypt parses it; ([], []) without one. Only names leave this function."""
+    if not app.secrets:
+        return [], []
+    items = env_crypt.parse_dotenv(fileio.read_text(app.secrets, app.secrets), app.secrets)
+    kept, dropped = env_crypt.filter_allowed(items, app.app_compose.get("allowed_envs"))
+    return [key for key, _value in kept], dropped
+
+
+def _yaml_ports(yml_text, yml_path):
+    if not yml_text.strip():
+        return []
+    spec = app_compose.load_yaml(yml_text, yml_path)  # parsed before, by app_yml_options
+    return spec.get("ports") if isinstance(spec, dict) else None
+
+
+def port_map(ports, field="ports"):
+    """A port map (the VMM's CreateVm `ports`) checked: a list of {host_port, vm_port, protocol
+    (tcp), host_address (127.0.0.1)}, each port 1 to 65535, no host port given twice. Returns it
+    with the defaults filled in."""
+    if ports is None:
+        return []
+    if not isinstance(ports, list):
+        raise DstackError(field, "must be a list of {host_port, vm_port, protocol, host_address}")
+    checked, seen = [], set()
+    for pos, port in enumerate(ports):
+        where = f"{field}[{pos}]"
+        if not isinstance(port, dict):
+            raise DstackError(where, "must be a mapping {host_port, vm_port, protocol, host_address}")
+        unknown = sorted(str(k) for k in port if k not in ("host_port", "vm_port", "protocol", "host_address"))
+        if unknown:
+            raise DstackError(f"{where}.{unknown[0]}", "is not a port map field (host_port, vm_port, protocol, host_address)")
+        entry = {"protocol": port.get("protocol") or "tcp", "host_address": str(port.get("host_address") or "127.0.0.1")}
+        if entry["protocol"] not in PROTOCOLS:
+            raise DstackError(f"{where}.protocol", "must be tcp or udp")
+        for key in ("host_port", "vm_port"):
+            value = port.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+                raise DstackError(f"{where}.{key}", f"must be a port number 1 to 65535 (got {str(value)[:40]!r})")
+            entry[key] = value
+        try:
+            ipaddress.ip_address(entry["host_address"])
+        except ValueError:
+            raise DstackError(f"{where}.host_address", f"{entry['host_address'][:60]!r} is not an IP address") from None
+        key = (entry["protocol"], entry["host_port"])
+        if key in seen:
+            raise DstackError(where, f"host port {entry['host_port']}/{entry['protocol']} is mapped twice")
+        seen.add(key)
+        checked.append(entry)
+    return checked
+
+
+def _replace_host_port(ports, host_port, yml_path):
+    if isinstance(host_port, bool) or not isinstance(host_port, int) or not 1 <= host_port <= 65535 or len(ports) != 1:
+        raise DstackError("host_port", f"replaces the host port of {yml_path}'s one port mapping: it must be 1 "
+                                       f"to 65535 (got {str(host_port)[:40]}), and {yml_path} must map exactly one "
+                                       f"port (it maps {len(ports)})")
+    return [dict(ports[0], host_port=host_port)]
