@@ -8,7 +8,7 @@ VMM's /logs ch=stdout with the process backend, the console in a VM), prefixed w
 container's compose name as docker compose prints it (`web-1  | hello`; the format is
 module_utils/service_log.py, which the VMM's /logs filters by).
 
-    following = start_following(runner, sys.stdout.buffer, services=("web", "db"))
+    following = start_following(runner, sys.stdout.buffer)
     ...
     following.stop()
 
@@ -29,6 +29,7 @@ import threading
 import time
 
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
+from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 log = logging.getLogger("dstack.guest.container_logs")
@@ -39,17 +40,26 @@ RESCAN_MAX = 30.0        # ... doubled up to this; also the wait while every con
 _STAMP_RE = re.compile(rb"\A(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ")
 
 
-def start_following(runner, out, services=(), rescan=RESCAN, rescan_max=RESCAN_MAX):
+def start_following(runner, out, services=None, rescan=RESCAN, rescan_max=RESCAN_MAX):
     """Follow the output of `runner`'s containers (a ComposeRunner once its `up` returned) onto
     `out` (a binary stream); returns what stop() ends it with. `services`: the compose's service
-    names (the prefix column's width)."""
+    names, for the width of the prefix column (default: those of the runner's compose file)."""
     return ContainerLogs(runner, out, services, rescan, rescan_max).start()
 
 
+def _compose_services(runner):
+    try:
+        with open(runner.compose_file, encoding="utf-8") as handle:
+            return list(parse_compose_yaml(handle.read(), "docker_compose_file")["services"])
+    except (OSError, AttributeError, DstackError):
+        return []
+
+
 class ContainerLogs:
-    def __init__(self, runner, out, services=(), rescan=RESCAN, rescan_max=RESCAN_MAX):
+    def __init__(self, runner, out, services=None, rescan=RESCAN, rescan_max=RESCAN_MAX):
         self.runner = runner
         self.out = out
+        services = _compose_services(runner) if services is None else services
         self.width = max((len(service_log.label(name, 1)) for name in services), default=0)
         self.rescan, self.rescan_max = rescan, rescan_max
         self._write_lock = threading.Lock()    # one whole line at a time on `out`
