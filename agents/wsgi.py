@@ -3,8 +3,6 @@
 """Serving a Flask app with gunicorn, the one way every agent does it (KMS, VMM, guest agent,
 gateway), and what their JSON APIs share: the request parser, the pRPC routes, the JSON errors."""
 
-# run_cli lives in agents/cli_support.py; re-exported here until guest/cli.py and vmm/cli.py import it from there.
-from ansible_collections.dstack.tee.agents.cli_support import run_cli  # noqa: F401  pylint: disable=unused-import
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 

@@ -59,8 +59,8 @@ import signal
 import sys
 import time
 
+from ansible_collections.dstack.tee.agents.cli_support import run_cli
 from ansible_collections.dstack.tee.agents.guest import measure, server, worker
-from ansible_collections.dstack.tee.agents.wsgi import run_cli
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import kdf
