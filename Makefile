@@ -6,9 +6,35 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: demo test setup setup-test sanity pytest stop clean
 
-## make demo: set up, then run the main job on the simulated default (see README)
+# make demo's settings (README: "The two commands"), on make's command line: make demo VMM_PORT=9180.
+# An empty port is the role's default. Defined here, so that an environment variable of the same
+# name does not change the demo.
+DEMO_ROOT = .demo
+VMM_PORT =
+KMS_PORT =
+APP_PORT =
+GATEWAY_PORT =
+GATEWAY_RPC_PORT =
+GATEWAY_ADMIN_PORT =
+GATEWAY_WG_PORT =
+ARGS =
+STOP_TIMEOUT = 90
+# The same addresses as the roles' defaults; only the ports change.
+# (dstack_root only for another DEMO_ROOT: the roles' default names .demo as ansible-playbook does.)
+DEMO_VARS = $(if $(filter-out .demo,$(DEMO_ROOT)),-e dstack_root=$(abspath $(DEMO_ROOT))) \
+	$(if $(KMS_PORT),-e dstack_kms_listen=127.0.0.1:$(KMS_PORT) -e dstack_kms_url=https://127.0.0.1:$(KMS_PORT)) \
+	$(if $(VMM_PORT),-e dstack_vmm_listen=127.0.0.1:$(VMM_PORT) -e dstack_vmm_url=http://127.0.0.1:$(VMM_PORT)) \
+	$(if $(APP_PORT),-e dstack_app_host_port=$(APP_PORT)) \
+	$(if $(GATEWAY_PORT),-e dstack_gateway_proxy_listen_port=$(GATEWAY_PORT)) \
+	$(if $(GATEWAY_RPC_PORT),-e dstack_gateway_rpc_listen=0.0.0.0:$(GATEWAY_RPC_PORT)) \
+	$(if $(GATEWAY_ADMIN_PORT),-e dstack_gateway_admin_listen=127.0.0.1:$(GATEWAY_ADMIN_PORT)) \
+	$(if $(GATEWAY_WG_PORT),-e dstack_gateway_wg_listen_port=$(GATEWAY_WG_PORT))
+
+## make demo: set up, then run the main job on the simulated default (see README); first waits
+## for a make stop that is still stopping
 demo: setup
-	ansible-playbook playbooks/demo.yml
+	scripts/stop-demo.sh --wait $(DEMO_ROOT)
+	ansible-playbook playbooks/demo.yml $(DEMO_VARS) $(ARGS)
 
 ## make test: set up, then run every test (pytest, ansible-test sanity)
 test: setup-test
@@ -26,13 +52,13 @@ pytest: setup-test
 sanity: setup-test
 	scripts/ansible-sanity.sh
 
-## make stop: stop what make demo started (the CVMs first: their containers go down with them)
+## make stop: stop what make demo started (the CVMs first: their containers go down with them),
+## and return once all of it is down (or say what still runs after STOP_TIMEOUT seconds)
 stop:
-	-$(VENV)/bin/supervisorctl -c .demo/run/supervisor/supervisord.conf shutdown
-	-$(VENV)/bin/supervisorctl -c .demo/services/supervisord.conf shutdown
+	STOP_TIMEOUT=$(STOP_TIMEOUT) scripts/stop-demo.sh $(DEMO_ROOT)
 
 ## make clean: remove .demo/ (stop first) and the network namespaces of its CVMs and gateway
 clean:
-	-for vm in .demo/run/*/; do [ -d "$$vm" ] && ip netns del "dstack-$$(basename "$$vm")" 2>/dev/null; done; true
+	-for vm in $(DEMO_ROOT)/run/*/; do [ -d "$$vm" ] && ip netns del "dstack-$$(basename "$$vm")" 2>/dev/null; done; true
 	-ip netns del dstack-gateway 2>/dev/null; true
-	rm -rf .demo build test-artifacts
+	rm -rf $(DEMO_ROOT) build test-artifacts
