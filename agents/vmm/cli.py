@@ -42,6 +42,7 @@ from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
+from ansible_collections.dstack.tee.plugins.module_utils.prpc import Unauthorized
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
@@ -122,7 +123,21 @@ def cmd_serve(args):
 
 
 class LogsClient(VmmClient):
-    """The VMM client, plus /logs (text, streamed) over the same connection settings."""
+    """The VMM client, plus /logs (text, streamed) over the same connection settings; errors name
+    the command's flags."""
+
+    def __init__(self, url, token=None, ca_cert=None, timeout=30.0):
+        super().__init__(url, token=token, ca_cert=ca_cert, timeout=timeout)
+        self.field = "--url"
+
+    def call(self, method, params=None):
+        try:
+            return super().call(method, params)
+        except Unauthorized:
+            raise self._unauthorized() from None
+
+    def _unauthorized(self):
+        return DstackError("--token", f"the VMM at {self.url} wants a valid token (--token, or DSTACK_VMM_TOKEN)")
 
     def logs(self, params, out):
         """Copy /logs's answer to `out` (a binary stream) as it comes; with follow, until it ends."""
@@ -155,7 +170,7 @@ class LogsClient(VmmClient):
         except (ValueError, AttributeError):
             reason = ""
         if answer.status == 401:
-            raise DstackError("--token", f"the VMM at {self.url} wants a valid token (--token, or DSTACK_VMM_TOKEN)")
+            raise self._unauthorized()
         raise DstackError("logs", f"the VMM at {self.url} answered HTTP {answer.status}: {reason or answer.reason}")
 
 

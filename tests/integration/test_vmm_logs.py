@@ -181,10 +181,11 @@ def test_the_command_follows_until_ctrl_c(vmm):
 @pytest.mark.parametrize("args, env, exit_code, message", [
     (["no such vm"], {}, 2, "NAME: no VM named 'no such vm' (nor with that id) on the VMM at http://127.0.0.1:{port}; "
                             "its VMs: 'logs test'"),
-    (["logs test"], {"DSTACK_VMM_TOKEN": "wrong"}, 2, "unauthorized"),
+    (["logs test"], {"DSTACK_VMM_TOKEN": "wrong"}, 2,
+     "--token: the VMM at http://127.0.0.1:{port} wants a valid token (--token, or DSTACK_VMM_TOKEN)"),
     (["logs test", "--service", "web/1"], {}, 2, "--service: must be a compose service name"),
     (["logs test", "--lines", "0"], {}, 2, "is not a number of lines from 1 to 10000"),
-    (["logs test", "--url", "http://127.0.0.1:1"], {}, 2, "cannot reach the Vmm at http://127.0.0.1:1"),
+    (["logs test", "--url", "http://127.0.0.1:1"], {}, 2, "--url: cannot reach the Vmm at http://127.0.0.1:1"),
 ])
 def test_the_command_refuses_naming_the_reason(vmm, args, env, exit_code, message):
     done = _cli(vmm, *args, env=env)
