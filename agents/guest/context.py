@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import eventlog, tdx
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_json, read_text
 
 VERSION = "0.5.11-dstack.tee"
 
@@ -57,16 +57,6 @@ class GuestPaths:
     boot_state = property(lambda self: self.work("boot.json"))
 
 
-def read_json(path, field):
-    try:
-        with open(path, "rb") as handle:
-            return json.loads(handle.read())
-    except FileNotFoundError:
-        raise DstackError(field, f"is missing ({path})") from None
-    except (OSError, ValueError) as exc:
-        raise DstackError(field, f"cannot be read as JSON ({path}): {exc}") from None
-
-
 class GuestContext:
     """One CVM as its guest agent sees it."""
 
@@ -79,14 +69,7 @@ class GuestContext:
     def open(cls, config_dir, work_dir, tee="auto", sim_state_dir=None, cert_signer=None):
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
         paths = GuestPaths(os.path.abspath(config_dir), os.path.abspath(work_dir))
-        if tee == "sim" or (tee == "auto" and not tdx.TdxProvider.available()):
-            from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
-            if not sim_state_dir:
-                raise DstackError("sim_state_dir", "is required for the simulated TEE")
-            provider = SimTdx(sim_state_dir, rtmr_state=paths.rtmr_state)
-        else:
-            provider = tdx.open_provider(tee)
-        return cls(paths, provider, cert_signer)
+        return cls(paths, tdx.open_provider(tee, sim_state_dir, rtmr_state=paths.rtmr_state), cert_signer)
 
     @property
     def attestation_mode(self):
@@ -95,11 +78,10 @@ class GuestContext:
     # ---- the config share --------------------------------------------------------------------
 
     def app_compose_bytes(self):
-        try:
-            with open(self.paths.app_compose, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            raise DstackError("app-compose.json", f"is missing from the config share ({self.paths.config_dir})") from None
+        data = read_bytes(self.paths.app_compose, "app-compose.json", missing_ok=True)
+        if data is None:
+            raise DstackError("app-compose.json", f"is missing from the config share ({self.paths.config_dir})")
+        return data
 
     def app_compose(self):
         return compose.parse(self.app_compose_bytes())
@@ -108,9 +90,7 @@ class GuestContext:
         return hashlib.sha256(self.app_compose_bytes()).hexdigest()
 
     def sys_config(self):
-        if not os.path.exists(self.paths.sys_config):
-            return {}
-        return read_json(self.paths.sys_config, ".sys-config.json")
+        return read_json(self.paths.sys_config, ".sys-config.json", missing_ok=True) or {}
 
     def vm_config(self):
         """The vm_config JSON string of .sys-config.json ("" when there is none)."""
@@ -121,27 +101,23 @@ class GuestContext:
 
     def app_keys(self):
         """The released keys; DstackError when the boot has not got them (yet)."""
-        if not os.path.exists(self.paths.app_keys):
+        keys = read_json(self.paths.app_keys, ".appkeys.json", missing_ok=True)
+        if keys is None:
             raise DstackError("app_keys", "are not available: the boot has not fetched them")
-        return read_json(self.paths.app_keys, ".appkeys.json")
+        return keys
 
     def write_app_keys(self, keys):
         atomic_write(self.paths.app_keys, json.dumps(keys, indent=2, sort_keys=True).encode(), mode=0o600)
 
     def instance(self):
         """{instance_id_seed, instance_id, app_id} (hex), or {} before the boot measured them."""
-        if not os.path.exists(self.paths.instance):
-            return {}
-        return read_json(self.paths.instance, "instance.json")
+        return read_json(self.paths.instance, "instance.json", missing_ok=True) or {}
 
     # ---- RTMR3 and the event log -------------------------------------------------------------
 
     def runtime_events(self):
-        try:
-            with open(self.paths.runtime_log, encoding="utf-8") as handle:
-                return eventlog.events_from_runtime_log(handle.read())
-        except FileNotFoundError:
-            return []
+        text = read_text(self.paths.runtime_log, "runtime_events.log", missing_ok=True)
+        return eventlog.events_from_runtime_log(text) if text is not None else []
 
     def event_log(self):
         """The GetQuote event log: every runtime event as {imr, event_type, digest, event, event_payload}."""

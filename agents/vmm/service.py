@@ -24,7 +24,7 @@ from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNN
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_json, read_text
 from ansible_collections.dstack.tee.plugins.module_utils.json_limits import check_depth, loads as json_loads
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
 
@@ -117,11 +117,12 @@ def _url_list(value, field):
 
 
 def _json(path, default=None):
+    """One of the VMM's own JSON files (manifest, state, events); `default` when missing or damaged."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
+        value = read_json(path, os.path.basename(path), missing_ok=True)
+    except DstackError:
         return default
+    return default if value is None else value
 
 
 class VmmService:
@@ -328,7 +329,7 @@ class VmmService:
             atomic_write(os.path.join(share, ".instance_info"), json.dumps({"app_id": app_id}).encode())
 
     def _sys_config(self, vm):
-        token = open(os.path.join(vm.run_dir, "host-api.token"), encoding="ascii").read().strip()
+        token = _host_api_token(vm)
         vm_config = {"os_image_hash": self.os_image_hash, "cpu_count": vm.manifest.get("vcpu", 1),
                      "memory_size": vm.manifest.get("memory", 1024) * 1024 * 1024, "image": vm.manifest.get("image", ""),
                      "spec_version": 1}
@@ -338,8 +339,7 @@ class VmmService:
                       "host_api_url": f"{self.host_api_base}/{vm.id}/{token}" if self.host_api_base else "",
                       "vm_config": json.dumps(vm_config, sort_keys=True)}
         if self.kms_ca_cert and os.path.exists(self.kms_ca_cert):
-            with open(self.kms_ca_cert, encoding="utf-8") as handle:
-                sys_config["kms_ca_cert"] = handle.read()
+            sys_config["kms_ca_cert"] = read_text(self.kms_ca_cert, "kms_ca_cert")
         atomic_write(os.path.join(vm.shared_dir, ".sys-config.json"), json.dumps(sys_config, indent=2).encode())
 
     def start_vm(self, vm_id):
@@ -412,7 +412,7 @@ class VmmService:
 
     def host_notify(self, vm_id, token, event, payload):
         vm = self._record(vm_id)
-        expected = open(os.path.join(vm.run_dir, "host-api.token"), encoding="ascii").read().strip()
+        expected = _host_api_token(vm)
         if not secrets.compare_digest(expected.encode(), str(token).encode()):
             raise NotFound("id", "unknown VM or token")
         if not isinstance(event, str):
@@ -567,12 +567,13 @@ class VmmService:
                 self.start_vm(vm.id)
 
 
+def _host_api_token(vm):
+    """The CVM's host API token (written when it was created)."""
+    return read_text(os.path.join(vm.run_dir, "host-api.token"), "host-api.token", encoding="ascii").strip()
+
+
 def _read(path):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return b""
+    return read_bytes(path, os.path.basename(path), missing_ok=True) or b""
 
 
 def _last_error(path):

@@ -1,9 +1,10 @@
 # -*- coding: utf-8 -*-
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""File reads that name the field on error, atomic file writes and TOML configuration reads: the one
-home for agents, commands and module_utils (module_support turns the errors into fail_json)."""
+"""File reads that name the field on error, atomic file writes, JSON file reads and TOML configuration
+reads: the one home for agents, commands and module_utils (module_support turns the errors into fail_json)."""
 
+import json
 import os
 import tempfile
 
@@ -60,6 +61,18 @@ def read_text(path, field, encoding="utf-8", missing_ok=False):
         return data.decode(encoding)
     except UnicodeDecodeError:
         raise DstackError(field, f"{path} is not {encoding.upper()} text") from None
+
+
+def read_json(path, field, missing_ok=False):
+    """A JSON file's value (read_bytes, then parsed); DstackError naming `field` when it is not JSON.
+    With missing_ok, a file that does not exist is None."""
+    data = read_bytes(path, field, missing_ok)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise DstackError(field, f"{path} is not JSON: {exc}") from None
 
 
 def read_toml(path, field="config"):

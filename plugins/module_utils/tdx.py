@@ -130,8 +130,10 @@ def _remove_entry(entry):
             os.rmdir(entry)
 
 
-def open_provider(kind="auto", sim_state_dir=None, tsm_dir=TSM_REPORT_DIR, measurements_dir=TDX_MEASUREMENTS_DIR):
-    """The TEE provider: "tdx", "sim", or "auto" (tdx when configfs-tsm is there, else sim)."""
+def open_provider(kind="auto", sim_state_dir=None, tsm_dir=TSM_REPORT_DIR, measurements_dir=TDX_MEASUREMENTS_DIR,
+                  rtmr_state=None):
+    """The TEE provider: "tdx", "sim", or "auto" (tdx when configfs-tsm is there, else sim).
+    rtmr_state: the simulated TD's own RTMR file (SimTdx), for a CVM on a shared simulated platform."""
     if kind not in PROVIDERS:
         raise DstackError("tee", f"unknown provider {str(kind)[:20]!r} (expected one of {', '.join(PROVIDERS)})")
     if kind == "tdx" or (kind == "auto" and TdxProvider.available(tsm_dir)):
@@ -140,7 +142,7 @@ def open_provider(kind="auto", sim_state_dir=None, tsm_dir=TSM_REPORT_DIR, measu
         raise DstackError("sim_state_dir", "is required for the simulated TEE")
     # Imported here: the simulator needs cryptography, the real provider does not.
     from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel
-    return SimTdx(sim_state_dir)
+    return SimTdx(sim_state_dir, rtmr_state=rtmr_state)
 
 
 def emit_runtime_event(provider, event, runtime_log_path, version=1):
