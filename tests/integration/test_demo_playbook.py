@@ -1,33 +1,39 @@
 """The README's main command end to end: site.yml + deploy-app.yml on the simulated default.
 
-Runs `playbooks/demo.yml` for real (KMS, gateway and VMM under supervisord, the CVM as a
-supervised guest agent with podman in its own network namespace, registered with the gateway over
-WireGuard), in a short temporary root with its own ports, interface and namespace names, then:
-the app answers at its https URL through the gateway and not on its WireGuard address from outside
-the gateway's namespace, verify-app.yml passes on it and fails on a changed compose file, a second
-run changes nothing, check mode changes nothing, the quote verifies with dstack-verify and names the
-local compose_hash, a compose change deploys as an update of the same instance, and bad input is
-refused before anything is made.
+Runs `make demo` for real (KMS, gateway and VMM under supervisord, the CVM as a supervised guest
+agent with podman in its own network namespace, registered with the gateway over WireGuard), in a
+short temporary root (DEMO_ROOT) with its own ports (VMM_PORT, KMS_PORT, APP_PORT, GATEWAY_*PORT:
+none of the defaults), interface and namespace names, then: the app answers at its https URL
+through the gateway and not on its WireGuard address from outside the gateway's namespace,
+verify-app.yml passes on it and fails on a changed compose file, a second run changes nothing,
+check mode changes nothing, the quote verifies with dstack-verify and names the local compose_hash,
+a compose change deploys as an update of the same instance, bad input is refused before anything
+is made, and `make stop` returns with nothing of the demo running. A port another process holds
+stops `make demo` before anything is made, naming that process, once a stop under way is done.
 """
 
 import hashlib
 import json
 import os
+import fcntl
 import re
+import shlex
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, needs_podman, run_playbook
+from conftest import ROOT, free_port, needs_podman, run_playbook, stop_process_group
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.host_ports import port_free
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
@@ -52,20 +58,33 @@ def demo_root():
              "proxy": free_port(), "wg": _free_udp_port()}
     # The gateway's interface and namespace, named for this run (a running demo keeps its own).
     gateway_names = {"interface": f"ddg{os.getpid() % 100000}", "netns": f"dstack-test-gw-{os.getpid()}"}
-    (app / "app.yml").write_text((app / "app.yml").read_text().replace("host_port: 8080", f"host_port: {ports['app']}"))
+    # The settings make demo's variables do not cover, for make (ARGS) and for ansible-playbook.
+    others = ["-e", json.dumps({"dstack_vmm_tokens": [TOKEN]}),
+              "-e", json.dumps({"dstack_gateway_proxy_listen_addr": "127.0.0.1",
+                                "dstack_gateway_wg_interface": gateway_names["interface"],
+                                "dstack_gateway_wg_netns": gateway_names["netns"]})]
+    # make demo's variables (Makefile), and the role variables they set, for the later direct runs.
+    make_args = [f"DEMO_ROOT={root}", f"KMS_PORT={ports['kms']}", f"VMM_PORT={ports['vmm']}", f"APP_PORT={ports['app']}",
+                 f"GATEWAY_PORT={ports['proxy']}", f"GATEWAY_RPC_PORT={ports['rpc']}",
+                 f"GATEWAY_ADMIN_PORT={ports['admin']}", f"GATEWAY_WG_PORT={ports['wg']}",
+                 "ARGS=" + shlex.join(others + ["-e", f"app_dir={app}"])]
     extra = ["-e", f"dstack_root={root}", "-e", f"dstack_kms_listen=127.0.0.1:{ports['kms']}",
              "-e", f"dstack_kms_url=https://127.0.0.1:{ports['kms']}", "-e", f"dstack_vmm_listen=127.0.0.1:{ports['vmm']}",
-             "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}", "-e", json.dumps({"dstack_vmm_tokens": [TOKEN]}),
-             "-e", json.dumps({"dstack_gateway_rpc_listen": f"127.0.0.1:{ports['rpc']}",
+             "-e", f"dstack_vmm_url=http://127.0.0.1:{ports['vmm']}", "-e", f"dstack_app_host_port={ports['app']}",
+             "-e", json.dumps({"dstack_gateway_rpc_listen": f"0.0.0.0:{ports['rpc']}",
                                "dstack_gateway_admin_listen": f"127.0.0.1:{ports['admin']}",
-                               "dstack_gateway_proxy_listen_addr": "127.0.0.1",
-                               "dstack_gateway_proxy_listen_port": ports["proxy"], "dstack_gateway_wg_listen_port": ports["wg"],
-                               "dstack_gateway_wg_interface": gateway_names["interface"],
-                               "dstack_gateway_wg_netns": gateway_names["netns"]})]
-    yield root, app, ports, extra
+                               "dstack_gateway_proxy_listen_port": ports["proxy"],
+                               "dstack_gateway_wg_listen_port": ports["wg"]}), *others]
+    yield root, app, ports, extra, make_args
     _teardown(root, ports)
     wireguard.netns_remove(gateway_names["netns"])
     shutil.rmtree(root, ignore_errors=True)
+
+
+def make(*args, timeout=900):
+    """make in the repository (its PATH and ansible.cfg come from the Makefile)."""
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False, env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"))
 
 
 def _free_udp_port():
@@ -96,15 +115,18 @@ except OSError as exc:
 
 
 def _teardown(root, ports):
+    """The CVMs removed through the VMM when it answers (that removes their namespaces too), the
+    demo stopped (scripts/stop-demo.sh waits until it is down), and the namespaces of CVMs that
+    make stop left (as make clean removes them)."""
     try:
         status = _vmm(ports, "Status")
         for vm in status.get("vms", []):
             _vmm(ports, "RemoveVm", {"id": vm["id"]})
     except DstackError:
         pass
-    for conf in (root / "run" / "supervisor" / "supervisord.conf", root / "services" / "supervisord.conf"):
-        if conf.exists():
-            subprocess.run([str(BIN / "supervisorctl"), "-c", str(conf), "shutdown"], capture_output=True, check=False)
+    subprocess.run([str(ROOT / "scripts" / "stop-demo.sh"), str(root)], capture_output=True, check=False, timeout=300)
+    for vm_dir in (root / "run").glob("*-*-*-*-*"):
+        wireguard.netns_remove(f"dstack-{vm_dir.name}")
 
 
 def _vmm(ports, method, body=None):
@@ -117,8 +139,8 @@ def _deploy(app, extra, *flags):
 
 @needs_podman
 def test_demo_deploys_verifies_and_updates(demo_root):
-    root, app, ports, extra = demo_root
-    first = run_playbook(ROOT / "playbooks" / "demo.yml", *extra, "-e", f"app_dir={app}")
+    root, app, ports, extra, make_args = demo_root
+    first = make("demo", *make_args)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
     built = (root / "build" / "hello" / "app-compose.json").read_bytes()
     compose_hash = hashlib.sha256(built).hexdigest()
@@ -197,17 +219,54 @@ def test_demo_deploys_verifies_and_updates(demo_root):
     other = root / "other"
     shutil.copytree(app, other)
     (other / "app.yml").write_text((app / "app.yml").read_text().replace("name: hello", "name: other"))
-    for flags, reason in (
-            (["-e", f"app_dir={other}", "-e", "dstack_app_kms_url=https://127.0.0.1:9"], "Status code was -1"),
-            (["-e", f"app_dir={other}", "-e", "dstack_app_vmm_token=wrong"], "Status code was 401"),
-            (["-e", f"app_dir={other}"], f"ports: host port {ports['app']} is already in use")):
+    # (Each reason as the role's uri tasks gave it, or as dstack.tee.app_check, which replaces them, gives it.)
+    for flags, reasons in (
+            (["-e", f"app_dir={other}", "-e", "dstack_app_kms_url=https://127.0.0.1:9"],
+             ("Status code was -1", "is the KMS running?")),
+            (["-e", f"app_dir={other}", "-e", "dstack_app_vmm_token=wrong"], ("Status code was 401", "(HTTP 401)")),
+            (["-e", f"app_dir={other}"], (f"ports: host port {ports['app']} is already in use",
+                                          f"ports: host port {ports['app']}/tcp is held by the CVM 'hello'"))):
         refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, *flags)
-        assert refused.returncode != 0 and reason in refused.stdout, (reason, refused.stdout[-2500:])
+        assert refused.returncode != 0 and any(r in " ".join(refused.stdout.split()) for r in reasons), \
+            (reasons, refused.stdout[-2500:])
         assert _state(root, ports) == before
     (other / "app.yml").write_text((app / "app.yml").read_text().replace("name: hello", "name: bad/name"))
     refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={other}")
     assert refused.returncode != 0 and "name: may hold only" in refused.stdout
     assert _state(root, ports) == before
+
+    # make stop returns once all of it is down: the supervisords and every process under them (the
+    # KMS, the gateway and its WireGuard hub, the VMM, the CVM's guest agent), and the containers.
+    supervisords = [int((root / folder / "supervisord.pid").read_text()) for folder in ("services", "run/supervisor")]
+    assert _demo_processes(root, extra) and _demo_containers(root)
+    stopped = make("stop", f"DEMO_ROOT={root}", timeout=300)
+    assert stopped.returncode == 0 and f"everything under {root} is down" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert not _demo_processes(root, extra) and not any(Path(f"/proc/{pid}").exists() for pid in supervisords)
+    assert not _demo_containers(root)
+    for name in ("kms", "vmm", "proxy", "app"):
+        assert port_free("tcp", "127.0.0.1", ports[name]), name
+
+
+def _demo_processes(root, extra):
+    """The processes whose command line names the demo's root or its gateway's WireGuard interface."""
+    interface = next(json.loads(e)["dstack_gateway_wg_interface"] for e in extra if "dstack_gateway_wg_interface" in e)
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and any(str(root).encode() in arg or arg == interface.encode() for arg in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def _demo_containers(root):
+    """The podman containers of the demo's CVMs (their compose project's folder is under the root)."""
+    listed = subprocess.run(["podman", "ps", "-a", "--format",
+                             '{{.Names}} {{index .Labels "com.docker.compose.project.working_dir"}}'],
+                            capture_output=True, text=True, check=True, timeout=120).stdout
+    return [line.split()[0] for line in listed.splitlines() if f" {root}/" in line]
 
 
 def _gateway_netns(extra):
@@ -232,10 +291,47 @@ def _state(root, ports):
 
 
 def test_a_compose_file_that_does_not_parse_is_refused_before_anything_is_made(demo_root):
-    root, app, _ports, extra = demo_root
+    root, app, _ports, extra, _make_args = demo_root
     (app / "docker-compose.yaml").write_text("services: [broken\n")
     result = run_playbook(ROOT / "playbooks" / "deploy-app.yml", "-e", f"app_dir={app}", *extra,
                           "-e", "dstack_app_vmm_url=http://127.0.0.1:9")
     assert result.returncode != 0
-    assert "compose_file: is not valid YAML at line 2" in result.stdout, result.stdout[-2000:]
+    # Named as dstack.tee.app_compose named it, or as dstack.tee.app_check (which replaces it in the role) names it.
+    assert any(f"{where}: is not valid YAML at line 2" in result.stdout
+               for where in ("compose_file", f"{app}/docker-compose.yaml")), result.stdout[-2000:]
     assert not (root / "run").exists() and not (root / "kms").exists() and not (root / "build").exists()
+
+
+def test_make_demo_waits_for_a_stop_then_a_port_another_process_holds_stops_it_naming_that_process(demo_root):
+    root, _app, ports, _extra, make_args = demo_root
+    before = sorted(p.name for p in root.iterdir())
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(ports["vmm"]), "--bind", "127.0.0.1"],  # pylint: disable=consider-using-with
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, start_new_session=True)
+    try:
+        for _attempt in range(100):
+            if not port_free("tcp", "127.0.0.1", ports["vmm"]):
+                break
+            time.sleep(0.1)
+        # A make stop under way holds the root's stop.lock (scripts/stop-demo.sh): make demo waits.
+        with open(root / "stop.lock", "w", encoding="ascii") as lock, open(root / "make.out", "w+", encoding="utf-8") as out:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            demo = subprocess.Popen(["make", "--no-print-directory", "demo", *make_args], cwd=ROOT, stdout=out,  # pylint: disable=consider-using-with
+                                    stderr=subprocess.STDOUT, text=True, env=dict(os.environ, ANSIBLE_NOCOLOR="1"))
+            deadline = time.monotonic() + 120
+            while "waiting for the previous make stop" not in (root / "make.out").read_text() and time.monotonic() < deadline:
+                assert demo.poll() is None, (root / "make.out").read_text()
+                time.sleep(0.2)
+            time.sleep(1)
+            assert demo.poll() is None and "PLAY" not in (root / "make.out").read_text()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            demo.wait(timeout=300)
+            output = (root / "make.out").read_text()
+        assert demo.returncode != 0, output[-3000:]
+        # Named: the variable, the port, the process (pid and command line); nothing was made.
+        held = f"VMM_PORT (dstack_vmm_listen): port {ports['vmm']}/tcp on 127.0.0.1 is held by pid {server.pid} " \
+               f"({sys.executable} -m http.server {ports['vmm']} --bind 127.0.0.1)"
+        assert held in " ".join(output.split()), output[-3000:]
+        assert sorted(p.name for p in root.iterdir()) == sorted(before + ["stop.lock", "make.out"])
+        assert "dstack.tee.kms" not in output
+    finally:
+        stop_process_group(server)
