@@ -12,12 +12,14 @@ line in the middle would leave the lines before it applied.
 
 Errors are DstackError(field, reason) naming the field; no private key appears in any of them.
 pyroute2 (links, addresses, namespaces) and cryptography (keys) are optional for importers:
-callers check HAS_PYROUTE2 / HAS_CRYPTOGRAPHY, and the functions that need them say so.
+callers check HAS_PYROUTE2 / HAS_CRYPTOGRAPHY, and the functions that need them say so (and
+import pyroute2 then).
 """
 
 import base64
 import binascii
 import errno
+import importlib.util
 import ipaddress
 import os
 import re
@@ -39,14 +41,10 @@ except ImportError:  # reported by callers through HAS_CRYPTOGRAPHY
 else:
     HAS_CRYPTOGRAPHY = True
 
-try:
-    from pyroute2 import IPRoute, NetNS
-    from pyroute2 import netns as pyroute2_netns
-    from pyroute2.netlink.exceptions import NetlinkError
-except ImportError:  # reported by callers through HAS_PYROUTE2
-    HAS_PYROUTE2 = False
-else:
-    HAS_PYROUTE2 = True
+# pyroute2 is imported on first use (_require_pyroute2): it takes ~0.2 s, paid at every start of
+# the guest agent and the gateway, most of which never touch a link.
+HAS_PYROUTE2 = importlib.util.find_spec("pyroute2") is not None
+IPRoute = NetNS = pyroute2_netns = NetlinkError = None
 
 UAPI_SOCKET_DIR = "/var/run/wireguard"
 # dstack's CVM side: dstack-wg0 listens on UDP 9182; each gateway peer keeps the tunnel open.
@@ -71,8 +69,13 @@ def _require_cryptography():
 
 
 def _require_pyroute2():
+    global IPRoute, NetNS, pyroute2_netns, NetlinkError
     if not HAS_PYROUTE2:
         raise DstackError("pyroute2", "the pyroute2 package is not installed")
+    if IPRoute is None:
+        from pyroute2 import IPRoute, NetNS  # pylint: disable=import-outside-toplevel,redefined-outer-name
+        from pyroute2 import netns as pyroute2_netns  # pylint: disable=import-outside-toplevel,redefined-outer-name
+        from pyroute2.netlink.exceptions import NetlinkError  # pylint: disable=import-outside-toplevel,redefined-outer-name
 
 
 def _redact(text):
