@@ -522,7 +522,7 @@ def cmd_run(args):
         raise
     finally:
         os.close(ready_w)
-    runner = boot = None
+    runner = boot = following = None
     stopping = {"now": False}
     agent = os.getpid()
 
@@ -543,6 +543,7 @@ def cmd_run(args):
     try:
         from ansible_collections.dstack.tee.agents.guest.boot import Boot  # pylint: disable=import-outside-toplevel
         from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
+        from ansible_collections.dstack.tee.agents.guest import container_logs  # pylint: disable=import-outside-toplevel
         project = compose_project(args, ctx)
         runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine, netns=args.netns)
         boot = Boot(ctx, runner=runner, sockets={"dstack": os.path.abspath(args.socket),
@@ -551,6 +552,9 @@ def cmd_run(args):
                     before_containers=lambda: _wait_ready(ready_r, children["serve"]))
         boot.run()
         _say(f"booted: app_id {boot.app_id}, instance_id {boot.instance_id}, compose_hash {boot.compose_hash}")
+        # The containers' output on this console (stdout), `web-1  | line`: the VMM's /logs shows it.
+        if args.engine != "none":
+            following = container_logs.start_following(runner, sys.stdout.buffer)
     except DstackError:
         if boot is not None:
             boot.close()
@@ -564,6 +568,8 @@ def cmd_run(args):
         os.close(ready_r)
     name, code = _wait_any(children)
     _stop(children)
+    if following is not None:
+        following.stop()
     runner.down()
     boot.close()
     if netns_ports:

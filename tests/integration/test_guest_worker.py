@@ -466,6 +466,9 @@ def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, b
         os.killpg(agent.pid, signal.SIGTERM)
         assert agent.wait(timeout=120) == 0, agent.stderr.read()
         _refused("127.0.0.1", host_port)
+        # The container's own output on the agent's console (what the VMM's /logs shows), prefixed
+        # with its compose name as docker compose prints it.
+        assert "web-1  | started-in-the-cvm" in agent.stdout.read()
 
 
 def _eventually(call, timeout=30):
