@@ -277,6 +277,11 @@ function openLogs(vm) {
   logsVm = vm;
   $("logs-name").textContent = vm.name;
   $("logs-text").textContent = "";
+  // The compose's services (GetInfo/Status `services`): the containers' lines of one of them.
+  const service = $("logs-service");
+  service.replaceChildren(el("option", { value: "", textContent: "all" }),
+    ...(vm.services || []).map((name) => el("option", { value: name, textContent: name })));
+  service.disabled = $("logs-channel").value !== "stdout";
   $("logs-panel").hidden = false;
   loadLogs();
   $("logs-panel").scrollIntoView({ block: "nearest" });
@@ -295,10 +300,11 @@ async function loadLogs() {
   const pre = $("logs-text");
   try {
     const lines = Math.min(Math.max(parseInt($("logs-lines").value, 10) || 200, 1), 10000);
+    const ch = $("logs-channel").value;  // the containers' lines (and so a service's) are on stdout
     // POST with a JSON body, as every VMM call: the VMM answers no GET a cross-site page could forge.
     const res = await authedFetch("logs", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ id: vm.id, ch: $("logs-channel").value, lines }),
+      body: JSON.stringify({ id: vm.id, ch, lines, service: ch === "stdout" && $("logs-service").value || undefined }),
     });
     if (!res.ok) throw new ApiError(`logs: ${await errorOf(res)}`);
     const text = await res.text();
@@ -318,7 +324,11 @@ $("logs-form").addEventListener("submit", (event) => {
   event.preventDefault();
   loadLogs();
 });
-$("logs-channel").addEventListener("change", loadLogs);
+$("logs-channel").addEventListener("change", () => {
+  $("logs-service").disabled = $("logs-channel").value !== "stdout";
+  loadLogs();
+});
+$("logs-service").addEventListener("change", loadLogs);
 $("logs-close").addEventListener("click", closeLogs);
 
 // ---- deploy -------------------------------------------------------------------------------------
