@@ -26,8 +26,8 @@ from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from conftest import ROOT, free_port, needs_podman
-from test_vmm import COMPOSE, OS_IMAGE, stack  # noqa: F401  pylint: disable=unused-import
+from conftest import IMAGE, ROOT, free_port, needs_podman
+from test_vmm import OS_IMAGE, stack  # noqa: F401  pylint: disable=unused-import
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -35,6 +35,17 @@ ARTIFACTS = ROOT / "test-artifacts" / "vmm-ui"
 STATIC = ROOT / "agents" / "vmm" / "static"
 TOKEN = "s3cret-token"
 GREETING = "hello-from-the-ui \u00e9\u2713"
+# test_vmm's app, saying something of its own on its stdout (what the Logs view shows) and naming
+# its requests on its stderr (httpd -vv).
+COMPOSE = f"""services:
+  web:
+    image: {IMAGE}
+    command: ["/bin/sh", "-c", "echo web is up, serving its greeting; mkdir -p /www && echo \\"$$GREETING\\" > /www/index.html && env > /www/env.txt && exec httpd -f -vv -p 80 -h /www"]
+    ports:
+      - "8080:80"
+    environment:
+      GREETING: ${{GREETING}}
+"""
 # The browser flags of machine-recipes.md ("Browsers"); --user-data-dir is added per run.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--window-size=1400,1600")
@@ -435,16 +446,29 @@ def test_deploy_watch_logs_stop_remove_through_the_page(short_tmp, stack, ui_url
     served_env = _get(f"http://127.0.0.1:{port}/env.txt")
     assert f"GREETING={GREETING}" in served_env and "NOT_DECLARED" not in served_env
 
-    # Logs: the guest agent writes to stderr; the page shows the file's tail.
+    # Logs: the app's container's own output, on stdout (the default channel), each line named by
+    # its service's container as docker compose names it; the guest agent's own log on stderr.
     page.find(f"{row} .vm-logs").click()
     page.wait("the logs", lambda: page.js("return document.getElementById('logs-text').dataset.loaded"))
-    assert page.text("#logs-name") == "ui-test"
+    assert page.text("#logs-name") == "ui-test" and page.find("#logs-channel").get_attribute("value") == "stdout"
+    page.wait("the container's line", lambda: "web-1  | web is up, serving its greeting\n" in page.text("#logs-text"))
+    # Its requests come in as they are made: the page refreshes every 2 s.
+    _get(f"http://127.0.0.1:{port}/env.txt")
+    page.wait("the container's later line", lambda: re.search(r"^web-1  \| .*url:/env\.txt$", page.text("#logs-text"), re.M))
+    assert [o.get_attribute("value") for o in page.finds("#logs-service option")] == ["", "web"]
+    page.set_value("#logs-service", "web")
+    page.wait("one service's lines", lambda: page.js("return document.getElementById('logs-text').dataset.loaded")
+              and all(line.startswith("web-1  | ") for line in page.text("#logs-text").splitlines()))
+    assert "web-1  | web is up, serving its greeting" in page.text("#logs-text")
+    assert GREETING not in page.text("#logs-text")  # the app did not print it: the logs do not either
+    page.shot("07-container-logs")
     page.set_value("#logs-channel", "stderr")
+    assert page.find("#logs-service").get_attribute("disabled") is not None
     stderr_log = (tmp_path / "run" / vm["id"] / "stderr.log").read_text()
     first_line = stderr_log.splitlines()[0]
     page.wait("the stderr log", lambda: first_line in page.text("#logs-text"))
-    assert GREETING not in page.text("#logs-text")
-    page.shot("07-logs")
+    assert GREETING not in page.text("#logs-text") and "web-1  |" not in page.text("#logs-text")
+    page.shot("08-agent-logs")
 
     # Stop: the status changes, the app stops answering.
     page.find(f"{row} .vm-stop").click()
@@ -453,17 +477,17 @@ def test_deploy_watch_logs_stop_remove_through_the_page(short_tmp, stack, ui_url
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)  # pylint: disable=consider-using-with
     assert page.find(f"{row} .vm-start").is_enabled() and not page.find(f"{row} .vm-stop").is_enabled()
-    page.shot("08-stopped")
+    page.shot("09-stopped")
 
     # Remove, after a confirming second click: the row goes, and so does the VM.
     page.find(f"{row} .vm-remove").click()
     assert page.find(f"{row} .vm-remove").text == "Confirm remove"
-    page.shot("09-confirm-remove")
+    page.shot("10-confirm-remove")
     page.find(f"{row} .vm-remove").click()
     page.wait("the removal", lambda: not page.finds(row) and page.visible("#vm-empty"))
     assert vmm.client().call("Status")["vms"] == [] and not (tmp_path / "run" / vm["id"]).exists()
     assert not page.visible("#logs-panel")
-    page.shot("10-removed")
+    page.shot("11-removed")
 
     assert _console_problems(page, secrets=(GREETING, "dropped", TOKEN)) == []
 
