@@ -47,20 +47,18 @@ import threading
 import time
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from Crypto.Hash import keccak as pycryptodome_keccak
 from flask import Flask
 
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
 from ansible_collections.dstack.tee.agents.wsgi import add_prpc_routes, install_json_errors
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, eventlog, kdf, tdx, tdx_quote
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, eventlog, kdf, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, ratls_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.signatures import SIGN_ALGORITHMS, keccak, sign_data, verify_data
 
 MAX_REQUEST_BYTES = 1024 * 1024
 REV = "dstack.tee"
@@ -76,15 +74,9 @@ MAX_NAME_LENGTH = 256
 # GetKey / DeriveK256Key algorithms as dstack reads them: "" and the prehashed variant are secp256k1 keys.
 KEY_ALGORITHMS = {"": "secp256k1", "secp256k1": "secp256k1", "k256": "secp256k1",
                   "secp256k1_prehashed": "secp256k1", "ed25519": "ed25519"}
-SIGN_ALGORITHMS = ("ed25519", "secp256k1", "secp256k1_prehashed")
 DEFAULT_TAPPD_HASH = "sha512"
 DEFAULT_TAPPD_PREFIX = "app-data"
-SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 log = logging.getLogger("dstack.guest")
-
-
-def _keccak(bits):
-    return lambda data: pycryptodome_keccak.new(digest_bits=bits, data=data).digest()
 
 
 TAPPD_HASHES = {
@@ -94,9 +86,9 @@ TAPPD_HASHES = {
     "sha3-256": lambda data: hashlib.sha3_256(data).digest(),
     "sha3-384": lambda data: hashlib.sha3_384(data).digest(),
     "sha3-512": lambda data: hashlib.sha3_512(data).digest(),
-    "keccak256": _keccak(256),
-    "keccak384": _keccak(384),
-    "keccak512": _keccak(512),
+    "keccak256": lambda data: keccak(data, 256),
+    "keccak384": lambda data: keccak(data, 384),
+    "keccak512": lambda data: keccak(data, 512),
 }
 
 
@@ -157,62 +149,13 @@ def tappd_report_data(data, hash_algorithm="", prefix=""):
     """Tappd TdxQuote report_data: HASH(prefix ":" data) zero-padded to 64 bytes, or raw 64 bytes."""
     algorithm = hash_algorithm or DEFAULT_TAPPD_HASH
     if algorithm == "raw":
-        if len(data) != tdx.REPORT_DATA_SIZE:
+        if len(data) != tdx_quote.REPORT_DATA_SIZE:
             raise DstackError("report_data", f"must be exactly 64 bytes with hash_algorithm raw, got {len(data)}")
         return bytes(data)
     if algorithm not in TAPPD_HASHES:
         raise DstackError("hash_algorithm", f"unknown value {algorithm[:32]!r} (expected raw or one of {', '.join(TAPPD_HASHES)})")
     digest = TAPPD_HASHES[algorithm]((prefix or DEFAULT_TAPPD_PREFIX).encode("utf-8") + b":" + bytes(data))
-    return digest.ljust(tdx.REPORT_DATA_SIZE, b"\x00")
-
-
-# ---- Sign and Verify (the algorithms of dstack's Sign) -------------------------------------------
-
-def _k256_private(key):
-    return ec.derive_private_key(int.from_bytes(key, "big"), ec.SECP256K1())
-
-
-def sign_data(algorithm, key, data):
-    """(signature, public key): ed25519 over data (32-byte key), or secp256k1 ECDSA r||s (low s) over
-    SHA-256(data) or over the 32-byte digest itself (secp256k1_prehashed), SEC1-compressed key."""
-    if algorithm == "ed25519":
-        private = ed25519.Ed25519PrivateKey.from_private_bytes(key)
-        return private.sign(data), private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    private = _k256_private(key)
-    mode = ec.ECDSA(Prehashed(hashes.SHA256())) if algorithm == "secp256k1_prehashed" else ec.ECDSA(hashes.SHA256())
-    r_value, s_value = decode_dss_signature(private.sign(data, mode))
-    s_value = min(s_value, SECP256K1_ORDER - s_value)
-    public = private.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
-    return r_value.to_bytes(32, "big") + s_value.to_bytes(32, "big"), public
-
-
-def verify_data(algorithm, data, signature, public_key):
-    """True when `signature` is a valid signature of `data` under `public_key` (see sign_data)."""
-    if algorithm == "ed25519":
-        if len(public_key) != 32:
-            raise DstackError("public_key", f"must be 32 bytes for ed25519, got {len(public_key)}")
-        if len(signature) != 64:
-            raise DstackError("signature", f"must be 64 bytes for ed25519, got {len(signature)}")
-        try:
-            ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
-    try:
-        public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), public_key)
-    except ValueError:
-        raise DstackError("public_key", "is not a SEC1 secp256k1 public key (33 or 65 bytes)") from None
-    if len(signature) not in (64, 65):
-        raise DstackError("signature", f"must be 64 bytes r||s (or 65 with a recovery id), got {len(signature)}")
-    if algorithm == "secp256k1_prehashed" and len(data) != 32:
-        raise DstackError("data", f"secp256k1_prehashed verifies a 32-byte digest, got {len(data)} bytes")
-    mode = ec.ECDSA(Prehashed(hashes.SHA256())) if algorithm == "secp256k1_prehashed" else ec.ECDSA(hashes.SHA256())
-    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big"))
-    try:
-        public.verify(der, data, mode)
-    except InvalidSignature:
-        return False
-    return True
+    return digest.ljust(tdx_quote.REPORT_DATA_SIZE, b"\x00")
 
 
 # ---- certificates -------------------------------------------------------------------------------
@@ -270,7 +213,7 @@ class GuestApi:
 
     def _quote(self, report_data):
         """(quote, event log JSON text, padded report_data) from the TEE."""
-        padded = tdx.pad_report_data(report_data)
+        padded = tdx_quote.pad_report_data(report_data)
         quote, event_log = _server(self.ctx.quote, padded)
         return quote, event_log, padded
 
@@ -389,8 +332,6 @@ class GuestApi:
 
     def sign(self, params):
         algorithm, data = _sign_algorithm(params), _hex(params, "data")
-        if algorithm == "secp256k1_prehashed" and len(data) != 32:
-            raise DstackError("data", f"secp256k1_prehashed signs a 32-byte digest, got {len(data)} bytes")
         key, chain = self._derive("vms", "signing", KEY_ALGORITHMS[algorithm])
         signature, public_key = sign_data(algorithm, key, data)
         return {"signature": signature.hex(), "signature_chain": [signature.hex()] + [s.hex() for s in chain],

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
-from ansible_collections.dstack.tee.plugins.module_utils import eventlog, tdx
+from ansible_collections.dstack.tee.plugins.module_utils import eventlog, tdx, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_json, read_text
 
@@ -140,7 +140,7 @@ class GuestContext:
 
     def quote(self, report_data):
         """(quote bytes, event log JSON text) for report_data (at most 64 bytes), taken together."""
-        padded = tdx.pad_report_data(report_data)
+        padded = tdx_quote.pad_report_data(report_data)
         with self.events_locked():
             quote = self.provider.get_quote(padded)
             return quote, json.dumps(self.event_log())

@@ -16,16 +16,12 @@ import re
 
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.signatures import keccak
 
 try:
     import yaml
 except ImportError:  # PyYAML comes with ansible-core; reported by callers when missing
     yaml = None
-
-try:
-    from eth_hash.auto import keccak as _keccak
-except ImportError:  # only mrconfigid v2 needs it
-    _keccak = None
 
 KEY_PROVIDERS = ("none", "kms", "local", "tpm")
 # The kind byte of mrconfigid v2 (dstack-reference 2.5).
@@ -116,14 +112,12 @@ def mrconfigid_v1(compose_hash_hex):
 
 def mrconfigid_v2(compose_hash_hex, app_id, key_provider, key_provider_id):
     """48 bytes: 0x02 || keccak256(compose_hash || app_id || kind byte || key_provider_id) || zeros."""
-    if _keccak is None:
-        raise DstackError("mrconfigid", "needs the eth-hash package with a keccak backend")
     if key_provider not in KEY_PROVIDER_KIND_BYTE:
         raise DstackError("key_provider", _unknown(key_provider, KEY_PROVIDERS))
-    digest = _keccak(parse_hex(compose_hash_hex, "compose_hash", length=32)
-                     + parse_hex(app_id, "app_id", length=20)
-                     + bytes([KEY_PROVIDER_KIND_BYTE[key_provider]])
-                     + parse_hex(key_provider_id or "", "key_provider_id", allow_empty=True))
+    digest = keccak(parse_hex(compose_hash_hex, "compose_hash", length=32)
+                    + parse_hex(app_id, "app_id", length=20)
+                    + bytes([KEY_PROVIDER_KIND_BYTE[key_provider]])
+                    + parse_hex(key_provider_id or "", "key_provider_id", allow_empty=True))
     return (b"\x02" + digest).ljust(48, b"\x00")
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ansible_collections.dstack.tee.plugins.module_utils import eventlog, json_limits, tdx_quote
-from ansible_collections.dstack.tee.plugins.module_utils.tdx import pad_report_data
+from ansible_collections.dstack.tee.plugins.module_utils.tdx_quote import pad_report_data
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_text
 from ansible_collections.dstack.tee.plugins.module_utils.intel_root_ca import (

@@ -19,7 +19,8 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 
 DSTACK_EVENT_TYPE = 0x08000001
 RTMR3 = 3
-INIT_MR = bytes(48)
+RTMR_SIZE = 48
+INIT_MR = bytes(RTMR_SIZE)
 # What states the app's identity. Read only from the events before boot-mr-done, each exactly
 # once: after boot-mr-done the app could add events of its own (EmitEvent), so no identity may be
 # taken from there.
@@ -54,10 +55,23 @@ def event_digest(name, payload, version=1):
     raise DstackError("event_log_version", f"unknown version {version!r} (expected 1 or 2)")
 
 
+def check_rtmr_args(index, digest):
+    """What an RTMR extension takes, for every TEE provider: an index 0 to 3 and a SHA-384 digest."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 3:
+        raise DstackError("rtmr", f"index must be 0 to 3, got {index!r}")
+    _check_digest(digest)
+
+
+def _check_digest(digest):
+    if not isinstance(digest, (bytes, bytearray)):
+        raise DstackError("digest", f"must be bytes, not {type(digest).__name__}")
+    if len(digest) != RTMR_SIZE:
+        raise DstackError("digest", f"must be {RTMR_SIZE} bytes (SHA-384), got {len(digest)}")
+
+
 def extend(mr, digest):
     """One RTMR extend: SHA-384(mr || digest)."""
-    if len(digest) != 48:
-        raise DstackError("digest", f"must be 48 bytes, got {len(digest)}")
+    _check_digest(digest)
     return hashlib.sha384(bytes(mr) + bytes(digest)).digest()
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.signatures import keccak
 
 try:
     from cryptography.hazmat.primitives import hashes, serialization
@@ -25,7 +26,6 @@ else:
     HAS_CRYPTOGRAPHY = True
 
 try:
-    from eth_hash.auto import keccak as _keccak
     from eth_keys import keys as _eth_keys
     from eth_keys.exceptions import BadSignature, ValidationError
 except ImportError:  # reported by callers through HAS_ETH_KEYS
@@ -80,7 +80,7 @@ def derive_dh_secret(parent, context):
 # ---- secp256k1 --------------------------------------------------------------------------------
 
 def keccak256(data):
-    return _keccak(data)
+    return keccak(data, 256)
 
 
 def k256_public_key(secret, compressed=True):

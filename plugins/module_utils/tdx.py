@@ -20,32 +20,13 @@ import uuid
 
 from ansible_collections.dstack.tee.plugins.module_utils import eventlog
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.eventlog import RTMR_SIZE, check_rtmr_args
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes
+from ansible_collections.dstack.tee.plugins.module_utils.tdx_quote import pad_report_data
 
 TSM_REPORT_DIR = "/sys/kernel/config/tsm/report"
 TDX_MEASUREMENTS_DIR = "/sys/devices/virtual/misc/tdx_guest/measurements"
-REPORT_DATA_SIZE = 64
-RTMR_SIZE = 48
 PROVIDERS = ("auto", "tdx", "sim")
-
-
-def pad_report_data(report_data):
-    """report_data as the quote holds it: the caller's bytes (at most 64), right-padded with zeros."""
-    if not isinstance(report_data, (bytes, bytearray)):
-        raise DstackError("report_data", f"must be bytes, not {type(report_data).__name__}")
-    data = bytes(report_data)
-    if len(data) > REPORT_DATA_SIZE:
-        raise DstackError("report_data", f"is {len(data)} bytes; at most {REPORT_DATA_SIZE} are allowed")
-    return data.ljust(REPORT_DATA_SIZE, b"\x00")
-
-
-def check_rtmr_args(index, digest):
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 3:
-        raise DstackError("rtmr", f"index must be 0 to 3, got {index!r}")
-    if not isinstance(digest, (bytes, bytearray)):
-        raise DstackError("digest", f"must be bytes, not {type(digest).__name__}")
-    if len(digest) != RTMR_SIZE:
-        raise DstackError("digest", f"must be {RTMR_SIZE} bytes (SHA-384), got {len(digest)}")
 
 
 class TdxProvider:

@@ -41,6 +41,7 @@ import struct
 from dataclasses import dataclass, field, fields, replace
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.signatures import P256_ORDER, low_s
 
 TEE_TYPE_TDX = 0x81
 TEE_TYPE_SGX = 0x00
@@ -52,7 +53,7 @@ BODY_TYPE_TD15 = 3
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 TD_ATTRIBUTES_DEBUG = 0x01  # bit 0 of td_attributes: a debug TD, whose memory the host can read
 MAX_QUOTE_SIZE = 64 * 1024
-P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+REPORT_DATA_SIZE = 64
 IDENTITY_DOMAIN = b"dstack.tee TDX quote identity v1\x00"
 PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 PEM_END = b"-----END CERTIFICATE-----"
@@ -165,6 +166,16 @@ class SgxReportBody(_Struct):
     isv_svn: bytes = _zeros(2)
     reserved4: bytes = _zeros(60)
     report_data: bytes = _zeros(64)
+
+
+def pad_report_data(report_data):
+    """report_data as the quote holds it: the caller's bytes (at most 64), right-padded with zeros."""
+    if not isinstance(report_data, (bytes, bytearray)):
+        raise DstackError("report_data", f"must be bytes, not {type(report_data).__name__}")
+    data = bytes(report_data)
+    if len(data) > REPORT_DATA_SIZE:
+        raise DstackError("report_data", f"is {len(data)} bytes; at most {REPORT_DATA_SIZE} are allowed")
+    return data.ljust(REPORT_DATA_SIZE, b"\x00")
 
 
 @dataclass
@@ -292,8 +303,7 @@ def quote_identity(quote):
 
 def _low_s(signature):
     """A raw r || s P-256 signature with s replaced by min(s, n - s): (r, s) and (r, n - s) both verify."""
-    s_value = int.from_bytes(signature[32:], "big") % P256_ORDER
-    return signature[:32] + min(s_value, (P256_ORDER - s_value) % P256_ORDER).to_bytes(32, "big")
+    return signature[:32] + low_s(int.from_bytes(signature[32:], "big"), P256_ORDER).to_bytes(32, "big")
 
 
 def _der_sequence(data, offset, what):

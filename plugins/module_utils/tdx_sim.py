@@ -42,18 +42,18 @@ import time
 from contextlib import contextmanager
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.eventlog import check_rtmr_args, extend
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes
-from ansible_collections.dstack.tee.plugins.module_utils.tdx import check_rtmr_args, pad_report_data
+from ansible_collections.dstack.tee.plugins.module_utils.signatures import raw_ecdsa_signature
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_quote import (
     CERT_TYPE_PCK_CHAIN, TD_ATTRIBUTES_DEBUG, QeCertificationData, Quote, QuoteError, QuoteHeader, SgxReportBody,
-    TdReport10, parse_quote)
+    TdReport10, pad_report_data, parse_quote)
 
 try:
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
     from cryptography.x509.oid import NameOID
 except ImportError:  # reported by callers through HAS_CRYPTOGRAPHY
     HAS_CRYPTOGRAPHY = False
@@ -190,12 +190,6 @@ def sgx_extension(ppid, fmspc, cpu_svn=CPU_SVN, pce_svn=PCE_SVN, pce_id=PCE_ID, 
 
 
 # --- keys, certificates, signatures ---
-
-def _raw_signature(key, data):
-    """ECDSA P-256 / SHA-256 as DCAP carries it: r || s, 32 bytes each, big-endian."""
-    r_value, s_value = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-    return r_value.to_bytes(32, "big") + s_value.to_bytes(32, "big")
-
 
 def _name(common_name):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
@@ -503,10 +497,10 @@ class SimTdx:
             "pck_crl": _crl(self._certs["pck-ca"], self._keys["pck-ca"], _dt(issued), _dt(expires)).hex(),
             "tcb_info_issuer_chain": tcb_chain,
             "tcb_info": tcb_info,
-            "tcb_info_signature": _raw_signature(signer, tcb_info.encode()).hex(),
+            "tcb_info_signature": raw_ecdsa_signature(signer, tcb_info.encode()).hex(),
             "qe_identity_issuer_chain": tcb_chain,
             "qe_identity": qe_identity,
-            "qe_identity_signature": _raw_signature(signer, qe_identity.encode()).hex(),
+            "qe_identity_signature": raw_ecdsa_signature(signer, qe_identity.encode()).hex(),
         }
 
     def collateral_json(self, **kw):
@@ -576,9 +570,9 @@ class SimTdx:
             isv_svn=QE_ISV_SVN.to_bytes(2, "little"),
             report_data=hashlib.sha256(attestation_key + QE_AUTH_DATA).digest().ljust(64, b"\x00"))
         certification = QeCertificationData(
-            qe_report=qe_report, qe_report_signature=_raw_signature(self._keys["pck"], qe_report.to_bytes()),
+            qe_report=qe_report, qe_report_signature=raw_ecdsa_signature(self._keys["pck"], qe_report.to_bytes()),
             qe_auth_data=QE_AUTH_DATA, cert_type=CERT_TYPE_PCK_CHAIN, cert_data=self.pck_chain_pem)
-        signature = _raw_signature(self._keys["attestation"], header.to_bytes() + report.to_bytes())
+        signature = raw_ecdsa_signature(self._keys["attestation"], header.to_bytes() + report.to_bytes())
         return Quote(header, report, signature, attestation_key, certification).to_bytes()
 
     # --- RTMRs ---
@@ -593,7 +587,7 @@ class SimTdx:
         check_rtmr_args(index, digest)
         with _locked(self._rtmr_lock(), fcntl.LOCK_EX):
             state = self._read_state()
-            state[f"rtmr{index}"] = hashlib.sha384(state[f"rtmr{index}"] + bytes(digest)).digest()
+            state[f"rtmr{index}"] = extend(state[f"rtmr{index}"], digest)
             self._write_state(state)
 
     def _read_state(self):
