@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 
-from ansible_collections.dstack.tee.agents.kms import root_keys
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
@@ -40,7 +40,12 @@ GREETING = "hello-from-the-ui \u00e9\u2713"
 COMPOSE = f"""services:
   web:
     image: {IMAGE}
-    command: ["/bin/sh", "-c", "echo web is up, serving its greeting; mkdir -p /www && echo \\"$$GREETING\\" > /www/index.html && env > /www/env.txt && exec httpd -f -vv -p 80 -h /www"]
+    command:
+      - /bin/sh
+      - -c
+      - >-
+        echo web is up, serving its greeting; mkdir -p /www && echo "$$GREETING" > /www/index.html
+        && env > /www/env.txt && exec httpd -f -vv -p 80 -h /www
     ports:
       - "8080:80"
     environment:
