@@ -290,9 +290,10 @@ def validate(app_compose):
 
 # An app folder's app.yml: every app-compose field a deployer sets (all but name, which app.yml
 # gives as `name`, and the compose text), plus what roles/app reads itself: `name` (the app's and
-# its CVM's name) and `ports` (the VM's port map). Anything else is refused, naming it.
+# its CVM's name), `ports` (the VM's port map) and `images` (shipped to the VMM host: app_folder).
+# Anything else is refused, naming it.
 APP_YML_FIELDS = tuple(f for f in FIELDS if f not in ("name", "docker_compose_file"))
-APP_YML_OWN_KEYS = ("name", "ports")
+APP_YML_OWN_KEYS = ("name", "ports", "images")
 
 
 def app_yml_options(text, field="app.yml"):
@@ -309,7 +310,7 @@ def app_yml_options(text, field="app.yml"):
         raise DstackError(field, "must be a YAML mapping of app options")
     unknown = sorted(str(k) for k in spec if k not in APP_YML_FIELDS and k not in APP_YML_OWN_KEYS)
     if unknown:
-        raise DstackError(unknown[0], f"in {field} is not an app-compose field (nor name or ports)")
+        raise DstackError(unknown[0], f"in {field} is not an app-compose field (nor name, ports or images)")
     name = spec.get("name")
     if name is not None and not isinstance(name, str):
         raise DstackError(field, "its name must be a string")

@@ -2,7 +2,7 @@
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """An app folder (deploy-app.yml's `-e app_dir`): docker-compose.yaml, an optional app.yml (the app's
-name, its port map and its app-compose fields) and an optional secrets.env.
+name, its port map, its images and its app-compose fields) and an optional secrets.env.
 
 The one reading of a folder: dstack.tee.app_check reads it for roles/app before anything is
 changed, and verify_app computes the compose_hash a deployment of it has. Every error names the
@@ -13,7 +13,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field as dataclass_field
 
-from ansible_collections.dstack.tee.plugins.module_utils import app_compose, env_crypt, fileio
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose, env_crypt, fileio, image_archive
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 COMPOSE_FILE = "docker-compose.yaml"
@@ -26,12 +26,15 @@ PROTOCOLS = ("tcp", "udp")
 class AppFolder:
     """What a deployment of the folder runs. app_compose is checked (app_compose.build); ports are
     the VMM's port map entries {protocol, host_port, vm_port, host_address}; secrets is the path of
-    secrets.env, "" when the folder has none."""
+    secrets.env, "" when the folder has none; images are app.yml's images entries, each
+    {entry, archive} (an absolute path, not read here: see image_list) or {entry, name}, entry
+    naming it as errors do ("/app/app.yml: images[0]")."""
     path: str
     name: str
     app_compose: dict
     ports: list = dataclass_field(default_factory=list)
     secrets: str = ""
+    images: list = dataclass_field(default_factory=list)
 
 
 def read(app_dir, name=None, options=None, host_port=0, field="app_dir"):
@@ -67,12 +70,13 @@ def read(app_dir, name=None, options=None, host_port=0, field="app_dir"):
                                      f"and a name {exc.reason}") from None
         # A field of app.yml: named with its file.
         raise DstackError(f"{yml_path}: {exc.field}", exc.reason) from None
-    ports = port_map(_yaml_ports(yml_text, yml_path), f"{yml_path}: ports")
+    ports = port_map(_yaml_key(yml_text, yml_path, "ports"), f"{yml_path}: ports")
     if host_port:
         ports = _replace_host_port(ports, host_port, yml_path)
+    images = _images(_yaml_key(yml_text, yml_path, "images"), folder, f"{yml_path}: images")
     secrets = os.path.join(folder, SECRETS_FILE)
     return AppFolder(path=folder, name=name, app_compose=app, ports=ports,
-                     secrets=secrets if os.path.isfile(secrets) else "")
+                     secrets=secrets if os.path.isfile(secrets) else "", images=images)
 
 
 def secret_names(app):
@@ -85,11 +89,55 @@ def secret_names(app):
     return [key for key, _value in kept], dropped
 
 
-def _yaml_ports(yml_text, yml_path):
+def _yaml_key(yml_text, yml_path, key):
     if not yml_text.strip():
-        return []
+        return None
     spec = app_compose.load_yaml(yml_text, yml_path)  # parsed before, by app_yml_options
-    return spec.get("ports") if isinstance(spec, dict) else None
+    return spec.get(key) if isinstance(spec, dict) else None
+
+
+def _images(images, folder, field):
+    """app.yml's images checked: a list of {archive: FILE} (relative to the app folder) or
+    {name: IMAGE} (an image in the controller's podman store). The archives are not read here (an
+    outsider verifying the app needs none of them): image_list reads them."""
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        raise DstackError(field, "must be a list of {archive: FILE} or {name: IMAGE}")
+    checked = []
+    for pos, item in enumerate(images):
+        where = f"{field}[{pos}]"
+        if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in ("archive", "name"):
+            raise DstackError(where, "must be {archive: FILE} (an image archive, podman save --format "
+                                     "docker-archive) or {name: IMAGE} (an image in the controller's podman store)")
+        key, value = next(iter(item.items()))
+        if key == "name":
+            checked.append({"entry": where, "name": image_archive.check_name(value, f"{where}.name")})
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise DstackError(f"{where}.archive", "must be the path of an image archive, relative to the app folder")
+        checked.append({"entry": where, "archive": os.path.normpath(os.path.join(folder, value))})
+    return checked
+
+
+def image_list(app, store=None):
+    """The app's images as roles/app ships them: [{entry, id, names, archive}], each archive read
+    (image_archive.read_archive: its image ID and names) and each name looked up in `store` (an
+    image_archive.PodmanStore: the controller's), its archive then "" (saved when a host lacks it).
+    Raises DstackError naming the app.yml entry."""
+    listed = []
+    for image in app.images:
+        if "archive" in image:
+            found = image_archive.read_archive(image["archive"], f"{image['entry']}.archive")
+            listed.append({"entry": image["entry"], "id": found.id, "names": list(found.names),
+                           "archive": image["archive"]})
+            continue
+        found_id = (store or image_archive.PodmanStore(field=f"{image['entry']}.name")).image_id(image["name"])
+        if found_id is None:
+            raise DstackError(f"{image['entry']}.name", f"{image['name']} is not in the controller's podman store: "
+                                                        "build or load it there, or list its archive instead")
+        listed.append({"entry": image["entry"], "id": found_id, "names": [image["name"]], "archive": ""})
+    return listed
 
 
 def port_map(ports, field="ports"):
