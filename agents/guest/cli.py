@@ -12,15 +12,18 @@
   dstack-guest-agent simulate [--socket PATH] [--tappd-socket PATH] [--state-dir DIR] [--compose FILE]
                               [--name NAME] [--socket-mode 0666]
       a standalone simulator for app developers: a whole simulated CVM whose quotes verify
-      (under the simulated root), with keys from a local KMS root; serves until SIGTERM/SIGINT.
+      (under the simulated root), booted by the real boot (agents/guest/boot.py, no containers
+      started) with a local KMS (module_utils/local_kms.py); serves until SIGTERM/SIGINT.
       Defaults: ./dstack.sock, tappd.sock beside it, state in ./.dstack-sim. State directory:
         tdx-sim/      the simulated TDX platform (SimTdx): its root CA and collateral verify quotes
                       (dstack-verify --sim-state STATE/tdx-sim)
-        kms/          the local KMS root keys (root-ca.key, root-ca.crt, root-k256.key; 0600)
+        kms/          the local KMS root keys (module_utils/root_keys.py's files, as a KMS keeps them)
         config/       the config share: app-compose.json, .sys-config.json
-        work/         the work folder: .appkeys.json (0600), runtime_events.log, instance.json, rtmrs.json
-      Everything is made once and kept; a changed --compose or --name makes a new app (new app id,
-      keys and measurements) on the same simulated platform and KMS.
+        work/         the work folder, as the boot leaves it (.appkeys.json 0600, runtime_events.log,
+                      instance.json, rtmrs.json, boot.json, ...)
+      The platform, the KMS root keys and the instance id are made once and kept; each start is a
+      power-on that boots again (the same measurements and keys). A changed --compose or --name
+      makes a new app (new app id, keys and measurements) on the same simulated platform and KMS.
 
   dstack-guest-agent run --config-dir DIR --work-dir DIR [serve's options] [--project NAME]
                          [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman|none] [--netns NAME]
@@ -54,18 +57,16 @@ import argparse
 import hashlib
 import json
 import os
-import secrets
 import signal
 import sys
 import time
 
 from ansible_collections.dstack.tee.agents.cli_support import run_cli
-from ansible_collections.dstack.tee.agents.guest import measure, server, worker
+from ansible_collections.dstack.tee.agents.guest import server, worker
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
-from ansible_collections.dstack.tee.plugins.module_utils import kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_text
 
 PROG = "dstack-guest-agent"
 SIM_STATE_DIR = ".dstack-sim"
@@ -197,68 +198,57 @@ def add_simulate_arguments(parser):
     parser.add_argument("--name", default=SIM_APP_NAME, help=f"the app name (default {SIM_APP_NAME})")
 
 
-def simulated_cvm(state_dir, compose_text=SAMPLE_COMPOSE, name=SIM_APP_NAME):
-    """(GuestContext, summary): the simulated CVM in state_dir, made or completed as needed."""
-    from ansible_collections.dstack.tee.agents.kms import root_keys  # pylint: disable=import-outside-toplevel
-    from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner, key_provider_id, pem  # pylint: disable=import-outside-toplevel
+def simulated_cvm(state_dir, compose_text=SAMPLE_COMPOSE, name=SIM_APP_NAME, sockets=None):
+    """(GuestContext, summary): the simulated CVM in state_dir, powered on and booted.
+
+    What a VMM and a KMS would do around a CVM, done here: the config share is written (again when
+    the app changed), the local KMS's root keys are made once (state_dir/kms), and the real boot
+    (agents/guest/boot.py: measure, keys, env, containers) runs against that KMS (local_kms) with no
+    container engine. Each call is a power-on: RTMR3 is measured afresh, to the same values and keys
+    for the same app (the instance id seed is kept). `sockets` are the agent's, for the compose file."""
+    # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.guest.boot import Boot
+    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
+    from ansible_collections.dstack.tee.plugins.module_utils import attestation, root_keys
+    from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner
+    from ansible_collections.dstack.tee.plugins.module_utils.local_kms import LocalKmsClient
 
     state_dir = os.path.abspath(state_dir)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     config_dir, work_dir = os.path.join(state_dir, "config"), os.path.join(state_dir, "work")
+    sim_state, kms_dir = os.path.join(state_dir, "tdx-sim"), os.path.join(state_dir, "kms")
     os.makedirs(config_dir, mode=0o755, exist_ok=True)
-    root, created = root_keys.load_or_create(os.path.join(state_dir, "kms"))
+    root, created = root_keys.load_or_create(kms_dir)
     if created:
-        _say(f"made the local KMS root keys in {os.path.join(state_dir, 'kms')}")
+        _say(f"made the local KMS root keys in {kms_dir}")
 
     app_compose_bytes = compose.render(compose.build(compose_text, name, key_provider="kms"))
-    compose_hash = compose.compose_hash(app_compose_bytes)
-    app_id = compose.app_id_for(compose_hash)
-    ctx = GuestContext.open(config_dir, work_dir, tee="sim", sim_state_dir=os.path.join(state_dir, "tdx-sim"),
-                            cert_signer=LocalCertSigner(root.ca_key, root.ca_cert, app_id))
-    same_app = os.path.exists(ctx.paths.app_compose) and ctx.app_compose_bytes() == app_compose_bytes
-    if same_app and ctx.instance().get("app_id") == app_id and any(e.name == "system-ready" for e in ctx.runtime_events()):
-        return ctx, {"app_id": app_id, "compose_hash": compose_hash, "instance_id": ctx.instance().get("instance_id", ""),
-                     "made": False}
-
-    # A new (or half-made) simulated CVM: the boot's work, with the local KMS root as the KMS.
-    atomic_write(ctx.paths.app_compose, app_compose_bytes, mode=0o644)
+    ctx = GuestContext.open(config_dir, work_dir, tee="sim", sim_state_dir=sim_state)
+    made = read_bytes(ctx.paths.app_compose, "app-compose.json", missing_ok=True) != app_compose_bytes
+    if made:
+        atomic_write(ctx.paths.app_compose, app_compose_bytes, mode=0o644)
     atomic_write(ctx.paths.sys_config, json.dumps({"vm_config": json.dumps(SIM_VM_CONFIG, separators=(",", ":"))},
                                                   indent=2).encode(), mode=0o644)
-    ctx.provider.reset_rtmrs(SIM_VM_CONFIG)
-    for path in (ctx.paths.runtime_log, ctx.paths.app_keys):
-        if os.path.exists(path):
-            os.unlink(path)
-    seed = secrets.token_bytes(20).hex()
-    instance_id = compose.instance_id_for(seed, app_id)
-    atomic_write(ctx.paths.instance, json.dumps({"instance_id_seed": seed, "instance_id": instance_id,
-                                                 "app_id": app_id}).encode(), mode=0o600)
-    provider_id = key_provider_id(root.ca_cert)
-    measure.measure_identity(ctx, app_id, compose_hash, instance_id, SIM_OS_IMAGE_HASH, "kms", provider_id)
-    keys = kdf.derive_app_keys(root.ca_key, root.k256_key, app_id, instance_id)
-    ctx.write_app_keys({
-        "disk_crypt_key": keys.disk_crypt_key.hex(), "env_crypt_key": keys.env_crypt_key.hex(),
-        "k256_key": keys.k256_key.hex(), "k256_signature": keys.k256_signature.hex(),
-        "gateway_app_id": "", "tproxy_app_id": "", "ca_cert": pem(root.ca_cert), "os_image_hash": SIM_OS_IMAGE_HASH,
-        "key_provider": {"name": "kms", "id": provider_id},
-    })
-    measure.measure_system(ctx, storage_fs="ext4")
-    return ctx, {"app_id": app_id, "compose_hash": compose_hash, "instance_id": instance_id, "made": True}
+    kms = LocalKmsClient(root, attestation.QuoteTrust({"mode": "simulation", "sim_state_dir": sim_state}, work_dir),
+                         url=f"local:{kms_dir}")
+    boot = Boot(ctx, kms_client=kms, runner=ComposeRunner("dstack-sim", work_dir, engine="none"), sockets=sockets).run()
+    ctx.cert_signer = LocalCertSigner(root.ca_key, root.ca_cert, boot.app_id)
+    return ctx, {"app_id": boot.app_id, "compose_hash": boot.compose_hash, "instance_id": boot.instance_id,
+                 "made": made}
 
 
 def cmd_simulate(args):
-    compose_text = None
-    if args.compose:
-        try:
-            with open(args.compose, encoding="utf-8") as handle:
-                compose_text = handle.read()
-        except OSError as exc:
-            raise DstackError("--compose", f"cannot read {args.compose}: {exc.strerror}") from None
+    compose_text = read_text(args.compose, "--compose") if args.compose else SAMPLE_COMPOSE
     args.socket = os.path.abspath(args.socket)
     if args.tappd_socket is None:
         args.tappd_socket = os.path.join(os.path.dirname(args.socket), "tappd.sock")
     elif args.tappd_socket:
         args.tappd_socket = os.path.abspath(args.tappd_socket)
-    ctx, summary = simulated_cvm(args.state_dir, compose_text or SAMPLE_COMPOSE, args.name)
+    for path in (args.socket, args.tappd_socket):  # a simulator already serving them: its CVM is left alone
+        if path:
+            server.prepare_socket(path)
+    ctx, summary = simulated_cvm(args.state_dir, compose_text, args.name,
+                                 sockets={"dstack": args.socket, "tappd": args.tappd_socket or ""})
     _say(f"{'made' if summary['made'] else 'reusing'} simulated CVM in {os.path.abspath(args.state_dir)}: "
          f"app_id {summary['app_id']}, compose_hash {summary['compose_hash']}")
 
@@ -568,9 +558,9 @@ def cmd_run(args):
         os.close(ready_r)
     name, code = _wait_any(children)
     _stop(children)
-    if following is not None:
-        following.stop()
     runner.down()
+    if following is not None:  # after down: the containers' last lines too
+        following.stop()
     boot.close()
     if netns_ports:
         netns_ports.close()

@@ -258,15 +258,26 @@ class ComposeRunner:
             next((name for name in names if _service_of(name, self.project) == container), None)
         if found is None:
             raise DstackError("container", f"{container[:64]!r} is not one of this app's containers")
-        cmd = self._engine("logs", "--tail", str(int(tail)))
-        if timestamps:
-            cmd.append("--timestamps")
-        if since is not None:
-            cmd += ["--since", str(int(since))]
-        proc = subprocess.run(cmd + [found], capture_output=True, env=self._env({}), timeout=60, check=False)
+        cmd, env = self.logs_command(found, tail=tail, timestamps=timestamps, since=since)
+        proc = subprocess.run(cmd, capture_output=True, env=env, timeout=60, check=False)
         if proc.returncode != 0:
             raise DstackError("container", f"{self.engine} logs {found} failed: {_last_line(proc.stderr.decode(errors='replace'))}")
         return (proc.stdout + proc.stderr)[-LOG_MAX_BYTES:].decode("utf-8", "replace")
+
+    def logs_command(self, container, tail=None, timestamps=False, since=None, follow=False):
+        """(argv, env) of `<engine> logs` for one container (a name ps() gave). The env is the
+        runner's (its container settings, never the app's values); `logs` reads the container's log
+        file and needs neither the CVM's namespace nor its networks."""
+        argv = self._engine("logs")
+        if follow:
+            argv.append("--follow")
+        if tail is not None:
+            argv += ["--tail", str(int(tail))]
+        if timestamps:
+            argv.append("--timestamps")
+        if since is not None:
+            argv += ["--since", str(since)]
+        return argv + [container], self._env({})
 
     def ps(self):
         """[(container name, status)] of this project's containers."""
@@ -282,16 +293,20 @@ class ComposeRunner:
         return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
 
 
-def _service_of(container, project):
-    """The compose service a container of `project` runs: podman-compose names it
-    <project>_<service>_<n>, docker compose <project>-<service>-<n>; None for another's."""
+def service_and_number(container, project):
+    """(service, n) of a container of `project`: podman-compose names it <project>_<service>_<n>,
+    docker compose <project>-<service>-<n>; (None, None) for another's."""
     for sep in ("_", "-"):
         prefix = project + sep
         if container.startswith(prefix):
             service, _sep, number = container[len(prefix):].rpartition(sep)
             if service and number.isdigit():
-                return service
-    return None
+                return service, number
+    return None, None
+
+
+def _service_of(container, project):
+    return service_and_number(container, project)[0]
 
 
 def scrub(text, secrets):

@@ -28,6 +28,7 @@ import subprocess
 import threading
 import time
 
+from ansible_collections.dstack.tee.agents.guest.compose_runner import service_and_number
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
@@ -119,17 +120,12 @@ class ContainerLogs:
 
     def _follow(self, name):
         since = self._last.get(name)
-        argv = [self.runner.engine, "logs", "--follow", "--timestamps"]
-        if since is not None:
-            argv += ["--since", since[1]]
-        argv.append(name)
         with self._follow_lock:
             if self._stopping.is_set():
                 return
             try:
-                # The runner's env (its container settings, never the app's values); `logs` reads the
-                # container's log file and needs neither the CVM's namespace nor its networks.
-                env = self.runner._env({})  # pylint: disable=protected-access
+                argv, env = self.runner.logs_command(name, timestamps=True, follow=True,
+                                                     since=None if since is None else since[1])
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # pylint: disable=consider-using-with
                                         stderr=subprocess.STDOUT, env=env)
             except OSError as exc:
@@ -141,13 +137,9 @@ class ContainerLogs:
 
     def label_of(self, container):
         """A container's name in the console: <service>-<n> for the project's, else its own name."""
-        project = self.runner.project
-        for sep in ("_", "-"):  # podman-compose: <project>_<service>_<n>; docker compose: <project>-<service>-<n>
-            head = project + sep
-            if container.startswith(head):
-                service, _sep, number = container[len(head):].rpartition(sep)
-                if service and number.isdigit() and service_log.SERVICE_RE.match(service):
-                    return service_log.label(service, number)
+        service, number = service_and_number(container, self.runner.project)
+        if service and service_log.SERVICE_RE.match(service):
+            return service_log.label(service, number)
         return container
 
     def write(self, head, text):
