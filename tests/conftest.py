@@ -164,7 +164,7 @@ def module():
 @pytest.fixture
 def kms_state(tmp_path):
     """A KMS state directory with fresh root keys."""
-    from ansible_collections.dstack.tee.agents.kms import root_keys
+    from ansible_collections.dstack.tee.plugins.module_utils import root_keys
     keys, _created = root_keys.load_or_create(str(tmp_path / "kms"))
     return keys
 

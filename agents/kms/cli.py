@@ -38,9 +38,8 @@ import os
 import sys
 
 from ansible_collections.dstack.tee.agents.cli_support import run_cli
-from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
-from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, guest_client, kdf
+from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, guest_client, kdf, root_keys
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_text
 

@@ -6,11 +6,10 @@ and onboarding (GetKmsKey: the root keys, to an attested KMS replica its auth ba
 import hashlib
 import os
 
-from ansible_collections.dstack.tee.agents.kms import root_keys
 from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
 from ansible_collections.dstack.tee.agents.kms.auth import decide, make_backend
 from ansible_collections.dstack.tee.agents.kms.nonces import NonceStore, mac_key
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits, key_release
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, json_limits, key_release, root_keys
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 MODES = ("production", "simulation")
@@ -40,7 +39,6 @@ class KmsService:
         self.os_image_measurements = os_image_measurements(policy.get("os_image_measurements") or {})
         # Production: an OS image is only as good as the measurements pinned for it (MRTD, RTMR0-2).
         self.require_measurements = bool(policy.get("require_os_image_measurements", self.mode == "production"))
-        self._key_provider_id = None
         self._meta = None
 
     def collateral(self, raw_quote):
@@ -165,19 +163,8 @@ class KmsService:
         nonce, eph = self._release_request(request, "GetAppKey", remote_addr)
         boot, decision, audit = self._attest(request, nonce, key_release.key_release_report_data(nonce, eph),
                                              "GetAppKey", remote_addr)
-        keys = self.keys.app_keys(boot["app_id"], boot["instance_id"])
-        gateway = decision.gateway_app_id or self.gateway_app_id
-        payload = {
-            "disk_crypt_key": keys.disk_crypt_key.hex(),
-            "env_crypt_key": keys.env_crypt_key.hex(),
-            "k256_key": keys.k256_key.hex(),
-            "k256_signature": keys.k256_signature.hex(),
-            "gateway_app_id": gateway,
-            "tproxy_app_id": gateway,
-            "ca_cert": self.keys.ca_cert_pem,
-            "os_image_hash": boot["os_image_hash"],
-            "key_provider": {"name": "kms", "id": self.key_provider_id()},
-        }
+        payload = self.keys.app_key_payload(boot["app_id"], boot["instance_id"], boot["os_image_hash"],
+                                            decision.gateway_app_id or self.gateway_app_id)
         sealed = key_release.seal(payload, nonce, eph)
         self.audit.record(decision="release", reason="", **audit)
         return sealed
@@ -253,9 +240,7 @@ class KmsService:
 
     def key_provider_id(self):
         """The KMS's key-provider id: its root CA public key (SubjectPublicKeyInfo DER), hex."""
-        if self._key_provider_id is None:
-            self._key_provider_id = app_certs.key_provider_id(self.keys.ca_cert)
-        return self._key_provider_id
+        return self.keys.key_provider_id
 
 
 def _vm_config(value):

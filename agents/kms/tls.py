@@ -12,9 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
-
-RPC_KEY = "rpc.key"
-RPC_CERT = "rpc.crt"
+from ansible_collections.dstack.tee.plugins.module_utils.root_keys import RPC_CERT, RPC_KEY
 VALIDITY_DAYS = 365
 
 

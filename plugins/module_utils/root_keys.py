@@ -1,6 +1,9 @@
+# -*- coding: utf-8 -*-
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The KMS root keys: made once, stored 0600, checked on every load, never overwritten.
+"""The KMS root keys: made once, stored 0600, checked on every load, never overwritten. The KMS
+(agents/kms) keeps them in its state directory; `dstack-guest-agent simulate` keeps its local
+KMS's the same way.
 
 Files in the state directory (dstack's names, dstack-reference 5.1):
   root-ca.key              P-256 root CA key, PKCS#8 PEM (0600)
@@ -30,16 +33,21 @@ import os
 import time
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from ansible_collections.dstack.tee.agents.kms import tls
-from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes
+from ansible_collections.dstack.tee.plugins.module_utils.signatures import is_k256_secret
+
+try:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+except ImportError:  # reported by callers through HAS_CRYPTOGRAPHY
+    HAS_CRYPTOGRAPHY = False
+else:
+    HAS_CRYPTOGRAPHY = True
 
 ROOT_CA_KEY = "root-ca.key"
 ROOT_CA_CERT = "root-ca.crt"
@@ -49,10 +57,11 @@ KEY_FILES = (ROOT_CA_KEY, ROOT_CA_CERT, ROOT_K256_KEY)  # also the order they ar
 SECRET_FILES = (ROOT_CA_KEY, ROOT_K256_KEY)
 MANIFEST_FORMAT = "dstack-kms-root-keys/1"
 AUDIT_LOG = "audit.log"
+RPC_KEY = "rpc.key"  # the KMS's HTTPS key and certificate, issued from the root CA (agents/kms/tls.py)
+RPC_CERT = "rpc.crt"
 NONCE_DB_GLOB = "nonces*.sqlite3*"
 CA_VALIDITY_DAYS = 3650
 APP_CACHE_SIZE = 4096  # apps whose derived keys a KMS process keeps in memory
-_SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 log = logging.getLogger("dstack.kms.root_keys")
 
@@ -82,6 +91,11 @@ class RootKeys:
         return self.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
 
     @functools.cached_property
+    def key_provider_id(self):
+        """The key-provider id CVMs measure for this KMS: its root CA public key (SPKI DER), hex."""
+        return app_certs.key_provider_id(self.ca_cert)
+
+    @functools.cached_property
     def _app_cache(self):
         @functools.lru_cache(maxsize=APP_CACHE_SIZE)
         def app_level(app):
@@ -97,6 +111,22 @@ class RootKeys:
         app = parse_hex(app_id, "app_id", length=20)
         return kdf.derive_app_keys(self.ca_scalar, self.k256_key, app, instance_id,
                                    app_level=self._app_cache(app)[:3])
+
+    def app_key_payload(self, app_id, instance_id, os_image_hash, gateway_app_id=""):
+        """GetAppKey's answer before it is sealed: the instance's keys (hex), the root CA, the measured
+        OS image and this KMS as key provider (what a CVM checks against its key-provider event)."""
+        keys = self.app_keys(app_id, instance_id)
+        return {
+            "disk_crypt_key": keys.disk_crypt_key.hex(),
+            "env_crypt_key": keys.env_crypt_key.hex(),
+            "k256_key": keys.k256_key.hex(),
+            "k256_signature": keys.k256_signature.hex(),
+            "gateway_app_id": gateway_app_id,
+            "tproxy_app_id": gateway_app_id,
+            "ca_cert": self.ca_cert_pem,
+            "os_image_hash": os_image_hash,
+            "key_provider": {"name": "kms", "id": self.key_provider_id},
+        }
 
     def env_pubkey_response(self, app_id, now=None):
         """GetAppEnvEncryptPubKey: {public_key, signature, timestamp, signature_v1}, hex bytes.
@@ -166,7 +196,7 @@ def _ca_cert(ca_cert_pem, ca_key, where):
 def _k256(k256, where):
     if len(k256) != 32:
         raise DstackError(where + ROOT_K256_KEY, f"is corrupt: {len(k256)} bytes, expected 32")
-    if not 0 < int.from_bytes(k256, "big") < _SECP256K1_ORDER:
+    if not is_k256_secret(k256):
         raise DstackError(where + ROOT_K256_KEY, "is corrupt: not a valid secp256k1 private key")
     return bytes(k256)
 
@@ -281,7 +311,7 @@ def _check_modes(state_dir):
 def _check_rpc_cert(state_dir, keys, hint):
     """An rpc certificate left in the state directory must come from this root CA: keys from another
     KMS are refused. An unreadable certificate proves nothing either way (it is reissued at start)."""
-    path = os.path.join(state_dir, tls.RPC_CERT)
+    path = os.path.join(state_dir, RPC_CERT)
     try:
         with open(path, "rb") as handle:
             cert = x509.load_pem_x509_certificate(handle.read())
@@ -290,7 +320,7 @@ def _check_rpc_cert(state_dir, keys, hint):
     try:
         cert.verify_directly_issued_by(keys.ca_cert)
     except (ValueError, TypeError, InvalidSignature):
-        raise DstackError(tls.RPC_CERT, f"in {state_dir} was issued by another root CA: these root keys are not "
+        raise DstackError(RPC_CERT, f"in {state_dir} was issued by another root CA: these root keys are not "
                                         f"the ones this KMS served with; {hint}") from None
 
 
@@ -333,7 +363,7 @@ def holds_keys(state_dir):
 def history(state_dir, also=()):
     """The files that prove a state directory held root keys: its manifest, audit log, rpc
     certificate or nonce database (and `also`, e.g. an audit log kept elsewhere)."""
-    names = [os.path.join(state_dir, n) for n in (MANIFEST, AUDIT_LOG, tls.RPC_CERT, tls.RPC_KEY)]
+    names = [os.path.join(state_dir, n) for n in (MANIFEST, AUDIT_LOG, RPC_CERT, RPC_KEY)]
     names += sorted(glob.glob(os.path.join(glob.escape(state_dir), NONCE_DB_GLOB)))
     names += [p for p in also if p]
     return [p for p in dict.fromkeys(names) if os.path.exists(p)]
@@ -416,7 +446,7 @@ def load_or_create(state_dir, also_history=()):
                                        f"{_restore_hint(state_dir)}; a new KMS starts in an empty state directory")
     ca_key = ec.generate_private_key(ec.SECP256R1())
     k256 = os.urandom(32)
-    while not 0 < int.from_bytes(k256, "big") < _SECP256K1_ORDER:  # astronomically unlikely
+    while not is_k256_secret(k256):  # astronomically unlikely
         k256 = os.urandom(32)
     _store(state_dir, RootKeys(ca_key, _self_signed_ca(ca_key), k256), "created")
     return load(state_dir), True

@@ -19,7 +19,7 @@ def test_build_install_and_use(tmp_path):
     tarball = next(tmp_path.glob("dstack-tee-*.tar.gz"))
     with tarfile.open(tarball) as archive:
         names = archive.getnames()
-    assert "plugins/modules/app_compose.py" in names and "agents/kms/root_keys.py" in names
+    assert "plugins/modules/app_compose.py" in names and "agents/kms/service.py" in names
     assert not [n for n in names if n.startswith((".venv", ".git/", ".demo")) or "__pycache__" in n
                 or "node_modules" in n]  # contracts/node_modules (solc, ganache) is ~200 MB of build tools
     assert "contracts/artifacts/DstackKms.json" in names and tarball.stat().st_size < 5 * 1024 * 1024

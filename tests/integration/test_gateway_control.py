@@ -39,7 +39,7 @@ from ansible_collections.dstack.tee.agents.gateway.app import create_admin_app, 
 from ansible_collections.dstack.tee.agents.guest.api import create_app as guest_app  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.boot import Boot  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext  # noqa: E402
-from ansible_collections.dstack.tee.agents.kms import root_keys  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, wireguard  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsCertSigner  # noqa: E402

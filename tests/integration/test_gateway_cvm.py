@@ -40,7 +40,7 @@ from ansible_collections.dstack.tee.agents.guest import gateway_link  # noqa: E4
 from ansible_collections.dstack.tee.agents.guest.boot import Boot, BootFailed  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext  # noqa: E402
-from ansible_collections.dstack.tee.agents.kms import root_keys  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys  # noqa: E402
 from ansible_collections.dstack.tee.agents.vmm.backends.base import VmRecord  # noqa: E402
 from ansible_collections.dstack.tee.agents.vmm.backends.process import ProcessBackend  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard  # noqa: E402

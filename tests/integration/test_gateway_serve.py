@@ -46,7 +46,7 @@ from test_guest_boot import COMPOSE, make_share  # noqa: E402
 from test_kms import make_kms  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway import server  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.store import Store  # noqa: E402
-from ansible_collections.dstack.tee.agents.kms import root_keys  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # noqa: E402

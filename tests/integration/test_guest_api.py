@@ -27,7 +27,7 @@ from conftest import stop_process_group
 from ansible_collections.dstack.tee.agents.guest import cli, server
 from ansible_collections.dstack.tee.agents.guest.api import ATTESTATION_VERSION, TAPPD_HASHES, create_app
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
-from ansible_collections.dstack.tee.agents.kms import root_keys
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, kdf, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import OID_ATTESTATION
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError

@@ -14,7 +14,7 @@ import dstack_sdk
 import pytest
 
 from ansible_collections.dstack.tee.agents.guest import measure
-from ansible_collections.dstack.tee.agents.kms import root_keys
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys
 from ansible_collections.dstack.tee.agents.kms.app import create_app
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose, eventlog, kdf, key_release, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ansible_collections.dstack.tee.agents.kms import root_keys
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, eventlog, key_release, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient, KmsRefused

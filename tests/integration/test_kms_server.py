@@ -112,7 +112,7 @@ def test_corrupt_root_key_refuses_to_start(tmp_path):
 
 def test_env_encrypt_module_fetches_the_key_from_the_kms(kms, tmp_path, module):
     from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
-    from ansible_collections.dstack.tee.agents.kms import root_keys
+    from ansible_collections.dstack.tee.plugins.module_utils import root_keys
     kms.start()
     meta = kms.client().get_meta()
     args = {"env": {"TOKEN": "a-secret-token-value"}, "kms_url": f"https://127.0.0.1:{kms.port}",

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from ansible_collections.dstack.tee.agents.guest.api import create_app as guest_app  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.boot import Boot  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext  # noqa: E402
-from ansible_collections.dstack.tee.agents.kms import root_keys  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import eventlog, kdf, key_release  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsRefused  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import tdx_sim  # noqa: E402

@@ -24,7 +24,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))  # KmsProcess, boot
 
 # pylint: disable=wrong-import-position
-from ansible_collections.dstack.tee.agents.kms import root_keys, tls  # noqa: E402
+from ansible_collections.dstack.tee.agents.kms import tls  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsRefused  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # noqa: E402

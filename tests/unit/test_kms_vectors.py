@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ansible_collections.dstack.tee.agents.kms import root_keys
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys
 from ansible_collections.dstack.tee.agents.kms.nonces import mac_key
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, kdf, key_release
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx

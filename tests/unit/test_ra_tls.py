@@ -1,6 +1,6 @@
 """ra_tls.Verifier, the one RA-TLS certificate verifier: what it accepts and each refusal.
 
-Real parts without a server: KMS root keys (agents/kms/root_keys.py), app CAs and leaves made as
+Real parts without a server: KMS root keys (module_utils/root_keys.py), app CAs and leaves made as
 the KMS's SignCert makes them (app_certs), quotes from the simulated TDX over a measured boot,
 and the verifier's QuoteTrust under the simulator's root. Every refusal below has its control:
 the same certificate with the one thing changed back passes (test_a_genuine_certificate_passes).
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 # pylint: disable=wrong-import-position
 from test_kms import COMPOSE_HASH, OS_IMAGE, boot  # noqa: E402
-from ansible_collections.dstack.tee.agents.kms import root_keys  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import root_keys  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, eventlog, ra_tls  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # noqa: E402
