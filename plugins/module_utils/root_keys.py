@@ -313,9 +313,8 @@ def _check_rpc_cert(state_dir, keys, hint):
     KMS are refused. An unreadable certificate proves nothing either way (it is reissued at start)."""
     path = os.path.join(state_dir, RPC_CERT)
     try:
-        with open(path, "rb") as handle:
-            cert = x509.load_pem_x509_certificate(handle.read())
-    except (OSError, ValueError):
+        cert = x509.load_pem_x509_certificate(read_bytes(path, RPC_CERT))
+    except (DstackError, ValueError):  # missing or unreadable (DstackError), or not a certificate
         return
     try:
         cert.verify_directly_issued_by(keys.ca_cert)
