@@ -16,8 +16,11 @@ The path of one connection:
    record headers are there.
 2. route: the server name's `<id>[-<port>][s|g].<base>` (sni.parse_route); `gateway.<base>` is the
    gateway's own pages (/health, /.dstack/index, /.dstack/app-info); otherwise router.resolve(id) gives the candidates (instance_id, ip),
-   freshest first, each kept only when its port policy allows the port. A refusal here is a TLS
-   alert to the client (nothing was consumed, so it reads as the server's answer to its hello).
+   freshest first, each kept only when its port policy allows the port. A name that is neither a
+   base domain nor under one is a custom domain: its DNS TXT record `_dstack-app-address.<name>`
+   (custom_domains.py, looked up off the loop) names `<app_id>:<port>`, passed through as TLS to
+   that app (registered here, its port policy applied). A refusal here is a TLS alert to the client
+   (nothing was consumed, so it reads as the server's answer to its hello).
 3. connect to the first connect_top_n candidates at once; the first that answers wins, the
    others are closed. A PROXY v2 header goes first when the winner's policy says pp for the port.
 4. hand the socket to the event loop: as it is for passthrough (the peeked ClientHello is still
@@ -46,7 +49,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from ansible_collections.dstack.tee.agents.gateway import proxy_protocol, sni
+from ansible_collections.dstack.tee.agents.gateway import custom_domains, proxy_protocol, sni
 
 log = logging.getLogger("dstack.gateway.proxy")
 
@@ -75,6 +78,7 @@ class Timeouts:
     handshake: float = 5.0
     idle: float = 600.0
     total: float = 5 * 3600.0
+    dns_resolve: float = 5.0      # a custom domain's TXT lookups, all of them
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ class ProxySettings:
     # and every connection must then start with one.
     inbound_pp: bool = False
     backlog: int = 1024
+    # Custom domains (custom_domains.py): the TXT label ("" = none), dstack's _tapp-address too,
+    # and the resolvers asked ("IP:PORT"; none = the system's).
+    app_address_ns_prefix: str = "_dstack-app-address"
+    app_address_ns_compat: bool = True
+    dns_resolver: tuple = ()
 
     @classmethod
     def from_config(cls, proxy):
@@ -100,8 +109,11 @@ class ProxySettings:
                    listen_port=proxy["listen_port"], connect_top_n=proxy["connect_top_n"],
                    max_connections_per_app=proxy["max_connections_per_app"],
                    inbound_pp=proxy.get("inbound_pp_enabled", False), reuse_port=proxy.get("workers", 0) > 1,
-                   timeouts=Timeouts(**{key: timeouts[key] for key in ("connect", "handshake", "idle", "total")
-                                        if key in timeouts}))
+                   app_address_ns_prefix=proxy.get("app_address_ns_prefix", "_dstack-app-address"),
+                   app_address_ns_compat=proxy.get("app_address_ns_compat", True),
+                   dns_resolver=tuple(proxy.get("dns_resolver", ())),
+                   timeouts=Timeouts(**{key: timeouts[key] for key in ("connect", "handshake", "idle", "total",
+                                                                       "dns_resolve") if key in timeouts}))
 
     @property
     def base_domains(self):
@@ -423,6 +435,8 @@ class GatewayProxy:
         self.connections = set()          # the routed connections, relaying or still connecting
         self.per_app = {}                 # routed id -> live connections
         self.refused = 0                  # connections refused (tests and status pages read it)
+        self.custom_domains = None        # custom_domains.AppAddressResolver, made at start
+        self.lookups = {}                 # custom-domain lookup task -> its client socket
 
     @property
     def sockname(self):
@@ -435,6 +449,14 @@ class GatewayProxy:
                                              family=family, backlog=self.settings.backlog,
                                              reuse_port=self.settings.reuse_port)
         self.listener.setblocking(False)
+        if self.settings.app_address_ns_prefix:
+            # Here, before serve's data plane enters [core.wg] netns: the DNS thread stays in this network.
+            self.custom_domains = custom_domains.AppAddressResolver(
+                self.settings.app_address_ns_prefix, self.settings.app_address_ns_compat, self.settings.dns_resolver,
+                self.settings.timeouts.dns_resolve).start()
+            log.info("custom domains: TXT %s.<name>%s asked of %s", self.settings.app_address_ns_prefix,
+                     f" and {custom_domains.COMPAT_PREFIX}.<name>" if self.custom_domains.compat else "",
+                     self.custom_domains.servers)
         self.loop.add_reader(self.listener.fileno(), self._accept)
         log.info("gateway proxy listening on %s:%s for %s", *self.sockname[:2],
                  ", ".join(sorted(self.base_domains)))
@@ -447,8 +469,13 @@ class GatewayProxy:
             self.listener.close()
         for hello in list(self.hellos):
             hello.drop()
+        for task, sock in list(self.lookups.items()):
+            task.cancel()
+            sock.close()
         for conn in list(self.connections):
             conn.close(abort=True)
+        if self.custom_domains is not None:
+            self.custom_domains.close()
         await asyncio.sleep(0)
 
     def _accept(self):
@@ -497,6 +524,11 @@ class GatewayProxy:
 
     def route(self, sock, peer, hello, started, local=None):
         """Decide where the connection goes (synchronously), then connect in a task."""
+        if self.custom_domains is not None and sni.is_custom_domain(hello.server_name, self.base_domains):
+            task = self.loop.create_task(self._route_custom_domain(sock, peer, hello.server_name, started, local))
+            self.lookups[task] = sock
+            task.add_done_callback(lambda done: self.lookups.pop(done, None))
+            return
         try:
             route = sni.parse_route(hello.server_name, self.base_domains)
         except sni.SniError as exc:
@@ -511,6 +543,22 @@ class GatewayProxy:
         if route.mode == sni.MODE_H2 and self.tls_h2 is None:
             self.refuse(sock, peer, "no h2 context for g routes", ALERT_UNRECOGNIZED_NAME)
             return
+        self._dispatch(sock, peer, route, started, local)
+
+    async def _route_custom_domain(self, sock, peer, server_name, started, local):
+        """A custom domain: its TXT record's app and port, passed through (the app's own TLS)."""
+        try:
+            address = await self.custom_domains.lookup(server_name)
+        except custom_domains.CustomDomainError as exc:
+            self.refuse(sock, peer, f"custom domain {server_name}: {exc.reason}", ALERT_UNRECOGNIZED_NAME)
+            return
+        route = sni.Route(address.id, address.port, sni.MODE_PASSTHROUGH, None)
+        self._dispatch(sock, peer, route, started, local,
+                       origin=f" (custom domain {server_name}, TXT {address.record})")
+
+    def _dispatch(self, sock, peer, route, started, local, origin=""):
+        """Connect a routed connection to its candidates (a task), or refuse it; `origin` says in
+        the log where a route that did not come from the name itself came from."""
         try:
             candidates = self._candidates(route)
         except Exception as exc:  # pylint: disable=broad-exception-caught
@@ -519,10 +567,11 @@ class GatewayProxy:
             self.refuse(sock, peer, "router error", ALERT_INTERNAL_ERROR)
             return
         if candidates is None:
-            self.refuse(sock, peer, f"unknown id {route.id}", ALERT_UNRECOGNIZED_NAME)
+            self.refuse(sock, peer, f"unknown id {route.id}{origin}: no such app or instance registered here"
+                        if origin else f"unknown id {route.id}", ALERT_UNRECOGNIZED_NAME)
             return
         if not candidates:
-            self.refuse(sock, peer, f"port {route.port} not allowed for {route.id}", ALERT_ACCESS_DENIED)
+            self.refuse(sock, peer, f"port {route.port} not allowed for {route.id}{origin}", ALERT_ACCESS_DENIED)
             return
         cap = self.settings.max_connections_per_app
         if cap and self.per_app.get(route.id, 0) >= cap:

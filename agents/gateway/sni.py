@@ -238,3 +238,11 @@ def parse_route(server_name, base_domains):
     if port is None:
         port = 443 if mode == MODE_PASSTHROUGH else 80
     return Route(ident, port, mode, base)
+
+
+def is_custom_domain(server_name, base_domains):
+    """True for a server name that is neither a base domain nor under one: a custom domain, routed
+    by its DNS TXT record (custom_domains.py). Names under a base domain stay parse_route's."""
+    if not server_name:
+        return False
+    return not any(server_name == base or server_name.endswith("." + base) for base in base_domains)
