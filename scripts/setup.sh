@@ -30,6 +30,8 @@ APT_PACKAGES+=(wireguard-go wireguard-tools iproute2 iptables)
 ((WITH_TEST)) && APT_PACKAGES+=(shellcheck chromium chromium-driver)
 # The gateway benchmark's references: HAProxy on the same routes, wrk as the load tool.
 ((WITH_TEST)) && APT_PACKAGES+=(haproxy wrk)
+# The gateway cluster's tests: a real three-member etcd on loopback ports (etcd 3.4, etcdctl).
+((WITH_TEST)) && APT_PACKAGES+=(etcd-server etcd-client)
 # node and npm for the contracts' compiler: Debian's, unless a node with npm is there already
 # (machines that ship their own Node.js have no Debian npm package, and must not get one).
 ((WITH_TEST)) && ! command -v npm >/dev/null 2>&1 && APT_PACKAGES+=(nodejs npm)

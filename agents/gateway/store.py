@@ -11,11 +11,21 @@ IP allocation (dstack-reference 3.2): the first host address of client_ip_range 
 broadcast addresses excluded) that is not allocated, not the gateway's own address, not the
 network or broadcast address of the gateway's own network, and not in reserved_net. A
 re-registering instance keeps its address; its WireGuard key is updated.
+
+The store's interface, which store_etcd.EtcdStore (a cluster's state in etcd) shares; open_store
+picks one from gateway.toml:
+    register, instance, instances_of, instances, by_public_key, count, port_policy, remove,
+    set_port_policy_override, port_policy_overrides, record_handshakes, record_endpoints,
+    endpoints, stale, get_blob / put_blob / delete_blob (opaque bytes: certificates, the ACME
+    account), lock(name, ttl, wait) (a context manager held by one process of the node or
+    cluster at a time: the ACME orders), close.
 """
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -23,9 +33,12 @@ import time
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
+log = logging.getLogger("dstack.gateway")
+
 STATE_FILE = "gateway.sqlite3"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
+LOCK_POLL = 0.2               # how often a lock held by another is tried again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -47,6 +60,8 @@ CREATE TABLE IF NOT EXISTS port_policy_overrides (
     set_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL, set_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
 """
 
 
@@ -56,6 +71,11 @@ class Conflict(DstackError):
 
 class Exhausted(DstackError):
     """No free address is left in client_ip_range."""
+
+
+class Unavailable(DstackError):
+    """The gateway cannot do it now (HTTP 503): no free address, the WireGuard hub failed, no
+    etcd member answered."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,3 +325,76 @@ class Store:
         return [_instance(r) for r in self._read(
             f"SELECT {_COLUMNS} FROM instances WHERE MAX(last_handshake, last_seen) < ? ORDER BY instance_id",
             (before,))]
+
+    # ---- blobs: certificates and the ACME account, opaque bytes ---------------------------------
+
+    def get_blob(self, name):
+        """The bytes stored under `name`, or None."""
+        rows = self._read("SELECT value FROM blobs WHERE name = ?", (name,))
+        return bytes(rows[0][0]) if rows else None
+
+    def put_blob(self, name, data):
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO blobs (name, value, set_at) VALUES (?, ?, ?)",
+                       (name, sqlite3.Binary(bytes(data)), time.time()))
+
+    def delete_blob(self, name):
+        with self._write() as db:
+            db.execute("DELETE FROM blobs WHERE name = ?", (name,))
+
+    # ---- locks: the same contract as store_etcd.EtcdStore.lock -----------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, name, ttl=60, wait=None):
+        """Hold `name` across the processes on this state file while the block runs (so two
+        renewers never order the same certificate at once): a row that expires `ttl` seconds on,
+        pushed on every ttl/3 while held (a long job keeps it; a killed holder frees it within ttl).
+        Waits up to `wait` seconds (default ttl) for another holder, then Unavailable naming it."""
+        holder = f"pid {os.getpid()} {os.urandom(4).hex()}"
+        deadline = time.monotonic() + (ttl if wait is None else wait)
+        while True:
+            with self._write() as db:
+                now = time.time()
+                row = db.execute("SELECT holder FROM locks WHERE name = ? AND expires > ?", (name, now)).fetchone()
+                if row is None:
+                    db.execute("INSERT OR REPLACE INTO locks (name, holder, expires) VALUES (?, ?, ?)",
+                               (name, holder, now + ttl))
+                    break
+            if time.monotonic() > deadline:
+                raise Unavailable("lock", f"{name} is held by {row[0]} (another gateway process); retry later")
+            time.sleep(LOCK_POLL)
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(max(0.2, ttl / 3)):
+                try:
+                    with self._write() as db:
+                        db.execute("UPDATE locks SET expires = ? WHERE name = ? AND holder = ?",
+                                   (time.time() + ttl, name, holder))
+                except sqlite3.Error as exc:  # busy past the timeout: the next round tries again
+                    log.warning("lock %s: could not push its expiry: %s", name, exc)
+            self.close()
+
+        renewer = threading.Thread(target=renew, name=f"lock {name}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join(5)
+            with self._write() as db:
+                db.execute("DELETE FROM locks WHERE name = ? AND holder = ?", (name, holder))
+
+
+def open_store(config):
+    """The store gateway.toml asks for: SQLite under core.state_dir (one node, the default), or
+    etcd when [core.sync] etcd_endpoints names members (a cluster; store_etcd.EtcdStore)."""
+    core, wg = config["core"], config["core"]["wg"]
+    sync = core.get("sync") or {}
+    if not sync.get("etcd_endpoints"):
+        return Store(core["state_dir"], wg["client_ip_range"], wg["ip"], wg["reserved_net"])
+    from ansible_collections.dstack.tee.agents.gateway import store_etcd  # pylint: disable=import-outside-toplevel
+    client = store_etcd.EtcdClient(sync["etcd_endpoints"], timeout=sync["timeout"], ca_cert=sync["etcd_ca_cert"],
+                                   cert=sync["etcd_cert"], key=sync["etcd_key"])
+    return store_etcd.EtcdStore(client, wg["client_ip_range"], wg["ip"], wg["reserved_net"], node_id=sync["node_id"],
+                                prefix=sync["etcd_prefix"])
