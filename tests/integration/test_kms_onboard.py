@@ -181,7 +181,7 @@ def test_dstack_kms_onboard_from_a_simulated_cvm(short_tmp):
             "dstack_kms_guest_socket": str(sock)})]
         first = run_playbook(playbook, *extra)
         assert first.returncode == 0, first.stdout[-3000:]
-        assert "Take the root keys of the KMS" in first.stdout
+        assert "Take the root keys from the source KMS" in first.stdout
         served = KmsClient(f"https://127.0.0.1:{role_port}", ca_cert=str(ca)).get_meta()
         assert served["k256_pubkey"] == source_meta["k256_pubkey"]
         second = run_playbook(playbook, *extra)
