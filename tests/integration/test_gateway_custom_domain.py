@@ -13,6 +13,7 @@ namespace, a simulated CVM registered over mutual TLS, its app's TLS server on i
 import contextlib
 import json
 import logging
+import shutil
 import socket
 import ssl
 import sys
@@ -261,3 +262,80 @@ def test_names_of_the_base_domain_are_never_looked_up(gateway, world, dns):
         with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
             tls_connect(gw, name, world["pki"]["app"].ca_file)
     assert BASE not in dns.log
+
+
+# ---- end to end: dstack-gateway serve, its WireGuard in [core.wg] netns, a registered CVM ---------------
+
+@pytest.mark.skipif(not (shutil.which("wireguard-go") and shutil.which("ip")), reason="needs wireguard-go and iproute2")
+def test_serve_routes_a_custom_domain_to_a_registered_cvm_and_refuses_an_unregistered_app(tmp_path):
+    from test_gateway_serve import (  # pylint: disable=import-outside-toplevel
+        APP_SERVERS, APP_TLS_PORT, CVM_NS, GW_NS, PID, GatewayProcess, _boot_cvm, _build_network, _body,
+        _cvm_tunnel, _eventually, _gateway_toml, _https_get, _kill_everything_in, _register, _start_in, _write_certs)
+    from ansible_collections.dstack.tee.plugins.module_utils import root_keys, wireguard  # pylint: disable=import-outside-toplevel
+
+    wg_netns = f"gwt-{PID}"
+    with contextlib.ExitStack() as cleanup:
+        net = _build_network(cleanup)
+        cleanup.callback(wireguard.netns_remove, wg_netns)   # serve makes it; runs after what is killed in it
+        cleanup.callback(_kill_everything_in, wg_netns)
+        sim, cvm = _boot_cvm(tmp_path)
+        app_id = cvm.app["app_id"]
+        # BIND9 on the loopback of serve's namespace: reachable from serve's network only, not from
+        # the WireGuard namespace the data plane connects from.
+        dns = Bind(tmp_path, {ZONE: [f'_dstack-app-address.shop 60 TXT "{app_id}:{APP_TLS_PORT}"',
+                                     f'_dstack-app-address.ghost 60 TXT "{UNREGISTERED}:{APP_TLS_PORT}"']},
+                   netns=GW_NS)
+        dns.start()
+        cleanup.callback(dns.stop)
+        server_ca = _write_certs(tmp_path, [net.gw_ip, net.gw_cvm_ip])
+        kms_root = tmp_path / "kms" / root_keys.ROOT_CA_CERT
+        gateway = GatewayProcess(_gateway_toml(tmp_path, sim, tmp_path / "kms", net,
+                                               **{"core.wg": {"netns": wg_netns},
+                                                  "core.proxy": {"dns_resolver": [dns.address]}}),
+                                 tmp_path / "serve.log")
+        cleanup.callback(gateway.kill)
+        gateway.start()
+        assert f"custom domains: TXT _dstack-app-address.<name> and _tapp-address.<name> asked of {dns.address}" \
+            in gateway.log
+
+        status, answer = _register(net, cvm, server_ca, tmp_path)
+        assert status == 200, answer
+        _cvm_tunnel(cleanup, cvm, answer)
+        own = cvm.tls_key(usage_server_auth=True, usage_client_auth=False,
+                          alt_names=[f"shop.{ZONE}", f"late.{ZONE}"])
+        (tmp_path / "app.crt").write_text("".join(own["certificate_chain"][:2]))
+        (tmp_path / "app.key").write_text(own["key"])
+        _start_in(cleanup, CVM_NS, APP_SERVERS, answer["wg"]["client_ip"], app_id, APP_TLS_PORT,
+                  tmp_path / "app.crt", tmp_path / "app.key")
+
+        # The custom domain, passed through: the CVM's own certificate, checked up to the KMS root
+        # for the custom name by the client; the app saw the gateway's tunnel address.
+        answer_text, served = _eventually(lambda: _https_get(net.gw_ip, f"shop.{ZONE}", kms_root))
+        assert _body(answer_text) == f"tls app {app_id} answers 10.77.0.1"
+        assert served == x509.load_pem_x509_certificate(own["certificate_chain"][0].encode()).public_bytes(
+            serialization.Encoding.DER)
+
+        # A record naming an app with no registered CVM: refused at the handshake, the reason logged.
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            _https_get(net.gw_ip, f"ghost.{ZONE}", kms_root)
+        assert (f"unknown id {UNREGISTERED} (custom domain ghost.{ZONE}, TXT _dstack-app-address.ghost.{ZONE}): "
+                "no such app or instance registered here") in gateway.log
+
+        # No record yet: refused, and that answer kept at most 10 s (the zone says an hour).
+        first = time.monotonic()
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            _https_get(net.gw_ip, f"late.{ZONE}", kms_root)
+        assert f"custom domain late.{ZONE}: is not under a base domain of this gateway and has no TXT record" \
+            in gateway.log
+        dns.update(f'add _dstack-app-address.late.{ZONE} 60 TXT "{app_id}:{APP_TLS_PORT}"')
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            _https_get(net.gw_ip, f"late.{ZONE}", kms_root)
+        while True:
+            try:
+                answer_text, _served = _https_get(net.gw_ip, f"late.{ZONE}", kms_root)
+                break
+            except ssl.SSLError:
+                assert time.monotonic() - first < custom_domains.NEGATIVE_TTL + 3, gateway.log[-3000:]
+                time.sleep(0.5)
+        assert _body(answer_text) == f"tls app {app_id} answers 10.77.0.1"
+        assert gateway.stop() == 0, gateway.log[-6000:]
