@@ -5,11 +5,12 @@
 create_app(config): the control API, served over mutual TLS (the CVM's RA-TLS client
 certificate is optional at the TLS layer, required by RegisterCvm and GetPeers):
     /prpc/Gateway.RegisterCvm {client_public_key, port_policy?}
-    /prpc/Gateway.Info, /prpc/Gateway.GetPeers, /health
+    /prpc/Gateway.Info, /prpc/Gateway.GetPeers, /prpc/Gateway.AcmeInfo, /health
 create_admin_app(config, service): the Admin API on its own listener, every route behind
 `Authorization: Bearer <admin.token>`:
     /prpc/Admin.Status, Admin.GetInfo {id}, Admin.GetMeta, Admin.RemoveInstance {id},
-    Admin.SetPortPolicy {app_id, policy}
+    Admin.SetPortPolicy {app_id, policy}, Admin.RenewCert {} -> {renewed}, Admin.SetCaa {} -> {}
+    (the last two with [core.certbot]: agents/gateway/acme.py)
 serve_both(control, admin, admin_port): one WSGI app that hands each request to the app of the
 listener it arrived on (one gunicorn, two binds).
 
@@ -65,6 +66,7 @@ def create_app(config, service=None, hub=None):
     add_prpc_routes(app, "/prpc/Gateway.", {
         "Info": lambda params: service.info(),
         "GetPeers": lambda params: service.get_peers(peer_chain()),
+        "AcmeInfo": lambda params: service.acme_info(),
     })
 
     @app.get("/health")
@@ -96,6 +98,8 @@ def create_admin_app(config, service):
         "GetMeta": lambda params: service.get_meta(),
         "RemoveInstance": service.remove_instance,
         "SetPortPolicy": service.set_port_policy,
+        "RenewCert": service.renew_cert,
+        "SetCaa": service.set_caa,
     })
     _errors(app)
     return app

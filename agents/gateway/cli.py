@@ -18,9 +18,19 @@
                          hub: `serve` runs one.
   dstack-gateway check-config --config gateway.toml
                          load and check the configuration; print it, secrets hidden
+  dstack-gateway renew-cert --config gateway.toml [--force]
+                         with [core.certbot]: order the wildcard certificate now if it is due
+                         (--force: in any case) through certbot, its key quoted first; prints
+                         {renewed, reason}. A running serve serves it within seconds. Another
+                         node (or serve) ordering it at the same time: not ordered here.
+  dstack-gateway set-caa --config gateway.toml
+                         with [core.certbot]: pin the domain's CAA records to ca_name, DNS-01 and
+                         the gateway's attested ACME account (registered first if there is none),
+                         through the DNS provider; prints the records
 """
 
 import argparse
+import os
 import sys
 
 from ansible_collections.dstack.tee.agents.cli_support import run_cli
@@ -71,6 +81,30 @@ def cmd_serve_control(args):
     return None
 
 
+def _acme_manager(args):
+    from ansible_collections.dstack.tee.agents.gateway import server  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.gateway.service import GatewayService  # pylint: disable=import-outside-toplevel
+
+    config = server.load_config(args.config, {"core.state_dir": args.state_dir})
+    # A state directory made here, not left for the store to take its missing path for a file name.
+    os.makedirs(config["core"]["state_dir"], mode=0o700, exist_ok=True)
+    service = GatewayService(config)
+    if service.acme is None:
+        raise DstackError("core.certbot.enabled", f"is false in {args.config}: this gateway does not get its "
+                                                  "certificate by ACME")
+    return service.acme
+
+
+def cmd_renew_cert(args):
+    renewed, reason = _acme_manager(args).renew(force=args.force)
+    return {"renewed": renewed, "reason": reason}
+
+
+def cmd_set_caa(args):
+    done = _acme_manager(args).set_caa()
+    return {domain: [f"{flags} {tag} \"{value}\"" for flags, tag, value in records] for domain, records in done.items()}
+
+
 def _serve_flags(parser):
     parser.add_argument("--config", required=True, help="the gateway.toml")
     parser.add_argument("--state-dir", help="overrides core.state_dir")
@@ -91,6 +125,15 @@ def build_parser():
     check = sub.add_parser("check-config", help="check gateway.toml and print it, secrets hidden")
     check.add_argument("--config", required=True, help="the gateway.toml")
     check.set_defaults(func=cmd_check_config)
+    renew = sub.add_parser("renew-cert", help="[core.certbot]: order the wildcard certificate now if due (--force: now)")
+    renew.add_argument("--config", required=True, help="the gateway.toml")
+    renew.add_argument("--state-dir", help="overrides core.state_dir")
+    renew.add_argument("--force", action="store_true", help="order a new certificate even if the current one is valid")
+    renew.set_defaults(func=cmd_renew_cert)
+    caa = sub.add_parser("set-caa", help="[core.certbot]: pin the domain's CAA records to the CA and the attested account")
+    caa.add_argument("--config", required=True, help="the gateway.toml")
+    caa.add_argument("--state-dir", help="overrides core.state_dir")
+    caa.set_defaults(func=cmd_set_caa)
     return parser
 
 

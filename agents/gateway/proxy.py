@@ -15,7 +15,7 @@ The path of one connection:
    handshake timeout; SO_RCVLOWAT makes the kernel wake us only when the bytes announced by the
    record headers are there.
 2. route: the server name's `<id>[-<port>][s|g].<base>` (sni.parse_route); `gateway.<base>` is the
-   gateway's own pages (/health, /.dstack/index, /.dstack/app-info); otherwise router.resolve(id) gives the candidates (instance_id, ip),
+   gateway's own pages (/health, /.dstack/index, /.dstack/app-info, /.dstack/acme-info); otherwise router.resolve(id) gives the candidates (instance_id, ip),
    freshest first, each kept only when its port policy allows the port. A name that is neither a
    base domain nor under one is a custom domain: its DNS TXT record `_dstack-app-address.<name>`
    (custom_domains.py, looked up off the loop) names `<app_id>:<port>`, passed through as TLS to
@@ -268,13 +268,15 @@ class _Connection:
 
 class _HealthProtocol(asyncio.Protocol):
     """gateway.<base>: the gateway's own pages, one request, over the terminated TLS (dstack's):
-    /health, /.dstack/index ({type, paths}) and /.dstack/app-info (the Info of the gateway's own
-    CVM, from its guest agent: app_id, compose_hash, tcb_info, ...; 404 without one)."""
+    /health, /.dstack/index ({type, paths}), /.dstack/app-info (the Info of the gateway's own
+    CVM, from its guest agent: app_id, compose_hash, tcb_info, ...; 404 without one) and
+    /.dstack/acme-info (the ACME account and the quoted certificate keys, acme.acme_info)."""
 
-    def __init__(self, app_info=None):
+    def __init__(self, app_info=None, acme_info=None):
         self.transport = None
         self.buffer = bytearray()
         self.app_info = app_info
+        self.acme_info = acme_info
         self.answered = False
 
     def connection_made(self, transport):
@@ -300,20 +302,24 @@ class _HealthProtocol(asyncio.Protocol):
         elif path == b"/health":
             self._answer(200, b"OK\n", head=head)
         elif path == b"/.dstack/index":
-            body = {"type": "dstack gateway", "paths": ["/index"] + (["/app-info"] if self.app_info else [])}
+            body = {"type": "dstack gateway", "paths": ["/index"] + (["/app-info"] if self.app_info else [])
+                    + (["/acme-info"] if self.acme_info else [])}
             self._answer(200, json.dumps(body).encode(), head=head, json_body=True)
         elif path == b"/.dstack/app-info" and self.app_info is not None:
             task = asyncio.get_running_loop().run_in_executor(None, self.app_info)
             task.add_done_callback(lambda done: self._app_info_done(done, head))
+        elif path == b"/.dstack/acme-info" and self.acme_info is not None:
+            task = asyncio.get_running_loop().run_in_executor(None, self.acme_info)
+            task.add_done_callback(lambda done: self._app_info_done(done, head, "the gateway's store"))
         else:
             self._answer(404, b"not found\n")
 
-    def _app_info_done(self, done, head):
+    def _app_info_done(self, done, head, source="the gateway's guest agent"):
         try:
             body = json.dumps(done.result()).encode()
         except Exception as exc:  # pylint: disable=broad-except
-            log.warning("/.dstack/app-info: the gateway CVM's guest agent did not answer: %s", exc)
-            self._answer(502, b"the gateway's guest agent did not answer\n")
+            log.warning("a /.dstack page: %s did not answer: %s", source, exc)
+            self._answer(502, f"{source} did not answer\n".encode())
             return
         self._answer(200, body, head=head, json_body=True)
 
@@ -422,9 +428,10 @@ class _Hello:
 class GatewayProxy:
     """The listener and its connections; see the module's documentation for the path of one."""
 
-    def __init__(self, settings, router, tls, tls_h2=None, app_info=None):
+    def __init__(self, settings, router, tls, tls_h2=None, app_info=None, acme_info=None):
         self.settings = settings
         self.app_info = app_info          # () -> the gateway CVM's Info (blocking; run in a thread), or None
+        self.acme_info = acme_info        # () -> acme.acme_info (blocking), or None
         self.router = router
         self.tls = tls
         self.tls_h2 = tls_h2
@@ -441,6 +448,11 @@ class GatewayProxy:
     @property
     def sockname(self):
         return self.listener.getsockname()
+
+    def set_contexts(self, tls, tls_h2=None):
+        """Terminate new connections with these contexts (a renewed certificate). Connections
+        already open keep the TLS session of the context they began with: nothing is dropped."""
+        self.tls, self.tls_h2 = tls, tls_h2
 
     async def start(self):
         self.loop = asyncio.get_running_loop()
@@ -693,7 +705,7 @@ class GatewayProxy:
         left = started + self.settings.timeouts.handshake - self.loop.time()
         try:
             transport, _protocol = await self.loop.connect_accepted_socket(
-                lambda: _HealthProtocol(self.app_info), sock, ssl=self.tls, ssl_handshake_timeout=max(left, 0.1))
+                lambda: _HealthProtocol(self.app_info, self.acme_info), sock, ssl=self.tls, ssl_handshake_timeout=max(left, 0.1))
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake with %s for gateway failed: %s", peer[0], exc)
             sock.close()

@@ -50,6 +50,7 @@ import threading
 import time
 from multiprocessing import connection as mp_connection
 
+from ansible_collections.dstack.tee.agents.gateway import acme
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
 from ansible_collections.dstack.tee.agents.gateway.proxy import GatewayProxy, ProxySettings, StoreRouter, server_contexts
 from ansible_collections.dstack.tee.plugins.module_utils import guest_client, wireguard
@@ -156,12 +157,15 @@ def check_serving(config):
     if not rpc["cert"]:
         raise DstackError("rpc.cert", "is required for serve: the control API is served over TLS only "
                                       "(RegisterCvm authenticates CVMs by their client certificate)")
+    acme_on = config["core"].get("certbot", {}).get("enabled", False)
     for key in ("cert_chain", "cert_key"):
-        if not proxy[key]:
+        # With [core.certbot] the certificate comes from the ACME server; the files stay optional.
+        if not proxy[key] and not acme_on:
             raise DstackError(f"core.proxy.{key}", "is required for serve: the wildcard certificate (and its key) "
-                                                   f"for *.{proxy['base_domain']} that terminates TLS")
+                                                   f"for *.{proxy['base_domain']} that terminates TLS (or "
+                                                   "[core.certbot] enabled)")
     try:
-        contexts = server_contexts(proxy["cert_chain"], proxy["cert_key"])
+        contexts = server_contexts(proxy["cert_chain"], proxy["cert_key"]) if proxy["cert_chain"] else None
     except (OSError, ssl.SSLError) as exc:
         raise DstackError("core.proxy.cert_chain", f"cannot load {proxy['cert_chain']} with core.proxy.cert_key "
                                                    f"{proxy['cert_key']}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -239,11 +243,34 @@ def _proxy_main(config, store, ready):
 
     proxy_config = config["core"]["proxy"]
     settings = ProxySettings.from_config(proxy_config)
-    tls, tls_h2 = server_contexts(proxy_config["cert_chain"], proxy_config["cert_key"])
+    tls = tls_h2 = served = None
+    if proxy_config["cert_chain"]:
+        tls, tls_h2 = server_contexts(proxy_config["cert_chain"], proxy_config["cert_key"])
+    if config["core"].get("certbot", {}).get("enabled"):
+        # The ACME certificate from the store (serve ordered it before forking us), then watched.
+        served = acme.ServedCertificate(store, acme.certificate_names(config)[0], config["core"]["state_dir"])
+        tls, tls_h2 = served.load() or (tls, tls_h2)
+    if tls is None:
+        raise DstackError("core.certbot", "no certificate to serve: none in the store and no core.proxy.cert_chain")
+
+    async def watch_certificate(proxy):
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(acme.CERT_CHECK_INTERVAL)
+            try:
+                contexts = await loop.run_in_executor(None, served.load)
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                log.warning("the renewed certificate could not be loaded (still serving the last one): %s", exc)
+                continue
+            if contexts is not None:
+                proxy.set_contexts(*contexts)
+                log.info("data plane (pid %s): serving the renewed certificate for new connections", os.getpid())
 
     async def serve():
-        proxy = GatewayProxy(settings, StoreRouter(store), tls, tls_h2, app_info=_app_info_source(config))
+        proxy = GatewayProxy(settings, StoreRouter(store), tls, tls_h2, app_info=_app_info_source(config),
+                             acme_info=lambda: acme.acme_info(store))
         await proxy.start()
+        watcher = asyncio.get_running_loop().create_task(watch_certificate(proxy)) if served else None
         if config["core"]["wg"]["netns"]:
             # Listening where serve runs, connecting from where the tunnels are: this loop's thread
             # (the only one that connects) enters the WireGuard namespace.
@@ -256,6 +283,8 @@ def _proxy_main(config, store, ready):
         try:
             await stop.wait()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await proxy.close()
 
     uvloop.run(serve())
@@ -273,6 +302,7 @@ class Supervisor:
         self.hub = None
         self.service = None
         self.children = []          # [(what, multiprocessing process)]
+        self.renewals = None        # acme.RenewalSchedule with [core.certbot]
         self.stopping = None        # the signal's name once one arrived
         self.failure = None
         self._wakeup = None
@@ -328,8 +358,13 @@ class Supervisor:
             self._bring_up_wireguard()
             self.service = GatewayService(self.config, hub=self.hub)
             self._restore_peers()
+            if self.service.acme is not None and self.stopping is None:
+                # Before the data plane: it serves the certificate the store holds.
+                self.service.acme.ensure_current()
             if self.stopping is None:
                 self._start_children()
+            if self.service.acme is not None and self.stopping is None and self.failure is None:
+                self.renewals = acme.RenewalSchedule(self.service.acme).start()
             if self.stopping is None and self.failure is None:
                 self._supervise()
         finally:
@@ -486,6 +521,9 @@ class Supervisor:
 
     def _stop(self):
         """Children stopped and reaped, handshakes and endpoints saved, the interface down; whatever was started."""
+        if self.renewals is not None:
+            self.renewals.stop()
+            self.renewals = None
         alive = [(what, process) for what, process in self.children if process.is_alive()]
         if alive:
             log.info("stopping %s", ", ".join(f"the {what} (pid {process.pid})" for what, process in alive))

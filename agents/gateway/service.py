@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 
+from ansible_collections.dstack.tee.agents.gateway import acme
 from ansible_collections.dstack.tee.agents.gateway.store import Conflict, Exhausted, Store
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, ra_tls, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
@@ -155,6 +156,8 @@ class GatewayService:
             usage=ra_tls.CLIENT_AUTH, require_instance_id=True)
         auth = core["auth"]
         self.auth = AuthWebhook(auth["url"], auth["timeout"]) if auth["enabled"] else None
+        # [core.certbot]: the ACME certificates (made here: a bad credentials file stops the start).
+        self.acme = acme.AcmeManager(config, self.store) if core.get("certbot", {}).get("enabled") else None
 
     # ---- Gateway ------------------------------------------------------------------------------
 
@@ -208,6 +211,10 @@ class GatewayService:
         proxy = self.config["core"]["proxy"]
         return {"base_domain": proxy["base_domain"], "external_port": proxy["external_port"],
                 "app_address_ns_prefix": proxy["app_address_ns_prefix"], "version": version()}
+
+    def acme_info(self):
+        """AcmeInfo (dstack: anyone may ask): the ACME account and every quoted certificate key."""
+        return acme.acme_info(self.store)
 
     def get_peers(self, cert_chain):
         """GetPeers (dstack: gateway mTLS only): this node, to an attested caller."""
@@ -302,3 +309,29 @@ class GatewayService:
         self.store.set_port_policy_override(app_id, policy)
         log.info("port policy of app %s %s (Admin)", app_id, "set" if policy is not None else "override removed")
         return {"app_id": app_id, "policy": policy}
+
+    def _acme(self):
+        if self.acme is None:
+            raise DstackError("core.certbot.enabled", "is false: this gateway does not get its certificate by ACME")
+        return self.acme
+
+    def renew_cert(self, params):
+        """Admin.RenewCert: a new certificate now (dstack's forced renewal); {renewed}. False when
+        another node holds the order's lock (it is renewing the same certificate)."""
+        manager = self._acme()
+        try:
+            renewed, reason = manager.renew(force=params.get("force", True) is not False)
+        except DstackError as exc:  # the ACME server or the DNS provider failed: not the caller's input
+            raise Unavailable(exc.field, exc.reason) from None
+        log.info("certificate renewal (Admin): %s", reason)
+        return {"renewed": renewed}
+
+    def set_caa(self, params):  # pylint: disable=unused-argument
+        """Admin.SetCaa: the CAA records of the certificate's domain pinned to [core.certbot] ca_name,
+        DNS-01 and the attested account (dstack's guarded order); {} as dstack answers."""
+        manager = self._acme()
+        try:
+            manager.set_caa()
+        except DstackError as exc:
+            raise Unavailable(exc.field, exc.reason) from None
+        return {}

@@ -1,0 +1,286 @@
+"""A real ACME server and a real DNS server for the tests: Pebble (Debian's, the Let's Encrypt test
+server) validating DNS-01 against BIND9 (`named -g`) with a zone open to RFC 2136 updates signed
+by a TSIG key. Every port is a free loopback port; everything lives in one temp folder and stops
+with the fixture.
+
+Use in a test module (module scope: one BIND and one Pebble per module, about 1 s to start):
+
+    from acme_fixtures import acme_world  # noqa: F401  (the fixture)
+
+    def test_x(acme_world):
+        acme_world.dns.zone            # "dstack.test"
+        acme_world.dns.credentials(path)   # writes certbot-dns-rfc2136's INI (0600), returns path
+        acme_world.pebble.directory    # https://127.0.0.1:PORT/dir
+        acme_world.pebble.ca_bundle    # the CA of Pebble's HTTPS listener (REQUESTS_CA_BUNDLE)
+        acme_world.dns.query("CAA", "dstack.test")   # dig's answer lines
+
+Or start them yourself: BindServer(folder, zone).start(), PebbleServer(folder, dns_port).start().
+"""
+
+import base64
+import dataclasses
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ZONE = "dstack.test"
+TSIG_NAME = "acme-key"
+TSIG_ALGORITHM = "hmac-sha256"
+START_TIMEOUT = 30.0
+
+needs_acme_world = pytest.mark.skipif(
+    not (shutil.which("named") or os.path.exists("/usr/sbin/named")) or not shutil.which("pebble")
+    or not shutil.which("dig"),
+    reason="pebble, bind9 and bind9-dnsutils are installed by scripts/setup.sh")
+
+
+def free_port(kind=socket.SOCK_STREAM):
+    """A loopback port free for TCP (and, for DNS, UDP too)."""
+    for _attempt in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            if kind == socket.SOCK_STREAM:
+                return port
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port for TCP and UDP")
+
+
+def _wait(check, what, proc, log_path, timeout=START_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{Path(log_path).read_text(errors='replace')}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start in {timeout:.0f} s:\n{Path(log_path).read_text(errors='replace')}")
+
+
+def _stop(proc):
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- BIND9 ----------------------------------------------------------------------------------------
+
+class BindServer:
+    """named in the foreground on 127.0.0.1:port, authoritative for `zone` (every name under it A
+    127.0.0.1), updates allowed to the TSIG key `key_name` anywhere in the zone."""
+
+    def __init__(self, folder, zone=ZONE, key_name=TSIG_NAME, algorithm=TSIG_ALGORITHM):
+        self.folder = Path(folder)
+        self.zone, self.key_name, self.algorithm = zone, key_name, algorithm
+        self.secret = base64.b64encode(secrets.token_bytes(32)).decode()
+        self.port = None
+        self.proc = None
+        self.log = self.folder / "named.log"
+
+    def start(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port(socket.SOCK_DGRAM)
+        (self.folder / "tsig.key").write_text(
+            f'key "{self.key_name}" {{\n\talgorithm {self.algorithm};\n\tsecret "{self.secret}";\n}};\n')
+        (self.folder / f"{self.zone}.zone").write_text(
+            f"$TTL 60\n@ IN SOA ns.{self.zone}. hostmaster.{self.zone}. 1 3600 600 86400 60\n"
+            f"@ IN NS ns.{self.zone}.\nns IN A 127.0.0.1\n@ IN A 127.0.0.1\n* IN A 127.0.0.1\n")
+        folder = self.folder
+        (folder / "named.conf").write_text(f"""
+include "{folder}/tsig.key";
+options {{
+    directory "{folder}";
+    pid-file "{folder}/named.pid";
+    session-keyfile "{folder}/session.key";
+    listen-on port {self.port} {{ 127.0.0.1; }};
+    listen-on-v6 {{ none; }};
+    recursion no;
+    notify no;
+    dnssec-validation no;
+}};
+controls {{ }};
+zone "{self.zone}" {{
+    type master;
+    file "{folder}/{self.zone}.zone";
+    update-policy {{ grant {self.key_name} zonesub ANY; }};
+}};
+""")
+        with open(self.log, "w", encoding="utf-8") as log:
+            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+                [shutil.which("named") or "/usr/sbin/named", "-g", "-4", "-c", str(folder / "named.conf")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait(lambda: "running" in self.log.read_text(errors="replace"), "named", self.proc, self.log)
+        return self
+
+    def stop(self):
+        _stop(self.proc)
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def credentials(self, path, secret=None, mode=0o600):
+        """certbot-dns-rfc2136's credentials INI for this server (the gateway's dns credentials)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"dns_rfc2136_server = 127.0.0.1\ndns_rfc2136_port = {self.port}\n"
+                      f"dns_rfc2136_name = {self.key_name}\n"
+                      f"dns_rfc2136_secret = {self.secret if secret is None else secret}\n"
+                      f"dns_rfc2136_algorithm = {self.algorithm.upper()}\n")
+        os.chmod(path, mode)
+        return str(path)
+
+    def query(self, rdtype, name):
+        """dig's short answer lines (what an outsider's resolver sees)."""
+        out = subprocess.run(["dig", "@127.0.0.1", "-p", str(self.port), "+short", "+norec", rdtype, name],
+                             capture_output=True, text=True, timeout=10, check=True)
+        return sorted(line for line in out.stdout.splitlines() if line.strip())
+
+
+# ---- Pebble ---------------------------------------------------------------------------------------
+
+def _https_cert(folder):
+    """A CA and a certificate for 127.0.0.1 / localhost: Pebble's HTTPS listener (not its issuing CA)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acme_fixtures Pebble listener CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (folder / "listener-ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "listener.pem").write_bytes(cert.public_bytes(pem))
+    (folder / "listener.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+
+
+class PebbleServer:
+    """pebble on 127.0.0.1 (ACME directory at .directory), resolving DNS-01 names at dns_address;
+    every order validated for real (no authorization reuse)."""
+
+    def __init__(self, folder, dns_address):
+        self.folder = Path(folder)
+        self.dns_address = dns_address
+        self.port = self.management_port = None
+        self.proc = None
+        self.log = self.folder / "pebble.log"
+
+    def start(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _https_cert(self.folder)
+        self.port, self.management_port = free_port(), free_port()
+        config = {"pebble": {
+            "listenAddress": f"127.0.0.1:{self.port}", "managementListenAddress": f"127.0.0.1:{self.management_port}",
+            "certificate": str(self.folder / "listener.pem"), "privateKey": str(self.folder / "listener.key"),
+            # No HTTP-01 or TLS-ALPN-01 here: ports nothing listens on.
+            "httpPort": free_port(), "tlsPort": free_port(), "ocspResponderURL": "",
+            "externalAccountBindingRequired": False}}
+        (self.folder / "pebble.json").write_text(json.dumps(config))
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
+        with open(self.log, "w", encoding="utf-8") as log:
+            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+                [shutil.which("pebble"), "-config", str(self.folder / "pebble.json"), "-dnsserver", self.dns_address],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _wait(self._answers, "pebble", self.proc, self.log)
+        return self
+
+    def _context(self):
+        return ssl.create_default_context(cafile=self.ca_bundle)
+
+    def _answers(self):
+        try:
+            with urllib.request.urlopen(self.directory, context=self._context(), timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def stop(self):
+        _stop(self.proc)
+
+    @property
+    def directory(self):
+        return f"https://127.0.0.1:{self.port}/dir"
+
+    @property
+    def ca_bundle(self):
+        return str(self.folder / "listener-ca.pem")
+
+    def issuing_roots(self):
+        """The PEM roots Pebble issues under (made anew at each start), from its management API."""
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.management_port}/roots/0",
+                                    context=self._context(), timeout=5) as answer:
+            return answer.read().decode()
+
+
+@dataclasses.dataclass
+class AcmeWorld:
+    dns: BindServer
+    pebble: PebbleServer
+    folder: Path
+
+
+def start_acme_world(folder, zone=ZONE):
+    """BIND9 for `zone` and Pebble resolving through it, in `folder`; stop with stop_acme_world."""
+    folder = Path(folder)
+    dns = BindServer(folder / "bind", zone).start()
+    try:
+        pebble = PebbleServer(folder / "pebble", dns.address).start()
+    except Exception:
+        dns.stop()
+        raise
+    return AcmeWorld(dns, pebble, folder)
+
+
+def stop_acme_world(world):
+    world.pebble.stop()
+    world.dns.stop()
+
+
+@pytest.fixture(scope="module")
+def acme_world():
+    """A BIND9 and a Pebble for this test module (see the module's documentation)."""
+    if needs_acme_world.args[0]:
+        pytest.skip(needs_acme_world.kwargs["reason"])
+    folder = Path(tempfile.mkdtemp(prefix="acme-", dir="/tmp"))
+    world = start_acme_world(folder)
+    try:
+        yield world
+    finally:
+        stop_acme_world(world)
+        shutil.rmtree(folder, ignore_errors=True)
