@@ -198,7 +198,7 @@ def test_a_silent_resolver_refuses_after_the_timeout_and_never_blocks_the_loop(g
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # takes queries, never answers
     silent.bind(("127.0.0.1", 0))
     with silent:
-        gw = gateway(dns_resolver=(f"127.0.0.1:{silent.getsockname()[1]}",), timeouts={"dns_resolve": 3.0})
+        gw = gateway(dns_resolver=(f"127.0.0.1:{silent.getsockname()[1]}",), timeouts={"dns_resolve": 4.0})
         outcome = {}
 
         def custom():
@@ -221,10 +221,10 @@ def test_a_silent_resolver_refuses_after_the_timeout_and_never_blocks_the_loop(g
         with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as raw:
             with context.wrap_socket(raw, server_hostname=name) as conn:
                 assert http_get(conn, name)[0] == 200
-        assert time.monotonic() - began < 1.5 and thread.is_alive()
+        assert time.monotonic() - began < 2.5 and thread.is_alive()
         thread.join(10)
-    assert "UNRECOGNIZED_NAME" in outcome["custom"] and 2.9 < outcome["custom_took"] < 5, outcome
-    assert f"custom domain slow.{ZONE}: " in proxy_log.text and "within 3 s" in proxy_log.text, proxy_log.text
+    assert "UNRECOGNIZED_NAME" in outcome["custom"] and 3.9 < outcome["custom_took"] < 6.5, outcome
+    assert f"custom domain slow.{ZONE}: " in proxy_log.text and "within 4 s" in proxy_log.text, proxy_log.text
 
 
 def test_custom_domains_off(gateway, world, dns):
