@@ -68,8 +68,9 @@ log = logging.getLogger("dstack.kms.root_keys")
 
 @dataclass(frozen=True)
 class RootKeys:
-    ca_key: ec.EllipticCurvePrivateKey
-    ca_cert: x509.Certificate
+    # The types as strings: the module imports without cryptography (HAS_CRYPTOGRAPHY).
+    ca_key: "ec.EllipticCurvePrivateKey"
+    ca_cert: "x509.Certificate"
     k256_key: bytes
 
     # What never changes for a key set is computed once (cached_property: the dataclass is frozen
@@ -320,7 +321,7 @@ def _check_rpc_cert(state_dir, keys, hint):
         cert.verify_directly_issued_by(keys.ca_cert)
     except (ValueError, TypeError, InvalidSignature):
         raise DstackError(RPC_CERT, f"in {state_dir} was issued by another root CA: these root keys are not "
-                                        f"the ones this KMS served with; {hint}") from None
+                                    f"the ones this KMS served with; {hint}") from None
 
 
 # ---- the state directory ---------------------------------------------------------------------------
