@@ -1,31 +1,29 @@
 """A real ACME server and a real DNS server for the tests: Pebble (Debian's, the Let's Encrypt test
-server) validating DNS-01 against BIND9 (`named -g`) with a zone open to RFC 2136 updates signed
-by a TSIG key. Every port is a free loopback port; everything lives in one temp folder and stops
-with the fixture.
+server) validating DNS-01 against BIND9 (dns_fixtures.Bind: `named -g`, a zone open to RFC 2136
+updates signed by its TSIG key). Every port is a free loopback port; everything lives in one temp
+folder and stops with the fixture.
 
 Use in a test module (module scope: one BIND and one Pebble per module, about 1 s to start):
 
     from acme_fixtures import acme_world  # noqa: F401  (the fixture)
 
     def test_x(acme_world):
-        acme_world.dns.zone            # "dstack.test"
-        acme_world.dns.credentials(path)   # writes certbot-dns-rfc2136's INI (0600), returns path
-        acme_world.pebble.directory    # https://127.0.0.1:PORT/dir
-        acme_world.pebble.ca_bundle    # the CA of Pebble's HTTPS listener (REQUESTS_CA_BUNDLE)
-        acme_world.dns.query("CAA", "dstack.test")   # dig's answer lines
+        acme_world.credentials(path)       # certbot-dns-rfc2136's INI for the BIND (0600): the path
+        acme_world.pebble.directory        # https://127.0.0.1:PORT/dir ([core.certbot] acme_url)
+        acme_world.pebble.ca_bundle        # the CA of Pebble's HTTPS listener ([core.certbot] acme_ca_bundle)
+        acme_world.pebble.issuing_roots()  # the roots Pebble issues under (a client's trust)
+        acme_world.dns.dig("dstack.test", "CAA"), acme_world.dns.update(...)   # dns_fixtures.Bind
 
-Or start them yourself: BindServer(folder, zone).start(), PebbleServer(folder, dns_port).start().
+Or start them yourself: start_acme_world(folder) / stop_acme_world(world), or start_dns(folder) and
+PebbleServer(folder, dns.address).start().
 """
 
-import base64
 import dataclasses
 import datetime
 import ipaddress
 import json
 import os
-import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -39,32 +37,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from conftest import free_port
+from dns_fixtures import NAMED, TSIG_NAME, Bind
+
 ZONE = "dstack.test"
-TSIG_NAME = "acme-key"
-TSIG_ALGORITHM = "hmac-sha256"
 START_TIMEOUT = 30.0
 
 needs_acme_world = pytest.mark.skipif(
-    not (shutil.which("named") or os.path.exists("/usr/sbin/named")) or not shutil.which("pebble")
-    or not shutil.which("dig"),
+    not (os.path.exists(NAMED) and shutil.which("nsupdate") and shutil.which("dig") and shutil.which("pebble")),
     reason="pebble, bind9 and bind9-dnsutils are installed by scripts/setup.sh")
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    """A loopback port free for TCP (and, for DNS, UDP too)."""
-    for _attempt in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            if kind == socket.SOCK_STREAM:
-                return port
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port for TCP and UDP")
 
 
 def _wait(check, what, proc, log_path, timeout=START_TIMEOUT):
@@ -88,80 +69,26 @@ def _stop(proc):
             proc.wait()
 
 
-# ---- BIND9 ----------------------------------------------------------------------------------------
+# ---- BIND9 (dns_fixtures.Bind) and certbot-dns-rfc2136's credentials for it --------------------------
 
-class BindServer:
-    """named in the foreground on 127.0.0.1:port, authoritative for `zone` (every name under it A
-    127.0.0.1), updates allowed to the TSIG key `key_name` anywhere in the zone."""
+def start_dns(folder, zone=ZONE):
+    """dns_fixtures.Bind authoritative for `zone`, every name under it A 127.0.0.1, updates allowed
+    to its TSIG key anywhere in the zone."""
+    return Bind(folder, {zone: ["@ IN A 127.0.0.1", "* IN A 127.0.0.1"]}).start()
 
-    def __init__(self, folder, zone=ZONE, key_name=TSIG_NAME, algorithm=TSIG_ALGORITHM):
-        self.folder = Path(folder)
-        self.zone, self.key_name, self.algorithm = zone, key_name, algorithm
-        self.secret = base64.b64encode(secrets.token_bytes(32)).decode()
-        self.port = None
-        self.proc = None
-        self.log = self.folder / "named.log"
 
-    def start(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port(socket.SOCK_DGRAM)
-        (self.folder / "tsig.key").write_text(
-            f'key "{self.key_name}" {{\n\talgorithm {self.algorithm};\n\tsecret "{self.secret}";\n}};\n')
-        (self.folder / f"{self.zone}.zone").write_text(
-            f"$TTL 60\n@ IN SOA ns.{self.zone}. hostmaster.{self.zone}. 1 3600 600 86400 60\n"
-            f"@ IN NS ns.{self.zone}.\nns IN A 127.0.0.1\n@ IN A 127.0.0.1\n* IN A 127.0.0.1\n")
-        folder = self.folder
-        (folder / "named.conf").write_text(f"""
-include "{folder}/tsig.key";
-options {{
-    directory "{folder}";
-    pid-file "{folder}/named.pid";
-    session-keyfile "{folder}/session.key";
-    listen-on port {self.port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }};
-    recursion no;
-    notify no;
-    dnssec-validation no;
-}};
-controls {{ }};
-zone "{self.zone}" {{
-    type master;
-    file "{folder}/{self.zone}.zone";
-    update-policy {{ grant {self.key_name} zonesub ANY; }};
-}};
-""")
-        with open(self.log, "w", encoding="utf-8") as log:
-            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-                [shutil.which("named") or "/usr/sbin/named", "-g", "-4", "-c", str(folder / "named.conf")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: "running" in self.log.read_text(errors="replace"), "named", self.proc, self.log)
-        return self
-
-    def stop(self):
-        _stop(self.proc)
-
-    @property
-    def address(self):
-        return f"127.0.0.1:{self.port}"
-
-    def credentials(self, path, secret=None, mode=0o600):
-        """certbot-dns-rfc2136's credentials INI for this server (the gateway's dns credentials)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as out:
-            out.write(f"dns_rfc2136_server = 127.0.0.1\ndns_rfc2136_port = {self.port}\n"
-                      f"dns_rfc2136_name = {self.key_name}\n"
-                      f"dns_rfc2136_secret = {self.secret if secret is None else secret}\n"
-                      f"dns_rfc2136_algorithm = {self.algorithm.upper()}\n")
-        os.chmod(path, mode)
-        return str(path)
-
-    def query(self, rdtype, name):
-        """dig's short answer lines (what an outsider's resolver sees)."""
-        out = subprocess.run(["dig", "@127.0.0.1", "-p", str(self.port), "+short", "+norec", rdtype, name],
-                             capture_output=True, text=True, timeout=10, check=True)
-        return sorted(line for line in out.stdout.splitlines() if line.strip())
+def rfc2136_credentials(dns, path, secret=None, mode=0o600):
+    """certbot-dns-rfc2136's credentials INI for `dns` (the gateway's [core.certbot] credentials);
+    `secret` replaces the key's (a wrong one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as out:
+        out.write(f"dns_rfc2136_server = {dns.ip}\ndns_rfc2136_port = {dns.port}\ndns_rfc2136_name = {TSIG_NAME}\n"
+                  f"dns_rfc2136_secret = {dns.secret if secret is None else secret}\n"
+                  "dns_rfc2136_algorithm = HMAC-SHA256\n")
+    os.chmod(path, mode)
+    return str(path)
 
 
 # ---- Pebble ---------------------------------------------------------------------------------------
@@ -250,15 +177,18 @@ class PebbleServer:
 
 @dataclasses.dataclass
 class AcmeWorld:
-    dns: BindServer
+    dns: Bind
     pebble: PebbleServer
     folder: Path
+
+    def credentials(self, path, secret=None, mode=0o600):
+        return rfc2136_credentials(self.dns, path, secret, mode)
 
 
 def start_acme_world(folder, zone=ZONE):
     """BIND9 for `zone` and Pebble resolving through it, in `folder`; stop with stop_acme_world."""
     folder = Path(folder)
-    dns = BindServer(folder / "bind", zone).start()
+    dns = start_dns(folder, zone)
     try:
         pebble = PebbleServer(folder / "pebble", dns.address).start()
     except Exception:

@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives import serialization
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position,redefined-outer-name,unused-import
-from acme_fixtures import acme_world, free_port, needs_acme_world, ZONE  # noqa: E402,F401
-from conftest import stop_process_group  # noqa: E402
+from acme_fixtures import acme_world, needs_acme_world, ZONE  # noqa: E402,F401
+from conftest import free_port, stop_process_group  # noqa: E402
+from dns_fixtures import TSIG_NAME, free_port as free_tcp_udp_port  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway import acme  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.app import create_app  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.store import Store  # noqa: E402
@@ -81,7 +82,7 @@ def gateway_config(folder, world, cvm, credentials=None, **extra):
         "core.proxy": {"base_domain": ZONE},
         "core.certbot": {"enabled": True, "acme_url": world.pebble.directory,
                          "acme_ca_bundle": world.pebble.ca_bundle,
-                         "credentials": credentials or world.dns.credentials(folder / "dns.ini"),
+                         "credentials": credentials or world.credentials(folder / "dns.ini"),
                          "dns_propagation_seconds": 0, "renew_timeout": "120s", "ca_name": CA_NAME},
         "rpc": {"guest_agent": str(cvm / "dstack.sock"), "kms_root_ca": str(cvm / "state" / "kms" / "root-ca.crt")},
         "attestation": {"mode": "simulation", "sim_state_dir": str(cvm / "state" / "tdx-sim")},
@@ -200,13 +201,13 @@ def test_two_renewers_racing_order_one_certificate(acme_world, gateway_cvm, tmp_
 
 def test_a_wrong_tsig_secret_is_named_without_any_secret(acme_world, gateway_cvm, tmp_path):
     wrong = base64.b64encode(secrets.token_bytes(32)).decode()
-    credentials = acme_world.dns.credentials(tmp_path / "wrong.ini", secret=wrong)
+    credentials = acme_world.credentials(tmp_path / "wrong.ini", secret=wrong)
     config = gateway_config(tmp_path / "gw", acme_world, gateway_cvm, credentials=credentials)
     for command in ("renew-cert", "set-caa"):
         done = gateway_cli(config, command)
         assert done.returncode == 2, done.stdout + done.stderr
         said = done.stdout + done.stderr
-        assert "refused the TSIG key 'acme-key'" in said and "dns_rfc2136_secret" in said, said
+        assert f"refused the TSIG key '{TSIG_NAME}'" in said and "dns_rfc2136_secret" in said, said
         assert credentials in said
         assert wrong not in said and acme_world.dns.secret not in said
     assert _certificate(config) is None
@@ -233,16 +234,14 @@ def _journal(world):
 def test_set_caa_pins_issuance_to_the_attested_account_in_dstacks_order(issued, acme_world):
     config, _answer = issued
     dns = acme_world.dns
-    subprocess.run(["nsupdate", "-y", f"hmac-sha256:{dns.key_name}:{dns.secret}"], check=True, timeout=30,
-                   input=f"server 127.0.0.1 {dns.port}\nupdate add {ZONE}. 60 CAA 0 issue \"other-ca.example\"\nsend\n",
-                   text=True)
+    dns.update(f'add {ZONE}. 60 CAA 0 issue "other-ca.example"')
     before = len(_journal(acme_world))
     done = gateway_cli(config, "set-caa")
     assert done.returncode == 0, done.stderr
     account_uri = acme.acme_info(_store(config))["account_uri"]
     value = f"{CA_NAME};validationmethods=dns-01;accounturi={account_uri}"
     wanted = [f'0 issue "{value}"', f'0 issuewild "{value}"']
-    assert dns.query("CAA", ZONE) == sorted(wanted)
+    assert sorted(dns.dig(ZONE, "CAA")) == sorted(wanted)
     assert json.loads(done.stdout) == {ZONE: sorted(wanted)}
     # dstack's order: the guards first, then the others out, ours in, the guards out.
     changes = [" ".join(line.split()[i] for i in (0, -2, -1)) for line in _journal(acme_world)[before:]]
@@ -250,7 +249,7 @@ def test_set_caa_pins_issuance_to_the_attested_account_in_dstacks_order(issued, 
                        f'add issue "{value}"', f'add issuewild "{value}"', 'del issue ";"', 'del issuewild ";"'], changes
     # Again: the same records in the end.
     assert gateway_cli(config, "set-caa").returncode == 0
-    assert dns.query("CAA", ZONE) == sorted(wanted)
+    assert sorted(dns.dig(ZONE, "CAA")) == sorted(wanted)
 
 
 # ---- serve: the certificate served, renewed with connections open ---------------------------------------
@@ -294,7 +293,7 @@ def test_serve_renews_and_serves_the_new_certificate_without_dropping_connection
     served_config = gateway_config(folder / "serve", acme_world, gateway_cvm, credentials=str(folder / "dns.ini"), **{
         "core": {"state_dir": str(folder / "state")},
         "core.wg": {"netns": netns, "interface": interface, "ip": "10.231.0.1/24", "client_ip_range": "10.231.0.0/25",
-                    "reserved_net": ["10.231.0.1/32"], "listen_port": free_port(socket.SOCK_DGRAM),
+                    "reserved_net": ["10.231.0.1/32"], "listen_port": free_tcp_udp_port(),
                     "endpoint": "127.0.0.1:51820"},
         "core.proxy": {"listen_addr": "127.0.0.1", "listen_port": proxy_port},
         # Long enough for a connection that waits through a renewal before it sends its request.
@@ -349,7 +348,7 @@ def test_serve_renews_and_serves_the_new_certificate_without_dropping_connection
         print(f"\nforced renewal through Admin.RenewCert: {renewal:.1f} s; served on new connections after {swapped:.1f} s")
 
         assert _admin(admin_port, "SetCaa") == {}
-        assert len(acme_world.dns.query("CAA", ZONE)) == 2
+        assert len(acme_world.dns.dig(ZONE, "CAA")) == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log_path.read_text(errors="replace")[-5000:]
     assert not wireguard.netns_exists(netns)
