@@ -84,9 +84,13 @@ class Trust:
         if args.root_ca and not args.collateral and not args.pccs_url:
             raise DstackError("--collateral", "is required with --root-ca (or --pccs-url)")
         simulated = bool(args.sim_state or args.root_ca)
+        root_ca, sim_state = args.root_ca or "", args.sim_state or ""
+        if sim_state and (args.collateral or args.pccs_url):
+            # As dstack-verify: the simulator's root, the collateral from where it was asked for.
+            root_ca, sim_state = os.path.join(sim_state, "root-ca.crt"), ""
         self.quote_trust = attestation.QuoteTrust(
-            {"mode": "simulation" if simulated else "production", "sim_state_dir": args.sim_state or "",
-             "root_ca": args.root_ca or "", "collateral": args.collateral or "", "pccs_url": args.pccs_url or "",
+            {"mode": "simulation" if simulated else "production", "sim_state_dir": sim_state,
+             "root_ca": root_ca, "collateral": args.collateral or "", "pccs_url": args.pccs_url or "",
              "collateral_cache_dir": args.cache_dir,
              "allowed_tcb_statuses": list(dict.fromkeys(["UpToDate", *args.allow_status])),
              "allowed_advisory_ids": list(args.allow_advisory)}, args.cache_dir, field="--")

@@ -92,7 +92,7 @@ class Site(http.server.BaseHTTPRequestHandler):
 class World:
     """The keys, quotes, certificates and the HTTPS server of the module's documentation."""
 
-    def __init__(self, base, pebble, dns):
+    def __init__(self, base, acme):
         self.base = base
         # A simulated CVM (the gateway's), booted by the guest agent against a real KMS.
         self.sim = SimTdx(str(base / "sim"))
@@ -109,7 +109,7 @@ class World:
         self.write_cert("old", self._local_cert("old"))
         self.write_cert("mismatched", self._local_cert("mismatched"))
         for name in ("current", "foreign"):
-            self.write_cert(name, self._issue_by_pebble(name, pebble, dns))
+            self.write_cert(name, self._issue_by_pebble(name, acme))
         self._https_server()
         self.acme_info = self.good_acme_info()
 
@@ -149,7 +149,7 @@ class World:
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
                 .sign(self.ca_key, hashes.SHA256()))
 
-    def _issue_by_pebble(self, name, pebble, dns):
+    def _issue_by_pebble(self, name, acme):
         """certbot certonly --csr through Pebble, DNS-01 on BIND9: the ACME server's certificate."""
         folder = self.base / f"certbot-{name}"
         csr = (x509.CertificateSigningRequestBuilder().subject_name(_name(f"*.{ZONE}"))
@@ -157,7 +157,7 @@ class World:
                               critical=False).sign(self.keys[name], hashes.SHA256()))
         folder.mkdir()
         (folder / "csr.pem").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
-        credentials = dns.credentials(folder / "rfc2136.ini")
+        credentials, pebble = acme.credentials(folder / "rfc2136.ini"), acme.pebble
         done = subprocess.run(
             [sys.executable, "-c", CERTBOT_MAIN, "certonly", "--non-interactive", "--agree-tos",
              "--register-unsafely-without-email", "--server", pebble.directory,
@@ -219,7 +219,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(acme_world, tmp_path_factory):  # pylint: disable=redefined-outer-name
-    made = World(tmp_path_factory.mktemp("ct-monitor"), acme_world.pebble, acme_world.dns)
+    made = World(tmp_path_factory.mktemp("ct-monitor"), acme_world)
     yield made
     made.server.shutdown()
 
@@ -365,3 +365,17 @@ def test_what_cannot_be_checked_exits_2(world, tmp_path):
     ):
         done = subprocess.run(base + argv, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 2 and said in done.stderr, (argv, done.stderr)
+
+
+def test_collateral_from_a_pccs_as_dstack_verify_takes_it(monitor, world, tmp_path):
+    """--sim-state with --pccs-url: the simulator's root, the collateral from `dstack-verify serve-pccs`
+    (Intel's PCCS API), cached in --cache-dir as dstack-verify caches it."""
+    from test_sim_pccs import PccsProcess  # pylint: disable=import-outside-toplevel
+    pccs = PccsProcess(world.sim.state_dir, tmp_path / "pccs.log")
+    try:
+        status, report, log = monitor("--pccs-url", pccs.url, "--cache-dir", str(tmp_path / "cache"),
+                                      certs=_only(world, tmp_path, "current"))
+    finally:
+        pccs.stop()
+    assert status == 0 and report["ok"], log
+    assert "/tdx/certification/v4/tcb" in pccs.requests() and list((tmp_path / "cache").iterdir())
