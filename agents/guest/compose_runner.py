@@ -41,6 +41,7 @@ import yaml
 from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils import system_path
 from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_netns_name
 
 GUEST_SOCKETS = {"/var/run/dstack.sock": "dstack", "/run/dstack.sock": "dstack",
@@ -152,7 +153,7 @@ class ComposeRunner:
         raise DstackError("runner", "no container engine: need docker (with an engine) or podman with podman-compose")
 
     def _env(self, app_env):
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": self.work_dir}
+        env = {"PATH": system_path.with_sbin(), "HOME": self.work_dir}  # podman's plugins need iptables
         if self.engine == "podman":
             conf = os.environ.get("CONTAINERS_CONF") or os.path.join(self.work_dir, "containers.conf")
             if not os.path.exists(conf):

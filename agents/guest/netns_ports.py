@@ -19,12 +19,11 @@ The agent process stays in the host's namespace; what the CVM serves lives in NA
 import errno
 import ipaddress
 import logging
-import os
-import shutil
 import socket
 import subprocess
 import threading
 
+from ansible_collections.dstack.tee.plugins.module_utils import system_path
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_netns_name, enter_netns, netns_exec_argv
 
@@ -66,13 +65,6 @@ def listen_in_netns(netns, host, port, field="port", backlog=128):
     return made["sock"]
 
 
-def _iptables():
-    """iptables by its path: it lives in /usr/sbin, which a PATH such as a plain user's or `env -i`'s
-    lacks (and `ip netns exec` runs it with ours)."""
-    search = os.pathsep.join(filter(None, (os.environ.get("PATH"), "/usr/sbin", "/sbin")))
-    return shutil.which("iptables", path=search) or "iptables"
-
-
 def _run(argv, what):
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
@@ -95,9 +87,9 @@ def cvm_address(netns):
 def guard_port(netns, port):
     """Refuse TCP `port` arriving on the CVM's eth0 in `netns` (made once: an existing rule is kept)."""
     rule = ["INPUT", "-i", CVM_LINK, "-p", "tcp", "--dport", str(int(port)), "-j", "REJECT", "--reject-with", "tcp-reset"]
-    if _run(netns_exec_argv(netns, [_iptables(), "-w", "-C", *rule]), "iptables").returncode == 0:
+    if _run(netns_exec_argv(netns, [system_path.which("iptables"), "-w", "-C", *rule]), "iptables").returncode == 0:
         return
-    done = _run(netns_exec_argv(netns, [_iptables(), "-w", "-I", *rule]), "iptables")
+    done = _run(netns_exec_argv(netns, [system_path.which("iptables"), "-w", "-I", *rule]), "iptables")
     if done.returncode != 0:
         raise DstackError("--netns", f"cannot keep port {port} from {CVM_LINK} in {netns} (iptables: "
                                      f"{(done.stderr or done.stdout).strip()[:200]})")
@@ -113,10 +105,10 @@ def guard_wireguard_port(netns, port, sources):
     steps += [["-A", WG_CHAIN, "-s", str(ipaddress.ip_address(source)), "-j", "ACCEPT"] for source in sources]
     steps += [["-A", WG_CHAIN, "-j", "DROP"]]
     jump = ["INPUT", "-p", "udp", "--dport", str(int(port)), "-j", WG_CHAIN]
-    if _run(netns_exec_argv(netns, [_iptables(), "-w", "-C", *jump]), "iptables").returncode != 0:
+    if _run(netns_exec_argv(netns, [system_path.which("iptables"), "-w", "-C", *jump]), "iptables").returncode != 0:
         steps.append(["-I", *jump])
     for step in steps:
-        done = _run(netns_exec_argv(netns, [_iptables(), "-w", *step]), "iptables")
+        done = _run(netns_exec_argv(netns, [system_path.which("iptables"), "-w", *step]), "iptables")
         if done.returncode != 0 and not (step[0] == "-N" and "exists" in (done.stderr or "")):
             raise DstackError("netns", f"cannot keep the WireGuard port {port} to the gateways in {netns} (iptables "
                                        f"{step[0]}: {(done.stderr or done.stdout).strip()[:200]})")
