@@ -395,10 +395,11 @@ class AcmeManager:
     # ---- CAA ---------------------------------------------------------------------------------------
 
     def set_caa(self):
-        """CAA of the domain pinned to ca_name, DNS-01 and the account (dstack's guarded change):
-        {domain: [(flags, tag, value)]}."""
+        """CAA of the domain pinned to ca_name, DNS-01 and the account (dstack's guarded change,
+        skipped when the records are already exactly those): ({domain: [(flags, tag, value)]}, changed)."""
         account = self.ensure_account()
-        return {self.name: dns_provider.set_caa(self.provider, self.name, self.settings["ca_name"], account["uri"])}
+        records, changed = dns_provider.set_caa(self.provider, self.name, self.settings["ca_name"], account["uri"])
+        return {self.name: records}, changed
 
 
 class ServedCertificate:

@@ -26,7 +26,8 @@
   dstack-gateway set-caa --config gateway.toml
                          with [core.certbot]: pin the domain's CAA records to ca_name, DNS-01 and
                          the gateway's attested ACME account (registered first if there is none),
-                         through the DNS provider; prints the records
+                         through the DNS provider (left alone when they are exactly those);
+                         prints {changed, records}
 """
 
 import argparse
@@ -101,8 +102,9 @@ def cmd_renew_cert(args):
 
 
 def cmd_set_caa(args):
-    done = _acme_manager(args).set_caa()
-    return {domain: [f"{flags} {tag} \"{value}\"" for flags, tag, value in records] for domain, records in done.items()}
+    done, changed = _acme_manager(args).set_caa()
+    return {"changed": changed, "records": {domain: [f"{flags} {tag} \"{value}\"" for flags, tag, value in records]
+                                            for domain, records in done.items()}}
 
 
 def _serve_flags(parser):

@@ -7,7 +7,7 @@ plugin and the credentials file) and the records the gateway writes itself (CAA,
     provider.certbot_args(propagation_seconds=60)   # certbot's --dns-<name> flags
     provider.set_txt("_dstack-app-address.example.com", ["<app_id>:443"])
     provider.caa("example.com")                     # [(flags, tag, value), ...]
-    set_caa(provider, "example.com", "letsencrypt.org", account_uri)   # dstack's guarded change
+    set_caa(provider, "example.com", "letsencrypt.org", account_uri)   # dstack's guarded change, (records, changed)
 
 Providers (the credentials file is the certbot plugin's own INI, so one file serves both):
     rfc2136     any standards DNS server taking TSIG-signed dynamic updates (BIND, Knot,
@@ -422,13 +422,17 @@ def set_caa(provider, domain, ca_name, account_uri, ttl=DEFAULT_TTL):
     """Pin issuance for `domain` to ca_name through DNS-01 and the account, in dstack's order: the
     guards `issue ";"` and `issuewild ";"` first (no CA may issue while the set changes), every
     other CAA record deleted, `0 issue` and `0 issuewild` set to caa_value(), the guards removed.
-    Returns the records now there."""
+    Returns (the records now there, whether anything changed): records already exactly these are
+    left alone."""
     if not account_uri:
         raise DstackError("account_uri", "is empty: the gateway has no ACME account yet (start it with "
                                          "[core.certbot] enabled first)")
     value = caa_value(ca_name, account_uri)
     wanted = [(0, "issue", value), (0, "issuewild", value)]
-    provider.add_caa(domain, [g for g in GUARDS if g not in provider.caa(domain)], ttl)
+    present = provider.caa(domain)
+    if present == sorted(wanted):
+        return present, False
+    provider.add_caa(domain, [g for g in GUARDS if g not in present], ttl)
     others = [r for r in provider.caa(domain) if r not in GUARDS]
     if others:
         provider.delete_caa(domain, others)
@@ -436,5 +440,5 @@ def set_caa(provider, domain, ca_name, account_uri, ttl=DEFAULT_TTL):
     provider.delete_caa(domain, list(GUARDS))
     now = provider.caa(domain)
     log.info("CAA of %s pinned to %s (dns-01, account %s): %d record(s)", domain, ca_name, account_uri, len(now))
-    return now
+    return now, True
 

@@ -242,14 +242,15 @@ def test_set_caa_pins_issuance_to_the_attested_account_in_dstacks_order(issued, 
     value = f"{CA_NAME};validationmethods=dns-01;accounturi={account_uri}"
     wanted = [f'0 issue "{value}"', f'0 issuewild "{value}"']
     assert sorted(dns.dig(ZONE, "CAA")) == sorted(wanted)
-    assert json.loads(done.stdout) == {ZONE: sorted(wanted)}
+    assert json.loads(done.stdout) == {"changed": True, "records": {ZONE: sorted(wanted)}}
     # dstack's order: the guards first, then the others out, ours in, the guards out.
     changes = [" ".join(line.split()[i] for i in (0, -2, -1)) for line in _journal(acme_world)[before:]]
     assert changes == ['add issue ";"', 'add issuewild ";"', 'del issue "other-ca.example"',
                        f'add issue "{value}"', f'add issuewild "{value}"', 'del issue ";"', 'del issuewild ";"'], changes
-    # Again: the same records in the end.
-    assert gateway_cli(config, "set-caa").returncode == 0
-    assert sorted(dns.dig(ZONE, "CAA")) == sorted(wanted)
+    # Again: nothing to change, nothing sent.
+    again = gateway_cli(config, "set-caa")
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False
+    assert sorted(dns.dig(ZONE, "CAA")) == sorted(wanted) and len(_journal(acme_world)) == before + len(changes)
 
 
 # ---- serve: the certificate served, renewed with connections open ---------------------------------------
