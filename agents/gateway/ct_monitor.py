@@ -45,6 +45,7 @@ from urllib.parse import quote as url_quote, urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ansible_collections.dstack.tee.agents.gateway.acme import acme_account_report_data, zt_cert_report_data
 from ansible_collections.dstack.tee.agents.verifier.cli import read_quote_input
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, gateway_http, json_limits
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import spki_der
@@ -59,12 +60,6 @@ CRTSH_URL = "https://crt.sh"
 MAX_ACME_INFO = 16 * 1024 * 1024       # every key's quote and event log, tens of KiB each
 MAX_CRTSH_LIST = 64 * 1024 * 1024      # a busy domain has tens of thousands of entries
 MAX_CERT = 256 * 1024
-ZT_CERT, ACME_ACCOUNT = "zt-cert", "acme-account"
-
-
-def quote_report_data(tag, payload):
-    """dstack's report_data of a quoted content: SHA-512(tag || ":" || payload)."""
-    return hashlib.sha512(tag.encode() + b":" + bytes(payload)).digest()
 
 
 # ---- what the gateway attested ------------------------------------------------------------------
@@ -168,7 +163,7 @@ def attested_keys(info, trust):
             keys.append(report)
             log.error("attested key #%d: %s", index, exc)
             continue
-        failures, app_id = trust.verify(entry.get("quote"), quote_report_data(ZT_CERT, der), f"{field}.quote")
+        failures, app_id = trust.verify(entry.get("quote"), zt_cert_report_data(der), f"{field}.quote")
         report.update(public_key_sha256=key_id(der), app_id=app_id, ok=not failures, failures=failures)
         keys.append(report)
         if failures:
@@ -181,8 +176,7 @@ def attested_keys(info, trust):
     if not isinstance(uri, str) or not uri:
         account.update(ok=False, failures=["account_uri: is missing"])
     else:
-        failures, app_id = trust.verify(info.get("account_quote"), quote_report_data(ACME_ACCOUNT, uri.encode()),
-                                        "account_quote")
+        failures, app_id = trust.verify(info.get("account_quote"), acme_account_report_data(uri), "account_quote")
         account.update(app_id=app_id, ok=not failures, failures=failures)
     if not account["ok"]:
         log.error("ACME account %s: its quote does not attest it: %s", uri or "(none)", "; ".join(account["failures"]))

@@ -13,6 +13,7 @@ The monitor verifies every quote with the project's verifier under the simulator
 """
 
 import datetime
+import hashlib
 import http.server
 import json
 import os
@@ -116,8 +117,10 @@ class World:
     # -- quotes ---------------------------------------------------------------------------------
 
     def quote(self, tag, payload):
-        """The guest agent's GetQuote answer as compact JSON (acme.Quoter's form)."""
-        answer = self.agent.post("/GetQuote", json={"report_data": ct_monitor.quote_report_data(tag, payload).hex()})
+        """The guest agent's GetQuote answer as compact JSON (acme.Quoter's form), report_data as dstack
+        makes it: SHA-512(tag || ":" || payload)."""
+        report_data = hashlib.sha512(tag.encode() + b":" + payload).digest()
+        answer = self.agent.post("/GetQuote", json={"report_data": report_data.hex()})
         assert answer.status_code == 200, answer.json
         return json.dumps(answer.json, separators=(",", ":"))
 
