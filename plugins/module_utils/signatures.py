@@ -22,10 +22,8 @@ try:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
-except ImportError:  # reported by callers through HAS_CRYPTOGRAPHY
-    HAS_CRYPTOGRAPHY = False
-else:
-    HAS_CRYPTOGRAPHY = True
+except ImportError:  # keccak, low_s and is_k256_secret need no cryptography; the signing functions do
+    pass
 
 try:
     from Crypto.Hash import keccak as _pycryptodome_keccak
