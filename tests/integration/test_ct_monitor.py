@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position
 from acme_fixtures import acme_world  # noqa: E402,F401  pylint: disable=unused-import
+from test_gateway_acme import gateway_cvm, issued  # noqa: E402,F401  pylint: disable=unused-import
 from acme_fixtures import ZONE, needs_acme_world  # noqa: E402
 from conftest import run_module  # noqa: E402
 from test_gateway_control import _allow, _boot  # noqa: E402
@@ -382,3 +383,29 @@ def test_collateral_from_a_pccs_as_dstack_verify_takes_it(monitor, world, tmp_pa
         pccs.stop()
     assert status == 0 and report["ok"], log
     assert "/tdx/certification/v4/tcb" in pccs.requests() and list((tmp_path / "cache").iterdir())
+
+
+def test_the_gateways_own_acme_info_and_certificate(world, tmp_path, issued, gateway_cvm):  # pylint: disable=redefined-outer-name
+    """End to end with the gateway's own ACME flow (test_gateway_acme's `issued`: `dstack-gateway
+    renew-cert` through Pebble, keys and the account quoted by the gateway CVM's guest agent): its
+    acme-info as the data plane serves it, its certificate passes; the foreign one is flagged."""
+    from test_gateway_acme import _certificate, _store  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.agents.gateway import acme  # pylint: disable=import-outside-toplevel
+    config, _answer = issued
+    world.acme_info = acme.acme_info(_store(config))
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "gateway.pem").write_text(_certificate(config).chain)     # the leaf first, then its issuers
+    (certs / "foreign.pem").write_bytes((world.certs / "foreign.pem").read_bytes())
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dstack-ct-monitor"), "--gateway", world.gateway_url, "--ca-cert",
+         world.ca_file, "--sim-state", str(gateway_cvm / "state" / "tdx-sim"), "--domain", ZONE, "--certs", str(certs),
+         "--json"], capture_output=True, text=True, timeout=120, check=False)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, done.stderr
+    assert report["account"]["ok"] and all(k["ok"] for k in report["attested_keys"]), report
+    leaf = next(c for c in report["certificates"] if c["source"].endswith("gateway.pem#0"))
+    assert leaf["attested"] and leaf["issuer"].startswith("Pebble")
+    # The chain's issuers and the foreign certificate are for keys the gateway never attested;
+    # the issuers name no name of the domain, so --domain leaves them out.
+    assert [Path(c["source"]).name for c in report["certificates"] if not c["attested"]] == ["foreign.pem"]
