@@ -33,6 +33,13 @@ whose session died only starts a new handshake minutes later. So the endpoints W
 are kept in the store (on every refresh and at stop, with the handshakes) and set again at start,
 and one empty datagram to each of those CVMs makes WireGuard start each handshake at once: a
 restart keeps every route, and no idle CVM looks stale to the recycler.
+
+A cluster ([core.sync] etcd_endpoints; cluster.py): at start the supervisor claims this node's hub
+address, writes its signed record and takes its lease; every [core.sync] interval it renews the
+lease and makes the hub's peers the store's (every node's hub has every CVM: a CVM registered
+through another node is added at the endpoint that node heard it at, and poked as above), so
+every node routes every app; at stop it revokes the lease first (the others stop giving this
+node to CVMs at once; a node that dies is down once its lease expires).
 """
 
 import asyncio
@@ -357,6 +364,8 @@ class Supervisor:
         try:
             self._bring_up_wireguard()
             self.service = GatewayService(self.config, hub=self.hub)
+            if self.service.cluster is not None:
+                self.service.cluster.join()   # its hub address claimed, its record and lease in the store
             self._restore_peers()
             if self.service.acme is not None and self.stopping is None:
                 # Before the data plane: it serves the certificate the store holds.
@@ -486,6 +495,7 @@ class Supervisor:
         interval = max(0.1, self.config["core"]["recycle"]["interval"])
         next_refresh = time.monotonic() + self._refresh_every()
         next_recycle = time.monotonic() + interval
+        next_sync = time.monotonic() + self.config["core"]["sync"]["interval"]
         while self.stopping is None:
             now = time.monotonic()
             self._wait([], min(next_refresh - now, next_recycle - now, SUPERVISE_TICK))
@@ -502,6 +512,10 @@ class Supervisor:
             if now >= next_recycle:
                 next_recycle = now + interval
                 self._guarded("recycling", self.service.recycle)
+            if now >= next_sync and self.service.cluster is not None:
+                next_sync = now + self.config["core"]["sync"]["interval"]
+                self._guarded("renewing this node's lease", self.service.cluster.heartbeat)
+                self._guarded("taking the cluster's registrations into the hub", self._sync_cluster_peers)
 
     @staticmethod
     def _guarded(what, step):
@@ -515,12 +529,45 @@ class Supervisor:
         self.service.refresh_handshakes()
         self._save_endpoints()
 
+    def _sync_cluster_peers(self):
+        """The hub's peers made the store's, which the other nodes' registrations and removals
+        change too (each node's hub has every instance, so every node routes every app). A peer
+        new here is set at the endpoint a node last heard it at, and sent one datagram, so this
+        node starts the handshake itself (the CVM's own tries may have stopped). Nothing is
+        applied when the peer set is already the store's: the sessions stay."""
+        store = self.service.store
+        instances = store.instances()
+        hub_peers = {p.public_key: p for p in self.hub.get()["peers"]}
+        current = {k: sorted(p.allowed_ips) for k, p in hub_peers.items()}
+        wanted = {i.public_key: [f"{i.client_ip}/32"] for i in instances}
+        # Peers this hub never heard from: their endpoint, once another node knows it, starts the handshake.
+        unheard = [i for i in instances if i.public_key in hub_peers and not hub_peers[i.public_key].endpoint]
+        if current == wanted and not unheard:
+            return
+        endpoints = store.endpoints()
+        added = [i for i in instances if i.public_key not in current]
+        reached = [i for i in unheard if endpoints.get(i.public_key)]
+        if current != wanted:
+            self.hub.sync_peers([wireguard.Peer(i.public_key, wanted[i.public_key],
+                                                endpoint=None if i.public_key in current else endpoints.get(i.public_key))
+                                 for i in instances])
+            log.info("cluster: WireGuard peers from the store: %d added, %d removed, %d changed", len(added),
+                     len(set(current) - set(wanted)), sum(1 for k in wanted if k in current and current[k] != wanted[k]))
+        for instance in reached:
+            self.hub.set_peer(instance.public_key, wanted[instance.public_key], endpoint=endpoints[instance.public_key])
+        known = [i.client_ip for i in added + reached if endpoints.get(i.public_key)]
+        if known:
+            self._poke(known)
+
     def _save_endpoints(self):
         peers = self.hub.get()["peers"]
         self.service.store.record_endpoints({p.public_key: p.endpoint for p in peers if p.endpoint})
 
     def _stop(self):
         """Children stopped and reaped, handshakes and endpoints saved, the interface down; whatever was started."""
+        if self.service is not None and self.service.cluster is not None:
+            # Marked down first: from now on the other nodes stop giving this one to CVMs.
+            self._guarded("leaving the cluster", self.service.cluster.leave)
         if self.renewals is not None:
             self.renewals.stop()
             self.renewals = None

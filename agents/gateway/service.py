@@ -31,7 +31,8 @@ import urllib.error
 import urllib.request
 
 from ansible_collections.dstack.tee.agents.gateway import acme
-from ansible_collections.dstack.tee.agents.gateway.store import Conflict, Exhausted, Store
+from ansible_collections.dstack.tee.agents.gateway import cluster as gateway_cluster
+from ansible_collections.dstack.tee.agents.gateway.store import Conflict, Exhausted, Unavailable, open_store
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, ra_tls, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
@@ -47,8 +48,8 @@ AUTH_ANSWER_BYTES = 64 * 1024
 Refused = ra_tls.Refused
 
 
-class Unavailable(DstackError):
-    """The gateway cannot do it now (HTTP 503): no free address, the WireGuard hub failed."""
+# Unavailable, the gateway cannot do it now (HTTP 503), is store.Unavailable (no free address, the
+# WireGuard hub failed, no etcd member answered): one class whichever part raised it.
 
 
 def version():
@@ -146,14 +147,17 @@ class GatewayService:
     set_peer(public_key, allowed_ips), remove_peer(public_key), sync_peers([wireguard.Peer]) and,
     optionally, get() -> {"peers": [objects with public_key and last_handshake]}."""
 
-    def __init__(self, config, hub=None, store=None, verifier=None):
+    def __init__(self, config, hub=None, store=None, verifier=None, cluster=None):
         self.config = config
         core, wg = config["core"], config["core"]["wg"]
-        self.store = store or Store(core["state_dir"], wg["client_ip_range"], wg["ip"], wg["reserved_net"])
+        self.store = store or open_store(config)
         self.hub = hub
         self.verifier = verifier or ra_tls.Verifier(
             ra_tls.load_kms_root(config["rpc"]["kms_root_ca"]), QuoteTrust(config["attestation"], core["state_dir"]),
             usage=ra_tls.CLIENT_AUTH, require_instance_id=True)
+        # [core.sync]: a cluster's nodes (cluster.py); None for a single node.
+        self.cluster = cluster if cluster is not None or not core["sync"]["etcd_endpoints"] else \
+            gateway_cluster.Cluster(config, self.store, self.verifier)
         auth = core["auth"]
         self.auth = AuthWebhook(auth["url"], auth["timeout"]) if auth["enabled"] else None
         # [core.certbot]: the ACME certificates (made here: a bad credentials file stops the start).
@@ -189,23 +193,34 @@ class GatewayService:
 
     def _register_answer(self, instance):
         proxy = self.config["core"]["proxy"]
-        node = self._node()
+        nodes = self._gateways()
         return {
             "wg": {"client_ip": instance.client_ip,
-                   "servers": [{"pk": node["wg_public_key"], "ip": node["wg_ip"], "endpoint": node["wg_endpoint"]}]},
+                   "servers": [{"pk": n["wg_public_key"], "ip": n["wg_ip"], "endpoint": n["wg_endpoint"]} for n in nodes]},
             "agent": {"external_port": proxy["external_port"], "internal_port": proxy["agent_port"],
                       "domain": proxy["base_domain"], "app_address_ns_prefix": proxy["app_address_ns_prefix"]},
-            "gateways": [node],
+            "gateways": nodes,
         }
 
     def _node(self):
         wg = self.config["core"]["wg"]
-        return {"id": 0, "uuid": "", "url": self._url(), "last_seen": int(time.time()),
+        return {"id": self._node_id(), "uuid": "", "url": self._url(), "last_seen": int(time.time()),
                 "wg_public_key": wg["public_key"], "wg_ip": wg["ip"], "wg_endpoint": wg["endpoint"]}
 
+    def _node_id(self):
+        return self.cluster.node_id if self.cluster is not None else 0
+
+    def _gateways(self):
+        """The gateways a CVM gets (dstack's GatewayNodeInfo): this node, and in a cluster every
+        other node that is up and attested as this gateway app (cluster.py)."""
+        if self.cluster is None:
+            return [self._node()]
+        return [{"id": n["id"], "uuid": "", "url": n["url"], "last_seen": n["last_seen"],
+                 "wg_public_key": n["wg_public_key"], "wg_ip": n["wg_ip"], "wg_endpoint": n["wg_endpoint"]}
+                for n in self.cluster.live_nodes()]
+
     def _url(self):
-        domain = self.config["core"]["rpc_domain"]
-        return f"https://{domain}" if domain else f"https://{self.config['rpc']['listen']}"
+        return gateway_cluster.node_url(self.config)
 
     def info(self):
         proxy = self.config["core"]["proxy"]
@@ -217,10 +232,11 @@ class GatewayService:
         return acme.acme_info(self.store)
 
     def get_peers(self, cert_chain):
-        """GetPeers (dstack: gateway mTLS only): this node, to an attested caller."""
+        """GetPeers (dstack: gateway mTLS only): the live nodes (this one alone without a cluster),
+        to an attested caller."""
         self.verifier.verify(cert_chain)
-        url = self._url()
-        return {"my_id": 0, "my_url": url, "peers": [{"id": 0, "url": url}]}
+        return {"my_id": self._node_id(), "my_url": self._url(),
+                "peers": [{"id": n["id"], "url": n["url"]} for n in self._gateways()]}
 
     # ---- the WireGuard hub ---------------------------------------------------------------------
 
@@ -276,8 +292,11 @@ class GatewayService:
                 "latest_handshake": int(instance.last_handshake), "num_connections": 0}
 
     def status(self):
-        return {"id": 0, "url": self._url(), "bootnode_url": "", "num_connections": 0,
-                "hosts": [self._host_info(i) for i in self.store.instances()], "nodes": [self._node()], "uuid": ""}
+        # In a cluster, nodes lists every node with up (its lease lives) and accepted (attested as
+        # this gateway app); a single node lists itself.
+        nodes = [self._node()] if self.cluster is None else self.cluster.nodes()
+        return {"id": self._node_id(), "url": self._url(), "bootnode_url": "", "num_connections": 0,
+                "hosts": [self._host_info(i) for i in self.store.instances()], "nodes": nodes, "uuid": ""}
 
     def get_info(self, params):
         instance_id = params.get("id")
