@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -23,6 +22,7 @@ import uuid
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, VmRecord
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
+from ansible_collections.dstack.tee.plugins.module_utils import host_ports
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_json, read_text
 from ansible_collections.dstack.tee.plugins.module_utils.json_limits import check_depth, loads as json_loads
@@ -237,7 +237,9 @@ class VmmService:
             if key in seen:
                 raise DstackError("ports", f"host port {port['host_port']}/{port['protocol']} is given twice")
             seen.add(key)
-            if key not in own and not _port_free(port["protocol"], port["host_address"], port["host_port"]):
+            # Not naming the holder (host_ports.refuse_if_held does, for the operator's own checks):
+            # an API caller is not told other processes' command lines.
+            if key not in own and not host_ports.port_free(port["protocol"], port["host_address"], port["host_port"]):
                 raise DstackError("ports", f"host port {port['host_port']}/{port['protocol']} on "
                                            f"{port['host_address']} is in use")
         return checked
@@ -585,21 +587,6 @@ def _last_error(path):
 def _sha256_or_empty(path):
     data = _read(path)
     return hashlib.sha256(data).hexdigest() if data else ""
-
-
-def _port_free(protocol, address, port):
-    """Whether this host could bind (protocol, address, port) now."""
-    kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, kind) as sock:
-        if kind == socket.SOCK_STREAM:
-            # TCP: a port in TIME_WAIT is free. (On UDP SO_REUSEADDR would let the bind share a
-            # port another socket holds, hiding the conflict.)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-            return True
-        except OSError:
-            return False
 
 
 def _uptime(started_at):
