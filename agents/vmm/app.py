@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import Forbidden
 
-from ansible_collections.dstack.tee.agents.wsgi import install_json_errors, request_params
+from ansible_collections.dstack.tee.agents.wsgi import add_prpc_routes, install_json_errors, request_params
 from ansible_collections.dstack.tee.agents.vmm.service import VERSION, NotFound, VmmService
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
@@ -97,25 +97,21 @@ def create_app(config, backend):
             return jsonify({"error": "unauthorized: a valid bearer token is required"}), 401
         return None
 
-    def route(name, handler):
-        def view():
-            return jsonify(handler(request_params(strict=True)))
-        view.__name__ = "vmm_" + name
-        app.add_url_rule(f"/prpc/Vmm.{name}", view.__name__, view, methods=["POST"])
-
-    route("CreateVm", service.create_vm)
-    route("StartVm", lambda p: service.start_vm(p.get("id")))
-    route("StopVm", lambda p: service.stop_vm(p.get("id"), force=True))
-    route("ShutdownVm", lambda p: service.stop_vm(p.get("id"), force=False))
-    route("RemoveVm", lambda p: service.remove_vm(p.get("id")))
-    route("UpdateVm", service.update_vm)
-    route("UpgradeApp", service.update_vm)
-    route("Status", service.status)
-    route("GetInfo", lambda p: service.get_info(p.get("id")))
-    route("GetMeta", lambda p: service.get_meta())
-    route("GetComposeHash", service.get_compose_hash)
-    route("GetAppEnvEncryptPubKey", lambda p: service.get_app_env_encrypt_pubkey(p.get("app_id", "")))
-    route("Version", lambda p: {"version": VERSION, "rev": ""})
+    add_prpc_routes(app, "/prpc/Vmm.", {
+        "CreateVm": service.create_vm,
+        "StartVm": lambda p: service.start_vm(p.get("id")),
+        "StopVm": lambda p: service.stop_vm(p.get("id"), force=True),
+        "ShutdownVm": lambda p: service.stop_vm(p.get("id"), force=False),
+        "RemoveVm": lambda p: service.remove_vm(p.get("id")),
+        "UpdateVm": service.update_vm,
+        "UpgradeApp": service.update_vm,
+        "Status": service.status,
+        "GetInfo": lambda p: service.get_info(p.get("id")),
+        "GetMeta": lambda p: service.get_meta(),
+        "GetComposeHash": service.get_compose_hash,
+        "GetAppEnvEncryptPubKey": lambda p: service.get_app_env_encrypt_pubkey(p.get("app_id", "")),
+        "Version": lambda p: {"version": VERSION, "rev": ""},
+    }, endpoint_prefix="vmm_", strict=True)
 
     @app.post("/host-api/<vm_id>/<token>/Notify")
     def host_notify(vm_id, token):
@@ -158,11 +154,7 @@ def create_app(config, backend):
             return jsonify({"error": "only POST with a JSON body (Content-Type: application/json) is served here"}), 405
         return jsonify({"error": exc.description}), 405
 
-    @app.errorhandler(NotFound)
-    def not_found(exc):
-        return jsonify({"error": str(exc)}), 404
-
-    install_json_errors(app, log)
+    install_json_errors(app, log, {NotFound: 404})
 
     @app.after_request
     def security_headers(response):
