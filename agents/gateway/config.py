@@ -40,24 +40,6 @@ dstack's keys where they exist (dstack-reference 3; durations as "5s", "10m", "5
                         registrations into its WireGuard hub), node_ttl (a node that has not
                         renewed for this long is down), timeout (one etcd request), etcd_prefix,
                         etcd_ca_cert, etcd_cert, etcd_key (TLS to etcd, client certificate)
-    [core.certbot]      the wildcard certificate by ACME DNS-01 through certbot (agents/gateway/acme.py):
-                        enabled, acme_url (the ACME directory), domain (the certificate is for
-                        *.<domain> and <domain>; default core.proxy.base_domain, "*." accepted),
-                        renew_interval (how often expiry is checked), renew_before_expiration,
-                        renew_timeout (one certbot run); ours: email ("" = none), acme_ca_bundle
-                        (the ACME server's CA, a private one's), dns_provider ("rfc2136" or
-                        "cloudflare"), credentials (that certbot plugin's INI file, 0600: the secret
-                        stays out of gateway.toml), dns_propagation_seconds, ca_name (the CAA
-                        records' issuer, dstack's letsencrypt.org)
-    [core.sync]         a gateway cluster (dstack's section; its store is etcd here, not WaveKV):
-                        etcd_endpoints (the etcd members' client URLs; empty, the default, = one
-                        node on SQLite), node_id (unique in the cluster; 0 = the host part of
-                        core.wg.ip, which the cluster keeps unique), my_url (the control API's URL
-                        for the other nodes and the CVMs; "" = from rpc_domain or rpc.listen),
-                        interval (how often a node renews its lease and takes the others'
-                        registrations into its WireGuard hub), node_ttl (a node that has not
-                        renewed for this long is down), timeout (one etcd request), etcd_prefix,
-                        etcd_ca_cert, etcd_cert, etcd_key (TLS to etcd, client certificate)
     [admin]             listen ("" = no Admin API), token (required with listen)
 Ours (what dstack gets from its own CVM boot):
     [rpc]               listen (the control API, mutual TLS), cert, key (the gateway's TLS
@@ -237,32 +219,6 @@ def _dns_provider(value, key):
     return text
 
 
-def _etcd_url(value, key):
-    """An etcd member's client URL: http(s)://HOST:PORT (HOST:PORT alone means http)."""
-    text = _text(value, key)
-    if "://" not in text:
-        text = "http://" + text
-    scheme, _sep, rest = text.partition("://")
-    if scheme not in ("http", "https") or "/" in rest.rstrip("/"):
-        raise DstackError(key, "must be an etcd client URL: http(s)://HOST:PORT")
-    _host_port(rest.rstrip("/"), key)
-    return f"{scheme}://{rest.rstrip('/')}"
-
-
-def _etcd_prefix(value, key):
-    text = _text(value, key)
-    if not text.startswith("/") or not text.endswith("/") or len(text) < 3:
-        raise DstackError(key, "must be a key prefix that starts and ends with / (\"/dstack-gateway/\")")
-    return text
-
-
-def _dns_provider(value, key):
-    text = _text(value, key)
-    if text not in DNS_PROVIDERS:
-        raise DstackError(key, f"must be {' or '.join(DNS_PROVIDERS)}")
-    return text
-
-
 def _mode(value, key):
     text = _text(value, key)
     if text not in MODES:
@@ -324,32 +280,6 @@ SCHEMA = {
             "enabled": (_bool, False),
             "url": (_url, ""),
             "timeout": (_duration, "5s"),
-        },
-        "certbot": {
-            "enabled": (_bool, False),
-            "acme_url": (_url, "https://acme-v02.api.letsencrypt.org/directory"),
-            "acme_ca_bundle": (_text, ""),
-            "email": (_text, ""),
-            "domain": (_text, ""),
-            "renew_interval": (_duration, "1h"),
-            "renew_before_expiration": (_duration, "30d"),
-            "renew_timeout": (_duration, "300s"),
-            "dns_provider": (_dns_provider, "rfc2136"),
-            "credentials": (_text, ""),
-            "dns_propagation_seconds": (_int(0, 3600), 60),
-            "ca_name": (_text, "letsencrypt.org"),
-        },
-        "sync": {
-            "etcd_endpoints": (_list_of(_etcd_url), []),
-            "etcd_prefix": (_etcd_prefix, "/dstack-gateway/"),
-            "etcd_ca_cert": (_text, ""),
-            "etcd_cert": (_text, ""),
-            "etcd_key": (_text, ""),
-            "node_id": (_int(0, 2**31 - 1), 0),
-            "my_url": (_url, ""),
-            "interval": (_duration, "5s"),
-            "node_ttl": (_duration, "15s"),
-            "timeout": (_duration, "2s"),
         },
         "certbot": {
             "enabled": (_bool, False),
@@ -485,7 +415,6 @@ def _check(config):
         raise DstackError("core.auth.url", "is required when core.auth.enabled is true")
     _check_sync(core)
     _check_certbot(config)
-    _check_sync(core)
     admin = config["admin"]
     if admin["listen"]:
         if len(admin["token"]) < MIN_ADMIN_TOKEN:
@@ -537,30 +466,6 @@ def _check_certbot(config):
                                              "certificate key are quoted by the gateway CVM's guest agent")
     if certbot["renew_interval"] <= 0 or certbot["renew_timeout"] <= 0:
         raise DstackError("core.certbot.renew_interval", "and core.certbot.renew_timeout must be more than 0")
-
-
-def _check_sync(core):
-    """[core.sync]: a cluster's node id (by default the host part of the hub address, unique in a
-    cluster because the store gives each address to one node) and its timings."""
-    sync = core["sync"]
-    if not sync["etcd_endpoints"]:
-        return
-    if not sync["node_id"]:
-        hub = ipaddress.ip_interface(core["wg"]["ip"])
-        sync["node_id"] = int(hub.ip) & int(hub.network.hostmask)
-        if not sync["node_id"]:
-            raise DstackError("core.sync.node_id", "is required: core.wg.ip has no host part to take it from")
-    if sync["interval"] <= 0 or sync["node_ttl"] < 2 * sync["interval"]:
-        raise DstackError("core.sync.node_ttl", "must be at least twice core.sync.interval (a node renews its lease "
-                                                "every interval; one late renewal must not mark it down)")
-    if sync["timeout"] <= 0:
-        raise DstackError("core.sync.timeout", "must be more than 0")
-    if bool(sync["etcd_cert"]) != bool(sync["etcd_key"]):
-        raise DstackError("core.sync.etcd_key" if sync["etcd_cert"] else "core.sync.etcd_cert",
-                          "core.sync.etcd_cert and core.sync.etcd_key go together")
-    for name in ("etcd_ca_cert", "etcd_cert", "etcd_key"):
-        if sync[name] and not os.path.isfile(sync[name]):
-            raise DstackError(f"core.sync.{name}", f"{sync[name]} is not a file")
 
 
 def _check_sync(core):
