@@ -86,7 +86,8 @@ def _acme_manager(args):
     from ansible_collections.dstack.tee.agents.gateway import server  # pylint: disable=import-outside-toplevel
     from ansible_collections.dstack.tee.agents.gateway.service import GatewayService  # pylint: disable=import-outside-toplevel
 
-    config = server.load_config(args.config, {"core.state_dir": args.state_dir})
+    # No Admin API here: its listener (and so its token, which serve gets in its environment) is not needed.
+    config = server.load_config(args.config, {"core.state_dir": args.state_dir, "admin.listen": ""})
     # A state directory made here, not left for the store to take its missing path for a file name.
     os.makedirs(config["core"]["state_dir"], mode=0o700, exist_ok=True)
     service = GatewayService(config)

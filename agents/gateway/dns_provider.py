@@ -441,4 +441,3 @@ def set_caa(provider, domain, ca_name, account_uri, ttl=DEFAULT_TTL):
     now = provider.caa(domain)
     log.info("CAA of %s pinned to %s (dns-01, account %s): %d record(s)", domain, ca_name, account_uri, len(now))
     return now, True
-

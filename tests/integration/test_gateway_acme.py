@@ -111,7 +111,9 @@ def _certificate(config):
 def issued(acme_world, gateway_cvm):
     """A gateway state with its wildcard certificate issued once by `dstack-gateway renew-cert`."""
     folder = Path(tempfile.mkdtemp(prefix="gws-", dir="/tmp"))
-    config = gateway_config(folder, acme_world, gateway_cvm)
+    # As the role writes it: an Admin listener, its token not in the file (serve gets it in its
+    # environment; renew-cert and set-caa need none).
+    config = gateway_config(folder, acme_world, gateway_cvm, admin={"listen": f"127.0.0.1:{free_port()}"})
     started = time.monotonic()
     done = gateway_cli(config, "renew-cert")
     elapsed = time.monotonic() - started
@@ -154,7 +156,7 @@ def test_renew_cert_issues_the_wildcard_and_acme_info_verifies(issued, acme_worl
 
     # Gateway.AcmeInfo through the control API's routes: dstack's fields.
     from ansible_collections.dstack.tee.agents.gateway import server  # pylint: disable=import-outside-toplevel
-    client = create_app(server.load_config(str(config))).test_client()
+    client = create_app(server.load_config(str(config), {"admin.listen": ""})).test_client()
     info = client.post("/prpc/Gateway.AcmeInfo", json={}).get_json()
     assert sorted(info) == ["account_attestation", "account_quote", "account_uri", "quoted_hist_keys"]
     assert all(sorted(k) == ["attestation", "public_key", "quote"] for k in info["quoted_hist_keys"])
@@ -353,3 +355,38 @@ def test_serve_renews_and_serves_the_new_certificate_without_dropping_connection
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log_path.read_text(errors="replace")[-5000:]
     assert not wireguard.netns_exists(netns)
+
+
+# ---- the credentials files themselves (no server needed) -------------------------------------------------
+
+def _ini(path, text, mode=0o600):
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_credentials_files_are_checked_and_their_secrets_never_shown(tmp_path):
+    from ansible_collections.dstack.tee.agents.gateway import dns_provider  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
+    secret = base64.b64encode(b"s" * 32).decode()
+    good = f"dns_rfc2136_server = 127.0.0.1\ndns_rfc2136_name = k\ndns_rfc2136_secret = {secret}\n"
+    provider = dns_provider.open_provider("rfc2136", _ini(tmp_path / "good.ini", good))
+    assert provider.certbot_args(5)[:2] == ["--dns-rfc2136", "--dns-rfc2136-credentials"]
+    assert provider.redact(f"certbot said {secret}!") == "certbot said <hidden>!"
+    token = "cf-token-" + secrets.token_hex(8)
+    cloudflare = dns_provider.open_provider("cloudflare", _ini(tmp_path / "cf.ini", f"dns_cloudflare_api_token = {token}\n"))
+    assert cloudflare.certbot_args(30)[0] == "--dns-cloudflare" and token not in cloudflare.redact(token)
+    for name, text, mode, said in (
+            ("open.ini", good, 0o644, "may be read by others (mode 0644): chmod 600 it"),
+            ("no-name.ini", good.replace("dns_rfc2136_name = k\n", ""), 0o600, "has no dns_rfc2136_name"),
+            ("host.ini", good.replace("127.0.0.1", "ns1.example.com"), 0o600, "dns_rfc2136_server must be an IP address"),
+            ("b64.ini", good.replace(secret, secret[:-2] + "!!"), 0o600, "dns_rfc2136_secret is not base64"),
+            ("alg.ini", good + "dns_rfc2136_algorithm = HMAC-FOO\n", 0o600, "dns_rfc2136_algorithm must be one of"),
+            ("junk.ini", good + "this line has no equals sign\n", 0o600, "line 4 is not `key = value`")):
+        with pytest.raises(DstackError) as refused:
+            dns_provider.open_provider("rfc2136", _ini(tmp_path / name, text, mode))
+        assert said in str(refused.value) and name in str(refused.value) and secret[:-2] not in str(refused.value)
+    with pytest.raises(DstackError, match="has no dns_cloudflare_api_token"):
+        dns_provider.open_provider("cloudflare", _ini(tmp_path / "cf-empty.ini", "dns_cloudflare_email = a@b.c\n"))
+    with pytest.raises(DstackError, match="dns_provider: must be one of rfc2136, cloudflare"):
+        dns_provider.open_provider("route53", str(tmp_path / "good.ini"))
