@@ -397,4 +397,26 @@ def open_store(config):
     client = store_etcd.EtcdClient(sync["etcd_endpoints"], timeout=sync["timeout"], ca_cert=sync["etcd_ca_cert"],
                                    cert=sync["etcd_cert"], key=sync["etcd_key"])
     return store_etcd.EtcdStore(client, wg["client_ip_range"], wg["ip"], wg["reserved_net"], node_id=sync["node_id"],
-                                prefix=sync["etcd_prefix"])
+                                prefix=sync["etcd_prefix"], blob_key=cluster_blob_key(config))
+
+
+CLUSTER_BLOB_KEY_PATH = "dstack-gateway/cluster-blobs"
+
+
+def cluster_blob_key(config):
+    """The key a cluster's blobs are sealed with in etcd: GetKey from the guest agent of this
+    node's CVM (rpc.guest_agent), the same for every instance of the gateway app and for no other
+    app; None without a guest agent (then blobs are refused, never stored in clear)."""
+    socket_path = config["rpc"]["guest_agent"]
+    if not socket_path:
+        return None
+    from ansible_collections.dstack.tee.plugins.module_utils import guest_client  # pylint: disable=import-outside-toplevel
+    answer = guest_client.call(socket_path, "GetKey", {"path": CLUSTER_BLOB_KEY_PATH, "purpose": "seal"},
+                               field="rpc.guest_agent")
+    try:
+        key = bytes.fromhex(answer["key"])
+    except (KeyError, TypeError, ValueError):
+        raise DstackError("rpc.guest_agent", "GetKey answered without a key") from None
+    if len(key) != 32:
+        raise DstackError("rpc.guest_agent", "GetKey's key is not 32 bytes")
+    return key

@@ -16,7 +16,7 @@ Keys under the prefix (core.sync.etcd_prefix, "/dstack-gateway/"):
     hs/<instance_id>/<node_id>   the latest handshake this node saw (unix seconds)
     ep/<instance_id>/<node_id>   where this node last heard the instance's WireGuard ("ip:port")
     ppo/<app_id>                 the Admin's port policy for the app: JSON {policy, set_at}
-    blob/<name>                  opaque bytes (the ACME account, certificates)
+    blob/<name>                  opaque bytes (the ACME account, certificates), sealed (below)
     node/<node_id>               a node's record (cluster.py signs and checks it)
     alive/<node_id>              JSON {last_seen}, on the node's lease: gone when the node stops
                                  (it revokes the lease) or stops renewing it (the lease expires)
@@ -34,6 +34,12 @@ connection failure, a timeout or a 5xx (a member down, cut off from the others, 
 leaders) to the next, for up to RETRY_FOR seconds in all. A transaction retried after a timeout
 may have been applied already: its compares then fail and it is read again, so nothing is done
 twice. The JSON API is etcd's grpc-gateway under /v3/ (etcd 3.4 and later; 3.5 dropped /v3beta/).
+
+Blobs hold private keys (the ACME account's, the certificates'), and etcd is outside the TEE: each
+is sealed with AES-256-GCM (its name as associated data) under `blob_key`, a key only the gateway
+app's CVMs can derive (open_store asks the guest agent of this node's CVM, GetKey, the same for
+every instance of the app). Without it a blob is refused, not stored in clear; one that does
+not open (another app's, or altered) is an error naming it.
 
 Each process and thread has its own HTTP sessions (gunicorn's workers and the data plane are
 forked from serve, and a session's sockets must not be shared).
@@ -60,6 +66,7 @@ TXN_ATTEMPTS = 50         # optimistic transactions retried at most this often
 MAX_TXN_OPS = 100         # etcd's default --max-txn-ops is 128
 LOCK_POLL = 0.2
 _FIELD = "core.sync.etcd_endpoints"
+SEALED = b"dstack-gateway-sealed-v1:"
 
 
 # ---- the wire: base64 keys and values, ranges, compares -------------------------------------------
@@ -269,8 +276,10 @@ class EtcdStore:
     as store.Store (gateway_ip is this node's hub address: never given to an instance here, and
     claimed in the store at claim_node_address so that no other node gives it out either)."""
 
-    def __init__(self, client, client_ip_range, gateway_ip, reserved_net=(), node_id=1, prefix="/dstack-gateway/"):
+    def __init__(self, client, client_ip_range, gateway_ip, reserved_net=(), node_id=1, prefix="/dstack-gateway/",
+                 blob_key=None):
         self.client = client
+        self.blob_key = blob_key
         self.prefix = prefix
         self.node_id = int(node_id)
         self.client_ip_range = ipaddress.ip_network(client_ip_range)
@@ -505,12 +514,32 @@ class EtcdStore:
 
     # ---- blobs: certificates and the ACME account, opaque bytes ---------------------------------
 
+    def _aead(self, name):
+        if not self.blob_key:
+            raise DstackError("rpc.guest_agent", f"the cluster keeps {name} in etcd only sealed to the gateway app: "
+                                                 "rpc.guest_agent must name the gateway CVM's guest agent (its key seals it)")
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # pylint: disable=import-outside-toplevel
+        return AESGCM(self.blob_key)
+
     def get_blob(self, name):
         found = self.client.get(self._k("blob", name))
-        return found[0]["value"] if found else None
+        if not found:
+            return None
+        from cryptography.exceptions import InvalidTag  # pylint: disable=import-outside-toplevel
+        sealed = found[0]["value"]
+        try:
+            if not sealed.startswith(SEALED):
+                raise InvalidTag()
+            body = sealed[len(SEALED):]
+            return self._aead(name).decrypt(body[:12], body[12:], self._k("blob", name).encode())
+        except InvalidTag:
+            raise DstackError("store", f"{name} in etcd does not open with this gateway app's key (another app "
+                                       "sealed it, or it was altered)") from None
 
     def put_blob(self, name, data):
-        self.client.put(self._k("blob", name), bytes(data))
+        nonce = os.urandom(12)
+        sealed = SEALED + nonce + self._aead(name).encrypt(nonce, bytes(data), self._k("blob", name).encode())
+        self.client.put(self._k("blob", name), sealed)
 
     def delete_blob(self, name):
         self.client.delete(self._k("blob", name))

@@ -46,14 +46,13 @@ from test_gateway_client import GATEWAY_COMPOSE, GuestTlsKey, _boot  # noqa: E40
 from test_gateway_control import ADMIN_TOKEN, Cvm, RecordingHub, gateway_toml  # noqa: E402
 from test_gateway_cvm import SERVER_CERT  # noqa: E402
 from test_gateway_serve import (  # noqa: E402
-    ADMIN_PORT, APP_SERVERS, BASE, PROXY_PORT, RPC_PORT, WG_PORT, _body, _eventually, _free_third_octet,
+    ADMIN_PORT, APP_SERVERS, BASE, RPC_PORT, WG_PORT, _body, _free_third_octet,
     _gateway_toml, _https_get, _ip, _kill_everything_in, _ns_pids, _remove_socket, _write_certs, needs_ip_netns,
     needs_wireguard_go)
 from test_guest_boot import OS_IMAGE, NoContainers, make_share  # noqa: E402
 from test_kms import make_kms  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.app import create_admin_app, create_app  # noqa: E402
-from ansible_collections.dstack.tee.agents.gateway.cluster import Cluster  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.store_etcd import EtcdClient, EtcdStore  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest import gateway_link  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.boot import Boot  # noqa: E402

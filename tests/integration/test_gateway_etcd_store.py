@@ -9,8 +9,11 @@ a member killed (the leader included) loses nothing and reads and writes go on.
 
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -23,10 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
 
 # pylint: disable=wrong-import-position
 import test_gateway_store as sqlite_suite  # noqa: E402
+from conftest import stop_process_group  # noqa: E402
 from etcd_fixtures import EtcdCluster, etcd_cluster, needs_etcd  # noqa: E402,F401  pylint: disable=unused-import
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config  # noqa: E402
-from ansible_collections.dstack.tee.agents.gateway.store import Store, Unavailable, open_store  # noqa: E402
+from ansible_collections.dstack.tee.agents.gateway.store import (  # noqa: E402
+    CLUSTER_BLOB_KEY_PATH, Store, Unavailable, open_store)
 from ansible_collections.dstack.tee.agents.gateway.store_etcd import EtcdClient, EtcdStore  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import guest_client  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # noqa: E402
 
 APP, HASH, key = sqlite_suite.APP, sqlite_suite.HASH, sqlite_suite.key
@@ -34,9 +40,13 @@ APP, HASH, key = sqlite_suite.APP, sqlite_suite.HASH, sqlite_suite.key
 pytestmark = needs_etcd
 
 
-def etcd_store(cluster, prefix, client_ip_range="10.0.0.0/25", gateway_ip="10.0.0.1/24", reserved_net=(), node_id=1):
+BLOB_KEY = bytes(range(32))   # what GetKey gives every node of the gateway app (a fixed one here)
+
+
+def etcd_store(cluster, prefix, client_ip_range="10.0.0.0/25", gateway_ip="10.0.0.1/24", reserved_net=(), node_id=1,
+               blob_key=BLOB_KEY):
     return EtcdStore(EtcdClient(cluster.endpoints, timeout=2.0), client_ip_range, gateway_ip, reserved_net,
-                     node_id=node_id, prefix=prefix)
+                     node_id=node_id, prefix=prefix, blob_key=blob_key)
 
 
 def _prefix():
@@ -89,7 +99,13 @@ def test_open_store_is_sqlite_by_default_and_etcd_with_endpoints(etcd_cluster, t
     store = open_store(config)
     assert isinstance(store, EtcdStore) and store.node_id == 5
     assert store.register("11" * 20, APP, HASH, key(1)).instance.client_ip == "10.0.0.2"   # .1: reserved_net
+    # No guest agent, so no key to seal with: blobs (private keys among them) are refused, not put in etcd in clear.
+    with pytest.raises(DstackError) as err:
+        store.put_blob("acme/account", b"secret")
+    assert err.value.field == "rpc.guest_agent" and "sealed" in err.value.reason
+    assert store.client.get(config["core"]["sync"]["etcd_prefix"] + "blob/", prefix=True) == []
     # Blobs, in both: opaque bytes, replaced whole.
+    store.blob_key = BLOB_KEY
     for backend in (store, open_store(_config(tmp_path))):
         assert backend.get_blob("acme/account") is None
         backend.put_blob("acme/account", b"\x00\xffkey")
@@ -113,6 +129,51 @@ def test_sync_configuration_errors_name_the_key(tmp_path, sync, field):
     assert err.value.field == field, str(err.value)
 
 
+def test_blobs_are_sealed_to_the_gateway_app_in_etcd(etcd_cluster):  # pylint: disable=redefined-outer-name
+    prefix = _prefix()
+    one, two = etcd_store(etcd_cluster, prefix, node_id=1), etcd_store(etcd_cluster, prefix, node_id=2)
+    secret = b"-----BEGIN PRIVATE KEY-----\nnot for etcd's eyes\n"
+    one.put_blob("cert/example.com", secret)
+    assert two.get_blob("cert/example.com") == secret                     # every node of the app opens it
+    raw = one.client.get(prefix + "blob/cert/example.com")[0]["value"]
+    assert b"PRIVATE KEY" not in raw and raw.startswith(b"dstack-gateway-sealed-v1:")
+    # Another app's key, a blob moved to another name, or one altered: refused, naming it.
+    other = etcd_store(etcd_cluster, prefix, node_id=3, blob_key=bytes(32))
+    with pytest.raises(DstackError) as err:
+        other.get_blob("cert/example.com")
+    assert err.value.field == "store" and "cert/example.com" in err.value.reason
+    one.client.put(prefix + "blob/cert/other.com", raw)
+    with pytest.raises(DstackError):
+        one.get_blob("cert/other.com")
+    one.client.put(prefix + "blob/cert/example.com", raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(DstackError):
+        one.get_blob("cert/example.com")
+    assert secret not in repr(err.value).encode()
+
+
+def test_the_sealing_key_comes_from_the_gateway_cvms_guest_agent(etcd_cluster, tmp_path):  # pylint: disable=redefined-outer-name
+    base = Path(tempfile.mkdtemp(prefix="gwe-", dir="/tmp"))   # a unix socket path is short
+    agent = subprocess.Popen(  # pylint: disable=consider-using-with
+        [str(Path(sys.executable).parent / "dstack-guest-agent"), "simulate", "--socket", str(base / "dstack.sock"),
+         "--state-dir", str(base / "state")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True)
+    try:
+        assert "simulating" in agent.stdout.readline()
+        prefix = _prefix()
+        config = _config(tmp_path, etcd_endpoints=etcd_cluster.endpoints, etcd_prefix=prefix)
+        config["rpc"]["guest_agent"] = str(base / "dstack.sock")
+        store = open_store(config)
+        store.put_blob("acme/account", b"account key")
+        # Sealed under the app's GetKey of that path: a store holding that key opens it.
+        app_key = bytes.fromhex(guest_client.call(str(base / "dstack.sock"), "GetKey",
+                                                  {"path": CLUSTER_BLOB_KEY_PATH, "purpose": "seal"})["key"])
+        assert etcd_store(etcd_cluster, prefix, blob_key=app_key).get_blob("acme/account") == b"account key"
+        assert open_store(config).get_blob("acme/account") == b"account key"       # the same key again
+    finally:
+        stop_process_group(agent)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # ---- two nodes ---------------------------------------------------------------------------------------
 
 def test_two_nodes_allocating_at_once_get_distinct_addresses_never_a_nodes_own(etcd_cluster):  # pylint: disable=redefined-outer-name
@@ -131,8 +192,9 @@ def test_two_nodes_allocating_at_once_get_distinct_addresses_never_a_nodes_own(e
         except Exception as exc:  # pylint: disable=broad-exception-caught
             errors.append(exc)
 
-    threads = [threading.Thread(target=register, args=(node, 100 * i)) for i, node in enumerate(nodes) for _ in (0,)]
-    threads += [threading.Thread(target=register, args=(node, 100 * i + 50)) for i, node in enumerate(nodes)]
+    # Two threads per node, all at once.
+    threads = [threading.Thread(target=register, args=(node, 100 * i + offset))
+               for i, node in enumerate(nodes) for offset in (0, 50)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -249,7 +311,7 @@ def test_a_node_is_up_while_it_renews_its_lease_and_down_when_it_stops(etcd_clus
     two.put_node(b'{"id": 2}')
     one.heartbeat(2, now=1000.0)
     two.heartbeat(2, now=1000.0)
-    assert [(n, record, alive) for n, record, alive in one.nodes()] == [
+    assert list(one.nodes()) == [
         (1, b'{"id": 1}', {"last_seen": 1000.0}), (2, b'{"id": 2}', {"last_seen": 1000.0})]
     # Node 1 keeps renewing; node 2 stops (killed: no goodbye). After its ttl it is down, its record kept.
     started = time.monotonic()
