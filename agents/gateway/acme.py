@@ -18,6 +18,8 @@ account key, and writing its account folder ourselves would need the newAccount 
 ACME client may send); certbot runs as a child of the gateway, in the same CVM, so that key too
 is made inside the TEE and never leaves it. The account URI is quoted with report_data =
 SHA-512("acme-account:" || URI).
+A key whose order then fails stays in the history: the attested set may hold keys no certificate
+was issued for, never a certificate key that was not attested.
 
 State, in the store's blobs (one node's SQLite, or a cluster's etcd: every node serves the same
 certificate and uses the same account): ACCOUNT_BLOB {acme_url, uri, account_id, files (certbot's
