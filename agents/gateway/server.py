@@ -246,6 +246,9 @@ def _app_info_source(config):
 def _proxy_main(config, store, ready):
     """One data-plane process: GatewayProxy on uvloop until SIGTERM (a child)."""
     _child_setup()
+    # The router reads the store on the event loop: a cluster's store asks each etcd member once,
+    # without waiting out an election, so that etcd down refuses new routes at once, not stalls the loop.
+    store = store.for_data_plane() if hasattr(store, "for_data_plane") else store
     import uvloop  # pylint: disable=import-outside-toplevel
 
     proxy_config = config["core"]["proxy"]

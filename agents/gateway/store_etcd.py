@@ -290,6 +290,16 @@ class EtcdStore:
         self._written = {}        # (kind, instance_id) -> the value this process last wrote for this node
         self._lease = 0           # this node's liveness lease
 
+    def for_data_plane(self):
+        """This store for a data-plane process: each request tries every member once and gives up
+        (a router lookup runs on the event loop; it must not sleep through an election)."""
+        copy = EtcdStore.__new__(EtcdStore)
+        copy.__dict__.update(self.__dict__, _written={}, _lease=0)
+        source = self.client
+        copy.client = EtcdClient(source.endpoints, timeout=source.timeout, ca_cert=source.ca_cert, cert=source.cert,
+                                 key=source.key, retry_for=0)
+        return copy
+
     def _k(self, *parts):
         return self.prefix + "/".join(str(p) for p in parts)
 

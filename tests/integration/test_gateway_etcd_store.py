@@ -361,9 +361,16 @@ def test_a_member_killed_loses_nothing_and_reads_and_writes_go_on(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert [i.to_dict() for i in alone.instances()] == [i.to_dict() for i in store.instances()]
+        # The data plane's copy reads the same state (and the sealed blobs).
+        data_plane = store.for_data_plane()
+        assert data_plane.instances() == store.instances() and data_plane.get_blob("acme/account") == b"account"
         # Every member down: a clear 503-class error naming the key, no traceback, nothing half made.
         for i in range(3):
             cluster.kill(i)
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            data_plane.instance(f"{0:040x}")
+        assert time.monotonic() - started < 1   # one pass over the members: the event loop does not stall
         quick = EtcdStore(EtcdClient(cluster.endpoints, timeout=0.5, retry_for=1.0), "10.0.0.0/25", "10.0.0.1/24",
                           prefix=prefix)
         with pytest.raises(Unavailable) as err:
