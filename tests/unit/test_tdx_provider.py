@@ -37,7 +37,11 @@ class FakeConfigfs:
         self.threads.append(thread)
 
     def _answer(self, path):
-        with open(os.path.join(path, "outblob"), "wb") as out:  # blocks until the provider reads
+        try:
+            out = open(os.path.join(path, "outblob"), "wb")  # pylint: disable=consider-using-with  # blocks until the provider reads
+        except FileNotFoundError:  # the provider refused the entry (and removed it) before reading
+            return
+        with out:
             with open(os.path.join(path, "inblob"), "rb") as handle:
                 inblob = handle.read()
             self.inblobs.append(inblob)
