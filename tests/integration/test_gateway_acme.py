@@ -113,14 +113,16 @@ def issued(acme_world, gateway_cvm):
     folder = Path(tempfile.mkdtemp(prefix="gws-", dir="/tmp"))
     # As the role writes it: an Admin listener, its token not in the file (serve gets it in its
     # environment; renew-cert and set-caa need none).
-    config = gateway_config(folder, acme_world, gateway_cvm, admin={"listen": f"127.0.0.1:{free_port()}"})
-    started = time.monotonic()
-    done = gateway_cli(config, "renew-cert")
-    elapsed = time.monotonic() - started
-    assert done.returncode == 0, done.stderr
-    print(f"\nfirst issuance (account registration, quotes, certbot DNS-01): {elapsed:.1f} s")
-    yield config, json.loads(done.stdout)
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        config = gateway_config(folder, acme_world, gateway_cvm, admin={"listen": f"127.0.0.1:{free_port()}"})
+        started = time.monotonic()
+        done = gateway_cli(config, "renew-cert")
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        print(f"\nfirst issuance (account registration, quotes, certbot DNS-01): {elapsed:.1f} s")
+        yield config, json.loads(done.stdout)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _verify_quote(cvm, quote_text, report_data, folder):
