@@ -48,7 +48,7 @@ from ansible_collections.dstack.tee.agents.guest.gateway_link import GatewayLink
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_json
 from ansible_collections.dstack.tee.plugins.module_utils.gateway_client import GatewayClient
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsCertSigner, KmsClient
 
@@ -244,14 +244,7 @@ class Boot:
         self.notifier.progress("instance-id", f"app_id {self.app_id}, instance_id {self.instance_id or '(none)'}")
 
     def _instance_info(self):
-        path = self.ctx.paths.instance_info
-        if not os.path.exists(path):
-            return {}
-        with open(path, encoding="utf-8") as handle:
-            try:
-                info = json.load(handle)
-            except ValueError:
-                raise DstackError(".instance_info", "is not JSON") from None
+        info = read_json(self.ctx.paths.instance_info, ".instance_info", missing_ok=True)
         return info if isinstance(info, dict) else {}
 
     def step_measure(self):
@@ -322,13 +315,12 @@ class Boot:
         self.notifier.progress("measure-system", "storage-fs, system-ready measured")
 
     def step_env(self):
-        if not os.path.exists(self.ctx.paths.encrypted_env):
+        blob = read_bytes(self.ctx.paths.encrypted_env, ".encrypted-env", missing_ok=True)
+        if blob is None:
             self.env = []
             self._write_env()
             self.notifier.progress("env", "no encrypted env")
             return
-        with open(self.ctx.paths.encrypted_env, "rb") as handle:
-            blob = handle.read()
         if not self.keys.get("env_crypt_key"):
             raise DstackError(".encrypted-env", "is present but this key provider gives no env key")
         items = env_crypt.decrypt_env(blob, parse_hex(self.keys["env_crypt_key"], "env_crypt_key", length=32),
