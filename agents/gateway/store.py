@@ -116,9 +116,10 @@ class Store:
     """SQLite state of one gateway. Thread- and process-safe; reopen the same file to restart."""
 
     def __init__(self, path, client_ip_range, gateway_ip, reserved_net=()):
-        """path: the SQLite file, or a directory (then STATE_FILE in it). client_ip_range: CIDR;
-        gateway_ip: the gateway's own address with its prefix ("10.0.0.1/24"); reserved_net: CIDRs."""
-        if os.path.isdir(path):
+        """path: the SQLite file (a name with a suffix: gateway.sqlite3), or a directory, made when
+        missing (then STATE_FILE in it: core.state_dir). client_ip_range: CIDR; gateway_ip: the
+        gateway's own address with its prefix ("10.0.0.1/24"); reserved_net: CIDRs."""
+        if os.path.isdir(path) or not os.path.splitext(path)[1]:
             path = os.path.join(path, STATE_FILE)
         self.path = os.path.abspath(path)
         self.client_ip_range = ipaddress.ip_network(client_ip_range)

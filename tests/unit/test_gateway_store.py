@@ -155,3 +155,9 @@ def test_processes_registering_at_once_get_distinct_addresses(tmp_path):
     assert len(addresses) == 160 and len(set(addresses)) == 160
     expected = {str(h) for h in ipaddress.ip_network("10.0.0.0/24").hosts() if str(h) != "10.0.0.1"}
     assert set(addresses) == set(sorted(expected, key=ipaddress.ip_address)[:160])
+
+
+def test_a_state_dir_not_made_yet_is_made_a_folder_with_the_state_file_in_it(tmp_path):
+    """core.state_dir names a folder: one that does not exist yet is made, not taken for the file."""
+    store = Store(str(tmp_path / "state"), "10.0.0.0/25", "10.0.0.1/24")
+    assert (tmp_path / "state").is_dir() and store.path == str(tmp_path / "state" / "gateway.sqlite3")
