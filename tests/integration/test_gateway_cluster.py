@@ -16,7 +16,8 @@ Both nodes are instances of one gateway app (the KMS's gatewayAppId), each with 
 certificate from its own CVM boot; they share etcd ([core.sync] etcd_endpoints, interval 1 s,
 node_ttl 3 s). The CVM registers through node 1 and is answered by node 2's proxy; node 1 stops
 and node 2 still answers; the CVM registers again (through node 2, then node 1 once it is back)
-and keeps its address; the etcd leader is killed and nothing is lost.
+and keeps its address; the etcd leader is killed and nothing is lost; node 2 is killed and is
+marked down once its lease expires.
 
 The in-process tests check what a node accepts of another: only an attested node of the same
 gateway app, with its record signed by its attested key.
@@ -420,8 +421,18 @@ def test_two_nodes_serve_one_cvm_through_either_survive_a_node_and_an_etcd_membe
         assert hosts() == before and [h["ip"] for h in before] == [client_ip]
         assert _nodes_up(net.node_ips[0], world.kms_root) == {1: True, 2: True}
 
-        for node in nodes:
-            assert node.stop() == 0, node.log[-6000:]
+        # Node 2 dies (every process in its namespace killed: no goodbye): node 1 marks it down once
+        # its lease expires (node_ttl 3 s) and keeps answering.
+        etcd.start_member(leader)
+        etcd.wait_healthy([leader])
+        _kill_everything_in(NODE_NS[1])
+        nodes[1].proc.wait(10)
+        timings["node 2 killed -> marked down"] = _wait_for(
+            "node 1 marks node 2 down", lambda: _nodes_up(net.node_ips[0], world.kms_root) == {1: True, 2: False})
+        assert 1.5 < timings["node 2 killed -> marked down"] < 8
+        assert answers_through(0)()
+
+        assert nodes[0].stop() == 0, nodes[0].log[-6000:]
         for netns in NODE_NS:
             assert _ns_pids(netns) == []
     print("cluster timings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}))
