@@ -55,9 +55,19 @@ def _prefix():
 
 # ---- the SQLite store's tests, on etcd -------------------------------------------------------------------
 
-# Every test of the SQLite suite but those about the file itself.
-SHARED = [name for name in dir(sqlite_suite) if name.startswith("test_") and name not in (
-    "test_the_file_is_private_and_in_wal_mode", "test_dstacks_defaults_first_addresses")]
+# The SQLite suite's tests of the store's behaviour (those about its file stay SQLite's).
+SHARED = [
+    "test_skips_network_broadcast_own_address_and_reserved_and_exhausts_clearly",
+    "test_the_gateways_own_network_broadcast_is_never_given",
+    "test_a_freed_address_is_reused_first",
+    "test_re_registration_keeps_the_address_and_updates_the_key",
+    "test_conflicts_leave_everything_as_it_was",
+    "test_a_restart_keeps_registrations_addresses_and_overrides",
+    "test_an_address_made_reserved_by_a_new_configuration_is_replaced",
+    "test_port_policy_override_wins_and_can_be_removed",
+    "test_instances_of_an_app_freshest_handshake_first_and_stale_ones",
+    "test_processes_registering_at_once_get_distinct_addresses",
+]
 
 
 @pytest.mark.parametrize("name", SHARED)
