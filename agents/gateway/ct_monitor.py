@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ansible_collections.dstack.tee.agents.gateway.acme import acme_account_report_data, zt_cert_report_data
 from ansible_collections.dstack.tee.agents.verifier.cli import read_quote_input
-from ansible_collections.dstack.tee.plugins.module_utils import attestation, gateway_http, json_limits
+from ansible_collections.dstack.tee.plugins.module_utils import attestation, gateway_http
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import spki_der
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes

@@ -249,9 +249,9 @@ def test_bad_settings_are_named(tmp_path, key, value, reason):
     with pytest.raises(DstackError) as err:
         load_config(overrides=raw, environ={})
     assert err.value.field.startswith(f"core.proxy.{key}") and reason in err.value.reason
-    good = load_config(overrides=dict(raw, **{"core.proxy.dns_resolver": ["127.0.0.1", "[::1]:5353"],
-                                               "core.proxy.app_address_ns_prefix": "_dstack-app-address"}),
-                       environ={})["core"]["proxy"]
+    overrides = dict(raw, **{"core.proxy.dns_resolver": ["127.0.0.1", "[::1]:5353"],
+                             "core.proxy.app_address_ns_prefix": "_dstack-app-address"})
+    good = load_config(overrides=overrides, environ={})["core"]["proxy"]
     assert good["dns_resolver"] == ["127.0.0.1:53", "[::1]:5353"] and good["app_address_ns_compat"] is True
     assert good["timeouts"]["dns_resolve"] == 5.0
 
