@@ -155,9 +155,9 @@ class GatewayService:
         self.verifier = verifier or ra_tls.Verifier(
             ra_tls.load_kms_root(config["rpc"]["kms_root_ca"]), QuoteTrust(config["attestation"], core["state_dir"]),
             usage=ra_tls.CLIENT_AUTH, require_instance_id=True)
-        # [core.sync]: a cluster's nodes (cluster.py); None for a single node.
-        self.cluster = cluster if cluster is not None or not core["sync"]["etcd_endpoints"] else \
-            gateway_cluster.Cluster(config, self.store, self.verifier)
+        # [core.sync]: a cluster's nodes (cluster.py), made on first use (serve joins at start; the
+        # ACME commands, which need only the store, never need this node's identity); None for one node.
+        self._cluster = cluster
         auth = core["auth"]
         self.auth = AuthWebhook(auth["url"], auth["timeout"]) if auth["enabled"] else None
         # [core.certbot]: the ACME certificates (made here: a bad credentials file stops the start).
@@ -206,6 +206,12 @@ class GatewayService:
         wg = self.config["core"]["wg"]
         return {"id": self._node_id(), "uuid": "", "url": self._url(), "last_seen": int(time.time()),
                 "wg_public_key": wg["public_key"], "wg_ip": wg["ip"], "wg_endpoint": wg["endpoint"]}
+
+    @property
+    def cluster(self):
+        if self._cluster is None and self.config["core"]["sync"]["etcd_endpoints"]:
+            self._cluster = gateway_cluster.Cluster(self.config, self.store, self.verifier)
+        return self._cluster
 
     def _node_id(self):
         return self.cluster.node_id if self.cluster is not None else 0
