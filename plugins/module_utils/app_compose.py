@@ -32,6 +32,9 @@ ENV_KEY_RE = re.compile(r"\A[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # VM and app names: alphanumerics and -_. @~!$^() (dstack-reference 2.1).
 NAME_RE = re.compile(r"\A[A-Za-z0-9\-_. @~!$^()]+\Z")
 _HUMAN_SIZE_RE = re.compile(r"\A\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*\Z")
+_DNS_LABEL_RE = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+MAX_CUSTOM_DOMAINS = 32
+CUSTOM_DOMAIN_PORT = 80      # where a terminated custom domain goes when its entry names no port
 
 # Fields always written, with dstack's defaults (what `vmm-cli.py compose` writes, plus the
 # explicit key_provider, which wins over the booleans). Order does not matter: keys are sorted.
@@ -54,6 +57,8 @@ DEFAULTS = {
 OPTIONAL_FIELDS = (
     "bash_script", "pre_launch_script", "init_script", "features", "storage_fs", "swap_size",
     "docker_config", "port_policy", "requirements", "verity_volumes", "event_log_version",
+    # Ours, not dstack's: the names the gateway terminates with their own certificates (below).
+    "custom_domains",
 )
 BOOL_FIELDS = (
     "kms_enabled", "gateway_enabled", "local_key_provider_enabled", "public_logs",
@@ -281,11 +286,64 @@ def validate(app_compose):
     for field in ("docker_config", "port_policy", "requirements"):
         if app_compose.get(field) is not None and not isinstance(app_compose[field], dict):
             raise DstackError(field, "must be a mapping")
+    if app_compose.get("custom_domains") is not None:
+        custom_domains(app_compose)
     init = app_compose.get("init_script")
     if init is not None and not (isinstance(init, str) or isinstance(init, list) and len(init) <= 5
                                  and all(isinstance(s, str) for s in init)):
         raise DstackError("init_script", "must be a script or a list of at most 5 scripts")
     return app_compose
+
+
+# ---- custom_domains (ours) -------------------------------------------------------------------
+
+def check_domain(value, field):
+    """A DNS name a certificate can be issued for: lower case, letters, digits and - in labels of
+    at most 63, at least two labels, no wildcard, no IP address; the trailing dot dropped."""
+    if not isinstance(value, str) or not value.strip():
+        raise DstackError(field, "must be a DNS name such as shop.example.com")
+    name = value.strip().lower().removesuffix(".")
+    if name.startswith("*."):
+        raise DstackError(field, f"{name!r} is a wildcard: declare each name (a certificate per name)")
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL_RE.match(label) for label in labels) \
+            or labels[-1].isdigit():
+        raise DstackError(field, f"{value[:80]!r} is not a DNS name (labels of letters, digits and -, at least two, "
+                                 "not an IP address)")
+    return name
+
+
+def custom_domains(app_compose, field="custom_domains"):
+    """app-compose's custom_domains as [{"domain", "port"}]: the names the app asks the gateway to
+    terminate with their own ACME certificates, and the app's port each goes to (plain, after the
+    gateway's TLS; CUSTOM_DOMAIN_PORT when not given). Entries are {domain, port} or a bare name.
+    The field is ours, not dstack's, and written only when set: an app without it keeps dstack's
+    compose_hash. The gateway serves a name only while its TXT record
+    _dstack-app-address.<domain> says "<app_id>:<port>" of this app (agents/gateway/custom_certs.py)."""
+    entries = app_compose.get(field) if isinstance(app_compose, dict) else None
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or len(entries) > MAX_CUSTOM_DOMAINS:
+        raise DstackError(field, f"must be a list of at most {MAX_CUSTOM_DOMAINS} {{domain, port}} (or names)")
+    checked, seen = [], set()
+    for pos, entry in enumerate(entries):
+        where = f"{field}[{pos}]"
+        if isinstance(entry, str):
+            entry = {"domain": entry}
+        if not isinstance(entry, dict):
+            raise DstackError(where, "must be {domain: NAME, port: PORT} (port optional) or a name")
+        unknown = sorted(str(k) for k in entry if k not in ("domain", "port"))
+        if unknown:
+            raise DstackError(f"{where}.{unknown[0]}", "is not a custom_domains field (domain, port)")
+        domain = check_domain(entry.get("domain"), f"{where}.domain")
+        port = entry.get("port", CUSTOM_DOMAIN_PORT)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise DstackError(f"{where}.port", f"must be a port number 1 to 65535 (got {str(port)[:40]!r})")
+        if domain in seen:
+            raise DstackError(f"{where}.domain", f"{domain} is declared twice")
+        seen.add(domain)
+        checked.append({"domain": domain, "port": port})
+    return checked
 
 
 # An app folder's app.yml: every app-compose field a deployer sets (all but name, which app.yml
@@ -332,6 +390,14 @@ def build(compose_text, name, **options):
     for field, value in options.items():
         if value is not None:
             app[field] = value
+    if "custom_domains" in app:
+        # Written in one form ({domain, port}, the name in lower case), or not at all when empty:
+        # an app that declares none keeps the compose_hash it has without the field.
+        declared = custom_domains(app)
+        if declared:
+            app["custom_domains"] = declared
+        else:
+            del app["custom_domains"]
     if options.get("key_provider") is not None:
         kp = options["key_provider"]
         if kp not in KEY_PROVIDERS:
