@@ -141,10 +141,12 @@ class GatewayLink:
             # peers come back new and handshake at once (the gateway knows no endpoint to start
             # one, and ours would otherwise be kept until its rekey, minutes away).
             self.interface.uapi.sync_peers([])
-        self.interface.uapi.sync_peers(peers)
-        # Only the gateways may reach this CVM's WireGuard port (dstack's DSTACK_WG chain).
+        # Only the gateways may reach this CVM's WireGuard port (dstack's DSTACK_WG chain): opened to
+        # them before the peers are set, or a new gateway's first handshake answer is dropped (one
+        # lost WireGuard retry, 5 s).
         netns_ports.guard_wireguard_port(self.netns, wireguard.CVM_LISTEN_PORT,
                                          sorted({p.endpoint.rpartition(":")[0].strip("[]") for p in peers}))
+        self.interface.uapi.sync_peers(peers)
         for prefix in routes:
             _ip_route(self.netns, prefix, self.interface.name)
 
