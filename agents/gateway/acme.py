@@ -204,12 +204,14 @@ class AcmeManager:
         account = _json_blob(self.store, ACCOUNT_BLOB)
         return account if account and account.get("acme_url") == self.settings["acme_url"] else None
 
-    def due(self, certificate, now=None):
-        """Why `certificate` must be renewed ("" when it need not be)."""
+    def due(self, certificate, now=None, names=None):
+        """Why `certificate` must be renewed ("" when it need not be); `names`: the DNS names it
+        must hold (default the wildcard's)."""
+        names = list(names or self.names)
         if certificate is None:
             return "no certificate yet"
-        if sorted(certificate.names) != sorted(self.names):
-            return f"its names {', '.join(certificate.names)} are not the configured {', '.join(self.names)}"
+        if sorted(certificate.names) != sorted(names):
+            return f"its names {', '.join(certificate.names)} are not the configured {', '.join(names)}"
         left = certificate.not_after - (time.time() if now is None else now)
         if left <= self.settings["renew_before_expiration"]:
             return f"it expires in {max(left, 0) / 86400:.1f} days"
@@ -378,7 +380,7 @@ class AcmeManager:
             except Unavailable as exc:
                 return False, f"not ordered here: {exc.reason}"
             current = self.certificate(name)
-            reason = "forced" if force else self.due(current)
+            reason = "forced" if force else self.due(current, names=names)
             if not reason:
                 return False, f"valid until {_utc(current.not_after)}"
             log.info("ordering a certificate for %s: %s", ", ".join(names), reason)
@@ -440,10 +442,12 @@ def contexts_for(certificate, scratch_dir):
 
 class RenewalSchedule:
     """Every renew_interval, renew what is due (a thread of serve's supervisor); failures are
-    logged and retried at the next round."""
+    logged and retried at the next round. `also`: more renewals of the round, called after the
+    wildcard's (custom_certs.DeclaredDomains.renew_all: the apps' custom domains)."""
 
-    def __init__(self, manager):
+    def __init__(self, manager, also=()):
         self.manager = manager
+        self.also = tuple(also)
         self.stop_event = threading.Event()
         self.thread = None
 
@@ -460,6 +464,11 @@ class RenewalSchedule:
                 log.log(logging.INFO if renewed else logging.DEBUG, "renewal check: %s", reason)
             except Exception as exc:  # pylint: disable=broad-exception-caught
                 log.warning("renewal of %s failed, retried in %.0f s: %s", ", ".join(self.manager.names), interval, exc)
+            for renew in self.also:
+                try:
+                    renew()
+                except Exception as exc:  # pylint: disable=broad-exception-caught
+                    log.warning("renewal round failed, retried in %.0f s: %s", interval, exc)
 
     def stop(self):
         self.stop_event.set()

@@ -18,16 +18,23 @@
                          hub: `serve` runs one.
   dstack-gateway check-config --config gateway.toml
                          load and check the configuration; print it, secrets hidden
-  dstack-gateway renew-cert --config gateway.toml [--force]
+  dstack-gateway renew-cert --config gateway.toml [--force] [--name DOMAIN]
                          with [core.certbot]: order the wildcard certificate now if it is due
                          (--force: in any case) through certbot, its key quoted first; prints
                          {renewed, reason}. A running serve serves it within seconds. Another
                          node (or serve) ordering it at the same time: not ordered here.
+                         --name: the certificate of a custom domain a registered app declares
+                         (custom_certs.py), only while its TXT record names that app
   dstack-gateway set-caa --config gateway.toml
                          with [core.certbot]: pin the domain's CAA records to ca_name, DNS-01 and
                          the gateway's attested ACME account (registered first if there is none),
                          through the DNS provider (left alone when they are exactly those);
                          prints {changed, records}
+  dstack-gateway set-txt --config gateway.toml --domain DOMAIN --app-id APP_ID [--port PORT] [--check]
+                         the custom domain's record <app_address_ns_prefix>.DOMAIN TXT
+                         "APP_ID:PORT" (port 80 by default) through [core.certbot] dns_provider
+                         and credentials, left alone when it is already that; --check changes
+                         nothing; prints {changed, name, type, value, before}
 """
 
 import argparse
@@ -98,8 +105,25 @@ def _acme_manager(args):
 
 
 def cmd_renew_cert(args):
-    renewed, reason = _acme_manager(args).renew(force=args.force)
+    manager = _acme_manager(args)
+    if args.name and args.name.lower().rstrip(".") != manager.name:
+        from ansible_collections.dstack.tee.agents.gateway import custom_certs  # pylint: disable=import-outside-toplevel
+        return custom_certs.renew_declared(manager.config, manager.store, manager, args.name, force=args.force)
+    renewed, reason = manager.renew(force=args.force)
     return {"renewed": renewed, "reason": reason}
+
+
+def cmd_set_txt(args):
+    from ansible_collections.dstack.tee.agents.gateway import custom_certs, dns_provider, server  # pylint: disable=import-outside-toplevel
+
+    config = server.load_config(args.config, {"core.state_dir": args.state_dir, "admin.listen": ""})
+    certbot = config["core"]["certbot"]
+    if not certbot["credentials"]:
+        raise DstackError("core.certbot.credentials", f"is not set in {args.config}: set-txt writes the record "
+                                                      "through the gateway's DNS provider and its credentials file")
+    provider = dns_provider.open_provider(certbot["dns_provider"], certbot["credentials"])
+    return custom_certs.set_app_address(provider, config["core"]["proxy"]["app_address_ns_prefix"], args.domain,
+                                        args.app_id, args.port, check=args.check)
 
 
 def cmd_set_caa(args):
@@ -132,11 +156,20 @@ def build_parser():
     renew.add_argument("--config", required=True, help="the gateway.toml")
     renew.add_argument("--state-dir", help="overrides core.state_dir")
     renew.add_argument("--force", action="store_true", help="order a new certificate even if the current one is valid")
+    renew.add_argument("--name", help="a custom domain a registered app declares (default: the wildcard)")
     renew.set_defaults(func=cmd_renew_cert)
     caa = sub.add_parser("set-caa", help="[core.certbot]: pin the domain's CAA records to the CA and the attested account")
     caa.add_argument("--config", required=True, help="the gateway.toml")
     caa.add_argument("--state-dir", help="overrides core.state_dir")
     caa.set_defaults(func=cmd_set_caa)
+    txt = sub.add_parser("set-txt", help="a custom domain's TXT record <prefix>.DOMAIN = APP_ID:PORT through the DNS provider")
+    txt.add_argument("--config", required=True, help="the gateway.toml")
+    txt.add_argument("--state-dir", help="overrides core.state_dir")
+    txt.add_argument("--domain", required=True, help="the custom domain, e.g. shop.example.com")
+    txt.add_argument("--app-id", required=True, help="the app's app_id (40 hex digits)")
+    txt.add_argument("--port", type=int, default=80, help="the app's port the domain goes to (default 80)")
+    txt.add_argument("--check", action="store_true", help="say what would change, change nothing")
+    txt.set_defaults(func=cmd_set_txt)
     return parser
 
 

@@ -30,7 +30,9 @@ dstack's keys where they exist (dstack-reference 3; durations as "5s", "10m", "5
                         (the ACME server's CA, a private one's), dns_provider ("rfc2136" or
                         "cloudflare"), credentials (that certbot plugin's INI file, 0600: the secret
                         stays out of gateway.toml), dns_propagation_seconds, ca_name (the CAA
-                        records' issuer, dstack's letsencrypt.org)
+                        records' issuer, dstack's letsencrypt.org), custom_domain_certs (the
+                        custom domains apps declare in their app-compose terminated with their own
+                        certificates, while their TXT record names the app: custom_certs.py; true)
     [core.sync]         a gateway cluster (dstack's section; its store is etcd here, not WaveKV):
                         etcd_endpoints (the etcd members' client URLs; empty, the default, = one
                         node on SQLite), node_id (unique in the cluster; 0 = the host part of
@@ -294,6 +296,7 @@ SCHEMA = {
             "credentials": (_text, ""),
             "dns_propagation_seconds": (_int(0, 3600), 60),
             "ca_name": (_text, "letsencrypt.org"),
+            "custom_domain_certs": (_bool, True),
         },
         "sync": {
             "etcd_endpoints": (_list_of(_etcd_url), []),

@@ -6,6 +6,7 @@ plugin and the credentials file) and the records the gateway writes itself (CAA,
     provider = open_provider("rfc2136", "/etc/dstack/dns.ini")
     provider.certbot_args(propagation_seconds=60)   # certbot's --dns-<name> flags
     provider.set_txt("_dstack-app-address.example.com", ["<app_id>:443"])
+    provider.txt("_dstack-app-address.example.com")  # ["<app_id>:443"]
     provider.caa("example.com")                     # [(flags, tag, value), ...]
     set_caa(provider, "example.com", "letsencrypt.org", account_uri)   # dstack's guarded change, (records, changed)
 
@@ -135,6 +136,10 @@ class DnsProvider:
         raise NotImplementedError
 
     def delete_txt(self, name):
+        raise NotImplementedError
+
+    def txt(self, name):
+        """The TXT values of `name` as the provider holds them (sorted; [] for none)."""
         raise NotImplementedError
 
     def caa(self, name):
@@ -274,6 +279,16 @@ class Rfc2136(DnsProvider):
     def delete_txt(self, name):
         self._update(name, lambda update, owner: update.delete(owner, "TXT"), f"deleting the TXT record of {name}")
 
+    def txt(self, name):
+        import dns.flags  # pylint: disable=import-outside-toplevel
+        import dns.message  # pylint: disable=import-outside-toplevel
+        import dns.rdatatype  # pylint: disable=import-outside-toplevel
+        query = dns.message.make_query(name, dns.rdatatype.TXT)
+        query.flags &= ~dns.flags.RD
+        answer = self._send(query, f"reading the TXT record of {name}")
+        return sorted(b"".join(r.strings).decode("utf-8", "replace") for rrset in answer.answer
+                      if rrset.rdtype == dns.rdatatype.TXT for r in rrset)
+
     def caa(self, name):
         import dns.flags  # pylint: disable=import-outside-toplevel
         import dns.message  # pylint: disable=import-outside-toplevel
@@ -382,6 +397,12 @@ class Cloudflare(DnsProvider):
         zone, records = self._records(name, "TXT")
         for record in records:
             self._call("DELETE", f"/zones/{zone}/dns_records/{record['id']}", what=f"deleting the TXT record of {name}")
+
+    def txt(self, name):
+        _zone, records = self._records(name, "TXT")
+        # Cloudflare may give the content in zone-file quotes; the value is what is inside.
+        return sorted(r["content"][1:-1] if len(r["content"]) > 1 and r["content"][0] == r["content"][-1] == '"'
+                      else r["content"] for r in records)
 
     def caa(self, name):
         _zone, records = self._records(name, "CAA")

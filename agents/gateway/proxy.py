@@ -19,7 +19,9 @@ The path of one connection:
    freshest first, each kept only when its port policy allows the port. A name that is neither a
    base domain nor under one is a custom domain: its DNS TXT record `_dstack-app-address.<name>`
    (custom_domains.py, looked up off the loop) names `<app_id>:<port>`, passed through as TLS to
-   that app (registered here, its port policy applied). A refusal here is a TLS alert to the client
+   that app (registered here, its port policy applied); a name the app declared (custom_certs.py,
+   set_custom_contexts) is terminated instead, with that name's own certificate, when the record
+   names exactly that app and port. A refusal here is a TLS alert to the client
    (nothing was consumed, so it reads as the server's answer to its hello).
 3. connect to the first connect_top_n candidates at once; the first that answers wins, the
    others are closed. A PROXY v2 header goes first when the winner's policy says pp for the port.
@@ -443,6 +445,7 @@ class GatewayProxy:
         self.per_app = {}                 # routed id -> live connections
         self.refused = 0                  # connections refused (tests and status pages read it)
         self.custom_domains = None        # custom_domains.AppAddressResolver, made at start
+        self.custom_tls = {}              # declared custom domain -> custom_certs.ServedDomain
         self.lookups = {}                 # custom-domain lookup task -> its client socket
 
     @property
@@ -453,6 +456,12 @@ class GatewayProxy:
         """Terminate new connections with these contexts (a renewed certificate). Connections
         already open keep the TLS session of the context they began with: nothing is dropped."""
         self.tls, self.tls_h2 = tls, tls_h2
+
+    def set_custom_contexts(self, served):
+        """The declared custom domains this proxy terminates: {domain: (app_id, port, tls)}
+        (custom_certs.ServedCustomCertificates). A name is terminated with its certificate only
+        while its TXT record names that app and port; new connections only, as set_contexts."""
+        self.custom_tls = dict(served)
 
     async def start(self):
         self.loop = asyncio.get_running_loop()
@@ -564,13 +573,21 @@ class GatewayProxy:
         except custom_domains.CustomDomainError as exc:
             self.refuse(sock, peer, f"custom domain {server_name}: {exc.reason}", ALERT_UNRECOGNIZED_NAME)
             return
+        served = self.custom_tls.get(server_name.lower().rstrip("."))
+        if served is not None and (served.app_id, served.port) == (address.id, address.port):
+            # Declared by the app its record names: terminated here with the name's own certificate.
+            route = sni.Route(address.id, address.port, sni.MODE_TERMINATE, None)
+            self._dispatch(sock, peer, route, started, local, origin=f" (custom domain {server_name}, its own "
+                           f"certificate, TXT {address.record})", context=served.tls)
+            return
         route = sni.Route(address.id, address.port, sni.MODE_PASSTHROUGH, None)
         self._dispatch(sock, peer, route, started, local,
                        origin=f" (custom domain {server_name}, TXT {address.record})")
 
-    def _dispatch(self, sock, peer, route, started, local, origin=""):
+    def _dispatch(self, sock, peer, route, started, local, origin="", context=None):
         """Connect a routed connection to its candidates (a task), or refuse it; `origin` says in
-        the log where a route that did not come from the name itself came from."""
+        the log where a route that did not come from the name itself came from; `context`: the
+        termination context when it is not the wildcard's (a declared custom domain's)."""
         try:
             candidates = self._candidates(route)
         except Exception as exc:  # pylint: disable=broad-exception-caught
@@ -592,7 +609,7 @@ class GatewayProxy:
         conn = _Connection(self, route.id, started)
         self.connections.add(conn)
         self.per_app[route.id] = self.per_app.get(route.id, 0) + 1
-        self.loop.create_task(self._open(conn, sock, (peer, local), route, candidates))
+        self.loop.create_task(self._open(conn, sock, (peer, local), route, candidates, context))
 
     def _candidates(self, route):
         """The first connect_top_n (instance_id, ip, send_pp) whose policy allows the port.
@@ -652,7 +669,7 @@ class GatewayProxy:
                 # One that connects while being cancelled must not be left open.
                 task.add_done_callback(_close_if_connected)
 
-    async def _open(self, conn, sock, addresses, route, candidates):
+    async def _open(self, conn, sock, addresses, route, candidates, own_context=None):
         peer, local = addresses
         try:
             try:
@@ -673,7 +690,7 @@ class GatewayProxy:
                 upstream.transport.write(proxy_protocol.header_v2(peer, local or sock.getsockname()))
             context = None
             if route.mode == sni.MODE_TERMINATE:
-                context = self.tls
+                context = own_context or self.tls
             elif route.mode == sni.MODE_H2:
                 context = self.tls_h2
             client = _Side(conn, self.loop.time)

@@ -17,7 +17,9 @@ Processes (each line says what came up where on stderr):
     data plane    `[core.proxy] workers` processes (at least one), each an uvloop event loop
                   with GatewayProxy on `listen_addr:listen_port` (SO_REUSEPORT when more than
                   one), routing through StoreRouter over the same SQLite store; the wildcard
-                  certificate `cert_chain` / `cert_key` terminates TLS.
+                  certificate `cert_chain` / `cert_key` terminates TLS (with [core.certbot], the
+                  store's ACME certificate, and each custom domain an app declared its own:
+                  custom_certs.py, whose watcher is a thread of the supervisor).
 
 Why children rather than threads: gunicorn's arbiter owns the signals and the forks of its
 process, and the event loop should not share a GIL with request handlers that verify quotes.
@@ -57,7 +59,7 @@ import threading
 import time
 from multiprocessing import connection as mp_connection
 
-from ansible_collections.dstack.tee.agents.gateway import acme
+from ansible_collections.dstack.tee.agents.gateway import acme, custom_certs
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
 from ansible_collections.dstack.tee.agents.gateway.proxy import GatewayProxy, ProxySettings, StoreRouter, server_contexts
 from ansible_collections.dstack.tee.plugins.module_utils import guest_client, wireguard
@@ -150,6 +152,7 @@ def attested_rpc_certificate(config, wait=GUEST_AGENT_WAIT):
     root = read_text(rpc["kms_root_ca"], "rpc.kms_root_ca").strip()
     served = [pem for pem in chain if pem.strip() != root]  # the CVMs have the root; serve leaf and app CA
     cert_path, key_path = os.path.join(state_dir, RA_TLS_CERT_FILE), os.path.join(state_dir, RA_TLS_KEY_FILE)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)   # a first start: nothing made it yet
     atomic_write(key_path, key.encode(), mode=0o600)
     atomic_write(cert_path, "".join(pem if pem.endswith("\n") else pem + "\n" for pem in served).encode(), mode=0o600)
     rpc["cert"], rpc["key"] = cert_path, key_path
@@ -262,25 +265,39 @@ def _proxy_main(config, store, ready):
         tls, tls_h2 = served.load() or (tls, tls_h2)
     if tls is None:
         raise DstackError("core.certbot", "no certificate to serve: none in the store and no core.proxy.cert_chain")
+    # The custom domains apps declared, each with its own certificate (custom_certs.py).
+    custom = custom_certs.ServedCustomCertificates(store, config["core"]["state_dir"]) \
+        if custom_certs.enabled(config) else None
 
     async def watch_certificate(proxy):
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(acme.CERT_CHECK_INTERVAL)
             try:
-                contexts = await loop.run_in_executor(None, served.load)
+                contexts = await loop.run_in_executor(None, served.load) if served else None
             except Exception as exc:  # pylint: disable=broad-exception-caught
                 log.warning("the renewed certificate could not be loaded (still serving the last one): %s", exc)
-                continue
+                contexts = None
             if contexts is not None:
                 proxy.set_contexts(*contexts)
                 log.info("data plane (pid %s): serving the renewed certificate for new connections", os.getpid())
+            try:
+                names = await loop.run_in_executor(None, custom.load) if custom else None
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                log.warning("the custom domains' certificates could not be loaded (still serving the last ones): %s", exc)
+                names = None
+            if names is not None:
+                proxy.set_custom_contexts(names)
+                log.info("data plane (pid %s): custom domains with their own certificates: %s", os.getpid(),
+                         ", ".join(sorted(names)) or "none")
 
     async def serve():
         proxy = GatewayProxy(settings, StoreRouter(store), tls, tls_h2, app_info=_app_info_source(config),
                              acme_info=lambda: acme.acme_info(store))
+        if custom is not None:
+            proxy.set_custom_contexts(custom.load() or {})
         await proxy.start()
-        watcher = asyncio.get_running_loop().create_task(watch_certificate(proxy)) if served else None
+        watcher = asyncio.get_running_loop().create_task(watch_certificate(proxy)) if served or custom else None
         if config["core"]["wg"]["netns"]:
             # Listening where serve runs, connecting from where the tunnels are: this loop's thread
             # (the only one that connects) enters the WireGuard namespace.
@@ -313,6 +330,7 @@ class Supervisor:
         self.service = None
         self.children = []          # [(what, multiprocessing process)]
         self.renewals = None        # acme.RenewalSchedule with [core.certbot]
+        self.declared = None        # custom_certs.DeclaredDomains with [core.certbot] custom_domain_certs
         self.stopping = None        # the signal's name once one arrived
         self.failure = None
         self._wakeup = None
@@ -376,7 +394,11 @@ class Supervisor:
             if self.stopping is None:
                 self._start_children()
             if self.service.acme is not None and self.stopping is None and self.failure is None:
-                self.renewals = acme.RenewalSchedule(self.service.acme).start()
+                if custom_certs.enabled(self.config):
+                    self.declared = custom_certs.DeclaredDomains(self.config, self.service.store,
+                                                                 self.service.acme).start()
+                self.renewals = acme.RenewalSchedule(
+                    self.service.acme, also=[self.declared.renew_all] if self.declared else []).start()
             if self.stopping is None and self.failure is None:
                 self._supervise()
         finally:
@@ -574,6 +596,9 @@ class Supervisor:
         if self.renewals is not None:
             self.renewals.stop()
             self.renewals = None
+        if self.declared is not None:
+            self.declared.stop()
+            self.declared = None
         alive = [(what, process) for what, process in self.children if process.is_alive()]
         if alive:
             log.info("stopping %s", ", ".join(f"the {what} (pid {process.pid})" for what, process in alive))

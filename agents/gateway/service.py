@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 
-from ansible_collections.dstack.tee.agents.gateway import acme
+from ansible_collections.dstack.tee.agents.gateway import acme, custom_certs
 from ansible_collections.dstack.tee.agents.gateway import cluster as gateway_cluster
 from ansible_collections.dstack.tee.agents.gateway.store import Conflict, Exhausted, Unavailable, open_store
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, ra_tls, wireguard
@@ -342,11 +342,23 @@ class GatewayService:
 
     def renew_cert(self, params):
         """Admin.RenewCert: a new certificate now (dstack's forced renewal); {renewed}. False when
-        another node holds the order's lock (it is renewing the same certificate)."""
+        another node holds the order's lock (it is renewing the same certificate). {name}: the
+        certificate of a custom domain a registered app declared (custom_certs.py: its TXT record
+        checked first; a name no app declares, or whose record names another app, is a 400)."""
         manager = self._acme()
+        force = params.get("force", True) is not False
+        name = params.get("name") or ""
         try:
-            renewed, reason = manager.renew(force=params.get("force", True) is not False)
+            if name and name.lower().rstrip(".") != manager.name:
+                done = custom_certs.renew_declared(self.config, self.store, manager, name, force=force)
+                renewed, reason = done["renewed"], done["reason"]
+            else:
+                renewed, reason = manager.renew(force=force)
+        except custom_certs.Refused:
+            raise
         except DstackError as exc:  # the ACME server or the DNS provider failed: not the caller's input
+            if exc.field == "name":
+                raise
             raise Unavailable(exc.field, exc.reason) from None
         log.info("certificate renewal (Admin): %s", reason)
         return {"renewed": renewed}
