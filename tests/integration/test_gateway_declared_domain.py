@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -204,6 +203,7 @@ def test_a_declared_domain_is_served_with_its_own_certificate_and_a_foreign_reco
                 [str(BIN / "dstack-gateway"), "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         cleanup.callback(stop_process_group, proc)
+
         def ready():
             assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{log()[-5000:]}"
             return " ready: " in log()
