@@ -43,6 +43,7 @@ import sys
 
 from ansible_collections.dstack.tee.agents.cli_support import run_cli
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config
+from ansible_collections.dstack.tee.plugins.module_utils.app_compose import CUSTOM_DOMAIN_PORT
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 
@@ -167,7 +168,8 @@ def build_parser():
     txt.add_argument("--state-dir", help="overrides core.state_dir")
     txt.add_argument("--domain", required=True, help="the custom domain, e.g. shop.example.com")
     txt.add_argument("--app-id", required=True, help="the app's app_id (40 hex digits)")
-    txt.add_argument("--port", type=int, default=80, help="the app's port the domain goes to (default 80)")
+    txt.add_argument("--port", type=int, default=CUSTOM_DOMAIN_PORT,
+                     help=f"the app's port the domain goes to (default {CUSTOM_DOMAIN_PORT})")
     txt.add_argument("--check", action="store_true", help="say what would change, change nothing")
     txt.set_defaults(func=cmd_set_txt)
     return parser

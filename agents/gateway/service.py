@@ -348,6 +348,8 @@ class GatewayService:
         manager = self._acme()
         force = params.get("force", True) is not False
         name = params.get("name") or ""
+        if not isinstance(name, str):
+            raise DstackError("name", "must be a DNS name (a custom domain) or absent (the wildcard)")
         try:
             if name and name.lower().rstrip(".") != manager.name:
                 done = custom_certs.renew_declared(self.config, self.store, manager, name, force=force)

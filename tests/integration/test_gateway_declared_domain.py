@@ -340,7 +340,7 @@ def test_the_app_role_writes_the_txt_records_or_prints_them(acme_world, gateway_
     out = play()
     assert f'_dstack-app-address.role.{ZONE}. TXT "{app_id}:80"' in out
     assert f'_dstack-app-address.api.role.{ZONE}. TXT "{app_id}:8080"' in out
-    assert f"role.{ZONE}. CNAME {app_id}.{BASE}." in out and "changed=0" in out
+    assert f"role.{ZONE}. CNAME gateway.{BASE}." in out and "changed=0" in out
     assert records() == [[], []]
     # Allowed: check mode says it would write, and writes nothing; then written; then left alone.
     write = ("-e", "dstack_app_custom_domains_write_dns=true")
@@ -356,3 +356,32 @@ def test_the_app_role_writes_the_txt_records_or_prints_them(acme_world, gateway_
     dns.update(f'add _dstack-app-address.role.{ZONE} 60 TXT "{OTHER_APP}:80"')
     out = play(*write)
     assert f"set, was {OTHER_APP}:80" in out and records()[0] == [f'"{app_id}:80"']
+    # A bad request names its field (no DNS change is tried).
+    done = subprocess.run([str(BIN / "dstack-gateway"), "set-txt", "--config", str(config), "--domain", f"role.{ZONE}",
+                           "--app-id", "not-hex"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "app_id:" in done.stderr and dns.secret not in done.stdout + done.stderr
+
+
+def test_a_declaration_counts_only_from_the_attested_app_compose():
+    """custom_certs.declared_in: Worker.Info's app-compose must hash to the compose_hash the CVM's
+    certificate attested; one that does not is refused (and not kept), an app-compose that is not
+    public or declares badly is refused for good."""
+    from ansible_collections.dstack.tee.plugins.module_utils import app_compose  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
+    app = app_compose.build("services:\n  web:\n    image: x\n", "shop", custom_domains=[SHOP])
+    data = app_compose.render(app)
+    attested = app_compose.compose_hash(data)
+
+    def info(text):
+        return {"tcb_info": json.dumps({"app_compose": text, "compose_hash": attested})}
+    assert custom_certs.declared_in(info(data.decode()), attested) == [{"domain": SHOP, "port": 80}]
+    # Another app's bytes, here claiming a name this app never declared: not this app's declaration.
+    forged = app_compose.render(dict(app, custom_domains=[{"domain": f"bank.{ZONE}", "port": 80}]))
+    with pytest.raises(DstackError) as err:
+        custom_certs.declared_in(info(forged.decode()), attested)
+    assert not isinstance(err.value, custom_certs.Refused) and "does not hash to the attested compose_hash" in str(err.value)
+    with pytest.raises(custom_certs.Refused, match="public_tcbinfo is false"):
+        custom_certs.declared_in({"tcb_info": ""}, attested)
+    bad = app_compose.render(dict(app, custom_domains=["*.example.com"]))
+    with pytest.raises(custom_certs.Refused, match=r"custom_domains\[0\].domain"):
+        custom_certs.declared_in(info(bad.decode()), app_compose.compose_hash(bad))
