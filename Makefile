@@ -17,6 +17,9 @@ GATEWAY_PORT =
 GATEWAY_RPC_PORT =
 GATEWAY_ADMIN_PORT =
 GATEWAY_WG_PORT =
+ACME_PORT =
+ACME_MANAGEMENT_PORT =
+DNS_PORT =
 ARGS =
 STOP_TIMEOUT = 90
 # The same addresses as the roles' defaults; only the ports change.
@@ -28,7 +31,10 @@ DEMO_VARS = $(if $(filter-out .demo,$(DEMO_ROOT)),-e dstack_root=$(abspath $(DEM
 	$(if $(GATEWAY_PORT),-e dstack_gateway_proxy_listen_port=$(GATEWAY_PORT)) \
 	$(if $(GATEWAY_RPC_PORT),-e dstack_gateway_rpc_listen=0.0.0.0:$(GATEWAY_RPC_PORT)) \
 	$(if $(GATEWAY_ADMIN_PORT),-e dstack_gateway_admin_listen=127.0.0.1:$(GATEWAY_ADMIN_PORT)) \
-	$(if $(GATEWAY_WG_PORT),-e dstack_gateway_wg_listen_port=$(GATEWAY_WG_PORT))
+	$(if $(GATEWAY_WG_PORT),-e dstack_gateway_wg_listen_port=$(GATEWAY_WG_PORT)) \
+	$(if $(ACME_PORT),-e dstack_acme_lab_pebble_listen=127.0.0.1:$(ACME_PORT)) \
+	$(if $(ACME_MANAGEMENT_PORT),-e dstack_acme_lab_pebble_management_listen=127.0.0.1:$(ACME_MANAGEMENT_PORT)) \
+	$(if $(DNS_PORT),-e dstack_acme_lab_dns_listen=127.0.0.1:$(DNS_PORT))
 
 ## make demo: set up, then run the main job on the simulated default (see README); first waits
 ## for a make stop that is still stopping

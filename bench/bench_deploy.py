@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/bench_deploy.py [--runs 5] [--slowest 12] [--against REV]     (as root: the gateway)
 
-Brings up the simulated default (demo.yml: the KMS, the gateway and the VMM) in a temporary root
-with its own ports, gateway interface and namespace (a running `make demo` keeps its own), builds
+Brings up the simulated default (demo.yml: the KMS, Pebble and BIND9, the gateway and the VMM) in a
+temporary root with its own ports, gateway interface and namespace (a running `make demo` keeps its own), builds
 the sample image, then deploys examples/hello N times (removing the CVM between runs) and prints,
 as medians:
 - deploy-app.yml to the app's first answer through the gateway
-  (https://<app-id>.dstack.localhost:<port>/ under the gateway's CA, polled every 0.1 s once the
-  VMM reports the CVM's boot done), and to its first answer on its host port (polled from the start);
+  (https://<app-id>.dstack.localhost:<port>/ under the gateway's tls/ca.crt, the root of the stack's
+  Pebble, polled every 0.1 s once the VMM reports the CVM's boot done), and to its first answer on
+  its host port (polled from the start);
 - deploy-app.yml's whole run (it returns once the app answered through the gateway and passed
   dstack.tee.verify_app);
 - the CVM's boot (VMM "started" event to the guest's "running" report: measurement, attested key
@@ -54,6 +55,18 @@ def free_port(kind=socket.SOCK_STREAM):
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1" if kind == socket.SOCK_STREAM else "0.0.0.0", 0))
         return sock.getsockname()[1]
+
+
+def free_tcp_udp_port():
+    """A loopback port free for both TCP and UDP (BIND9 answers on both)."""
+    while True:
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def http_answers(url):
@@ -184,7 +197,8 @@ def unregister(root, port, app_id):
 def stack(root):
     """Ports, names and the extra vars of a stack of our own beside anything already running."""
     ports = {"kms": free_port(), "vmm": free_port(), "app": free_port(), "rpc": free_port(), "admin": free_port(),
-             "proxy": free_port(), "wg": free_port(socket.SOCK_DGRAM)}
+             "proxy": free_port(), "wg": free_port(socket.SOCK_DGRAM), "acme": free_port(),
+             "acme_management": free_port(), "dns": free_tcp_udp_port()}
     names = {"interface": f"bdg{os.getpid() % 100000}", "netns": f"dstack-bench-gw-{os.getpid()}"}
     app = root / "hello"
     shutil.copytree(ROOT / "examples" / "hello", app)
@@ -196,7 +210,11 @@ def stack(root):
         "dstack_gateway_rpc_listen": f"127.0.0.1:{ports['rpc']}", "dstack_gateway_admin_listen": f"127.0.0.1:{ports['admin']}",
         "dstack_gateway_proxy_listen_addr": "127.0.0.1", "dstack_gateway_proxy_listen_port": ports["proxy"],
         "dstack_gateway_wg_listen_port": ports["wg"], "dstack_gateway_wg_interface": names["interface"],
-        "dstack_gateway_wg_netns": names["netns"]})]
+        "dstack_gateway_wg_netns": names["netns"],
+        # The gateway's certificate from the stack's own Pebble and BIND9 (dstack.tee.acme_lab).
+        "dstack_acme_lab_pebble_listen": f"127.0.0.1:{ports['acme']}",
+        "dstack_acme_lab_pebble_management_listen": f"127.0.0.1:{ports['acme_management']}",
+        "dstack_acme_lab_dns_listen": f"127.0.0.1:{ports['dns']}"})]
     return ports, names, extra
 
 

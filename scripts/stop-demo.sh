@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make stop: stop what make demo started under ROOT, and return once all of it is down: the CVMs'
 # supervisord first (each guest agent takes its containers down as it stops), then the services'
-# (the KMS, the gateway and the VMM). Each supervisord gets SIGTERM, stops its programs and exits;
+# (the KMS, Pebble and BIND9, the gateway and the VMM). Each supervisord gets SIGTERM, stops its programs and exits;
 # this waits for it and for every process under it, then for the CVMs' containers (a guest agent
 # killed before its containers were down leaves them: they are removed).
 # Whatever still runs after STOP_TIMEOUT seconds is named, the stop goes on in the background

@@ -15,13 +15,11 @@ Use in a test module (module scope: one BIND and one Pebble per module, about 1 
         acme_world.dns.dig("dstack.test", "CAA"), acme_world.dns.update(...)   # dns_fixtures.Bind
 
 Or start them yourself: start_acme_world(folder) / stop_acme_world(world), or start_dns(folder) and
-PebbleServer(folder, dns.address).start().
+PebbleServer(folder, dns.address).start(). Pebble's files and certbot's credentials are written
+as the demo's (module_utils/acme_lab.py, dstack.tee.acme_lab).
 """
 
 import dataclasses
-import datetime
-import ipaddress
-import json
 import os
 import shutil
 import ssl
@@ -32,13 +30,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from conftest import free_port
 from dns_fixtures import NAMED, TSIG_NAME, Bind
+from ansible_collections.dstack.tee.plugins.module_utils import acme_lab
 
 ZONE = "dstack.test"
 START_TIMEOUT = 30.0
@@ -84,9 +79,7 @@ def rfc2136_credentials(dns, path, secret=None, mode=0o600):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as out:
-        out.write(f"dns_rfc2136_server = {dns.ip}\ndns_rfc2136_port = {dns.port}\ndns_rfc2136_name = {TSIG_NAME}\n"
-                  f"dns_rfc2136_secret = {dns.secret if secret is None else secret}\n"
-                  "dns_rfc2136_algorithm = HMAC-SHA256\n")
+        out.write(acme_lab.rfc2136_credentials(dns.ip, dns.port, TSIG_NAME, dns.secret if secret is None else secret))
     os.chmod(path, mode)
     return str(path)
 
@@ -95,26 +88,10 @@ def rfc2136_credentials(dns, path, secret=None, mode=0o600):
 
 def _https_cert(folder):
     """A CA and a certificate for 127.0.0.1 / localhost: Pebble's HTTPS listener (not its issuing CA)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acme_fixtures Pebble listener CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    (folder / "listener-ca.pem").write_bytes(ca.public_bytes(pem))
-    (folder / "listener.pem").write_bytes(cert.public_bytes(pem))
-    (folder / "listener.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
+    ca_pem, cert_pem, key_pem = acme_lab.listener_tls(("localhost", "127.0.0.1"), days=2)
+    (folder / "listener-ca.pem").write_text(ca_pem)
+    (folder / "listener.pem").write_text(cert_pem)
+    (folder / "listener.key").write_text(key_pem)
 
 
 class PebbleServer:
@@ -132,14 +109,11 @@ class PebbleServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         _https_cert(self.folder)
         self.port, self.management_port = free_port(), free_port()
-        config = {"pebble": {
-            "listenAddress": f"127.0.0.1:{self.port}", "managementListenAddress": f"127.0.0.1:{self.management_port}",
-            "certificate": str(self.folder / "listener.pem"), "privateKey": str(self.folder / "listener.key"),
-            # No HTTP-01 or TLS-ALPN-01 here: ports nothing listens on.
-            "httpPort": free_port(), "tlsPort": free_port(), "ocspResponderURL": "",
-            "externalAccountBindingRequired": False}}
-        (self.folder / "pebble.json").write_text(json.dumps(config))
-        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
+        # No HTTP-01 or TLS-ALPN-01 here: ports nothing listens on.
+        (self.folder / "pebble.json").write_text(acme_lab.pebble_config(
+            f"127.0.0.1:{self.port}", f"127.0.0.1:{self.management_port}", str(self.folder / "listener.pem"),
+            str(self.folder / "listener.key"), http_port=free_port(), tls_port=free_port()))
+        env = dict(os.environ, **acme_lab.PEBBLE_ENV)
         with open(self.log, "w", encoding="utf-8") as log:
             self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
                 [shutil.which("pebble"), "-config", str(self.folder / "pebble.json"), "-dnsserver", self.dns_address],

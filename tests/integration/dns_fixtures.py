@@ -1,6 +1,7 @@
 """A real DNS server for the tests: BIND9's `named -g` on a free port, its zones in a temporary
 folder, records changed by RFC 2136 dynamic updates signed with a TSIG key (nsupdate), read back
-with dig (machine-recipes.md, "A real DNS server with dynamic updates").
+with dig (machine-recipes.md, "A real DNS server with dynamic updates"). Its files are written as
+the demo's (module_utils/acme_lab.py, dstack.tee.acme_lab), with the query log on.
 
     with Bind(tmp_path, {"example.test": ['_dstack-app-address.app 60 TXT "abc:443"']}) as dns:
         dns.address                  # "127.0.0.1:PORT" (core.proxy.dns_resolver)
@@ -13,10 +14,8 @@ Each zone's negative TTL (SOA minimum, and the SOA's own TTL) is `negative_ttl` 
 default: longer than any cache bound a test checks).
 """
 
-import base64
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.dstack.tee.plugins.module_utils import wireguard
+from ansible_collections.dstack.tee.plugins.module_utils import acme_lab, wireguard
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 needs_bind = pytest.mark.skipif(not (os.path.exists(NAMED) and shutil.which("nsupdate") and shutil.which("dig")),
@@ -56,7 +55,7 @@ class Bind:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.zones, self.ip, self.netns, self.negative_ttl = zones, address, netns, negative_ttl
         self.port = port or free_port("127.0.0.1" if netns else address)
-        self.secret = base64.b64encode(secrets.token_bytes(32)).decode()
+        self.secret = acme_lab.new_tsig_secret()
         self.proc = None
         self.log_path = self.folder / "named.log"
 
@@ -73,21 +72,14 @@ class Bind:
 
     def _write(self):
         key = self.folder / "tsig.key"
-        key.write_text(f'key "{TSIG_NAME}" {{ algorithm hmac-sha256; secret "{self.secret}"; }};\n')
+        key.write_text(acme_lab.tsig_key(TSIG_NAME, self.secret))
         key.chmod(0o600)
-        zone_blocks = []
+        zone_files = {}
         for zone, records in self.zones.items():
-            soa = (f"$TTL 60\n@ {self.negative_ttl} IN SOA ns.{zone}. hostmaster.{zone}. "
-                   f"( 1 3600 600 86400 {self.negative_ttl} )\n@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n")
-            (self.folder / f"{zone}.zone").write_text(soa + "".join(f"{record}\n" for record in records))
-            zone_blocks.append(f'zone "{zone}" {{ type primary; file "{self.folder}/{zone}.zone"; '
-                               f'update-policy {{ grant {TSIG_NAME} zonesub ANY; }}; }};\n')
+            zone_files[zone] = self.folder / f"{zone}.zone"
+            zone_files[zone].write_text(acme_lab.zone_file(zone, records, self.negative_ttl))
         (self.folder / "named.conf").write_text(
-            f'include "{key}";\n'
-            f'options {{ directory "{self.folder}"; pid-file "{self.folder}/named.pid"; '
-            f'session-keyfile "{self.folder}/session.key"; listen-on port {self.port} {{ {self.ip}; }}; '
-            f'listen-on-v6 {{ none; }}; recursion no; dnssec-validation no; querylog yes; }};\n'
-            'controls { };\n' + "".join(zone_blocks))
+            acme_lab.named_conf(self.folder, key, TSIG_NAME, zone_files, self.ip, self.port, query_log=True))
 
     def start(self, timeout=20):
         self._write()

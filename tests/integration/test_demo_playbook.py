@@ -10,6 +10,12 @@ check mode changes nothing, the quote verifies with dstack-verify and names the 
 a compose change deploys as an update of the same instance, bad input is refused before anything
 is made, and `make stop` returns with nothing of the demo running. A port another process holds
 stops `make demo` before anything is made, naming that process, once a stop under way is done.
+The gateway's wildcard certificate comes from the demo's Pebble by DNS-01 on its BIND9 (ACME_PORT,
+ACME_MANAGEMENT_PORT, DNS_PORT): the served chain validates under the root Pebble's management API
+gives now (and tls/ca.crt is that root), /.dstack/acme-info's account and served key quotes verify
+with dstack-verify under report_data computed here, dig shows CAA pinned to that account; a second
+`make demo` changes nothing and orders nothing; after `make stop` a new Pebble (a new root, no
+accounts) gets the certificate ordered again under a new account, and the CAA records follow.
 """
 
 import hashlib
@@ -29,11 +35,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from conftest import ROOT, free_port, needs_podman, run_playbook, stop_process_group
-from ansible_collections.dstack.tee.plugins.module_utils import wireguard
+from dns_fixtures import free_port as free_tcp_udp_port
+from ansible_collections.dstack.tee.plugins.module_utils import gateway_http, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.host_ports import port_free
+from ansible_collections.dstack.tee.plugins.module_utils.ra_tls import peer_chain
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
@@ -55,7 +65,8 @@ def demo_root():
     app = root / "hello"
     shutil.copytree(ROOT / "examples" / "hello", app)
     ports = {"kms": free_port(), "vmm": free_port(), "app": free_port(), "rpc": free_port(), "admin": free_port(),
-             "proxy": free_port(), "wg": _free_udp_port()}
+             "proxy": free_port(), "wg": _free_udp_port(), "acme": free_port(), "acme_management": free_port(),
+             "dns": free_tcp_udp_port()}
     # The gateway's interface and namespace, named for this run (a running demo keeps its own).
     gateway_names = {"interface": f"ddg{os.getpid() % 100000}", "netns": f"dstack-test-gw-{os.getpid()}"}
     # The settings make demo's variables do not cover, for make (ARGS) and for ansible-playbook.
@@ -66,7 +77,8 @@ def demo_root():
     # make demo's variables (Makefile), and the role variables they set, for the later direct runs.
     make_args = [f"DEMO_ROOT={root}", f"KMS_PORT={ports['kms']}", f"VMM_PORT={ports['vmm']}", f"APP_PORT={ports['app']}",
                  f"GATEWAY_PORT={ports['proxy']}", f"GATEWAY_RPC_PORT={ports['rpc']}",
-                 f"GATEWAY_ADMIN_PORT={ports['admin']}", f"GATEWAY_WG_PORT={ports['wg']}",
+                 f"GATEWAY_ADMIN_PORT={ports['admin']}", f"GATEWAY_WG_PORT={ports['wg']}", f"ACME_PORT={ports['acme']}",
+                 f"ACME_MANAGEMENT_PORT={ports['acme_management']}", f"DNS_PORT={ports['dns']}",
                  "ARGS=" + shlex.join(others + ["-e", f"app_dir={app}"])]
     extra = ["-e", f"dstack_root={root}", "-e", f"dstack_kms_listen=127.0.0.1:{ports['kms']}",
              "-e", f"dstack_kms_url=https://127.0.0.1:{ports['kms']}", "-e", f"dstack_vmm_listen=127.0.0.1:{ports['vmm']}",
@@ -74,7 +86,10 @@ def demo_root():
              "-e", json.dumps({"dstack_gateway_rpc_listen": f"0.0.0.0:{ports['rpc']}",
                                "dstack_gateway_admin_listen": f"127.0.0.1:{ports['admin']}",
                                "dstack_gateway_proxy_listen_port": ports["proxy"],
-                               "dstack_gateway_wg_listen_port": ports["wg"]}), *others]
+                               "dstack_gateway_wg_listen_port": ports["wg"],
+                               "dstack_acme_lab_pebble_listen": f"127.0.0.1:{ports['acme']}",
+                               "dstack_acme_lab_pebble_management_listen": f"127.0.0.1:{ports['acme_management']}",
+                               "dstack_acme_lab_dns_listen": f"127.0.0.1:{ports['dns']}"}), *others]
     yield root, app, ports, extra, make_args
     _teardown(root, ports)
     wireguard.netns_remove(gateway_names["netns"])
@@ -93,12 +108,15 @@ def _free_udp_port():
         return sock.getsockname()[1]
 
 
-def _https_get(port, host, cafile):
-    """GET / from the gateway's data plane at 127.0.0.1:port with SNI `host`, checked under cafile."""
+def _https_get(port, host, cafile, path="/", chain=None):
+    """GET path from the gateway's data plane at 127.0.0.1:port with SNI `host`, checked under
+    cafile; `chain` (a list) gets the certificates it served (DER, the leaf first)."""
     context = ssl.create_default_context(cafile=cafile)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=host) as conn:
-        conn.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        if chain is not None:
+            chain.extend(peer_chain(conn))  # verified: the leaf, Pebble's intermediate, the root trusted
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         return b"".join(iter(lambda: conn.recv(65536), b"")).decode(errors="replace")
 
 
@@ -160,6 +178,18 @@ def test_demo_deploys_verifies_and_updates(demo_root):
     gateway_ca = str(root / "gateway" / "tls" / "ca.crt")
     answer = _https_get(ports["proxy"], f"{app_id}.{BASE}", gateway_ca)
     assert answer.startswith("HTTP/1.1 200") and HELLO in answer, answer[:500]
+    # Its certificate: from the demo's Pebble, every key and the account attested, CAA pinned; make
+    # demo printed the checks it ran, as commands to run again.
+    acme = _acme_state(root, ports, f"{app_id}.{BASE}")
+    assert Path(gateway_ca).read_text() == acme["root"]
+    assert re.search(r"verified: +the ACME account URI: \S*dstack-verify \S*account-quote.json --sim-state \S+ "
+                     r"--report-data [0-9a-f]{128}", first.stdout), first.stdout[-3000:]
+    assert f"dig @127.0.0.1 -p {ports['dns']} CAA {BASE}" in first.stdout
+    assert f'0 issuewild "pebble;validationmethods=dns-01;accounturi={acme["account_uri"]}"' in first.stdout
+    # make demo again: nothing changes, nothing is ordered (the same certificate, no key quoted).
+    second = make("demo", *make_args)
+    assert second.returncode == 0 and _recap(second.stdout)["changed"] == 0, second.stdout[-4000:]
+    assert _acme_state(root, ports, f"{app_id}.{BASE}") == acme
     # The CVM's WireGuard address answers inside the gateway's namespace, and not from the host's.
     vm = _vmm(ports, "Status")["vms"][0]
     wg_ip = _gateway_hosts(root, ports)[vm["instance_id"]]
@@ -243,8 +273,76 @@ def test_demo_deploys_verifies_and_updates(demo_root):
     assert stopped.returncode == 0 and f"everything under {root} is down" in stopped.stdout, stopped.stdout + stopped.stderr
     assert not _demo_processes(root, extra) and not any(Path(f"/proc/{pid}").exists() for pid in supervisords)
     assert not _demo_containers(root)
-    for name in ("kms", "vmm", "proxy", "app"):
+    for name in ("kms", "vmm", "proxy", "app", "acme", "acme_management", "dns"):
         assert port_free("tcp", "127.0.0.1", ports[name]), name
+    assert port_free("udp", "127.0.0.1", ports["dns"])
+
+    # Started again, Pebble has a new root and no accounts: the gateway orders its certificate again
+    # from an account registered there (quoted), its clients trust the new root, CAA names the new account.
+    again = make("demo", *make_args)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    renewed = _acme_state(root, ports, f"{app_id}.{BASE}")
+    assert renewed["root"] != acme["root"] and (root / "gateway" / "tls" / "ca.crt").read_text() == renewed["root"]
+    assert renewed["account_uri"] != acme["account_uri"] and renewed["fingerprint"] != acme["fingerprint"]
+    assert renewed["quoted_keys"] == acme["quoted_keys"] + 1
+
+
+def _pebble_root(root, ports):
+    """The root the demo's Pebble issues under now, from its management API."""
+    context = ssl.create_default_context(cafile=str(root / "acme-lab" / "pebble" / "listener-ca.pem"))
+    with urllib.request.urlopen(f"https://127.0.0.1:{ports['acme_management']}/roots/0", context=context,
+                                timeout=10) as answer:
+        return answer.read().decode()
+
+
+def _dstack_verify(root, quote, report_data):
+    (root / "acme-quote.json").write_text(quote)
+    return subprocess.run([str(BIN / "dstack-verify"), str(root / "acme-quote.json"), "--sim-state",
+                           str(root / "kms" / "tdx-sim"), "--report-data", report_data.hex()],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _acme_state(root, ports, app_host):
+    """The gateway's certificate as an outsider checks it, each claim asserted: the chain served for
+    the app validates under the root Pebble's management API gives now, its leaf is for *.BASE and
+    BASE from Pebble's intermediate; acme-info (https://gateway.BASE) quotes the account URI and the
+    served key with dstack's report_data (SHA-512 of "acme-account:" || URI, of "zt-cert:" || the
+    SubjectPublicKeyInfo DER: computed here), both verified by dstack-verify, and a quote is refused
+    for the other's report_data; dig shows CAA issue and issuewild pinned to that account, and no
+    other. Returns what a later run is compared with."""
+    root_pem = _pebble_root(root, ports)
+    (root / "pebble-root-now.pem").write_text(root_pem)
+    trusted = str(root / "pebble-root-now.pem")
+    chain = []
+    answer = _https_get(ports["proxy"], app_host, trusted, chain=chain)
+    assert answer.startswith("HTTP/1.1 200") and HELLO in answer, answer[:500]
+    leaf, intermediate, last = (x509.load_der_x509_certificate(der) for der in chain)
+    assert last.public_bytes(serialization.Encoding.PEM).decode() == root_pem
+    assert intermediate.subject == leaf.issuer
+    assert intermediate.subject.rfc4514_string().startswith("CN=Pebble Intermediate CA")
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(names.get_values_for_type(x509.DNSName)) == sorted([f"*.{BASE}", BASE])
+
+    info = gateway_http.fetch(f"https://gateway.{BASE}:{ports['proxy']}/.dstack/acme-info", ca_cert=trusted,
+                              timeout=10).json("acme-info")
+    account_uri = info["account_uri"]
+    assert account_uri.startswith(f"https://127.0.0.1:{ports['acme']}/")
+    der = leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    served = [key for key in info["quoted_hist_keys"] if key["public_key"] == der.hex()]
+    assert len(served) == 1, info["quoted_hist_keys"]
+    account_data = hashlib.sha512(b"acme-account:" + account_uri.encode()).digest()
+    key_data = hashlib.sha512(b"zt-cert:" + der).digest()
+    for quote, report_data in ((info["account_quote"], account_data), (served[0]["quote"], key_data)):
+        done = _dstack_verify(root, quote, report_data)
+        assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    assert _dstack_verify(root, info["account_quote"], key_data).returncode != 0
+
+    caa = subprocess.run(["dig", "+short", "@127.0.0.1", "-p", str(ports["dns"]), "CAA", BASE], capture_output=True,
+                         text=True, timeout=30, check=True).stdout.splitlines()
+    value = f"pebble;validationmethods=dns-01;accounturi={account_uri}"
+    assert sorted(caa) == sorted([f'0 issue "{value}"', f'0 issuewild "{value}"']), caa
+    return {"root": root_pem, "account_uri": account_uri, "quoted_keys": len(info["quoted_hist_keys"]),
+            "fingerprint": hashlib.sha256(chain[0]).hexdigest()}
 
 
 def _demo_processes(root, extra):

@@ -11,6 +11,8 @@ dstack.tee.gateway role with the Python of the venv that holds dstack-gateway).
 
 A certificate is issued again only when it is missing, not from this CA, does not cover its
 names, or expires within 30 days; the CA, the WireGuard key and the token are never replaced.
+--no-local-ca (the data plane's certificate comes from an ACME CA): no CA and no wildcard
+certificate are made; the tls folder is, for the ACME CA's roots the role installs as its ca.crt.
 Keys are written 0600 and atomically. Prints one JSON line: {"changed", "made": [files],
 "wg_public_key"}; never a key or the token. --check reports what would be made and writes nothing.
 """
@@ -77,11 +79,12 @@ def _ensure_ca(folder, check, made):
     key_path, cert_path = os.path.join(folder, "ca.key"), os.path.join(folder, "ca.crt")
     key = _load(key_path, lambda data: serialization.load_pem_private_key(data, None))
     cert = _load(cert_path, x509.load_pem_x509_certificate)
-    if key is not None and cert is not None:
+    if key is not None and cert is not None and cert.public_key().public_numbers() == key.public_key().public_numbers():
         return key, cert
     if os.path.exists(key_path) or os.path.exists(cert_path):
         # Replacing a CA would silently un-trust every client that pinned it: refuse, naming the file.
-        raise SystemExit(f"gateway_secrets: {folder}: ca.key or ca.crt is missing or damaged; "
+        # (ca.crt may be an ACME CA's roots, installed while the certificate came from there.)
+        raise SystemExit(f"gateway_secrets: {folder}: ca.key or ca.crt is missing, damaged or not the other's pair; "
                          "restore it or remove both to make a new CA")
     made.append(cert_path)
     if check:
@@ -165,14 +168,17 @@ def main(argv=None):
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--base-domain", required=True)
     parser.add_argument("--admin-token-file", help="make this token file (0600) when it does not exist")
+    parser.add_argument("--no-local-ca", action="store_true",
+                        help="make no CA and no wildcard certificate (they come from an ACME CA)")
     parser.add_argument("--check", action="store_true", help="report what would be made, write nothing")
     args = parser.parse_args(argv)
     folder = os.path.join(args.state_dir, "tls")
     made = []
     if not args.check:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-    ca = _ensure_ca(folder, args.check, made)
-    _ensure_leaf(folder, "wildcard", [f"*.{args.base_domain}"], ca, args.check, made)
+    if not args.no_local_ca:
+        ca = _ensure_ca(folder, args.check, made)
+        _ensure_leaf(folder, "wildcard", [f"*.{args.base_domain}"], ca, args.check, made)
     wg_public = _ensure_wireguard_key(args.state_dir, args.check, made)
     if args.admin_token_file:
         _ensure_token(args.admin_token_file, args.check, made)
