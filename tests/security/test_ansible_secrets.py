@@ -60,7 +60,7 @@ def _context(output, fragment):
 
 @needs_podman
 def test_finding_7_no_secret_in_the_output_of_the_readme_playbooks_with_vvv_and_diff(demo_root, tmp_path):
-    root, app, _ports, extra = demo_root
+    root, app, _ports, extra, _make_args = demo_root
     first = run_playbook(ROOT / "playbooks" / "demo.yml", *extra, "-e", f"app_dir={app}", "-vvv", "--diff")
     (tmp_path / "demo.log").write_text(first.stdout + first.stderr)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
