@@ -9,7 +9,7 @@ certificate is optional at the TLS layer, required by RegisterCvm and GetPeers):
 create_admin_app(config, service): the Admin API on its own listener, every route behind
 `Authorization: Bearer <admin.token>`:
     /prpc/Admin.Status, Admin.GetInfo {id}, Admin.GetMeta, Admin.RemoveInstance {id},
-    Admin.SetPortPolicy {app_id, policy}, Admin.RenewCert {} -> {renewed}, Admin.SetCaa {} -> {}
+    Admin.SetPortPolicy {app_id, policy}, Admin.RenewCert {name?} -> {renewed} (the wildcard, or a declared custom domain's), Admin.SetCaa {} -> {}
     (the last two with [core.certbot]: agents/gateway/acme.py)
 serve_both(control, admin, admin_port): one WSGI app that hands each request to the app of the
 listener it arrived on (one gunicorn, two binds).

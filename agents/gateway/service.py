@@ -149,7 +149,7 @@ class GatewayService:
 
     def __init__(self, config, hub=None, store=None, verifier=None, cluster=None):
         self.config = config
-        core, wg = config["core"], config["core"]["wg"]
+        core = config["core"]
         self.store = store or open_store(config)
         self.hub = hub
         self.verifier = verifier or ra_tls.Verifier(

@@ -87,6 +87,7 @@ export const DEFAULTS = Object.freeze({
 const OPTIONAL_FIELDS = [
   "bash_script", "pre_launch_script", "init_script", "features", "storage_fs", "swap_size",
   "docker_config", "port_policy", "requirements", "verity_volumes", "event_log_version",
+  "custom_domains",
 ];
 const BOOL_FIELDS = [
   "kms_enabled", "gateway_enabled", "local_key_provider_enabled", "public_logs",
