@@ -35,6 +35,8 @@ APT_PACKAGES+=(wireguard-go wireguard-tools iproute2 iptables)
 # The gateway's ACME tests: Pebble (the Let's Encrypt test server) validating DNS-01 against a real
 # BIND9 taking RFC 2136 updates (named, nsupdate, dig, named-journalprint).
 ((WITH_TEST)) && APT_PACKAGES+=(pebble bind9 bind9-dnsutils)
+# The simulated fleet (scripts/sim-fleet.sh): each host's own sshd, reached by ssh with its key.
+((WITH_TEST)) && APT_PACKAGES+=(openssh-server openssh-client)
 # node and npm for the contracts' compiler: Debian's, unless a node with npm is there already
 # (machines that ship their own Node.js have no Debian npm package, and must not get one).
 ((WITH_TEST)) && ! command -v npm >/dev/null 2>&1 && APT_PACKAGES+=(nodejs npm)
