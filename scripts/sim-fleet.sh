@@ -12,6 +12,8 @@
 #        scripts/sim-fleet.sh [options] down    remove every process, namespace, link, cgroup and
 #                                                the state folder (also after a partial up)
 #        scripts/sim-fleet.sh [options] ssh hostN [COMMAND...]   a shell or a command on hostN
+# A host also has its own /etc/hosts (the fleet's names), and reaches beyond the bridge through
+# the controller (masquerade), as a server reaches its DNS resolver.
 # Options:
 #   --dir DIR        state folder (default .fleet in the checkout): keys, known_hosts, inventory.yml,
 #                    hosts/hostN/{var-lib-dstack,run-dstack,etc-dstack,sshd_config,sshd.log}
@@ -53,6 +55,8 @@ if [[ "${1:-}" == "__host_init" ]]; then
     src="$hostdir/${src//\//-}"              # /var/lib/dstack -> HOSTDIR/var-lib-dstack
     mount --bind "$src" "$target"
   done
+  # Its own /etc/hosts: its name and the fleet's resolve at once (getfqdn, Ansible's facts).
+  mount --bind "$hostdir/etc-hosts" /etc/hosts
   # /sys shows the network devices of the namespace that mounted it: a sysfs mounted here shows
   # this host's (lo, eth0), so tools that list /sys/class/net (Ansible's facts) see the host's own.
   # Only the net parts are replaced: /sys/fs/cgroup stays, podman needs it.
@@ -103,6 +107,8 @@ done
 dir="$(realpath -m "${dir:-$REPO/.fleet}")"
 [[ "$dir" =~ ^[A-Za-z0-9_./+-]+$ ]] \
   || die "--dir '$dir': only letters, digits and _ . / + - (it goes into SSH options unquoted)"
+# ssh's connection sockets DIR/cp/ADDRESS plus its 17-byte temporary suffix stay under 107 bytes.
+((${#dir} <= 70)) || die "--dir '$dir': at most 70 characters (ssh's control sockets live in it)"
 recorded_id=""
 [[ -f "$dir/fleet.env" ]] && recorded_id="$(sed -n 's/^FLEET_ID=//p' "$dir/fleet.env")"
 if [[ -n "$fleet_id" ]]; then
@@ -118,6 +124,8 @@ BRIDGE="dstack-fleet$fleet_id"
 SUBNET="10.231.$fleet_id"
 NS_PREFIX="dstack-fleet$fleet_id-host"
 VETH_PREFIX="dsf${fleet_id}h"                 # root side of hostN's veth: interface names stop at 15
+NAT_RULE=(POSTROUTING -s "$SUBNET.0/24" ! -d "$SUBNET.0/24" -m comment --comment "dstack-fleet$fleet_id"
+          -j MASQUERADE)
 CGROUP_ROOT="$(findmnt -rn -t cgroup2 -o TARGET | head -n 1 || true)"
 CGROUP="${CGROUP_ROOT:+$CGROUP_ROOT/dstack-fleet$fleet_id}"
 
@@ -126,11 +134,25 @@ host_names() {  # "1 3" -> "host1,host3"
   for i in $1; do names+=("host$i"); done
   if ((${#names[@]})); then (IFS=,; echo "${names[*]}"); else echo none; fi
 }
+# The fleet's /etc/hosts, as each host sees it. Rewritten in place (a bind mount holds the inode).
+write_hosts_file() {
+  local file="$1" n="$2" k
+  {
+    echo "127.0.0.1 localhost"
+    echo "::1 localhost ip6-localhost ip6-loopback"
+    echo "$SUBNET.1 controller"
+    for ((k = 1; k <= n; k++)); do echo "$(host_addr "$k") host$k"; done
+  } > "$file"
+}
+
 host_addr() { echo "$SUBNET.$((10 + $1))"; }
 host_dir() { echo "$dir/hosts/host$1"; }
+# The controller's SSH options for the fleet. The connection sharing sockets (Ansible's
+# ControlPersist) live in the fleet's folder: a fleet made again after down, with new host keys
+# at the same addresses, never meets a master connection to the old one.
 ssh_options() {
   echo "-o UserKnownHostsFile=$dir/known_hosts -o GlobalKnownHostsFile=/dev/null" \
-       "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes"
+       "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes -o ControlPath=$dir/cp/%h"
 }
 
 # The hosts that exist in any form (namespace, link, cgroup, folder), by number.
@@ -226,11 +248,13 @@ host_down() {
       [[ -z "$pids" ]] || die "host$i: processes $pids survive SIGKILL"
     fi
   fi
+  # The link first: deleting it takes its peer in the namespace at once, while a namespace's own
+  # devices go in the background once it is freed.
+  if ip link show "$VETH_PREFIX$i" >/dev/null 2>&1 && ! ip link del "$VETH_PREFIX$i" 2>/dev/null; then
+    ! ip link show "$VETH_PREFIX$i" >/dev/null 2>&1 || die "host$i: cannot remove its link $VETH_PREFIX$i"
+  fi
   if [[ -e "/run/netns/$NS_PREFIX$i" ]]; then
     try "host$i: removing its network namespace" ip netns del "$NS_PREFIX$i"
-  fi
-  if ip link show "$VETH_PREFIX$i" >/dev/null 2>&1; then
-    try "host$i: removing its link" ip link del "$VETH_PREFIX$i"
   fi
   if [[ -n "$cg" && -d "$cg" ]]; then
     # Children first (a container runtime may have made some under it).
@@ -245,6 +269,15 @@ fleet_down() {
     host_down "$i"
     say "host$i: removed"
     removed=1
+  done
+  # The controller's SSH connections into the fleet (Ansible's persistent masters) would wait for
+  # hosts that are gone.
+  local pid
+  for pid in $(ss -Htnp dst "$SUBNET.0/24" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == ssh ]] && kill "$pid" 2>/dev/null
+  done
+  while command -v iptables >/dev/null && iptables -t nat -C "${NAT_RULE[@]}" 2>/dev/null; do
+    try "removing the hosts' way out" iptables -t nat -D "${NAT_RULE[@]}"
   done
   if ip link show "$BRIDGE" >/dev/null 2>&1; then
     try "removing the bridge $BRIDGE" ip link del "$BRIDGE"
@@ -303,6 +336,8 @@ write_inventory() {
     echo "    ansible_ssh_private_key_file: $dir/id_ed25519"
     echo "    ansible_ssh_common_args: \"$(ssh_options)\""
     echo "    ansible_python_interpreter: $python"
+    echo "    # One SSH round trip per module instead of three (no temporary files to copy first)."
+    echo "    ansible_pipelining: true"
     echo "    # The roles' state in each host's private folder."
     echo "    dstack_root: /var/lib/dstack"
     echo "  hosts:"
@@ -326,7 +361,7 @@ write_inventory() {
 }
 
 host_up() {
-  local i="$1" hd addr ns veth cg pid started waited=0
+  local i="$1" n="$2" hd addr ns veth cg pid started waited=0
   hd="$(host_dir "$i")" addr="$(host_addr "$i")" ns="$NS_PREFIX$i" veth="$VETH_PREFIX$i"
   cg="${CGROUP:+$CGROUP/host$i}"
   pid="$(sshd_pid "$i")"
@@ -341,6 +376,7 @@ host_up() {
   mkdir -p "$hd"/{var-lib-dstack,run-dstack,etc-dstack}
   find "$hd/run-dstack" -mindepth 1 -delete
   rm -f "$hd/sshd.pid"
+  write_hosts_file "$hd/etc-hosts" "$n"
   if [[ ! -f "$hd/ssh_host_ed25519_key" ]]; then
     try "host$i: making its host key" ssh-keygen -q -t ed25519 -N '' -C "host$i" -f "$hd/ssh_host_ed25519_key"
   fi
@@ -420,7 +456,7 @@ fleet_up() {
     die "the bridge $BRIDGE exists but $dir has no fleet on it (another fleet with --id $fleet_id?" \
         "Use another --id, or its --dir with down; 'down --id $fleet_id' removes it by name)"
   fi
-  mkdir -p "$dir/hosts"
+  mkdir -p "$dir/hosts" "$dir/cp"
   chmod 700 "$dir"
   # The folder ignores itself, so git status stays clean wherever it is.
   [[ -f "$dir/.gitignore" ]] || echo '*' > "$dir/.gitignore"
@@ -449,6 +485,12 @@ fleet_up() {
   else
     say "bridge $BRIDGE $SUBNET.1/24: kept"
   fi
+  if command -v iptables >/dev/null; then
+    iptables -t nat -C "${NAT_RULE[@]}" 2>/dev/null \
+      || try "letting the hosts out through the controller" iptables -t nat -A "${NAT_RULE[@]}"
+  else
+    say "no iptables: the hosts reach only the bridge (no DNS resolver)"
+  fi
 
   for i in $(existing_hosts); do
     if ((i > n)); then
@@ -457,7 +499,8 @@ fleet_up() {
       say "host$i: removed (beyond $n)"
     fi
   done
-  for ((i = 1; i <= n; i++)); do host_up "$i"; done
+  for ((i = 1; i <= n; i++)); do host_up "$i" "$n"; done
+  for ((i = 1; i <= n; i++)); do write_hosts_file "$(host_dir "$i")/etc-hosts" "$n"; done
 
   : > "$dir/known_hosts.tmp"
   for ((i = 1; i <= n; i++)); do

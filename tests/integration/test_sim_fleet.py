@@ -1,0 +1,328 @@
+"""scripts/sim-fleet.sh: simulated hosts that are really separate, reached by Ansible over real SSH.
+
+One fleet of three hosts serves most tests (its own --id and --dir, so a developer's fleet 0 is
+left alone) and is taken down at the end, even on failure. The last test makes a second fleet,
+breaks it, and checks that down removes every trace of it.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "sim-fleet.sh"
+VENV_BIN = ROOT / ".venv" / "bin"
+CGROUP_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))   # cgroup v2, or hybrid
+PRIVATE = ("/var/lib/dstack", "/run/dstack", "/etc/dstack")
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd") or not shutil.which("ip"),
+    reason="needs root, iproute2 and openssh-server (scripts/setup.sh --test installs it)")
+
+# The last task of every play here: the host's `report`, as JSON in a folder on the controller.
+REPORT_TASK = """
+    - name: Hand the report to the test
+      ansible.builtin.copy:
+        content: "{{ report | to_json }}"
+        dest: "{{ report_dir }}/{{ inventory_hostname }}.json"
+        mode: "0600"
+      delegate_to: localhost
+"""
+
+
+def free_fleet_id():
+    """A fleet id whose bridge and namespaces do not exist (test runs side by side)."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    for offset in range(100):
+        fleet_id = 100 + (os.getpid() + offset) % 100
+        if not os.path.exists(f"/sys/class/net/dstack-fleet{fleet_id}") and f"dstack-fleet{fleet_id}-" not in netns:
+            return fleet_id
+    raise AssertionError("no free fleet id in 100..199")
+
+
+def sim_fleet(*args, check=True):
+    proc = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=120, check=False)
+    if check:
+        assert proc.returncode == 0, f"sim-fleet.sh {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def alive(pid):
+    """Whether the process runs (a zombie, dead but not reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Fleet:
+    def __init__(self, fleet_id, folder):
+        self.id, self.dir = fleet_id, folder
+        self.inventory = folder / "inventory.yml"
+        self.up_output = ""
+
+    def addr(self, n):
+        return f"10.231.{self.id}.{10 + n}"
+
+    def run(self, *args, check=True):
+        return sim_fleet("--dir", str(self.dir), "--id", str(self.id), *args, check=check)
+
+    def play(self, playbook_text):
+        """ansible-playbook (the venv's, the project's config) on the fleet's inventory: rc, its
+        output, and {host: report} from REPORT_TASK."""
+        reports = Path(tempfile.mkdtemp(prefix="reports-", dir=self.dir.parent))
+        (reports / "playbook.yml").write_text(playbook_text)
+        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+        proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory),
+                               "-e", f"report_dir={reports}", str(reports / "playbook.yml")],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
+        found = {p.stem: json.loads(p.read_text()) for p in reports.glob("*.json")}
+        return proc.returncode, proc.stdout + proc.stderr, found
+
+    def pids(self):
+        """Every process in the fleet's cgroups."""
+        return {int(pid) for root in CGROUP_ROOTS for procs in root.glob(f"dstack-fleet{self.id}/*/cgroup.procs")
+                for pid in procs.read_text().split()}
+
+    def traces(self):
+        """What is left of the fleet on the machine: namespaces, links, cgroup, processes, folder."""
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+        names = [line.split(": ")[1].split("@")[0] for line in links.splitlines()]
+        procs = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True, check=True).stdout
+        nat = subprocess.run(["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True,
+                             check=True).stdout
+        return {
+            "netns": [n.split()[0] for n in netns.splitlines() if n.startswith(f"dstack-fleet{self.id}-")],
+            "links": [n for n in names if n == f"dstack-fleet{self.id}" or n.startswith(f"dsf{self.id}h")],
+            "cgroups": [str(p) for p in CGROUP_ROOTS if (p / f"dstack-fleet{self.id}").exists()],
+            "processes": [line for line in procs.splitlines() if str(self.dir) in line],
+            "nat": [line for line in nat.splitlines() if f"dstack-fleet{self.id} " in line],
+            "folder": self.dir.exists(),
+        }
+
+
+@pytest.fixture(scope="module")
+def fleet3():
+    folder = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp")) / "f"
+    three = Fleet(free_fleet_id(), folder)
+    try:
+        three.up_output = three.run("up", "3").stdout
+        yield three
+    finally:
+        three.run("down", check=False)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def test_up_prints_each_host_and_writes_the_inventory(fleet3):
+    assert f"bridge dstack-fleet{fleet3.id} 10.231.{fleet3.id}.1/24: created" in fleet3.up_output
+    for n in (1, 2, 3):
+        assert f"host{n} {fleet3.addr(n)}: started (sshd pid " in fleet3.up_output
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+    listing = json.loads(subprocess.run([str(VENV_BIN / "ansible-inventory"), "-i", str(fleet3.inventory), "--list"],
+                                        capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout)
+    assert listing["dstack_kms"]["hosts"] == ["host1"]
+    assert listing["dstack_gateway"]["hosts"] == ["host1"]
+    assert listing["dstack_vmm"]["hosts"] == ["host2", "host3"]
+    hostvars = listing["_meta"]["hostvars"]
+    assert {h: v["ansible_host"] for h, v in hostvars.items()} == {f"host{n}": fleet3.addr(n) for n in (1, 2, 3)}
+    for values in hostvars.values():
+        assert values["ansible_user"] == "root"
+        assert values["ansible_python_interpreter"] == str(VENV_BIN / "python")
+        assert values["dstack_root"] == "/var/lib/dstack"
+        assert "StrictHostKeyChecking=yes" in values["ansible_ssh_common_args"]
+
+
+def test_ansible_reaches_every_host_over_ssh_at_its_own_address(fleet3):
+    rc, output, reports = fleet3.play("""
+- name: Every host of the inventory
+  hosts: all
+  gather_facts: true
+  gather_subset: [network]
+  tasks:
+    - name: Ping
+      ansible.builtin.ping:
+      register: pong
+    - name: The other hosts' sshd, by name, across the bridge
+      ansible.builtin.wait_for:
+        host: "{{ item }}"
+        port: 22
+        timeout: 5
+      loop: "{{ groups.all | difference([inventory_hostname]) }}"
+    - name: What the host says it is
+      ansible.builtin.set_fact:
+        report:
+          ping: "{{ pong.ping }}"
+          address: "{{ ansible_default_ipv4.address }}"
+          gateway: "{{ ansible_default_ipv4.gateway }}"
+          hostname: "{{ ansible_hostname }}"
+          interfaces: "{{ ansible_interfaces | sort }}"
+""" + REPORT_TASK)
+    assert rc == 0, output
+    assert reports == {
+        f"host{n}": {"ping": "pong", "address": fleet3.addr(n), "gateway": f"10.231.{fleet3.id}.1",
+                     "hostname": f"host{n}", "interfaces": ["eth0", "lo"]} for n in (1, 2, 3)}
+    # Each host's own sshd took the controller's key, from the bridge's address.
+    for n in (1, 2, 3):
+        log = (fleet3.dir / "hosts" / f"host{n}" / "sshd.log").read_text()
+        assert f"Accepted publickey for root from 10.231.{fleet3.id}.1 " in log
+
+
+def test_private_dirs_are_private_to_each_host(fleet3):
+    token = secrets.token_hex(8)
+    name = f"written-by-host1-{token}"
+    rc, output, reports = fleet3.play(f"""
+- name: The KMS host writes its state
+  hosts: dstack_kms
+  gather_facts: false
+  tasks:
+    - name: A file in each private folder
+      ansible.builtin.copy:
+        dest: "{{{{ item }}}}/{name}"
+        content: "{token}"
+        mode: "0600"
+      loop: {list(PRIVATE)}
+
+- name: A role-like task on a VMM host reads the KMS host's path, as a role without delegate_to would
+  hosts: host2
+  gather_facts: false
+  tasks:
+    - name: Read host1's file
+      ansible.builtin.slurp:
+        src: /var/lib/dstack/{name}
+      register: read_here
+      ignore_errors: true
+    - name: Look for the three files
+      ansible.builtin.stat:
+        path: "{{{{ item }}}}/{name}"
+      loop: {list(PRIVATE)}
+      register: seen
+    - name: The same read delegated to the KMS host of the inventory
+      ansible.builtin.slurp:
+        src: /var/lib/dstack/{name}
+      delegate_to: "{{{{ groups.dstack_kms[0] }}}}"
+      register: read_there
+    - name: What host2 saw
+      ansible.builtin.set_fact:
+        report:
+          here_failed: "{{{{ read_here.failed }}}}"
+          here_msg: "{{{{ read_here.msg | default('') }}}}"
+          seen: "{{{{ seen.results | map(attribute='stat.exists') | list }}}}"
+          there: "{{{{ read_there.content | b64decode }}}}"
+""" + REPORT_TASK)
+    assert rc == 0, output
+    report = reports["host2"]
+    assert report["here_failed"] is True and "not found" in report["here_msg"]
+    assert report["seen"] == [False, False, False]
+    assert report["there"] == token
+    # The files are in host1's folders under the fleet's state, not host2's nor the controller's.
+    for path in PRIVATE:
+        folder = path.lstrip("/").replace("/", "-")
+        assert (fleet3.dir / "hosts" / "host1" / folder / name).read_text() == token
+        assert not (fleet3.dir / "hosts" / "host2" / folder / name).exists()
+        assert not Path(path, name).exists()
+
+
+def test_host_keys_are_checked(fleet3):
+    """known_hosts pins each host's own key: host1 showing host2's key is refused."""
+    lines = (fleet3.dir / "known_hosts").read_text().splitlines()
+    assert len(lines) == 3
+    swapped = fleet3.dir.parent / "known_hosts.swapped"
+    swapped.write_text(f"{lines[0].split(' ', 1)[0]} {lines[1].split(' ', 1)[1]}\n")
+    ssh = ["ssh", "-i", str(fleet3.dir / "id_ed25519"), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+           "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ControlPath=none"]
+    bad = subprocess.run([*ssh, "-o", f"UserKnownHostsFile={swapped}", f"root@{fleet3.addr(1)}", "true"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert bad.returncode != 0 and "host key" in bad.stderr.lower()
+    good = subprocess.run([*ssh, "-o", f"UserKnownHostsFile={fleet3.dir / 'known_hosts'}",
+                           f"root@{fleet3.addr(1)}", "hostname"], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert (good.returncode, good.stdout) == (0, "host1\n"), good.stderr
+
+
+def test_up_again_keeps_running_hosts_and_restarts_a_dead_one(fleet3):
+    pids = {n: (fleet3.dir / "hosts" / f"host{n}" / "sshd.pid").read_text().strip() for n in (1, 2, 3)}
+    os.kill(int(pids[3]), 15)
+    deadline = time.monotonic() + 5
+    while alive(pids[3]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status = fleet3.run("status", check=False)
+    assert status.returncode == 1 and f"host3 {fleet3.addr(3)}: not running" in status.stdout
+    again = fleet3.run("up", "3").stdout
+    for n in (1, 2):
+        assert f"host{n} {fleet3.addr(n)}: running (sshd pid {pids[n]}), kept" in again
+    assert f"host3 {fleet3.addr(3)}: started" in again
+    assert fleet3.run("status").returncode == 0
+    rc, output, reports = fleet3.play("""
+- name: The restarted host
+  hosts: host3
+  gather_facts: false
+  tasks:
+    - name: Its name
+      ansible.builtin.command: hostname
+      register: name
+      changed_when: false
+    - name: Report
+      ansible.builtin.set_fact:
+        report: "{{ name.stdout }}"
+""" + REPORT_TASK)
+    assert (rc, reports) == (0, {"host3": "host3"}), output
+
+
+def test_bad_arguments_are_named_and_change_nothing():
+    folder = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp")) / "f"
+    try:
+        fleet_id = free_fleet_id()
+        bad = sim_fleet("--dir", str(folder), "--id", str(fleet_id), "up", "3", "--vmm", "2-4", check=False)
+        assert bad.returncode == 1
+        assert "--vmm '2-4': '2-4' is outside the hosts 1..3" in bad.stderr
+        assert not folder.exists() and not os.path.exists(f"/sys/class/net/dstack-fleet{fleet_id}")
+        bad = sim_fleet("--dir", str(folder), "--id", "256", "up", "1", check=False)
+        assert bad.returncode == 1 and "--id '256': a number 0-255" in bad.stderr
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def test_down_removes_everything_after_a_broken_up():
+    folder = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp")) / "f"
+    two = Fleet(free_fleet_id(), folder)
+    outside = None
+    try:
+        two.run("up", "2")
+        # A process started over SSH that left its session, one that entered host1's namespace
+        # from outside, host2's sshd killed, and the namespace of a host 5 that an interrupted up
+        # left behind.
+        marker = f"sleep {600 + two.id}"
+        two.run("ssh", "host1", f"setsid {marker} </dev/null >/dev/null 2>&1 &")
+        outside = subprocess.Popen(["ip", "netns", "exec", f"dstack-fleet{two.id}-host1", "sleep", "602"],
+                                   start_new_session=True)
+        os.kill(int((folder / "hosts" / "host2" / "sshd.pid").read_text()), 9)
+        subprocess.run(["ip", "netns", "add", f"dstack-fleet{two.id}-host5"], check=True)
+        deadline = time.monotonic() + 5
+        while subprocess.run(["pgrep", "-f", marker], capture_output=True, check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"{marker} did not start"
+            time.sleep(0.05)
+        before = two.pids() | {outside.pid}
+        assert len(before) >= 3 and two.traces()["netns"] and two.traces()["nat"]
+
+        down = two.run("down")
+        assert "host5: removed" in down.stdout and f"bridge dstack-fleet{two.id}: removed" in down.stdout
+        assert outside.wait(timeout=10) != 0
+        assert subprocess.run(["pgrep", "-f", marker], capture_output=True, check=False).returncode == 1
+        assert [pid for pid in before if alive(pid)] == []
+        assert two.traces() == {"netns": [], "links": [], "cgroups": [], "processes": [], "nat": [],
+                                "folder": False}
+        assert f"no fleet {two.id} here" in two.run("down").stdout
+    finally:
+        two.run("down", check=False)
+        if outside is not None and outside.poll() is None:
+            outside.kill()
+        shutil.rmtree(folder.parent, ignore_errors=True)
