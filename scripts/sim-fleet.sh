@@ -27,6 +27,8 @@
 #                    which every host sees: the root filesystem is shared)
 # Needs root (namespaces, mounts, links), iproute2, util-linux and Debian's openssh-server.
 set -euo pipefail
+# Root's tools (iptables, sshd) also when called with a user's PATH.
+export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SELF="$REPO/scripts/sim-fleet.sh"
@@ -112,7 +114,7 @@ dir="$(realpath -m "${dir:-$REPO/.fleet}")"
 recorded_id=""
 [[ -f "$dir/fleet.env" ]] && recorded_id="$(sed -n 's/^FLEET_ID=//p' "$dir/fleet.env")"
 if [[ -n "$fleet_id" ]]; then
-  [[ "$fleet_id" =~ ^[0-9]{1,3}$ && "$fleet_id" -le 255 ]] || die "--id '$fleet_id': a number 0-255"
+  [[ "$fleet_id" =~ ^[0-9]{1,3}$ && $((10#$fleet_id)) -le 255 ]] || die "--id '$fleet_id': a number 0-255"
   fleet_id=$((10#$fleet_id))
   [[ -z "$recorded_id" || "$recorded_id" == "$fleet_id" ]] \
     || die "--id $fleet_id: $dir holds fleet $recorded_id (down it first, or use another --dir)"
