@@ -25,6 +25,10 @@
 #                    (with N=1, host1 in all three).
 #   --python PATH    (up) the hosts' Python for Ansible (default the checkout's .venv/bin/python,
 #                    which every host sees: the root filesystem is shared)
+#   --private-podman (up; kept until down) each host its own podman too: /var/lib/containers,
+#                    /var/lib/cni, /etc/cni/net.d, /run/containers and /run/libpod private (images
+#                    must then be loaded on each host). Without it the hosts share this machine's
+#                    podman: each sees the others' containers, and container names must differ.
 # Needs root (namespaces, mounts, links), iproute2, util-linux and Debian's openssh-server.
 set -euo pipefail
 # Root's tools (iptables, sshd) also when called with a user's PATH.
@@ -37,6 +41,7 @@ MAX_HOSTS=200                 # addresses .11 to .210 of the /24
 SSHD_START_TIMEOUT=10         # seconds for one sshd to listen
 STOP_TIMEOUT=5                # seconds between SIGTERM and SIGKILL at down
 PRIVATE_DIRS=(/var/lib/dstack /run/dstack /etc/dstack)
+PODMAN_DIRS=(/var/lib/containers /var/lib/cni /etc/cni/net.d /run/containers /run/libpod)
 
 say() { printf 'sim-fleet: %s\n' "$*"; }
 die() { printf 'sim-fleet: error: %s\n' "$*" >&2; exit 1; }
@@ -49,10 +54,12 @@ try() {
 
 # ---- the host's own side: runs inside its new namespaces, then becomes its sshd -----------------
 if [[ "${1:-}" == "__host_init" ]]; then
-  # Args: HOSTDIR NAME. Runs under `nsenter --net` + `unshare --mount --uts --propagation slave`:
-  # mounts made here stay in this host, the root namespace's later mounts still reach it.
+  # Args: HOSTDIR NAME PRIVATE_DIR... Runs under `nsenter --net` + `unshare --mount --uts
+  # --propagation slave`: mounts made here stay in this host, the root namespace's later mounts
+  # still reach it.
   hostdir="$2" name="$3"
-  for target in "${PRIVATE_DIRS[@]}"; do
+  shift 3
+  for target in "$@"; do
     src="${target#/}"
     src="$hostdir/${src//\//-}"              # /var/lib/dstack -> HOSTDIR/var-lib-dstack
     mount --bind "$src" "$target"
@@ -73,7 +80,7 @@ if [[ "${1:-}" == "__host_init" ]]; then
 fi
 
 # ---- options ---------------------------------------------------------------------------------
-command_name="" count="" ssh_target="" dir="" fleet_id="" python=""
+command_name="" count="" ssh_target="" dir="" fleet_id="" python="" private_podman_set=0
 kms_list="" gateway_list="" vmm_list="" kms_set=0 gateway_set=0 vmm_set=0
 ssh_args=()
 need_value() { [[ $# -ge 2 ]] || die "option $1 needs a value"; }
@@ -85,6 +92,7 @@ while [[ $# -gt 0 ]]; do
     --dir) need_value "$@"; dir="$2"; shift 2 ;;
     --id) need_value "$@"; fleet_id="$2"; shift 2 ;;
     --python) need_value "$@"; python="$2"; shift 2 ;;
+    --private-podman) private_podman_set=1; shift ;;
     --kms) need_value "$@"; kms_list="$2"; kms_set=1; shift 2 ;;
     --gateway) need_value "$@"; gateway_list="$2"; gateway_set=1; shift 2 ;;
     --vmm) need_value "$@"; vmm_list="$2"; vmm_set=1; shift 2 ;;
@@ -111,8 +119,12 @@ dir="$(realpath -m "${dir:-$REPO/.fleet}")"
   || die "--dir '$dir': only letters, digits and _ . / + - (it goes into SSH options unquoted)"
 # ssh's connection sockets DIR/cp/ADDRESS plus its 17-byte temporary suffix stay under 107 bytes.
 ((${#dir} <= 70)) || die "--dir '$dir': at most 70 characters (ssh's control sockets live in it)"
-recorded_id=""
-[[ -f "$dir/fleet.env" ]] && recorded_id="$(sed -n 's/^FLEET_ID=//p' "$dir/fleet.env")"
+recorded_id="" private_podman=0
+if [[ -f "$dir/fleet.env" ]]; then
+  recorded_id="$(sed -n 's/^FLEET_ID=//p' "$dir/fleet.env")"
+  private_podman="$(sed -n 's/^PRIVATE_PODMAN=//p' "$dir/fleet.env")"
+  [[ "$private_podman" == 1 ]] || private_podman=0
+fi
 if [[ -n "$fleet_id" ]]; then
   [[ "$fleet_id" =~ ^[0-9]{1,3}$ && $((10#$fleet_id)) -le 255 ]] || die "--id '$fleet_id': a number 0-255"
   fleet_id=$((10#$fleet_id))
@@ -128,8 +140,17 @@ NS_PREFIX="dstack-fleet$fleet_id-host"
 VETH_PREFIX="dsf${fleet_id}h"                 # root side of hostN's veth: interface names stop at 15
 NAT_RULE=(POSTROUTING -s "$SUBNET.0/24" ! -d "$SUBNET.0/24" -m comment --comment "dstack-fleet$fleet_id"
           -j MASQUERADE)
+LOCK_DIR=/run/lock
+[[ -d "$LOCK_DIR" ]] || LOCK_DIR=/tmp
+MOUNT_POINTS_MADE="$LOCK_DIR/dstack-sim-fleet.mount-points"   # machine-wide: every fleet uses them
 CGROUP_ROOT="$(findmnt -rn -t cgroup2 -o TARGET | head -n 1 || true)"
 CGROUP="${CGROUP_ROOT:+$CGROUP_ROOT/dstack-fleet$fleet_id}"
+
+# The host's private folders (mount targets): each is HOSTDIR/<its path with - for />.
+host_private_dirs() {
+  printf '%s\n' "${PRIVATE_DIRS[@]}"
+  if ((private_podman)); then printf '%s\n' "${PODMAN_DIRS[@]}"; fi
+}
 
 host_names() {  # "1 3" -> "host1,host3"
   local names=() i
@@ -287,11 +308,15 @@ fleet_down() {
     removed=1
   fi
   [[ -n "$CGROUP" && -d "$CGROUP" ]] && { rmdir "$CGROUP" || die "cannot remove the cgroup $CGROUP"; }
-  # The mount points up made in the root namespace, while no other fleet's host may use them.
-  if [[ -f "$dir/mount-points-made" ]] \
+  # The mount points an up made in the root namespace, once no fleet's host may use them (the
+  # machine-wide lock keeps another fleet's up from starting hosts meanwhile).
+  exec 8>"$LOCK_DIR/dstack-sim-fleet.lock"
+  if [[ -f "$MOUNT_POINTS_MADE" ]] && flock -w 30 8 \
      && ! ip netns list 2>/dev/null | awk '{print $1}' | grep -q '^dstack-fleet[0-9]*-host[0-9]*$'; then
-    while read -r target; do rmdir "$target" 2>/dev/null || true; done < "$dir/mount-points-made"
+    while read -r target; do rmdir "$target" 2>/dev/null || true; done < "$MOUNT_POINTS_MADE"
+    rm -f "$MOUNT_POINTS_MADE"
   fi
+  exec 8>&-
   if [[ -f "$dir/fleet.env" ]]; then
     # No mount may be under the folder (the hosts' mounts lived in their own namespaces).
     if findmnt -rn -o TARGET | grep -qF "$dir/"; then
@@ -375,8 +400,15 @@ host_up() {
   # after a reboot, keeping /var/lib/dstack and /etc/dstack.
   host_down "$i"
   started="$(date +%s%N)"
-  mkdir -p "$hd"/{var-lib-dstack,run-dstack,etc-dstack}
-  find "$hd/run-dstack" -mindepth 1 -delete
+  local private=() target folder
+  mapfile -t private < <(host_private_dirs)
+  for target in "${private[@]}"; do
+    folder="${target#/}"
+    folder="$hd/${folder//\//-}"
+    mkdir -p "$folder"
+    # /run is empty at boot (podman, for one, takes an empty /run/libpod for a reboot).
+    [[ "$target" != /run/* ]] || find "$folder" -mindepth 1 -delete
+  done
   rm -f "$hd/sshd.pid"
   write_hosts_file "$hd/etc-hosts" "$n"
   if [[ ! -f "$hd/ssh_host_ed25519_key" ]]; then
@@ -422,7 +454,7 @@ EOF
   (
     [[ -z "$cg" ]] || echo "$BASHPID" > "$cg/cgroup.procs"
     exec setsid nsenter --net="/run/netns/$ns" \
-      unshare --mount --uts --propagation slave -- "$SELF" __host_init "$hd" "host$i"
+      unshare --mount --uts --propagation slave -- "$SELF" __host_init "$hd" "host$i" "${private[@]}"
   ) </dev/null >"$hd/init.log" 2>&1 &
   local launcher=$!
   while [[ ! -s "$hd/sshd.pid" ]]; do
@@ -454,6 +486,11 @@ fleet_up() {
   gateway="$(parse_hosts --gateway "$gateway_list" "$n")"
   vmm="$(parse_hosts --vmm "$vmm_list" "$n")"
 
+  if ((private_podman_set && !private_podman)); then
+    [[ -z "$(existing_hosts)" ]] \
+      || die "--private-podman: fleet $fleet_id runs with this machine's podman (down it first)"
+    private_podman=1
+  fi
   if [[ ! -f "$dir/fleet.env" ]] && ip link show "$BRIDGE" >/dev/null 2>&1; then
     die "the bridge $BRIDGE exists but $dir has no fleet on it (another fleet with --id $fleet_id?" \
         "Use another --id, or its --dir with down; 'down --id $fleet_id' removes it by name)"
@@ -462,14 +499,16 @@ fleet_up() {
   chmod 700 "$dir"
   # The folder ignores itself, so git status stays clean wherever it is.
   [[ -f "$dir/.gitignore" ]] || echo '*' > "$dir/.gitignore"
-  printf 'FLEET_ID=%s\n' "$fleet_id" > "$dir/fleet.env"
+  printf 'FLEET_ID=%s\nPRIVATE_PODMAN=%s\n' "$fleet_id" "$private_podman" > "$dir/fleet.env"
 
   # The private folders' mount points must exist in the root namespace (a bind mount needs a
-  # target); the ones made here are removed by down.
-  for d in "${PRIVATE_DIRS[@]}"; do
+  # target); the ones made here are removed by the down that leaves no fleet on the machine.
+  exec 8>"$LOCK_DIR/dstack-sim-fleet.lock"
+  flock -w 60 8 || die "another sim-fleet.sh holds $LOCK_DIR/dstack-sim-fleet.lock for over 60 s"
+  for d in $(host_private_dirs); do
     if [[ ! -d "$d" ]]; then
       try "making the mount point $d" mkdir -p "$d"
-      echo "$d" >> "$dir/mount-points-made"
+      echo "$d" >> "$MOUNT_POINTS_MADE"
     fi
   done
   [[ -d /run/sshd ]] || try "making sshd's privilege separation folder /run/sshd" mkdir -p -m 0755 /run/sshd
@@ -502,6 +541,7 @@ fleet_up() {
     fi
   done
   for ((i = 1; i <= n; i++)); do host_up "$i" "$n"; done
+  exec 8>&-
   for ((i = 1; i <= n; i++)); do write_hosts_file "$(host_dir "$i")/etc-hosts" "$n"; done
 
   : > "$dir/known_hosts.tmp"
@@ -547,8 +587,7 @@ fleet_ssh() {
 case "$command_name" in
   up|down)
     # One change at a time on a fleet (its id names the machine-wide parts, whatever --dir).
-    lock="/run/lock/dstack-sim-fleet$fleet_id.lock"
-    [[ -d /run/lock ]] || lock="/tmp/dstack-sim-fleet$fleet_id.lock"
+    lock="$LOCK_DIR/dstack-sim-fleet$fleet_id.lock"
     exec 9>"$lock"
     flock -n 9 || die "another sim-fleet.sh is changing fleet $fleet_id (lock $lock)"
     if [[ "$command_name" == up ]]; then fleet_up "$count"; else fleet_down; fi ;;

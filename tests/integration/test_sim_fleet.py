@@ -326,3 +326,57 @@ def test_down_removes_everything_after_a_broken_up():
         if outside is not None and outside.poll() is None:
             outside.kill()
         shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+CONTAINERS_CONF = '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n'
+
+
+@pytest.mark.skipif(not (shutil.which("podman") and os.path.exists("/bin/busybox")),
+                    reason="podman and busybox-static are installed by scripts/setup.sh")
+def test_private_podman_gives_each_host_its_own_containers():
+    folder = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp")) / "f"
+    two = Fleet(free_fleet_id(), folder)
+    name = f"fleet-probe-{two.id}"
+    image = f"localhost/fleet-probe-{two.id}:latest"
+    # A busybox rootfs to import on each host: there is no registry, and no shared image store.
+    rootfs = folder.parent / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
+    os.symlink("busybox", rootfs / "bin" / "sh")
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(folder.parent / "rootfs.tar"), "."], check=True)
+    (folder.parent / "containers.conf").write_text(CONTAINERS_CONF)
+    podman = f"CONTAINERS_CONF={folder.parent}/containers.conf podman"
+    try:
+        two.run("up", "2", "--private-podman")
+        for n in (1, 2):
+            two.run("ssh", f"host{n}", f"{podman} import -q {folder.parent}/rootfs.tar {image} >/dev/null && "
+                    f"{podman} run -d --name {name} -p {two.addr(n)}:8080:80 {image} "
+                    f"busybox sh -c 'echo host{n} > /index.html; exec busybox httpd -f -p 80 -h /'")
+        # The same container name on both hosts, each serving on its own address; neither this
+        # machine's podman nor the other host sees it.
+        for n in (1, 2):
+            deadline = time.monotonic() + 10
+            while True:
+                got = subprocess.run(["curl", "-s", "--max-time", "2", f"http://{two.addr(n)}:8080/index.html"],
+                                     capture_output=True, text=True, check=False).stdout
+                if got or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert got == f"host{n}\n"
+            listed = two.run("ssh", f"host{n}", f"{podman} ps -a --format '{{{{.Names}}}} {{{{.Image}}}}'").stdout
+            assert listed.split() == [name, image]
+        root_names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,
+                                    check=True).stdout.split()
+        assert name not in root_names
+        # The containers' processes (in cgroups and namespaces of their own, under their conmon).
+        served_by = [int(two.run("ssh", f"host{n}", f"{podman} inspect --format '{{{{.State.Pid}}}}' {name}").stdout)
+                     for n in (1, 2)]
+        assert all(alive(pid) for pid in served_by)
+        down = two.run("down")
+        assert "host1: removing its 1 container(s)" in down.stdout
+        assert [pid for pid in served_by if alive(pid)] == []
+        assert two.traces() == {"netns": [], "links": [], "cgroups": [], "processes": [], "nat": [],
+                                "folder": False}
+    finally:
+        two.run("down", check=False)
+        shutil.rmtree(folder.parent, ignore_errors=True)
