@@ -2,8 +2,8 @@
 # A simulated fleet: N hosts on this machine that are separate where a deployment can tell. Each
 # host has its own network namespace with one address on a shared bridge (the controller, in the
 # root namespace, has .1), its own sshd (root login with a key made here) and its own mount and UTS
-# namespaces: /var/lib/dstack, /run/dstack and /etc/dstack are bind mounts of the host's own
-# folders, and `hostname` says hostN. Everything else (/usr, this checkout, its .venv, /tmp) is
+# namespaces: /var/lib/dstack, /run/dstack, /etc/dstack, /run/netns and /run/wireguard are bind
+# mounts of the host's own folders, and `hostname` says hostN. Everything else (/usr, this checkout, its .venv, /tmp) is
 # this machine's, shared. Ansible reaches the hosts over real SSH with the inventory `up` writes.
 #
 # Usage: scripts/sim-fleet.sh [options] up N    make hosts 1..N (running ones are kept; hosts
@@ -16,7 +16,7 @@
 # the controller (masquerade), as a server reaches its DNS resolver.
 # Options:
 #   --dir DIR        state folder (default .fleet in the checkout): keys, known_hosts, inventory.yml,
-#                    hosts/hostN/{var-lib-dstack,run-dstack,etc-dstack,sshd_config,sshd.log}
+#                    hosts/hostN/{var-lib-dstack,run-dstack,etc-dstack,run-netns,...,sshd.log}
 #   --id K           0-255 (default 0, or the one `up` recorded in DIR): bridge dstack-fleetK with
 #                    10.231.K.1/24, hostN at 10.231.K.(10+N), namespaces dstack-fleetK-hostN
 #   --kms LIST, --gateway LIST, --vmm LIST   (up) the hosts of the inventory groups dstack_kms,
@@ -40,7 +40,9 @@ SSHD=/usr/sbin/sshd
 MAX_HOSTS=200                 # addresses .11 to .210 of the /24
 SSHD_START_TIMEOUT=10         # seconds for one sshd to listen
 STOP_TIMEOUT=5                # seconds between SIGTERM and SIGKILL at down
-PRIVATE_DIRS=(/var/lib/dstack /run/dstack /etc/dstack)
+# /run/netns and /run/wireguard too: the namespaces a host names (its CVMs', its gateway's) and its
+# WireGuard interfaces' UAPI sockets would otherwise meet those of every other host and this machine.
+PRIVATE_DIRS=(/var/lib/dstack /run/dstack /etc/dstack /run/netns /run/wireguard)
 PODMAN_DIRS=(/var/lib/containers /var/lib/cni /etc/cni/net.d /run/containers /run/libpod)
 
 say() { printf 'sim-fleet: %s\n' "$*"; }
@@ -355,8 +357,8 @@ write_inventory() {
   {
     echo "# The simulated fleet: written by scripts/sim-fleet.sh up $n (--dir $dir --id $fleet_id)."
     echo "# Each host is reached over SSH as root at its own address. It shares this machine's root"
-    echo "# filesystem except its private /var/lib/dstack, /run/dstack and /etc/dstack, so the"
-    echo "# checkout's venv Python (ansible_python_interpreter) is there on every host."
+    echo "# filesystem except its private /var/lib/dstack, /run/dstack, /etc/dstack, /run/netns and"
+    echo "# /run/wireguard, so the checkout's venv Python (ansible_python_interpreter) is on every host."
     echo "all:"
     echo "  vars:"
     echo "    ansible_user: root"

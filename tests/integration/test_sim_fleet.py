@@ -230,6 +230,22 @@ def test_private_dirs_are_private_to_each_host(fleet3):
         assert not Path(path, name).exists()
 
 
+def test_namespaces_a_host_names_stay_on_it(fleet3):
+    """A CVM's or the gateway's namespace made on host1 is host1's: the same name is free on
+    host2 and on this machine (each host has its own /run/netns)."""
+    name = f"fleet-probe-{secrets.token_hex(4)}"
+    try:
+        made = fleet3.run("ssh", "host1", f"ip netns add {name} && ip netns list").stdout
+        assert name in made.split()
+        assert name not in fleet3.run("ssh", "host2", "ip netns list").stdout.split()
+        assert not Path("/run/netns", name).exists()
+        assert (fleet3.dir / "hosts" / "host1" / "run-netns" / name).exists()
+        fleet3.run("ssh", "host2", f"ip netns add {name}")   # the same name, another namespace
+    finally:
+        for n in (1, 2):
+            fleet3.run("ssh", f"host{n}", f"ip netns del {name} 2>/dev/null; true", check=False)
+
+
 def test_host_keys_are_checked(fleet3):
     """known_hosts pins each host's own key: host1 showing host2's key is refused."""
     lines = (fleet3.dir / "known_hosts").read_text().splitlines()
