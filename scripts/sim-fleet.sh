@@ -592,7 +592,12 @@ case "$command_name" in
     lock="$LOCK_DIR/dstack-sim-fleet$fleet_id.lock"
     exec 9>"$lock"
     flock -n 9 || die "another sim-fleet.sh is changing fleet $fleet_id (lock $lock)"
-    if [[ "$command_name" == up ]]; then fleet_up "$count"; else fleet_down; fi ;;
+    if [[ "$command_name" == up ]]; then
+      fleet_up "$count"
+    else
+      fleet_down
+      rm -f "$lock"   # held until exit: an up waiting on it has failed already (flock -n)
+    fi ;;
   status) fleet_status ;;
   ssh) fleet_ssh "$ssh_target" ;;
 esac
