@@ -301,7 +301,7 @@ def main():
             rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.against], capture_output=True,
                                  text=True, check=True).stdout.strip()
             variants.append((f"revision {rev}", export(args.against, root)))
-        print(f"setting up the simulated default in {root} (demo.yml: KMS, gateway, VMM, the sample image)...",
+        print(f"setting up the simulated default in {root} (demo.yml: KMS, Pebble and BIND9, gateway, VMM, the sample image)...",
               flush=True)
         playbook("demo.yml", extra)
         deploy = Deploy(root, ports, extra)

@@ -27,7 +27,7 @@ attributes:
     support: full
   diff_mode:
     support: full
-    details: The diff shows named.conf and pebble.json; the files holding secrets are named only.
+    details: The diff shows named.conf, the zone file and pebble.json; keys, certificates and the credentials are named only.
   idempotent:
     support: full
 options:
@@ -217,8 +217,10 @@ def main():
             if old == text and _mode(path) == mode:
                 continue
             changed.append(path)
-            before.append(f"{path}: {'absent' if old is None else '<hidden>' if secret else old}")
-            after.append(f"{path}: {'<hidden, changed>' if secret else text}")
+            # Keys and certificates by name only: a certificate's PEM repeats its key's public part.
+            hidden = secret or text.startswith("-----BEGIN")
+            before.append(f"{path}: {'absent' if old is None else '<hidden>' if hidden else old}")
+            after.append(f"{path}: {'<hidden, changed>' if hidden else text}")
             if not module.check_mode:
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 fileio.atomic_write(path, text.encode(), mode=mode)
