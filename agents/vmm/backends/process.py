@@ -12,16 +12,23 @@ namespace `dstack-<vm id>` (made at start, kept across restarts, removed with th
 pair to the host: `dh<id>` (here, 10.213.X.Y/30) and `eth0` (there, the next address, with the
 default route through the host), for the WireGuard UDP to the gateway. The guest agent gets
 `--netns`: its gateway interface and containers go into the namespace.
+
+A CVM's containers and named volumes are in this host's podman store, under its compose project
+(`project`). The guest agent's `compose down` removes the containers and keeps the volumes, as a
+VM keeps its disk across a stop, a start or an UpdateVm; RemoveVm removes them too, as a VM's disk
+goes with the VM.
 """
 
 import ipaddress
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 
+from ansible_collections.dstack.tee.agents.guest.compose_runner import PODMAN_PROJECT_LABEL, ComposeRunner
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, STOPPING, Backend
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
@@ -51,6 +58,12 @@ class ProcessBackend(Backend):
     @staticmethod
     def program(vm):
         return "cvm-" + vm.id
+
+    @staticmethod
+    def project(vm):
+        """The CVM's compose project (the guest agent's --project), the label of its containers,
+        networks and volumes."""
+        return "dstack-" + vm.id[:8]
 
     @staticmethod
     def netns(vm):
@@ -112,7 +125,7 @@ class ProcessBackend(Backend):
         args = list(self.guest_agent) + [
             "run", "--config-dir", vm.shared_dir, "--work-dir", vm.work_dir, "--tee", "sim",
             "--sim-state", self.sim_state_dir, "--socket", os.path.join(vm.run_dir, "dstack.sock"),
-            "--tappd-socket", os.path.join(vm.run_dir, "tappd.sock"), "--project", "dstack-" + vm.id[:8]]
+            "--tappd-socket", os.path.join(vm.run_dir, "tappd.sock"), "--project", self.project(vm)]
         for port in vm.port_map:
             args += ["--port", f"{port['vm_port']}={port.get('host_address') or '127.0.0.1'}:{port['host_port']}"]
         if self.cvm_netns:
@@ -149,8 +162,35 @@ class ProcessBackend(Backend):
 
     def remove(self, vm):
         self.supervisor.undefine(self.program(vm))
+        self._remove_project(vm)
         if self.cvm_netns:
             self._remove_netns(vm)
+
+    def _podman(self, vm, *args):
+        """A podman command on the store and with the settings the CVM's agent had; its output's words."""
+        env = dict(os.environ, **self.extra_env)
+        conf = os.path.join(vm.work_dir, "containers.conf")  # the agent's (runc), when it wrote one
+        if "CONTAINERS_CONF" not in env and os.path.exists(conf):
+            env["CONTAINERS_CONF"] = conf
+        found = subprocess.run(["podman", *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+        return found.stdout.split() if found.returncode == 0 else []
+
+    def _remove_project(self, vm):
+        """What the CVM's compose project leaves in the store once its agent is stopped: its named
+        volumes (`compose down` keeps them), and the containers of an agent killed before its own
+        `down` (taken down as the agent does, in the CVM's namespace, then removed by force)."""
+        if shutil.which("podman") is None:
+            return
+        label = f"label={PODMAN_PROJECT_LABEL}={self.project(vm)}"
+        if self._podman(vm, "ps", "-a", "-q", "--filter", label):
+            ComposeRunner(self.project(vm), vm.work_dir, engine="podman",
+                          netns=self.netns(vm) if self.cvm_netns and wireguard.netns_exists(self.netns(vm)) else None).down()
+            left = self._podman(vm, "ps", "-a", "-q", "--filter", label)
+            if left:
+                self._podman(vm, "rm", "-f", "-t", "0", *left)
+        volumes = self._podman(vm, "volume", "ls", "-q", "--filter", label)
+        if volumes:
+            self._podman(vm, "volume", "rm", "-f", *volumes)
 
     def status(self, vm):
         info = self.supervisor.info(self.program(vm))
