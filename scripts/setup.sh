@@ -32,9 +32,10 @@ APT_PACKAGES+=(wireguard-go wireguard-tools iproute2 iptables)
 ((WITH_TEST)) && APT_PACKAGES+=(haproxy wrk)
 # The gateway cluster's tests: a real three-member etcd on loopback ports (etcd 3.4, etcdctl).
 ((WITH_TEST)) && APT_PACKAGES+=(etcd-server etcd-client)
-# The gateway's ACME tests: Pebble (the Let's Encrypt test server) validating DNS-01 against a real
-# BIND9 taking RFC 2136 updates (named, nsupdate, dig, named-journalprint).
-((WITH_TEST)) && APT_PACKAGES+=(pebble bind9 bind9-dnsutils)
+# make demo's certificates (roles/acme_lab) and the gateway's ACME tests: Pebble (the Let's Encrypt
+# test server) validating DNS-01 against a real BIND9 taking RFC 2136 updates (named, nsupdate, dig,
+# named-journalprint).
+APT_PACKAGES+=(pebble bind9 bind9-dnsutils)
 # The simulated fleet (scripts/sim-fleet.sh): each host's own sshd, reached by ssh with its key.
 ((WITH_TEST)) && APT_PACKAGES+=(openssh-server openssh-client)
 # node and npm for the contracts' compiler: Debian's, unless a node with npm is there already
