@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, VENV_BIN, free_port, needs_podman, run_playbook
+from dns_fixtures import free_port as free_tcp_udp_port
 from test_demo_playbook import TOKEN, _free_udp_port, _teardown, _vmm
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 
@@ -40,7 +41,8 @@ def stack():
     deployed (its output kept: the default path)."""
     root = Path(tempfile.mkdtemp(prefix="dn-", dir="/tmp"))
     ports = {"kms": free_port(), "vmm": free_port(), "app": free_port(), "rpc": free_port(), "admin": free_port(),
-             "proxy": free_port(), "wg": _free_udp_port()}
+             "proxy": free_port(), "wg": _free_udp_port(), "acme": free_port(), "acme_management": free_port(),
+             "dns": free_tcp_udp_port()}
     netns = f"dstack-test-nm-{os.getpid()}"
     extra = ["-e", json.dumps({
         "dstack_root": str(root), "dstack_kms_listen": f"127.0.0.1:{ports['kms']}",
@@ -49,7 +51,11 @@ def stack():
         "dstack_gateway_rpc_listen": f"127.0.0.1:{ports['rpc']}", "dstack_gateway_admin_listen": f"127.0.0.1:{ports['admin']}",
         "dstack_gateway_proxy_listen_addr": "127.0.0.1", "dstack_gateway_proxy_listen_port": ports["proxy"],
         "dstack_gateway_wg_listen_port": ports["wg"], "dstack_gateway_wg_interface": f"dnm{os.getpid() % 100000}",
-        "dstack_gateway_wg_netns": netns})]
+        "dstack_gateway_wg_netns": netns,
+        # The local ACME server and DNS (roles/acme_lab) on ports of their own: a running demo keeps its.
+        "dstack_acme_lab_pebble_listen": f"127.0.0.1:{ports['acme']}",
+        "dstack_acme_lab_pebble_management_listen": f"127.0.0.1:{ports['acme_management']}",
+        "dstack_acme_lab_dns_listen": f"127.0.0.1:{ports['dns']}"})]
     try:
         site = run_playbook(ROOT / "playbooks" / "site.yml", *extra)
         assert site.returncode == 0, site.stdout[-4000:] + site.stderr[-2000:]
