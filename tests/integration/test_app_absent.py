@@ -10,9 +10,12 @@ no CVM of the app in either VMM's list, no container nor volume with either CVM'
 (dstack-<id8>), no build folder, and the allowlist as it was; its summary names the app_id and what
 keeps it; a second run and check mode change nothing. With revoke=true, on one host: the app's
 compose hashes leave the allowlist (the others' stay), and a later deploy of the same folder gets the
-app_id, and the same app key from the CVM's GetKey, as before.
+app_id, and the same app key from the CVM's GetKey, as before. With dstack_app_auth=contract (on
+ganache): revoke removes the compose_hash from the app's DstackApp before the CVM goes, and without
+the owner's key it stops with the CVM still there.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, needs_podman, run_playbook, stop_process_group
+from conftest import CHAIN_ID, KEY, ROOT, free_port, ganache_chain, needs_podman, run_module, run_playbook, stop_process_group
 from test_demo_playbook import TOKEN, _recap, _teardown
 from ansible_collections.dstack.tee.plugins.module_utils import guest_client
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
@@ -275,3 +278,71 @@ def test_absent_with_revoke_withdraws_the_hashes_and_the_same_app_id_gets_the_sa
     (new_id, _name, new_app_id, _hash), = _instances(stack)["vmm"]
     assert new_id != vm_id and new_app_id == app_id
     assert guest_client.call(str(root / "run" / new_id / "dstack.sock"), "GetKey", {"path": "absent-test"})["key"] == key
+
+
+@pytest.fixture(scope="module")
+def chain():
+    pytest.importorskip("web3", reason="web3 is installed by scripts/setup.sh --test")
+    yield from ganache_chain()
+
+
+def _allowed(w3, address, compose_hash):
+    from ansible_collections.dstack.tee.plugins.module_utils.contract_artifacts import ARTIFACTS  # pylint: disable=import-outside-toplevel
+    app = w3.eth.contract(address=w3.to_checksum_address(address), abi=ARTIFACTS["DstackApp"]["abi"])
+    return app.functions.allowedComposeHashes(bytes.fromhex(compose_hash)).call()
+
+
+@needs_podman
+def test_absent_with_revoke_on_the_app_contract(chain):
+    url, w3 = chain
+    kms = run_module("kms_contract", dict(rpc_url=url, chain_id=CHAIN_ID, private_key=KEY, os_images=["00" * 32]))
+    assert kms["changed"] and not kms.get("failed"), kms
+    root = Path(tempfile.mkdtemp(prefix="dac-", dir="/tmp"))
+    ports = {"kms": free_port(), "vmm": free_port(), "app": free_port()}
+    app = root / "hello"
+    shutil.copytree(ROOT / "examples" / "hello", app, ignore=shutil.ignore_patterns("image"))
+    (app / "app.yml").write_text((app / "app.yml").read_text().replace("host_port: 8080", f"host_port: {ports['app']}"))
+    settings = [
+        "-e", json.dumps({
+            "dstack_root": str(root), "dstack_kms_listen": f"127.0.0.1:{ports['kms']}",
+            "dstack_kms_url": f"https://127.0.0.1:{ports['kms']}", "dstack_vmm_listen": f"127.0.0.1:{ports['vmm']}",
+            "dstack_vmm_url": f"http://127.0.0.1:{ports['vmm']}", "dstack_vmm_tokens": [TOKEN],
+            "dstack_kms_auth_type": "ethereum", "dstack_kms_eth_rpc_url": url, "dstack_kms_eth_chain_id": CHAIN_ID,
+            "dstack_kms_contract_address": kms["address"], "dstack_gateway_enabled": False}),
+        "-e", f"app_dir={app}", "-e", "dstack_app_auth=contract"]
+    client = VmmClient(f"http://127.0.0.1:{ports['vmm']}", token=TOKEN)
+    try:
+        site = run_playbook(ROOT / "playbooks" / "site.yml", *settings)
+        assert site.returncode == 0, site.stdout[-4000:] + site.stderr[-2000:]
+        image = subprocess.run([str(ROOT / "examples" / "hello" / "image" / "build.sh"), "localhost/dstack-hello:latest"],
+                               capture_output=True, text=True, check=False)
+        assert image.returncode == 0, image.stderr
+        deployed = run_playbook(DEPLOY, *settings, "-e", f"dstack_app_eth_private_key={KEY}")
+        assert deployed.returncode == 0, deployed.stdout[-4000:] + deployed.stderr[-2000:]
+        address = (root / "build" / "hello" / "app-contract-address").read_text().strip()
+        compose_hash = hashlib.sha256((root / "build" / "hello" / "app-compose.json").read_bytes()).hexdigest()
+        (vm,) = client.call("Status")["vms"]
+        assert vm["app_id"] == address[2:].lower() and _allowed(w3, address, compose_hash)
+
+        # Without the owner's key nothing can be revoked: the run stops before the CVM goes.
+        refused = run_playbook(DEPLOY, *settings, "-e", "app_state=absent", "-e", "revoke=true")
+        assert refused.returncode != 0 and f"dstack.tee.app_contract (0x{vm['app_id']}): private_key: is required" \
+            in refused.stdout, refused.stdout[-3000:]
+        assert KEY[2:] not in refused.stdout + refused.stderr
+        assert [v["id"] for v in client.call("Status")["vms"]] == [vm["id"]] and _allowed(w3, address, compose_hash)
+
+        removed = run_playbook(DEPLOY, *settings, "-e", "app_state=absent", "-e", "revoke=true",
+                               "-e", f"dstack_app_eth_private_key={KEY}")
+        assert removed.returncode == 0, removed.stdout[-4000:] + removed.stderr[-2000:]
+        assert not _allowed(w3, address, compose_hash) and client.call("Status")["vms"] == []
+        assert not (root / "build" / "hello").exists() and KEY[2:] not in removed.stdout + removed.stderr
+        assert (f"authorization:  revoked {compose_hash} on the DstackApp 0x{vm['app_id']} (transactions sent: 1)"
+                in removed.stdout), removed.stdout[-3000:]
+        assert f"a deploy with -e dstack_app_contract_address=0x{vm['app_id']} keeps it" in removed.stdout
+
+        again = run_playbook(DEPLOY, *settings, "-e", "app_state=absent", "-e", "revoke=true",
+                             "-e", f"dstack_app_eth_private_key={KEY}")
+        assert again.returncode == 0 and _recap(again.stdout)["changed"] == 0, again.stdout[-4000:]
+    finally:
+        _teardown(root, ports)
+        shutil.rmtree(root, ignore_errors=True)
