@@ -169,6 +169,11 @@ def test_demo_deploys_verifies_and_updates(demo_root):
     assert HELLO in page and "App key fingerprint" in page and "(no key" not in page
     for secret in ("demo-token-0123456789", "dropped-by-the-guest"):
         assert secret not in first.stdout + first.stderr
+    # A clean run: no warning, no template error, no task named with an empty value.
+    for marker in ("[WARNING]", "<< error", "[DEPRECATION"):
+        assert marker not in first.stdout + first.stderr, (marker, (first.stdout + first.stderr)[-3000:])
+    for name in re.findall(r"^TASK \[(.*)\] \**$", first.stdout, re.M):
+        assert not re.search(r"(\s$|\s{2}|\(\s*\)|''|:$|\bfor\s*$|\bat\s*$)", name), name
 
     # Through the gateway: the URL it printed, verified from outside by the deploy itself.
     app_id = compose_hash[:40]
