@@ -123,7 +123,8 @@ def test_dstack_verify_through_the_simulated_pccs_fills_and_reuses_the_cache(sim
 
 
 def test_a_quote_from_dstack_guest_agent_simulate_verifies_through_the_pccs(tmp_path):
-    """The README's path: a simulated CVM, a quote through the dstack SDK, dstack-verify --pccs-url."""
+    """The README's path: a simulated CVM, a quote through the dstack SDK, `dstack-verify --sim-state`
+    alone, then through --pccs-url."""
     base = short_dir()
     agent = Agent(base).start()
     server = None
@@ -133,6 +134,10 @@ def test_a_quote_from_dstack_guest_agent_simulate_verifies_through_the_pccs(tmp_
         quote_file = tmp_path / "quote.json"
         quote_file.write_text(json.dumps({"quote": answer.quote, "event_log": answer.event_log}))
         sim_state = agent.state / "tdx-sim"
+        # Exactly the README's line for a simulated CVM: `dstack-verify QUOTE_FILE --sim-state DIR/tdx-sim`.
+        alone = verify(quote_file, "--sim-state", str(sim_state))
+        assert alone.returncode == 0, alone.stderr
+        assert json.loads(alone.stdout)["boot_info"]["compose_hash"] == hashlib.sha256(agent.app_compose_bytes()).hexdigest()
         server = PccsProcess(sim_state, tmp_path / "pccs.log")
         result = verify(quote_file, "--sim-state", str(sim_state), "--pccs-url", server.url,
                         "--cache-dir", str(tmp_path / "cache"), "--report-data", report_data.hex(),
