@@ -3,7 +3,6 @@
 """The KMS's HTTPS certificate, issued by its own root CA (clients pin root-ca.crt)."""
 
 import datetime
-import ipaddress
 import os
 
 from cryptography import x509
@@ -11,19 +10,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ansible_collections.dstack.tee.plugins.module_utils.app_certs import subject_alt_names
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 from ansible_collections.dstack.tee.plugins.module_utils.root_keys import RPC_CERT, RPC_KEY
 VALIDITY_DAYS = 365
-
-
-def _san(names):
-    entries = []
-    for name in dict.fromkeys(n for n in names if n):
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
-    return x509.SubjectAlternativeName(entries)
 
 
 def ensure_rpc_cert(state_dir, root, names):
@@ -50,7 +40,7 @@ def ensure_rpc_cert(state_dir, root, names):
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=VALIDITY_DAYS))
-            .add_extension(_san(sorted(wanted)), critical=False)
+            .add_extension(subject_alt_names(sorted(wanted)), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(root.ca_key, hashes.SHA256()))

@@ -39,6 +39,7 @@ except ImportError:  # reported by callers through HAS_CRYPTOGRAPHY
 else:
     HAS_CRYPTOGRAPHY = True
 
+from ansible_collections.dstack.tee.plugins.module_utils.app_certs import subject_alt_names
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 TSIG_ALGORITHM = "hmac-sha256"
@@ -126,16 +127,10 @@ def listener_tls(names=("localhost", "127.0.0.1"), days=3650, ca_name="dstack.te
           .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    entries = []
-    for name in names:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
     cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName(entries), critical=False)
+            .add_extension(subject_alt_names(names), critical=False)
             .sign(ca_key, hashes.SHA256()))
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()

@@ -10,6 +10,7 @@ them: app id (.3), certificate usage (.4: "app:ca" on the app CA), attestation (
 
 import datetime
 import hashlib
+import ipaddress
 import json
 
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits, kdf
@@ -30,6 +31,18 @@ OID_ATTESTATION = "1.3.6.1.4.1.62397.1.8"
 RATLS_PREFIX = b"ratls-cert:"
 APP_CA_DAYS = 3650
 LEAF_DEFAULT_DAYS = 365
+
+
+def subject_alt_names(names):
+    """A SubjectAlternativeName of `names`: an IP address as one, anything else as a DNS name
+    (empty names left out, each name once)."""
+    entries = []
+    for name in dict.fromkeys(n for n in names if n):
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
 
 
 def _ext(oid, value):
