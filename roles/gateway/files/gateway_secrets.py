@@ -19,7 +19,6 @@ Keys are written 0600 and atomically. Prints one JSON line: {"changed", "made": 
 
 import argparse
 import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard
+from ansible_collections.dstack.tee.plugins.module_utils.app_certs import subject_alt_names
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 
 CA_DAYS = 3650
@@ -55,16 +55,6 @@ def _key_pem(key):
 
 def _cert_pem(cert):
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _san(names):
-    entries = []
-    for name in names:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
-    return x509.SubjectAlternativeName(entries)
 
 
 def _load(path, loader):
@@ -133,7 +123,7 @@ def _ensure_leaf(folder, stem, names, ca, check, made):
     cert = (x509.CertificateBuilder().subject_name(_name(f"dstack-gateway {stem}")).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
-            .add_extension(_san(names), critical=False)
+            .add_extension(subject_alt_names(names), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(ca_key, hashes.SHA256()))
