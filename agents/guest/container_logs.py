@@ -32,6 +32,7 @@ from ansible_collections.dstack.tee.agents.guest.compose_runner import service_a
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_text
 
 log = logging.getLogger("dstack.guest.container_logs")
 MAX_LINE = 16 * 1024     # a longer line is written in pieces, each with the prefix
@@ -50,9 +51,9 @@ def start_following(runner, out, services=None, rescan=RESCAN, rescan_max=RESCAN
 
 def _compose_services(runner):
     try:
-        with open(runner.compose_file, encoding="utf-8") as handle:
-            return list(parse_compose_yaml(handle.read(), "docker_compose_file")["services"])
-    except (OSError, AttributeError, DstackError):
+        return list(parse_compose_yaml(read_text(runner.compose_file, "docker_compose_file"),
+                                       "docker_compose_file")["services"])
+    except (AttributeError, DstackError):
         return []
 
 
