@@ -367,8 +367,10 @@ write_inventory() {
     echo "    ansible_python_interpreter: $python"
     echo "    # One SSH round trip per module instead of three (no temporary files to copy first)."
     echo "    ansible_pipelining: true"
-    echo "    # The roles' state in each host's private folder."
+    echo "    # The roles' state in each host's private folder; deploy-app.yml's build folders on the"
+    echo "    # controller (this machine), in the fleet's folder."
     echo "    dstack_root: /var/lib/dstack"
+    echo "    dstack_app_build_dir: $dir/build"
     echo "  hosts:"
     for ((i = 1; i <= n; i++)); do
       echo "    host$i:"
@@ -384,6 +386,12 @@ write_inventory() {
         echo "      hosts:"
         for i in $hosts; do echo "        host$i:"; done
       fi
+      # The services other hosts use listen on the host's address (their URLs name it).
+      case "$group" in
+        kms) printf '      vars:\n        dstack_kms_listen: 0.0.0.0:9201\n' ;;
+        vmm) printf '      vars:\n        dstack_vmm_listen: 0.0.0.0:9080\n'
+             printf '        dstack_vmm_tokens: ["{{ lookup(%s) }}"]\n' "'file', '$dir/vmm-token'" ;;
+      esac
     done
   } > "$tmp"
   mv -f "$tmp" "$dir/inventory.yml"
@@ -519,6 +527,10 @@ fleet_up() {
     try "making the controller's key" ssh-keygen -q -t ed25519 -N '' -C "dstack-fleet$fleet_id" -f "$dir/id_ed25519"
   fi
   cp "$dir/id_ed25519.pub" "$dir/authorized_keys"
+  # The VMMs' API token (a VMM listening beyond loopback requires one): the inventory reads it.
+  if [[ ! -f "$dir/vmm-token" ]]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/vmm-token")
+  fi
 
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     try "making the bridge $BRIDGE" ip link add "$BRIDGE" type bridge

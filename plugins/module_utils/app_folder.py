@@ -13,7 +13,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field as dataclass_field
 
-from ansible_collections.dstack.tee.plugins.module_utils import app_compose, env_crypt, fileio, image_archive
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose, env_crypt, fileio, image_archive, placement
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 COMPOSE_FILE = "docker-compose.yaml"
@@ -35,6 +35,9 @@ class AppFolder:
     ports: list = dataclass_field(default_factory=list)
     secrets: str = ""
     images: list = dataclass_field(default_factory=list)
+    # Placement (placement.py), not part of the app-compose: 0 when app.yml sets no replicas.
+    replicas: int = 0
+    hosts: list = dataclass_field(default_factory=list)
 
 
 def read(app_dir, name=None, options=None, host_port=0, field="app_dir"):
@@ -74,9 +77,14 @@ def read(app_dir, name=None, options=None, host_port=0, field="app_dir"):
     if host_port:
         ports = _replace_host_port(ports, host_port, yml_path)
     images = _images(_yaml_key(yml_text, yml_path, "images"), folder, f"{yml_path}: images")
+    replicas = _yaml_key(yml_text, yml_path, "replicas")
+    replicas = placement.check_replicas(replicas, f"{yml_path}: replicas") if replicas is not None else 0
+    hosts = _yaml_key(yml_text, yml_path, "hosts")
+    hosts = placement.check_hosts(hosts, f"{yml_path}: hosts") if hosts is not None else []
     secrets = os.path.join(folder, SECRETS_FILE)
     return AppFolder(path=folder, name=name, app_compose=app, ports=ports,
-                     secrets=secrets if os.path.isfile(secrets) else "", images=images)
+                     secrets=secrets if os.path.isfile(secrets) else "", images=images, replicas=replicas,
+                     hosts=hosts)
 
 
 def secret_names(app):

@@ -87,8 +87,10 @@ class AppCheck:
     attestation.QuoteTrust (ModuleTrust); ca_cert: the CA file the URL's TLS must validate under
     (None: the system's); expected_app_id: hex, or None (then the URL's id, an app or an instance)."""
 
-    def __init__(self, url, local, trust, ca_cert=None, expected_app_id=None, timeout=30.0, wait_timeout=0.0):
+    def __init__(self, url, local, trust, ca_cert=None, expected_app_id=None, timeout=30.0, wait_timeout=0.0,
+                 connect_to=None):
         self.url = url
+        self.connect_to = connect_to
         self.local = local
         self.trust = trust
         self.ca_cert = ca_cert
@@ -116,7 +118,7 @@ class AppCheck:
 
     def _fetch(self, url, **kwargs):
         return gateway_http.fetch(url, context=self.context, ca_cert=self.ca_cert, timeout=self.timeout,
-                                  wait_timeout=self.wait_timeout, **kwargs)
+                                  wait_timeout=self.wait_timeout, connect_to=self.connect_to, **kwargs)
 
     def run(self):
         if self._attest():

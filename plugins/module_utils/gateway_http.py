@@ -140,11 +140,11 @@ class Response:
             raise DstackError(field_name, f"{self.url} did not answer JSON") from None
 
 
-def _connection(url, context, timeout):
+def _connection(url, context, timeout, connect_to=None):
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 443
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-    address = connect_address(host)
+    address = connect_to or connect_address(host)
     if address != host:
         # http.client connects through this hook; the TLS layer still gets `host` for SNI and
         # the certificate check, and the Host header stays the URL's.
@@ -152,8 +152,8 @@ def _connection(url, context, timeout):
     return conn
 
 
-def _once(url, method, body, headers, context, timeout, max_bytes):
-    conn = _connection(url, context, timeout)
+def _once(url, method, body, headers, context, timeout, max_bytes, connect_to):
+    conn = _connection(url, context, timeout, connect_to)
     try:
         conn.connect()
         chain = peer_chain(conn.sock)  # now: http.client may drop its socket once the answer is read
@@ -185,16 +185,18 @@ def _detail(exc):
 
 
 def fetch(url, method="GET", body=None, headers=None, ca_cert=None, context=None, timeout=30.0, wait_timeout=0.0,
-          max_bytes=MAX_RESPONSE_BYTES, field="app_url", ca_field="ca_cert"):
+          max_bytes=MAX_RESPONSE_BYTES, field="app_url", ca_field="ca_cert", connect_to=None):
     """One HTTPS request as the module docstring says. body: bytes or None. max_bytes=None reads no
-    body (only the status). Raises TlsRefused (never retried), Unreachable, or DstackError("response")."""
+    body (only the status). connect_to: the address to connect to instead of the URL's host (as
+    curl's --connect-to; SNI, the certificate check and Host stay the URL's). Raises TlsRefused
+    (never retried), Unreachable, or DstackError("response")."""
     context = context or ssl_context(ca_cert, ca_field)
     host = urlsplit(url).hostname
     deadline = time.monotonic() + max(0.0, float(wait_timeout or 0))
     delay = 0.25
     while True:
         try:
-            answer = _once(url, method, body, headers, context, timeout, max_bytes)
+            answer = _once(url, method, body, headers, context, timeout, max_bytes, connect_to)
         except ssl.SSLCertVerificationError as exc:
             trusted = ca_cert or "the system's trust store"
             raise TlsRefused("tls", f"the certificate {host} served does not validate under {trusted}: "

@@ -59,8 +59,40 @@ options:
     description:
       - Whether the VMM runs on this host, so that the app's host ports are tried here - a port
         another program holds is refused, naming it. A port the app's own CVM holds is not tried.
+      - With O(vmms), only for the VMMs marked C(local).
     type: bool
     default: true
+  vmms:
+    description:
+      - The VMM hosts of a fleet (C(deploy-app.yml) passes the inventory group C(dstack_vmm)), in
+        inventory order, instead of O(vmm_url). Each answers C(Status); the app's instances (its
+        CVMs, by name) are placed on them (RV(placement)) - O(replicas) different hosts, those that
+        already run one first, then the ones with the fewest CVMs, within C(app.yml)'s C(hosts)
+        when it pins some. The host ports are checked on each chosen host.
+    type: list
+    elements: dict
+    suboptions:
+      host:
+        description: The inventory host name.
+        type: str
+        required: true
+      url:
+        description: Its VMM (C(http://host:port)).
+        type: str
+        required: true
+      token:
+        description: Its VMM API token, when it needs one.
+        type: str
+      local:
+        description: Whether the VMM runs on this host (its host ports are tried here, as O(check_host_ports)).
+        type: bool
+        default: false
+  replicas:
+    description:
+      - How many instances of the app, each on another host of O(vmms). 0 takes C(app.yml)'s
+        C(replicas), else 1.
+    type: int
+    default: 0
 extends_documentation_fragment:
   - dstack.tee.attributes
 seealso:
@@ -129,15 +161,34 @@ kms_k256_pubkey:
   returned: always
   type: str
 existing:
-  description: The app's CVM on the VMM (C(id), C(app_id), C(status), C(ports)), empty when there is none.
+  description:
+    - The app's CVM on the VMM (C(id), C(app_id), C(status), C(ports)), empty when there is none.
+    - With O(vmms), the first instance found (the app keeps its app_id across its instances).
   returned: always
   type: dict
+replicas:
+  description: The number of instances placed (O(replicas), else C(app.yml)'s, else 1).
+  returned: always
+  type: int
+placement:
+  description:
+    - Where the instances go, in inventory order (the order a rolling upgrade takes) - each
+      C(host), C(url) and C(existing) (as RV(existing), empty for a new instance). With
+      O(vmm_url), that one VMM (host C(""))); without a VMM, empty.
+  returned: always
+  type: list
+  elements: dict
+surplus:
+  description: The app's instances on VMM hosts beyond the placement (C(host), C(url), C(existing)), to remove.
+  returned: always
+  type: list
+  elements: dict
 """
 
 import errno
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.dstack.tee.plugins.module_utils import app_compose, app_folder, host_ports
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose, app_folder, host_ports, placement
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
 from ansible_collections.dstack.tee.plugins.module_utils.prpc import Unauthorized
@@ -158,6 +209,35 @@ def _vmm_cvms(url, token):
         return VmmClient(url, token=token, timeout=TIMEOUT).call("Status", {"brief": False}).get("vms") or []
     except Unauthorized:
         raise DstackError("vmm_token", f"the VMM at {url} refused it (HTTP 401): give the VMM's API token") from None
+
+
+def _brief(vm):
+    """What the role uses of a CVM the VMM lists: {} for none."""
+    return {k: vm.get(k) for k in ("id", "app_id", "status")} | {
+        "ports": (vm.get("configuration") or {}).get("ports") or []} if vm else {}
+
+
+def _place(app, p):
+    """(placement, surplus, replicas) over p['vmms'], the host ports checked on each chosen host."""
+    vmms, local = [], {}
+    for vmm in p["vmms"]:
+        try:
+            cvms = _vmm_cvms(vmm["url"], vmm["token"])
+        except DstackError as exc:
+            raise DstackError(exc.field, f"VMM host {vmm['host']}: {exc.reason}") from None
+        vmms.append({"host": vmm["host"], "url": vmm["url"], "cvms": cvms})
+        local[vmm["host"]] = vmm["local"]
+    replicas = p["replicas"] or app.replicas or 1
+    placed, surplus = placement.place(app.name, vmms, replicas, app.hosts,
+                                      field="replicas" if p["replicas"] else f"{app.path}/{app_folder.APP_YML}: replicas")
+    for where in placed:
+        cvms = next(v["cvms"] for v in vmms if v["host"] == where["host"])
+        try:
+            _check_ports(app, cvms, where["existing"], p["check_host_ports"] and local[where["host"]])
+        except DstackError as exc:
+            raise DstackError(exc.field, f"{exc.reason} (VMM host {where['host']})") from None
+    brief = [dict(w, existing=_brief(w["existing"])) for w in placed]
+    return brief, [dict(w, existing=_brief(w["existing"])) for w in surplus], replicas
 
 
 def _key(port):
@@ -202,7 +282,12 @@ def main():
             vmm_url=dict(type="str"),
             vmm_token=dict(type="str", no_log=True),
             check_host_ports=dict(type="bool", default=True),
+            vmms=dict(type="list", elements="dict", options=dict(
+                host=dict(type="str", required=True), url=dict(type="str", required=True),
+                token=dict(type="str", no_log=True), local=dict(type="bool", default=False))),
+            replicas=dict(type="int", default=0),
         ),
+        mutually_exclusive=[("vmm_url", "vmms")],
         supports_check_mode=True,
     )
     p = module.params
@@ -211,9 +296,15 @@ def main():
         env_keys, dropped = app_folder.secret_names(app)
         data = app_compose.render(app.app_compose)
         meta = _kms_meta(p["kms_url"], p["kms_ca_cert"]) if p["kms_url"] else {}
-        cvms = _vmm_cvms(p["vmm_url"], p["vmm_token"]) if p["vmm_url"] else []
-        existing = next((vm for vm in cvms if vm.get("name") == app.name), None)
-        _check_ports(app, cvms, existing, p["check_host_ports"] and bool(p["vmm_url"]))
+        if p["vmms"]:
+            placed, surplus, replicas = _place(app, p)
+            existing = next((w["existing"] for w in placed + surplus if w["existing"]), {})
+        else:
+            cvms = _vmm_cvms(p["vmm_url"], p["vmm_token"]) if p["vmm_url"] else []
+            found = next((vm for vm in cvms if vm.get("name") == app.name), None)
+            _check_ports(app, cvms, found, p["check_host_ports"] and bool(p["vmm_url"]))
+            existing, surplus, replicas = _brief(found), [], 1
+            placed = [{"host": "", "url": p["vmm_url"], "existing": existing}] if p["vmm_url"] else []
     except DstackError as exc:
         module.fail_json(msg=str(exc), field=exc.field)
     compose_hash = app_compose.compose_hash(data)
@@ -221,8 +312,7 @@ def main():
         changed=False, app_dir=app.path, name=app.name, app_compose=app.app_compose, compose_hash=compose_hash,
         app_id=app_compose.app_id_for(compose_hash), ports=app.ports, secrets_file=app.secrets,
         env_keys=env_keys, dropped_envs=dropped, kms_k256_pubkey=meta.get("k256_pubkey", ""),
-        existing={k: existing.get(k) for k in ("id", "app_id", "status")} | {
-            "ports": (existing.get("configuration") or {}).get("ports") or []} if existing else {})
+        existing=existing, replicas=replicas, placement=placed, surplus=surplus)
 
 
 if __name__ == "__main__":

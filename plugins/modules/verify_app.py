@@ -105,6 +105,13 @@ options:
     description: Seconds each network operation may take.
     type: int
     default: 30
+  connect_address:
+    description:
+      - The address (IP or host name) to connect to instead of the URL's host, as curl's
+        C(--connect-to) does; SNI, the certificate check and the Host header stay the URL's name.
+      - E.g. the gateway host's address when C(*.<base_domain>) is not in DNS (C(deploy-app.yml)
+        passes the inventory address of a gateway on another host).
+    type: str
 extends_documentation_fragment:
   - dstack.tee.attributes
   - dstack.tee.quote_trust
@@ -224,6 +231,7 @@ def main():
             expected_app_id=dict(type="str"),
             wait_timeout=dict(type="int", default=0),
             timeout=dict(type="int", default=30),
+            connect_address=dict(type="str"),
             **attestation.module_trust_argument_spec(),
         ),
         mutually_exclusive=[("compose", "app_dir")],
@@ -242,7 +250,8 @@ def main():
         local = app_verify.local_app(p["compose"], p["app_dir"], p["name"], {k: p[k] for k in FIELD_OPTIONS})
         trust = attestation.ModuleTrust(p["sim_state_dir"], p["collateral"], tuple(p["allowed_tcb_statuses"]))
         check = app_verify.AppCheck(url, local, trust, ca_cert=p["ca_cert"], expected_app_id=p["expected_app_id"],
-                                    timeout=p["timeout"], wait_timeout=p["wait_timeout"]).run()
+                                    timeout=p["timeout"], wait_timeout=p["wait_timeout"],
+                                    connect_to=p["connect_address"] or None).run()
     except DstackError as exc:
         module.fail_json(msg=str(exc), field=exc.field)
     result = dict(changed=False, **check.result())

@@ -11,7 +11,10 @@ With cvm_netns (opt-in; vmm.toml `cvm_netns = true`, `--cvm-netns`), each CVM ge
 namespace `dstack-<vm id>` (made at start, kept across restarts, removed with the CVM) and a veth
 pair to the host: `dh<id>` (here, 10.213.X.Y/30) and `eth0` (there, the next address, with the
 default route through the host), for the WireGuard UDP to the gateway. The guest agent gets
-`--netns`: its gateway interface and containers go into the namespace.
+`--netns`: its gateway interface and containers go into the namespace. What leaves the host from
+the namespaces is masqueraded to the host's address (forwarding on, one iptables nat rule for the
+range, made at the first CVM and kept), as a VM's user-mode network (QEMU's passt) does: a
+gateway on another host answers the CVM's WireGuard packets.
 
 A CVM's containers and named volumes are in this host's podman store, under its compose project
 (`project`). The guest agent's `compose down` removes the containers and keeps the volumes, as a
@@ -54,6 +57,7 @@ class ProcessBackend(Backend):
         except ValueError as exc:
             raise DstackError("cvm_netns_range", f"is not an IPv4 network: {exc}") from None
         self._netns_lock = threading.Lock()
+        self._egress_ready = False
 
     @staticmethod
     def program(vm):
@@ -89,9 +93,24 @@ class ProcessBackend(Backend):
                 wireguard.configure_link("eth0", name, address=f"{cvm_ip}/{prefix}")
                 subprocess.run(["ip", "-n", name, "route", "replace", "default", "via", str(host_ip)], check=True,
                                capture_output=True, timeout=10)
+                self._ensure_egress()
             except (DstackError, OSError, subprocess.SubprocessError) as exc:
                 self._remove_netns(vm)
                 raise DstackError("cvm_netns", f"cannot make the network namespace {name}: {exc}") from None
+
+    def _ensure_egress(self):
+        """Forwarding on and the range's traffic beyond itself masqueraded (once per VMM process;
+        the rule stays, as the rules of a libvirt NAT network do)."""
+        if self._egress_ready:
+            return
+        with open("/proc/sys/net/ipv4/ip_forward", "w", encoding="ascii") as handle:
+            handle.write("1")
+        span = str(self.cvm_netns_range)
+        rule = ["POSTROUTING", "-s", span, "!", "-d", span, "-j", "MASQUERADE"]
+        iptables = [shutil.which("iptables") or "/usr/sbin/iptables", "-w", "10", "-t", "nat"]
+        if subprocess.run(iptables + ["-C"] + rule, capture_output=True, timeout=20, check=False).returncode != 0:
+            subprocess.run(iptables + ["-A"] + rule, capture_output=True, timeout=20, check=True)
+        self._egress_ready = True
 
     def _free_pair(self):
         """(host address, CVM address, prefix length) of the first /30 of cvm_netns_range that no
