@@ -7,11 +7,12 @@ app, and reports:
 - the floor: bare dcap-qvl verifications per CPU second (one core), on a quote of this KMS's
   simulated platform;
 - the KMS in process (no HTTP, no TLS): CPU per GetAppKey, releases per CPU second;
-- over HTTPS at 1, 16 and 64 clients, each client thread keeping its connection (KmsClient):
+- over HTTPS at 1, 16 and 64 clients, each client thread keeping its connection (KmsClient, opened
+  before the clock starts):
   p50/p99 latency of a whole release (GetNonce, the client's simulated quote, GetAppKey), wall
   releases/s, the server's CPU per release (the CPU time of the KMS's processes: master and
-  workers, read from /proc, divided by the releases) and so releases/s per core, and the same
-  for a kept-alive GetMeta with the ratio release/GetMeta.
+  workers, their threads' run times from /proc, divided by the releases) and so releases/s per
+  core, and the same for a kept-alive GetMeta with the ratio release/GetMeta.
 Clients and server share this machine's cores: wall figures at high concurrency include the
 clients' own quote signing; the per-core figures count the server's CPU only.
 
@@ -75,13 +76,25 @@ def percentile(values, pct):
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
 
 
-def run(concurrency, total, make_call):
+def run(concurrency, total, make_call, cpu=None):
+    """(latencies, errors, wall seconds, cpu() consumed) of `total` calls from `concurrency` threads.
+
+    Each thread first makes its call (make_call(index): its client, its connection opened); the
+    clock and cpu() start once every thread is ready, so that the figures are those of clients that
+    keep their connections, not of their TLS handshakes."""
     latencies, errors, lock = [], [], threading.Lock()
     per_thread = max(1, total // concurrency)
+    ready = threading.Barrier(concurrency + 1)
 
     def worker(index):
-        call = make_call(index)
-        for _i in range(per_thread):
+        try:
+            call = make_call(index)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            with lock:
+                errors.append(str(exc))
+            call = None
+        ready.wait()
+        for _i in range(per_thread if call else 0):
             start = time.perf_counter()
             try:
                 call()
@@ -93,16 +106,20 @@ def run(concurrency, total, make_call):
                 latencies.append(time.perf_counter() - start)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    wall = time.perf_counter()
     for thread in threads:
         thread.start()
+    ready.wait()
+    cpu_start, wall = cpu() if cpu else 0.0, time.perf_counter()
     for thread in threads:
         thread.join()
-    return latencies, errors, time.perf_counter() - wall
+    wall = time.perf_counter() - wall
+    return latencies, errors, wall, (cpu() - cpu_start) if cpu else None
 
 
 def group_cpu(pgid):
-    """CPU seconds (user + system) of the live processes of a process group (a server and its workers)."""
+    """CPU seconds of the live processes of a process group (a server and its workers): the sum of
+    their threads' run times from /proc/PID/task/TID/schedstat (nanoseconds; the clock ticks of
+    /proc/PID/stat, 10 ms, blur a figure of a few milliseconds per release), else from stat."""
     total, tick = 0.0, os.sysconf("SC_CLK_TCK")
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
@@ -110,8 +127,16 @@ def group_cpu(pgid):
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
-            total += (int(fields[11]) + int(fields[12])) / tick
+        if int(fields[2]) != pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+            continue
+        threads = 0.0
+        try:
+            for schedstat in glob.glob(os.path.join(os.path.dirname(stat), "task", "*", "schedstat")):
+                with open(schedstat, encoding="ascii") as handle:
+                    threads += int(handle.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            threads = (int(fields[11]) + int(fields[12])) / tick
+        total += threads
     return total
 
 
@@ -147,6 +172,7 @@ def release_maker(url, ca, app_id, chash, sim_dir, tmp, label):
         cvm, log = measured_cvm(sim_dir, os.path.join(tmp, f"rtmrs-{label}-{index}.json"), app_id, chash,
                                 f"{index:040x}", ca)
         client = KmsClient(url, ca_cert=ca)
+        client.get_meta()  # the connection this client keeps
         return lambda: client.get_app_key(cvm.provider, log, vm_config)
     return release_call
 
@@ -202,12 +228,13 @@ def measure_kms(label, url, ca, app_id, chash, tmp, args, sim_dir, pgid=None, fl
 
     def meta_call(_index):
         client = KmsClient(url, ca_cert=ca)
+        client.get_meta()  # the connection this client keeps
         return client.get_meta
 
     def measured(concurrency, make_call):
-        cpu = group_cpu(pgid) if pgid else 0.0
-        latencies, errors, wall = run(concurrency, args.requests, make_call)
-        return latencies, errors, wall, ((group_cpu(pgid) - cpu) / max(1, len(latencies))) if pgid else None
+        latencies, errors, wall, cpu = run(concurrency, args.requests, make_call,
+                                           (lambda: group_cpu(pgid)) if pgid else None)
+        return latencies, errors, wall, (cpu / max(1, len(latencies))) if pgid else None
 
     results = {}
     print(f"{label}:")

@@ -52,9 +52,8 @@ def haproxy(folder, backends):
 
 
 def measure(label, url, pgids, make_call, args):
-    cpu = sum(group_cpu(pgid) for pgid in pgids)
-    latencies, errors, wall = run(args.clients, args.requests, make_call)
-    spent = sum(group_cpu(pgid) for pgid in pgids) - cpu
+    latencies, errors, wall, spent = run(args.clients, args.requests, make_call,
+                                         lambda: sum(group_cpu(pgid) for pgid in pgids))
     if errors:
         print(f"  {label}: {len(errors)} errors, first: {errors[0]}")
     if latencies:
