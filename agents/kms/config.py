@@ -5,7 +5,8 @@
 Keys (all optional but state_dir):
     state_dir, mode ("production" | "simulation"), listen ("HOST:PORT"), domain,
     sim_state_dir, root_ca, collateral, pccs_url, collateral_cache_dir, audit_log,
-    nonce_ttl, gateway_app_id, workers,
+    nonce_ttl, gateway_app_id, workers, access_log (true | false: gunicorn's line per request on
+    stdout; default true),
     [policy] allowed_tcb_statuses, allowed_advisory_ids, os_image_measurements
              ({os_image_hash = {mrtd, rtmr0, rtmr1, rtmr2}}), require_os_image_measurements
              (default: true in production)
@@ -20,7 +21,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackErr
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
 
 TOP_KEYS = ("state_dir", "mode", "listen", "domain", "sim_state_dir", "root_ca", "collateral", "pccs_url",
-            "collateral_cache_dir", "audit_log", "nonce_ttl", "gateway_app_id", "workers")
+            "collateral_cache_dir", "audit_log", "nonce_ttl", "gateway_app_id", "workers", "access_log")
 AUTH_KEYS = ("type", "path", "url", "timeout", "rpc_url", "contract_address", "chain_id")
 
 
@@ -42,6 +43,19 @@ def load_config(path=None, environ=None, **overrides):
     if auth["type"] == "local":
         auth.setdefault("path", os.path.join(state, "auth-config.json"))
     config["auth"] = auth
+    config["access_log"] = _flag(config.get("access_log", True), "access_log")
     if config.get("mode", "production") == "simulation" and not config.get("root_ca"):
         config.setdefault("sim_state_dir", os.path.join(state, "tdx-sim"))
     return config
+
+
+def _flag(value, field):
+    """A yes/no key: a TOML boolean, or its text from the environment (true/false, 1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise DstackError(field, f"must be true or false, not {str(value)[:20]!r}")

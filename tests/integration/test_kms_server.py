@@ -129,3 +129,18 @@ def test_env_encrypt_module_fetches_the_key_from_the_kms(kms, tmp_path, module):
     assert wrong["failed"] and "not made by the trusted KMS key" in wrong["msg"]
     unreachable = module("env_encrypt", dict(args, kms_url="https://127.0.0.1:9"))
     assert unreachable["failed"] and unreachable["msg"].startswith("kms_url: cannot reach the KMS")
+
+
+def test_no_access_log_keeps_the_refusals_in_the_error_log(tmp_path):
+    server = KmsProcess(tmp_path / "kms", free_port(), "--no-access-log").start()
+    try:
+        client = server.client()
+        client.get_meta()
+        with pytest.raises(KmsRefused):
+            client.call("GetAppKey", {"nonce": "00" * 32, "ephemeral_public_key": "11" * 32})
+    finally:
+        output = server.stop()
+    assert "/prpc/KMS.GetMeta" not in output, output[-2000:]  # no access line
+    assert "403 /prpc/KMS.GetAppKey from 127.0.0.1" in output, output[-2000:]
+    assert [line["decision"] for line in map(json.loads, (tmp_path / "kms" / "audit.log").read_text().splitlines())] \
+        == ["refuse"]

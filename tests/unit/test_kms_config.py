@@ -39,3 +39,16 @@ def test_auth_backend_settings(auth, field):
     with pytest.raises(DstackError) as err:
         make_backend(auth)
     assert err.value.field == field
+
+
+def test_access_log_is_on_unless_turned_off(tmp_path):
+    toml = tmp_path / "kms.toml"
+    toml.write_text('state_dir = "/srv/kms"\n')
+    assert load_config(str(toml), environ={})["access_log"] is True
+    toml.write_text('state_dir = "/srv/kms"\naccess_log = false\n')
+    assert load_config(str(toml), environ={})["access_log"] is False
+    assert load_config(str(toml), environ={"DSTACK_KMS_ACCESS_LOG": "yes"})["access_log"] is True
+    assert load_config(str(toml), environ={"DSTACK_KMS_ACCESS_LOG": "on"}, access_log=False)["access_log"] is False
+    with pytest.raises(DstackError) as err:
+        load_config(str(toml), environ={"DSTACK_KMS_ACCESS_LOG": "sometimes"})
+    assert err.value.field == "access_log" and "sometimes" in err.value.reason
