@@ -4,7 +4,7 @@ VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: demo test setup setup-test sanity pytest stop clean
+.PHONY: demo test setup setup-test setup-fleet sanity pytest stop clean fleet-demo fleet-down
 
 # make demo's settings (README: "The two commands"), on make's command line: make demo VMM_PORT=9180.
 # An empty port is the role's default. Defined here, so that an environment variable of the same
@@ -57,6 +57,18 @@ pytest: setup-test
 
 sanity: setup-test
 	scripts/ansible-sanity.sh
+
+## make fleet-demo: set up (also openssh-server), then the main job on a simulated fleet (as root):
+## FLEET_HOSTS hosts (default 3: host1 the KMS and the gateway, the others VMMs), examples/hello
+## with REPLICAS instances (default 2); make fleet-down removes the fleet
+fleet-demo: setup-fleet
+	REPLICAS=$(REPLICAS) scripts/fleet-demo.sh $(FLEET_HOSTS)
+
+fleet-down:
+	scripts/sim-fleet.sh down
+
+setup-fleet:
+	scripts/setup.sh --fleet
 
 ## make stop: stop what make demo started (the CVMs first: their containers go down with them),
 ## and return once all of it is down (or say what still runs after STOP_TIMEOUT seconds)

@@ -3,13 +3,15 @@
 #   1. Debian packages (apt-get, only the missing ones),
 #   2. the project venv .venv/ with the Python dependencies (pip, only when pyproject.toml changed),
 #   3. the collection link .venv/collections/ansible_collections/dstack/tee -> this checkout.
-# Usage: scripts/setup.sh [--test]   (--test also installs what the test suite needs)
+# Usage: scripts/setup.sh [--test | --fleet]   (--test also installs what the test suite needs,
+#        --fleet what `make fleet-demo` needs besides make demo's: openssh-server for the hosts' sshd)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-WITH_TEST=0
-[[ "${1:-}" == "--test" ]] && WITH_TEST=1
+WITH_TEST=0 WITH_FLEET=0
+[[ "${1:-}" == "--test" ]] && WITH_TEST=1 WITH_FLEET=1
+[[ "${1:-}" == "--fleet" ]] && WITH_FLEET=1
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -37,7 +39,7 @@ APT_PACKAGES+=(wireguard-go wireguard-tools iproute2 iptables)
 # named-journalprint).
 APT_PACKAGES+=(pebble bind9 bind9-dnsutils)
 # The simulated fleet (scripts/sim-fleet.sh): each host's own sshd, reached by ssh with its key.
-((WITH_TEST)) && APT_PACKAGES+=(openssh-server openssh-client)
+((WITH_FLEET)) && APT_PACKAGES+=(openssh-server openssh-client)
 # node and npm for the contracts' compiler: Debian's, unless a node with npm is there already
 # (machines that ship their own Node.js have no Debian npm package, and must not get one).
 ((WITH_TEST)) && ! command -v npm >/dev/null 2>&1 && APT_PACKAGES+=(nodejs npm)

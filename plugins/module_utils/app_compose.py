@@ -368,8 +368,8 @@ def app_yml_options(text, field="app.yml"):
         raise DstackError(field, "must be a YAML mapping of app options")
     unknown = sorted(str(k) for k in spec if k not in APP_YML_FIELDS and k not in APP_YML_OWN_KEYS)
     if unknown:
-        raise DstackError(unknown[0], f"in {field} is not an app-compose field (nor name, ports, images, "
-                                     "replicas or hosts)")
+        raise DstackError(unknown[0], f"in {field} is not an app-compose field "
+                                      "(nor name, ports, images, replicas or hosts)")
     name = spec.get("name")
     if name is not None and not isinstance(name, str):
         raise DstackError(field, "its name must be a string")

@@ -5,11 +5,13 @@
 
     place(name, vmms, replicas, pinned) -> (placed, surplus)
 
-vmms: [{host, url, cvms}] in inventory order, cvms each VMM's Status list. An instance is a CVM
-named after the app. Rules, so that a second run places nothing anew:
+vmms: [{host, url, cvms, capacity}] in inventory order, cvms each VMM's Status list (with
+configurations), capacity its GetMeta max_cvm_number (None: unknown). An instance is a CVM named
+after the app. Rules, so that a second run places nothing anew:
   - the candidates are the pinned hosts (app.yml `hosts`), else every VMM host;
   - a candidate that runs an instance keeps it (inventory order), up to `replicas`;
-  - the rest go to candidates without one, the fewest CVMs first (then inventory order);
+  - the rest go to candidates without one and with a free CVM slot: the most free slots first,
+    then the least memory given to CVMs, then inventory order;
   - every other instance, on any VMM host, is surplus (removed when the app shrinks).
 placed is in inventory order (the order a rolling upgrade takes), each {host, url, existing (the
 CVM or None)}; surplus each {host, url, existing}.
@@ -57,11 +59,28 @@ def place(name, vmms, replicas, pinned=None, field="replicas"):
         raise DstackError(field, f"{replicas} instances need {replicas} different VMM hosts, and {where} are "
                                  f"{len(candidates)}: {', '.join(v['host'] for v in candidates) or 'none'}")
     keep = [vmm for vmm in candidates if instance_on(vmm, name)][:replicas]
-    free = sorted((vmm for vmm in candidates if vmm not in keep and not instance_on(vmm, name)),
-                  key=lambda vmm: (len(vmm.get("cvms") or []), known.index(vmm["host"])))
+    free = sorted((vmm for vmm in candidates if vmm not in keep and not instance_on(vmm, name) and _slots(vmm) > 0),
+                  key=lambda vmm: (-_slots(vmm), _memory(vmm), known.index(vmm["host"])))
     chosen = keep + free[:replicas - len(keep)]
+    if len(chosen) < replicas:
+        full = [vmm["host"] for vmm in candidates if vmm not in chosen and _slots(vmm) <= 0]
+        raise DstackError(field, f"{replicas} instances need {replicas} VMM hosts with room, and "
+                                 f"{', '.join(full)} hold{'s' if len(full) == 1 else ''} as many CVMs as "
+                                 "they allow (GetMeta max_cvm_number)")
     placed = [{"host": vmm["host"], "url": vmm["url"], "existing": instance_on(vmm, name)}
               for vmm in vmms if vmm in chosen]
     surplus = [{"host": vmm["host"], "url": vmm["url"], "existing": instance_on(vmm, name)}
                for vmm in vmms if vmm not in chosen and instance_on(vmm, name)]
     return placed, surplus
+
+
+def _slots(vmm):
+    """Free CVM slots of a VMM (capacity unknown: plenty, so the fewest CVMs come first)."""
+    used = len(vmm.get("cvms") or [])
+    capacity = vmm.get("capacity")
+    return capacity - used if isinstance(capacity, int) and not isinstance(capacity, bool) else 1_000_000 - used
+
+
+def _memory(vmm):
+    """Memory (MB) given to the VMM's CVMs, from their configurations."""
+    return sum(int((vm.get("configuration") or {}).get("memory") or 0) for vm in vmm.get("cvms") or [])

@@ -65,10 +65,11 @@ options:
   vmms:
     description:
       - The VMM hosts of a fleet (C(deploy-app.yml) passes the inventory group C(dstack_vmm)), in
-        inventory order, instead of O(vmm_url). Each answers C(Status); the app's instances (its
-        CVMs, by name) are placed on them (RV(placement)) - O(replicas) different hosts, those that
-        already run one first, then the ones with the fewest CVMs, within C(app.yml)'s C(hosts)
-        when it pins some. The host ports are checked on each chosen host.
+        inventory order, instead of O(vmm_url). Each answers C(Status) and C(GetMeta); the app's
+        instances (its CVMs, by name) are placed on them (RV(placement)) - O(replicas) different
+        hosts, those that already run one first, then those with the most free CVM slots
+        (C(max_cvm_number)) and the least memory given to CVMs, within C(app.yml)'s C(hosts) when
+        it pins some. The host ports are checked on each chosen host.
     type: list
     elements: dict
     suboptions:
@@ -223,9 +224,11 @@ def _place(app, p):
     for vmm in p["vmms"]:
         try:
             cvms = _vmm_cvms(vmm["url"], vmm["token"])
+            meta = VmmClient(vmm["url"], token=vmm["token"], timeout=TIMEOUT).call("GetMeta", {})
         except DstackError as exc:
             raise DstackError(exc.field, f"VMM host {vmm['host']}: {exc.reason}") from None
-        vmms.append({"host": vmm["host"], "url": vmm["url"], "cvms": cvms})
+        capacity = (meta.get("resources") or {}).get("max_cvm_number")
+        vmms.append({"host": vmm["host"], "url": vmm["url"], "cvms": cvms, "capacity": capacity})
         local[vmm["host"]] = vmm["local"]
     replicas = p["replicas"] or app.replicas or 1
     placed, surplus = placement.place(app.name, vmms, replicas, app.hosts,

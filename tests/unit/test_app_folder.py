@@ -40,6 +40,15 @@ def test_the_folder_gives_the_app_its_ports_and_its_secret_names(folder):
     assert app_folder.read(str(folder), host_port=18080).ports[0]["host_port"] == 18080
 
 
+def test_replicas_and_hosts_place_the_app_without_changing_its_compose_hash(folder):
+    before = app_folder.read(str(folder))
+    assert before.replicas == 0 and before.hosts == []
+    (folder / "app.yml").write_text(APP_YML + "replicas: 2\nhosts: [host2, host3]\n")
+    after = app_folder.read(str(folder))
+    assert after.replicas == 2 and after.hosts == ["host2", "host3"]
+    assert app_compose.render(after.app_compose) == app_compose.render(before.app_compose)
+
+
 def test_without_app_yml_or_secrets_the_folder_names_the_app(folder):
     os.remove(folder / "app.yml")
     app = app_folder.read(str(folder) + "/")
@@ -57,6 +66,9 @@ def test_without_app_yml_or_secrets_the_folder_names_the_app(folder):
     ("app.yml", "ports: [{host_port: 80, vm_port: 80, protocol: sctp}]\n", "app.yml: ports[0].protocol: must be tcp or udp"),
     ("app.yml", "ports: [{host_port: 80, vm_port: 80}, {host_port: 80, vm_port: 81}]\n", "host port 80/tcp is mapped twice"),
     ("app.yml", "ports: [{host_port: 80, vm_port: 80, host: x}]\n", "app.yml: ports[0].host: is not a port map field"),
+    ("app.yml", "replicas: 0\n", "app.yml: replicas: must be a whole number from 1"),
+    ("app.yml", "replicas: two\n", "app.yml: replicas: must be a whole number from 1"),
+    ("app.yml", "hosts: host2\n", "app.yml: hosts: must be a non-empty list of inventory host names"),
     ("secrets.env", "A=1\nthis line is no variable\n", "secrets.env line 2: is not KEY=value"),
     ("secrets.env", "A=\"never closed\n", "secrets.env line 1: the value of A has no closing \""),
 ])
