@@ -1,6 +1,6 @@
 """Key release on the real KMS over HTTPS, against the physical floor of the path, in one run.
 
-    .venv/bin/python bench/bench_kms.py [--requests 128] [--workers 2] [--ethereum]
+    .venv/bin/python bench/bench_kms.py [--requests 128] [--workers 2] [--no-access-log] [--ethereum]
 
 Starts `dstack-kms serve --simulated` on a loopback port (its own temporary state), allows one
 app, and reports:
@@ -13,6 +13,8 @@ app, and reports:
   releases/s, the server's CPU per release (the CPU time of the KMS's processes: master and
   workers, their threads' run times from /proc, divided by the releases) and so releases/s per
   core, and the same for a kept-alive GetMeta with the ratio release/GetMeta.
+Every server is warmed up first (releases from WARM_UP_CLIENTS clients, not measured): the
+figures are of a KMS in service, not of its first requests.
 Clients and server share this machine's cores: wall figures at high concurrency include the
 clients' own quote signing; the per-core figures count the server's CPU only.
 
@@ -47,6 +49,9 @@ KMS = str(Path(sys.executable).parent / "dstack-kms")
 ROOT = Path(__file__).resolve().parent.parent
 OWNER_KEY = "0x" + "42" * 32
 OS_IMAGE = "11" * 32
+# Releases made before anything is measured, enough to reach every worker thread (2 x 4 by default):
+# a thread's first release opens its nonce-store connection and fills the caches it keeps.
+WARM_UP_CLIENTS = 8
 
 
 class _Cvm:
@@ -77,7 +82,8 @@ def percentile(values, pct):
 
 
 def run(concurrency, total, make_call, cpu=None):
-    """(latencies, errors, wall seconds, cpu() consumed) of `total` calls from `concurrency` threads.
+    """(latencies, errors, wall seconds, CPU seconds between two cpu() snapshots) of `total` calls from
+    `concurrency` threads.
 
     Each thread first makes its call (make_call(index): its client, its connection opened); the
     clock and cpu() start once every thread is ready, so that the figures are those of clients that
@@ -116,37 +122,49 @@ def run(concurrency, total, make_call, cpu=None):
     return latencies, errors, wall, (cpu() - cpu_start) if cpu else None
 
 
-def group_cpu(pgid):
-    """CPU seconds of the live processes of a process group (a server and its workers): the sum of
-    their threads' run times from /proc/PID/task/TID/schedstat (nanoseconds; the clock ticks of
-    /proc/PID/stat, 10 ms, blur a figure of a few milliseconds per release), else from stat."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+class CpuSnapshot(dict):
+    """{(pid, thread id): CPU seconds} of the threads of some process groups. later - earlier is the
+    CPU time spent between two snapshots by the threads alive at the later one: a thread that ended
+    in between takes its share along (gunicorn's threads live as long as their worker)."""
+
+    def __sub__(self, earlier):
+        return sum(max(0.0, seconds - earlier.get(key, 0.0)) for key, seconds in self.items())
+
+
+def group_cpu(*pgids):
+    """A CpuSnapshot of the processes of these process groups (a server, its workers): each thread's
+    run time from /proc/PID/task/TID/schedstat (nanoseconds; the 10 ms clock ticks of
+    /proc/PID/stat, its fallback, blur a figure of a few milliseconds per release)."""
+    snapshot, tick = CpuSnapshot(), os.sysconf("SC_CLK_TCK")
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(stat, encoding="ascii") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) != pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+        if int(fields[2]) not in pgids:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
             continue
-        threads = 0.0
-        try:
-            for schedstat in glob.glob(os.path.join(os.path.dirname(stat), "task", "*", "schedstat")):
+        pid = os.path.basename(os.path.dirname(stat))
+        threads = glob.glob(f"/proc/{pid}/task/*/schedstat")
+        for schedstat in threads:
+            try:
                 with open(schedstat, encoding="ascii") as handle:
-                    threads += int(handle.read().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            threads = (int(fields[11]) + int(fields[12])) / tick
-        total += threads
-    return total
+                    snapshot[(pid, schedstat.split("/")[4])] = int(handle.read().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that just ended
+        if not threads:
+            snapshot[(pid, "stat")] = (int(fields[11]) + int(fields[12])) / tick
+    return snapshot
 
 
-def serve(state, config=None, workers=2, sim_state=None):
+def serve(state, config=None, workers=2, sim_state=None, access_log=True):
     """A `dstack-kms serve --simulated` on a free loopback port: (process, url)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [KMS, "serve", "--simulated", "--state-dir", str(state), "--listen", f"127.0.0.1:{port}",
                "--workers", str(workers)] + (["--config", str(config)] if config else []) \
+        + ([] if access_log else ["--no-access-log"]) \
         + (["--sim-state", str(sim_state)] if sim_state else [])
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # pylint: disable=consider-using-with
                               start_new_session=True)
@@ -238,6 +256,7 @@ def measure_kms(label, url, ca, app_id, chash, tmp, args, sim_dir, pgid=None, fl
 
     results = {}
     print(f"{label}:")
+    run(WARM_UP_CLIENTS, 4 * WARM_UP_CLIENTS, release_call)  # every worker thread's first release: not measured
     for concurrency in (1, 16, 64):
         meta, meta_err, _wall, meta_cpu = measured(concurrency, meta_call)
         rel, rel_err, wall, rel_cpu = measured(concurrency, release_call)
@@ -263,6 +282,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--requests", type=int, default=128, help="releases per concurrency level")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument("--no-access-log", action="store_true", help="serve with dstack-kms serve --no-access-log")
     parser.add_argument("--ethereum", action="store_true",
                         help="also a KMS on the ethereum backend (ganache), and its ratio to the local one")
     args = parser.parse_args()
@@ -273,7 +293,7 @@ def main():
         chain = None
         try:
             state = Path(tmp) / "kms"
-            server, url = serve(state, workers=args.workers)
+            server, url = serve(state, workers=args.workers, access_log=not args.no_access_log)
             servers.append(server)
             app_id = chash[:40]
             allow(state, app_id, chash)
@@ -282,7 +302,8 @@ def main():
             print(f"floor: bare dcap-qvl {floor:6.0f} verifications/s per core ({1000 / floor:5.2f} ms)")
             print(f"KMS in process (no HTTP, no TLS): {in_process:6.0f} releases/s per core ({1000 / in_process:5.2f} "
                   f"ms CPU per GetAppKey) = {in_process / floor:4.2f}x bare dcap-qvl")
-            print(f"over HTTPS, {args.workers} gunicorn workers x 4 threads, clients keep their connections")
+            print(f"over HTTPS, {args.workers} gunicorn workers x 4 threads, clients keep their connections"
+                  f"{', no access log' if args.no_access_log else ''}")
             local = measure_kms("local allowlist", url, str(state / "root-ca.crt"), app_id, chash, tmp, args,
                                 str(state / "tdx-sim"), pgid=server.pid, floor=floor)
             if args.ethereum:
@@ -295,7 +316,7 @@ def main():
                 config = eth_state / "kms.toml"
                 config.write_text(f'[auth]\ntype = "ethereum"\nrpc_url = "{chain.url}"\n'
                                   f'contract_address = "{kms_address}"\nchain_id = {chain.chain_id}\n')
-                server, eth_url = serve(eth_state, config, workers=args.workers)
+                server, eth_url = serve(eth_state, config, workers=args.workers, access_log=not args.no_access_log)
                 servers.append(server)
                 eth = measure_kms("ethereum backend (ganache JSON-RPC, answers cached per block)", eth_url,
                                   str(eth_state / "root-ca.crt"), chain_app_id, chash, tmp, args,

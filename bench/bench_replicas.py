@@ -7,7 +7,8 @@ first's state directory (`dstack-kms restore`: the same root keys, a state direc
 both trusting one simulated platform, and HAProxy (`haproxy -f CFG -db`, TCP mode, TLS passed
 through, roundrobin per connection) in front of the two. The same client load (N client threads,
 each keeping its connection, full attested releases) runs against the first KMS alone and then
-against HAProxy. Prints releases/s, p50/p99, and the server CPU per release of each setup.
+against HAProxy (each replica warmed up first, not measured). Prints releases/s, p50/p99, and the
+server CPU per release of each setup (KMS processes, and HAProxy for the second).
 On one machine the replicas share its cores (and with the clients): the figure says what a second
 replica costs and that the load spreads, not what a second machine would add.
 """
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_kms import KMS, allow, group_cpu, percentile, release_maker, run, serve
+from bench_kms import KMS, WARM_UP_CLIENTS, allow, group_cpu, percentile, release_maker, run, serve
 
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
@@ -53,7 +54,7 @@ def haproxy(folder, backends):
 
 def measure(label, url, pgids, make_call, args):
     latencies, errors, wall, spent = run(args.clients, args.requests, make_call,
-                                         lambda: sum(group_cpu(pgid) for pgid in pgids))
+                                         lambda: group_cpu(*pgids))
     if errors:
         print(f"  {label}: {len(errors)} errors, first: {errors[0]}")
     if latencies:
@@ -94,6 +95,8 @@ def main():
             ca = str(first / "root-ca.crt")
             print(f"KMS replicas: {args.clients} clients, {args.requests} releases per setup, {args.workers} "
                   f"gunicorn worker(s) per KMS, {os.cpu_count()} cores shared by clients, servers and HAProxy")
+            for url, label in ((url_a, "warm-a"), (url_b, "warm-b")):  # each replica's threads warmed, not measured
+                run(WARM_UP_CLIENTS, 4 * WARM_UP_CLIENTS, release_maker(url, ca, app_id, chash, str(sim_dir), tmp, label))
             one = measure("one KMS", url_a, [server_a.pid],
                           release_maker(url_a, ca, app_id, chash, str(sim_dir), tmp, "one"), args)
             two = measure("two replicas behind HAProxy", url_proxy, [server_a.pid, server_b.pid, proxy.pid],
