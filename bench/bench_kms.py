@@ -87,10 +87,11 @@ def run(concurrency, total, make_call, cpu=None):
 
     Each thread first makes its call (make_call(index): its client, its connection opened); the
     clock and cpu() start once every thread is ready, so that the figures are those of clients that
-    keep their connections, not of their TLS handshakes."""
+    keep their connections, not of their TLS handshakes. cpu()'s first snapshot is taken before any
+    client starts (a snapshot taken meanwhile missed the first calls of a short run)."""
     latencies, errors, lock = [], [], threading.Lock()
     per_thread = max(1, total // concurrency)
-    ready = threading.Barrier(concurrency + 1)
+    ready, go = threading.Barrier(concurrency + 1), threading.Barrier(concurrency + 1)
 
     def worker(index):
         try:
@@ -100,6 +101,7 @@ def run(concurrency, total, make_call, cpu=None):
                 errors.append(str(exc))
             call = None
         ready.wait()
+        go.wait()
         for _i in range(per_thread if call else 0):
             start = time.perf_counter()
             try:
@@ -115,7 +117,9 @@ def run(concurrency, total, make_call, cpu=None):
     for thread in threads:
         thread.start()
     ready.wait()
-    cpu_start, wall = cpu() if cpu else 0.0, time.perf_counter()
+    cpu_start = cpu() if cpu else None  # taken while every client waits: reading /proc takes a while
+    go.wait()
+    wall = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - wall
@@ -274,7 +278,8 @@ def measure_kms(label, url, ca, app_id, chash, tmp, args, sim_dir, pgid=None, fl
             per_core = 1 / rel_cpu
             versus = f" = {per_core / floor:4.2f}x bare dcap-qvl" if floor else ""
             print(f"      server CPU per release {rel_cpu * 1000:5.2f} ms ({per_core:5.0f} releases/s per core"
-                  f"{versus}); per GetMeta {meta_cpu * 1000:5.2f} ms; ratio {rel_cpu / meta_cpu:5.1f}")
+                  f"{versus}); per GetMeta {meta_cpu * 1000:5.2f} ms; ratio "
+                  f"{rel_cpu / meta_cpu if meta_cpu else float('nan'):5.1f}")
     return results
 
 
