@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -126,7 +127,7 @@ class Runs:
         env.update({"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
                     "PATH": f"{BIN}:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root"),
                     "ANSIBLE_CALLBACK_PLUGINS": str(ROOT / "bench" / "callback_plugins"),
-                    "ANSIBLE_CALLBACKS_ENABLED": "allowlist_lock", "DSTACK_BENCH_ALLOWLIST_LOCK": str(self.lock),
+                    "ANSIBLE_CALLBACKS_ENABLED": "allowlist_lock,task_times", "DSTACK_BENCH_ALLOWLIST_LOCK": str(self.lock),
                     "DSTACK_BENCH_ALLOWLIST_TIMES": str(self.lock_times)})
         return env
 
@@ -136,8 +137,9 @@ class Runs:
             if self.stopping:
                 return -1, "not started: the bench is stopping"
             proc = subprocess.Popen([str(BIN / "ansible-playbook"), "-i", str(self.fleet.inventory),  # pylint: disable=consider-using-with
-                                     str(ROOT / "playbooks" / name), *extra], cwd=ROOT, env=self.env(), text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                     str(ROOT / "playbooks" / name), *extra], cwd=ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=dict(self.env(), DSTACK_BENCH_TASK_TIMES=str(self.logs / f"{label}-tasks.json")))
             self.procs.add(proc)
         try:
             output, _err = proc.communicate(timeout=1800)
@@ -159,6 +161,11 @@ class Runs:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+
+    def tasks(self, label):
+        """The run's tasks as bench/callback_plugins/task_times.py recorded them ([] if it wrote none)."""
+        path = self.logs / f"{label}-tasks.json"
+        return json.loads(path.read_text())["tasks"] if path.exists() else []
 
     def lock_figures(self):
         """(runs, seconds waited in all, longest wait, seconds held in all) of the allowlist lock."""
@@ -230,6 +237,42 @@ def alone(runs, gateway, app, what):
     log(f"  {app.name} answered through the gateway {app.answered - app.started:.1f} s after deploy-app.yml started "
         f"(deploy-app.yml {app.done - app.started:.1f} s); load {os.getloadavg()[0]:.1f}")
     return app
+
+
+def task_sums(tasks):
+    """{(name, action): seconds} of one run, a task's seconds summed within it (a task of the first
+    play runs once for all hosts; an included one once per instance)."""
+    sums = defaultdict(float)
+    for task in tasks:
+        # Task names name the host and the hashes: the same task of every run under one name.
+        name = re.sub(r"\b[0-9a-f]{16,}\b", "<hash>", re.sub(r"\bhost\d+\b", "<host>", task["name"]))
+        sums[(name, task["action"])] += task["seconds"] or 0.0
+    return sums
+
+
+def task_report(runs, apps, reference, slowest):
+    """Where the apps' runs spent their time: each task's median over the runs that ran it, slowest
+    first, beside its seconds in the reference run alone; and ansible-playbook's start-up before
+    its first task (bench/callback_plugins/task_times.py records them)."""
+    per_task, startup = defaultdict(list), []
+    for app in apps:
+        tasks = runs.tasks(app.name)
+        for key, seconds in task_sums(tasks).items():
+            per_task[key].append(seconds)
+        if tasks:
+            startup.append(tasks[0]["start"] - app.started)
+    if not startup:
+        return "  (no task times recorded)"
+    alone_tasks = runs.tasks(reference.name)
+    alone_sums = task_sums(alone_tasks)
+    alone_startup = f"{alone_tasks[0]['start'] - reference.started:.1f} s" if alone_tasks else "-"
+    rows = sorted(((statistics.median(s), len(s), name, action) for (name, action), s in per_task.items()), reverse=True)
+    lines = [f"  time per task in the batch's runs (median over the runs that ran it; alone: in the reference's run), "
+             f"the slowest {slowest}; ansible-playbook's start-up before its first task: median "
+             f"{statistics.median(startup):.1f} s (alone {alone_startup})"]
+    lines += [f"    {seconds:6.2f} s (alone {alone_sums[(name, action)]:5.2f} s)  {name}  [{action}]"
+              f"{'' if count == len(startup) else f' ({count} runs)'}" for seconds, count, name, action in rows[:slowest]]
+    return "\n".join(lines)
 
 
 def failure_tail(runs, app, lines=25):
@@ -321,6 +364,7 @@ def bench(args, root, fleet, runs):
             f"started = {per_app:.2f} s per app, {per_app / single:.2f}x the reference")
         log(f"  each deploy in the batch to its answer: median {statistics.median(each):.1f} s "
             f"({statistics.median(each) / single:.1f}x the reference), longest {max(each):.1f} s")
+        log(task_report(runs, batch, reference, args.slowest))
     alone_seconds = sum(app.answered - app.started for app in {first, reference})
     total = alone_seconds + (batch_seconds if batch else 0.0)
     log(f"  all {args.apps} (the deploys alone, then the batch): {total:.1f} s = {total / args.apps:.2f} s per app")
@@ -336,6 +380,7 @@ def main():
                         "the others a VMM each (default 10)")
     parser.add_argument("--apps", type=int, default=100, help="apps to deploy, round-robin on the VMM hosts (default 100)")
     parser.add_argument("--parallel", type=int, default=4, help="deploy-app.yml runs at a time in the batch (default 4)")
+    parser.add_argument("--slowest", type=int, default=10, help="how many of the slowest tasks to print (default 10)")
     parser.add_argument("--keep", action="store_true", help="leave the fleet, its folder and the image (the end "
                         "prints how to remove them)")
     args = parser.parse_args()
