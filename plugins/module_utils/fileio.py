@@ -1,14 +1,29 @@
 # -*- coding: utf-8 -*-
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""File reads that name the field on error, atomic file writes, JSON file reads and TOML configuration
-reads: the one home for agents, commands and module_utils (module_support turns the errors into fail_json)."""
+"""File reads that name the field on error, atomic file writes, lock files, JSON file reads and TOML
+configuration reads: the one home for agents, commands and module_utils (module_support turns the
+errors into fail_json)."""
 
+import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+
+
+@contextmanager
+def locked(path, mode=fcntl.LOCK_EX):
+    """An fcntl lock (LOCK_EX or LOCK_SH) on `path`, a lock file beside the data (the data is
+    replaced by atomic_write, not rewritten in place, so the lock cannot be on the data itself)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def atomic_write(path, data, mode=0o644):

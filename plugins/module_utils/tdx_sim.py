@@ -39,11 +39,10 @@ import os
 import re
 import secrets
 import time
-from contextlib import contextmanager
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.eventlog import check_rtmr_args, extend
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, locked, read_bytes
 from ansible_collections.dstack.tee.plugins.module_utils.signatures import raw_ecdsa_signature
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_quote import (
     CERT_TYPE_PCK_CHAIN, TD_ATTRIBUTES_DEBUG, QeCertificationData, Quote, QuoteError, QuoteHeader, SgxReportBody,
@@ -279,17 +278,6 @@ def _tcb_level(cpu_svn, pce_svn, tee_tcb_svn, status, tcb_date, advisory_ids=())
     return level
 
 
-@contextmanager
-def _locked(path, mode):
-    """An fcntl lock on `path` (a lock file beside the data: the data is replaced, not rewritten)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, mode)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock
-
-
 class SimTdx:
     """The simulated TDX of one installation (its state directory)."""
 
@@ -334,7 +322,7 @@ class SimTdx:
                 os.chmod(self.state_dir, 0o700)
         except OSError as exc:
             raise DstackError("state_dir", f"cannot prepare {self.state_dir}: {exc.strerror}") from None
-        with _locked(self._path(PKI_LOCK), fcntl.LOCK_EX):
+        with locked(self._path(PKI_LOCK), fcntl.LOCK_EX):
             files = [name + ".key" for name in KEY_NAMES] + [name + ".crt" for name in CERT_NAMES] + [PLATFORM_FILE]
             present = [name for name in files if os.path.lexists(self._path(name))]
             if not present:
@@ -345,7 +333,7 @@ class SimTdx:
                                              "missing); it is not replaced: restore the files, or remove the "
                                              "directory to start a new simulated installation")
             self._load()
-        with _locked(self._rtmr_lock(), fcntl.LOCK_EX):
+        with locked(self._rtmr_lock(), fcntl.LOCK_EX):
             if not os.path.lexists(self.rtmr_state):
                 self._write_rtmrs([bytes(RTMR_SIZE)] * 4)
 
@@ -550,7 +538,7 @@ class SimTdx:
         sizes = dict(TdReport10.LAYOUT)
         values = {"tee_tcb_svn": TEE_TCB_SVN, "mr_seam": MR_SEAM, "mr_signer_seam": TDX_MODULE_MRSIGNER,
                   "seam_attributes": SEAM_ATTRIBUTES, "td_attributes": TD_ATTRIBUTES, "xfam": XFAM}
-        with _locked(self._rtmr_lock(), fcntl.LOCK_SH):
+        with locked(self._rtmr_lock(), fcntl.LOCK_SH):
             values.update(self._read_state())
         for name, value in report_fields.items():
             if value is not None:
@@ -579,13 +567,13 @@ class SimTdx:
 
     def read_rtmrs(self):
         """RTMR0-3 as they are now: four 48-byte values."""
-        with _locked(self._rtmr_lock(), fcntl.LOCK_SH):
+        with locked(self._rtmr_lock(), fcntl.LOCK_SH):
             return self._read_rtmrs()
 
     def extend_rtmr(self, index, digest):
         """RTMR[index] = SHA-384(RTMR[index] || digest), under a lock so no concurrent extend is lost."""
         check_rtmr_args(index, digest)
-        with _locked(self._rtmr_lock(), fcntl.LOCK_EX):
+        with locked(self._rtmr_lock(), fcntl.LOCK_EX):
             state = self._read_state()
             state[f"rtmr{index}"] = extend(state[f"rtmr{index}"], digest)
             self._write_state(state)
@@ -612,7 +600,7 @@ class SimTdx:
         state = {f"rtmr{i}": bytes(RTMR_SIZE) for i in range(4)}
         if vm_config is not None:
             state.update(launch_measurements(vm_config))
-        with _locked(self._rtmr_lock(), fcntl.LOCK_EX):
+        with locked(self._rtmr_lock(), fcntl.LOCK_EX):
             self._write_state(state)
 
     def _rtmr_lock(self):

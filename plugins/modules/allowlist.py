@@ -13,6 +13,8 @@ description:
     allowlist the KMS's C(local) auth backend reads (the format of dstack's auth-simple, so an
     existing auth-config.json works unchanged). The KMS re-reads the file when it changes.
   - The file is written atomically and only when its content changes.
+  - Each edit (read, change, write) holds an exclusive lock on C(<path>.lock), so that edits made at
+    the same time (several deployments, a fleet's rollouts) all keep their entries.
 author:
   - dstack.tee contributors (@dstack-tee)
 attributes:
@@ -84,10 +86,12 @@ allowlist:
 """
 
 import json
+from contextlib import nullcontext
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.dstack.tee.plugins.module_utils import allowlist
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import locked
 from ansible_collections.dstack.tee.plugins.module_utils.module_support import apply_file_attributes, read_bytes, write_file
 
 
@@ -108,20 +112,23 @@ def main():
         add_file_common_args=True,
     )
     p = module.params
-    try:
-        before_bytes = read_bytes(p["path"])
-        before = allowlist.parse(before_bytes.decode("utf-8") if before_bytes is not None else None)
-        after = allowlist.apply(before, app_id=p["app_id"], compose_hashes=p["compose_hashes"] or (), state=p["state"],
-                                os_images=p["os_images"], devices=p["devices"] or (),
-                                allow_any_device=p["allow_any_device"], gateway_app_id=p["gateway_app_id"])
-    except DstackError as exc:
-        module.fail_json(msg=str(exc), field=exc.field)
-    data = allowlist.render(after)
-    # An equal allowlist is left as it is written (its formatting too); a different one is rewritten.
-    changed = before_bytes is None or before != after
-    if changed:
-        changed = write_file(module, p["path"], data, "path")
-    changed = apply_file_attributes(module, p["path"], changed)
+    # Deployments edit one allowlist at once (several apps, a fleet's rollouts): each read, change
+    # and write holds the lock file beside it, so that none overwrites another's entry.
+    with nullcontext() if module.check_mode else locked(p["path"] + ".lock"):
+        try:
+            before_bytes = read_bytes(p["path"])
+            before = allowlist.parse(before_bytes.decode("utf-8") if before_bytes is not None else None)
+            after = allowlist.apply(before, app_id=p["app_id"], compose_hashes=p["compose_hashes"] or (),
+                                    state=p["state"], os_images=p["os_images"], devices=p["devices"] or (),
+                                    allow_any_device=p["allow_any_device"], gateway_app_id=p["gateway_app_id"])
+        except DstackError as exc:
+            module.fail_json(msg=str(exc), field=exc.field)
+        data = allowlist.render(after)
+        # An equal allowlist is left as it is written (its formatting too); a different one is rewritten.
+        changed = before_bytes is None or before != after
+        if changed:
+            changed = write_file(module, p["path"], data, "path")
+        changed = apply_file_attributes(module, p["path"], changed)
     module.exit_json(changed=changed, allowlist=after,
                      diff=dict(before=json.dumps(before, indent=2, sort_keys=True) + "\n" if before_bytes else "",
                                after=data.decode("utf-8")))

@@ -221,11 +221,15 @@ def _brief(vm):
 def _place(app, p):
     """(placement, surplus, replicas) over p['vmms'], the host ports checked on each chosen host."""
     vmms, local = [], {}
+    # With several VMM hosts, a message names the one it is about.
+    several = len(p["vmms"]) > 1
     for vmm in p["vmms"]:
         try:
             cvms = _vmm_cvms(vmm["url"], vmm["token"])
             meta = VmmClient(vmm["url"], token=vmm["token"], timeout=TIMEOUT).call("GetMeta", {})
         except DstackError as exc:
+            if not several:
+                raise
             raise DstackError(exc.field, f"VMM host {vmm['host']}: {exc.reason}") from None
         capacity = (meta.get("resources") or {}).get("max_cvm_number")
         vmms.append({"host": vmm["host"], "url": vmm["url"], "cvms": cvms, "capacity": capacity})
@@ -238,6 +242,8 @@ def _place(app, p):
         try:
             _check_ports(app, cvms, where["existing"], p["check_host_ports"] and local[where["host"]])
         except DstackError as exc:
+            if not several:
+                raise
             raise DstackError(exc.field, f"{exc.reason} (VMM host {where['host']})") from None
     brief = [dict(w, existing=_brief(w["existing"])) for w in placed]
     return brief, [dict(w, existing=_brief(w["existing"])) for w in surplus], replicas

@@ -121,6 +121,10 @@ def test_site_brings_up_each_group_on_its_own_host_and_a_second_run_changes_noth
 
 def test_replicas_answer_through_the_gateway_from_an_instance_on_each_vmm_host(world):
     world.write_app("v1")
+    # Check mode first: the placement and the checks, and no instance made on any host.
+    rc, out = world.deploy("--check")
+    assert rc == 0 and "instances:      2: host2 (no instance_id yet), host3 (no instance_id yet)" in out, out[-4000:]
+    assert not world.containers("host2") and not world.containers("host3")
     rc, out = world.deploy()
     assert rc == 0, out[-6000:]
     line = re.search(r"instances:\s+2: host2 \(([0-9a-f]{40})\), host3 \(([0-9a-f]{40})\)", out)

@@ -31,7 +31,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 
 DEPLOY = ROOT / "playbooks" / "deploy-app.yml"
 # The summary's labels, in order (roles/app's "Show the deployed app").
-SUMMARY = ("app", "url", "via the gateway", "host port", "try it", "compose_hash", "app_id", "authorized in",
+SUMMARY = ("app", "url", "via the gateway", "instances", "host port", "try it", "compose_hash", "app_id", "authorized in",
            "secrets", "instance_id", "quote", "mr_aggregated", "app answered")
 
 

@@ -6,6 +6,7 @@ The paths of another host's service are the variables below (each role's names f
 host that owns it; messages, conditions and facts (debug, fail, assert, set_fact) touch no file.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,9 @@ def violations(role, tasks, foreign):
         for variable, host in foreign.items():
             if variable in text and host not in delegated:
                 found.append((role, task.get("name"), variable, host))
-        if "hostvars[" in text and any(word in text for word in ("_dir", "_path", "_sock")) and not delegated:
+        # Another host's folder or path by its variable: hostvars[...].<something>_dir/_path/...
+        if not delegated and any(name.endswith(("_dir", "_path", "_file", "_sock", "_socket"))
+                                 for name in re.findall(r"hostvars\[[^\]]+\]\.(\w+)", text)):
             found.append((role, task.get("name"), "hostvars[...] path", "its host"))
     return found
 
