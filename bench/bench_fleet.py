@@ -24,9 +24,8 @@ reference (how much the load slows each run). At the end every app's URL is aske
 the KMS allowlist on host1 must list every app_id. The fleet is always taken down at the end (and
 the image removed) unless --keep.
 
-The allowlist module rewrites the KMS's auth-config.json with no lock, so concurrent runs lose
-entries: the bench serializes the allowlist task across its runs (bench/callback_plugins/
-allowlist_lock.py, a flock on the controller) and prints how long the runs waited for it.
+Concurrent runs edit the KMS's one allowlist: the allowlist module holds a lock file beside it for
+each edit, and the bench checks at the end that no entry was lost.
 """
 
 import argparse
@@ -119,7 +118,6 @@ class Runs:
     def __init__(self, fleet, root):
         self.fleet, self.logs = fleet, root / "logs"
         self.logs.mkdir()
-        self.lock, self.lock_times = root / "allowlist.lock", root / "allowlist-times"
         self.procs, self.guard, self.stopping = set(), threading.Lock(), False
 
     def env(self):
@@ -127,8 +125,7 @@ class Runs:
         env.update({"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
                     "PATH": f"{BIN}:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root"),
                     "ANSIBLE_CALLBACK_PLUGINS": str(ROOT / "bench" / "callback_plugins"),
-                    "ANSIBLE_CALLBACKS_ENABLED": "allowlist_lock,task_times", "DSTACK_BENCH_ALLOWLIST_LOCK": str(self.lock),
-                    "DSTACK_BENCH_ALLOWLIST_TIMES": str(self.lock_times)})
+                    "ANSIBLE_CALLBACKS_ENABLED": "task_times"})
         return env
 
     def playbook(self, label, name, *extra):
@@ -166,13 +163,6 @@ class Runs:
         """The run's tasks as bench/callback_plugins/task_times.py recorded them ([] if it wrote none)."""
         path = self.logs / f"{label}-tasks.json"
         return json.loads(path.read_text())["tasks"] if path.exists() else []
-
-    def lock_figures(self):
-        """(runs, seconds waited in all, longest wait, seconds held in all) of the allowlist lock."""
-        if not self.lock_times.exists():
-            return 0, 0.0, 0.0, 0.0
-        rows = [tuple(map(float, line.split())) for line in self.lock_times.read_text().splitlines() if line.strip()]
-        return len(rows), sum(r[0] for r in rows), max((r[0] for r in rows), default=0.0), sum(r[1] for r in rows)
 
 
 class App:
@@ -352,7 +342,6 @@ def bench(args, root, fleet, runs):
         raise RuntimeError(f"after the batch: not answering {silent or 'none'}; not in the allowlist {missing or 'none'}")
 
     per_host = {host: sum(1 for app in apps if app.host == host) for host in vmm_hosts}
-    lock_runs, lock_waited, lock_longest, lock_held = runs.lock_figures()
     log(f"\n{args.apps} apps on {len(vmm_hosts)} VMM hosts ({', '.join(f'{h} {n}' for h, n in per_host.items())}), "
         f"{args.hosts} hosts in all; every app answers through the gateway and is in the allowlist")
     log(f"  one deploy alone to its answer through the gateway: {first.name}, the first on {first.host}, "
@@ -368,8 +357,6 @@ def bench(args, root, fleet, runs):
     alone_seconds = sum(app.answered - app.started for app in {first, reference})
     total = alone_seconds + (batch_seconds if batch else 0.0)
     log(f"  all {args.apps} (the deploys alone, then the batch): {total:.1f} s = {total / args.apps:.2f} s per app")
-    log(f"  allowlist task serialized across runs: {lock_runs} tasks waited {lock_waited:.1f} s in all (longest "
-        f"{lock_longest:.1f} s), held {lock_held:.1f} s in all")
     log(f"(on {os.cpu_count()} cores, load average over the last 5 minutes {os.getloadavg()[1]:.1f}: other work on "
         f"the machine shows in every figure; the whole bench took {time.time() - started:.0f} s)")
 
