@@ -351,7 +351,7 @@ def custom_domains(app_compose, field="custom_domains"):
 # its CVM's name), `ports` (the VM's port map) and `images` (shipped to the VMM host: app_folder).
 # Anything else is refused, naming it.
 APP_YML_FIELDS = tuple(f for f in FIELDS if f not in ("name", "docker_compose_file"))
-APP_YML_OWN_KEYS = ("name", "ports", "images", "replicas", "hosts")
+APP_YML_OWN_KEYS = ("name", "ports", "images", "replicas", "hosts", "app_id")
 
 
 def app_yml_options(text, field="app.yml"):
@@ -369,7 +369,7 @@ def app_yml_options(text, field="app.yml"):
     unknown = sorted(str(k) for k in spec if k not in APP_YML_FIELDS and k not in APP_YML_OWN_KEYS)
     if unknown:
         raise DstackError(unknown[0], f"in {field} is not an app-compose field "
-                                      "(nor name, ports, images, replicas or hosts)")
+                                      "(nor name, ports, images, replicas, hosts or app_id)")
     name = spec.get("name")
     if name is not None and not isinstance(name, str):
         raise DstackError(field, "its name must be a string")

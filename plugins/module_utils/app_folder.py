@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field as dataclass_field
 
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose, env_crypt, fileio, image_archive, placement
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 COMPOSE_FILE = "docker-compose.yaml"
 APP_YML = "app.yml"
@@ -38,6 +38,8 @@ class AppFolder:
     # Placement (placement.py), not part of the app-compose: 0 when app.yml sets no replicas.
     replicas: int = 0
     hosts: list = dataclass_field(default_factory=list)
+    # app.yml's app_id (40 hex digits, no 0x), "" when it names none (then compose_hash[0:20]).
+    app_id: str = ""
 
 
 def read(app_dir, name=None, options=None, host_port=0, field="app_dir"):
@@ -81,10 +83,15 @@ def read(app_dir, name=None, options=None, host_port=0, field="app_dir"):
     replicas = placement.check_replicas(replicas, f"{yml_path}: replicas") if replicas is not None else 0
     hosts = _yaml_key(yml_text, yml_path, "hosts")
     hosts = placement.check_hosts(hosts, f"{yml_path}: hosts") if hosts is not None else []
+    app_id = _yaml_key(yml_text, yml_path, "app_id")
+    if app_id is not None and not isinstance(app_id, str):
+        # YAML reads an unquoted 0x... or all-digit value as a number, losing its leading zeros.
+        raise DstackError(f"{yml_path}: app_id", "must be 40 hex digits in quotes (\"0x...\")")
+    app_id = parse_hex(app_id, f"{yml_path}: app_id", length=20).hex() if app_id is not None else ""
     secrets = os.path.join(folder, SECRETS_FILE)
     return AppFolder(path=folder, name=name, app_compose=app, ports=ports,
                      secrets=secrets if os.path.isfile(secrets) else "", images=images, replicas=replicas,
-                     hosts=hosts)
+                     hosts=hosts, app_id=app_id)
 
 
 def secret_names(app):

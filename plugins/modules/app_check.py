@@ -135,7 +135,10 @@ compose_hash:
   returned: always
   type: str
 app_id:
-  description: compose_hash[0:20] (hex); a CVM or a contract may give the app another.
+  description:
+    - C(app.yml)'s C(app_id) when it names one (kept across changes of the compose, and after the app
+      is removed, so that a later deploy gets the same keys), else compose_hash[0:20] (hex). A CVM or
+      a contract may give the app another.
   returned: always
   type: str
 ports:
@@ -319,7 +322,7 @@ def main():
     compose_hash = app_compose.compose_hash(data)
     module.exit_json(
         changed=False, app_dir=app.path, name=app.name, app_compose=app.app_compose, compose_hash=compose_hash,
-        app_id=app_compose.app_id_for(compose_hash), ports=app.ports, secrets_file=app.secrets,
+        app_id=app.app_id or app_compose.app_id_for(compose_hash), ports=app.ports, secrets_file=app.secrets,
         env_keys=env_keys, dropped_envs=dropped, kms_k256_pubkey=meta.get("k256_pubkey", ""),
         existing=existing, replicas=replicas, placement=placed, surplus=surplus)
 

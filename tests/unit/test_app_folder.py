@@ -40,12 +40,14 @@ def test_the_folder_gives_the_app_its_ports_and_its_secret_names(folder):
     assert app_folder.read(str(folder), host_port=18080).ports[0]["host_port"] == 18080
 
 
-def test_replicas_and_hosts_place_the_app_without_changing_its_compose_hash(folder):
+def test_replicas_hosts_and_app_id_leave_the_compose_hash_as_it_is(folder):
     before = app_folder.read(str(folder))
     assert before.replicas == 0 and before.hosts == []
     (folder / "app.yml").write_text(APP_YML + "replicas: 2\nhosts: [host2, host3]\n")
     after = app_folder.read(str(folder))
-    assert after.replicas == 2 and after.hosts == ["host2", "host3"]
+    assert after.replicas == 2 and after.hosts == ["host2", "host3"] and after.app_id == ""
+    (folder / "app.yml").write_text(APP_YML + f"app_id: '0x{'0A' * 20}'\n")
+    assert app_folder.read(str(folder)).app_id == "0a" * 20
     assert app_compose.render(after.app_compose) == app_compose.render(before.app_compose)
 
 
@@ -69,6 +71,8 @@ def test_without_app_yml_or_secrets_the_folder_names_the_app(folder):
     ("app.yml", "replicas: 0\n", "app.yml: replicas: must be a whole number from 1"),
     ("app.yml", "replicas: two\n", "app.yml: replicas: must be a whole number from 1"),
     ("app.yml", "hosts: host2\n", "app.yml: hosts: must be a non-empty list of inventory host names"),
+    ("app.yml", "app_id: 0x12\n", "app.yml: app_id: must be 40 hex digits in quotes"),
+    ("app.yml", "app_id: 'xyz'\n", "app.yml: app_id: is not hex"),
     ("secrets.env", "A=1\nthis line is no variable\n", "secrets.env line 2: is not KEY=value"),
     ("secrets.env", "A=\"never closed\n", "secrets.env line 1: the value of A has no closing \""),
 ])
