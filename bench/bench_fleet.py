@@ -354,7 +354,7 @@ def bench(args, root, fleet, runs):
         log(f"  each deploy in the batch to its answer: median {statistics.median(each):.1f} s "
             f"({statistics.median(each) / single:.1f}x the reference), longest {max(each):.1f} s")
         log(task_report(runs, batch, reference, args.slowest))
-    alone_seconds = sum(app.answered - app.started for app in {first, reference})
+    alone_seconds = sum(app.answered - app.started for app in ((first,) if first is reference else (first, reference)))
     total = alone_seconds + (batch_seconds if batch else 0.0)
     log(f"  all {args.apps} (the deploys alone, then the batch): {total:.1f} s = {total / args.apps:.2f} s per app")
     log(f"(on {os.cpu_count()} cores, load average over the last 5 minutes {os.getloadavg()[1]:.1f}: other work on "

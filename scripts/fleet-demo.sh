@@ -15,10 +15,13 @@ HOSTS="${1:-3}"
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'fleet-demo: error: %s\n' "$*" >&2; exit 1; }
 
-[[ "$HOSTS" =~ ^[0-9]+$ ]] && ((HOSTS >= 2)) || die "HOSTS must be a number of hosts, 2 or more (got '$HOSTS')"
+if ! [[ "$HOSTS" =~ ^[0-9]+$ ]] || ((HOSTS < 2)); then
+  die "HOSTS must be a number of hosts, 2 or more (got '$HOSTS')"
+fi
 REPLICAS="${REPLICAS:-$((HOSTS - 1 < 2 ? HOSTS - 1 : 2))}"
-[[ "$REPLICAS" =~ ^[0-9]+$ ]] && ((REPLICAS >= 1 && REPLICAS < HOSTS)) \
-  || die "REPLICAS must be 1 to $((HOSTS - 1)), the number of VMM hosts (got '$REPLICAS')"
+if ! [[ "$REPLICAS" =~ ^[0-9]+$ ]] || ((REPLICAS < 1 || REPLICAS >= HOSTS)); then
+  die "REPLICAS must be 1 to $((HOSTS - 1)), the number of VMM hosts (got '$REPLICAS')"
+fi
 (($(id -u) == 0)) || die "needs root (network namespaces, mounts): sudo make fleet-demo"
 cd "$ROOT"
 export ANSIBLE_CONFIG="$ROOT/ansible.cfg"
