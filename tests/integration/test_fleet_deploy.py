@@ -5,8 +5,8 @@ site.yml and deploy-app.yml run from the inventory over SSH, nothing read across
 In order, on one fleet: site.yml (a second run changes nothing); an app with replicas: 2 answers
 through the gateway from an instance on each VMM host (a second deploy changes nothing); a change
 rolls through the instances one host at a time; a broken version stops after the first instance
-with the second still serving; app_state=absent leaves no instance, container, volume or build
-folder on any host.
+with the second still serving; fewer replicas remove the surplus instance; app_state=absent leaves
+no instance, container, volume or build folder on any host.
 """
 
 import json
@@ -173,6 +173,14 @@ def test_a_broken_version_stops_after_the_first_instance_with_the_second_still_s
     assert world.get(world.instance_url("host3")).startswith("v2 from ")
     # The app's URL still answers: the gateway passes over the instance that refuses.
     assert {world.get(world.app_url).split()[0] for _attempt in range(4)} == {"v2"}
+
+
+def test_fewer_replicas_remove_the_surplus_instance(world):
+    world.write_app("v2")
+    rc, out = world.deploy("-e", "dstack_app_replicas=1")
+    assert rc == 0 and re.search(r"instances:\s+1: host2 \(", out), out[-4000:]
+    assert world.containers("host2") and not world.containers("host3")
+    assert {world.get(world.app_url).split()[0] for _attempt in range(3)} == {"v2"}
 
 
 def test_absent_leaves_no_instance_container_volume_or_build_folder_on_any_host(world):
