@@ -118,7 +118,22 @@ def events_from_runtime_log(text):
 
 
 class ParsedEventLog(list):
-    """Entries parse_event_log has checked already (replay and read_boot_log take them as they are)."""
+    """Entries parse_event_log has checked already (replay and read_boot_log take them as they are).
+
+    A verifier replays the log and reads it (replay_event_log, read_boot_log): each runtime
+    event's digest is computed once for both, kept per (name, payload, version)."""
+
+    def __init__(self, entries=()):
+        super().__init__(entries)
+        self._digests = {}
+
+    def event_digest(self, name, payload, version=1):
+        """event_digest(name, payload, version), computed once per log."""
+        key = (name, payload, version)
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = self._digests[key] = event_digest(name, payload, version)
+        return digest
 
 
 def parse_event_log(event_log, field="event_log"):
@@ -165,9 +180,10 @@ def replay_event_log(event_log, version=1):
     (read_boot_log refuses such events in RTMR3).
     """
     per_imr = {imr: INIT_MR for imr in range(4)}
-    for entry in parse_event_log(event_log):
+    entries = parse_event_log(event_log)
+    for entry in entries:
         if entry["event_type"] == DSTACK_EVENT_TYPE:
-            digest = event_digest(entry["event"], entry["event_payload"], version)
+            digest = entries.event_digest(entry["event"], entry["event_payload"], version)
         else:
             digest = entry["digest"]
         per_imr[entry["imr"]] = extend(per_imr[entry["imr"]], digest)
@@ -208,7 +224,8 @@ def read_boot_log(event_log, version=1):
     result = BootLog()
     seen = set()
     phase = "boot"
-    for pos, entry in enumerate(parse_event_log(event_log)):
+    entries = parse_event_log(event_log)
+    for pos, entry in enumerate(entries):
         if entry["imr"] != RTMR3:
             continue
         where = f"event_log[{pos}]"
@@ -217,7 +234,7 @@ def read_boot_log(event_log, version=1):
                                                      f"({DSTACK_EVENT_TYPE}), whose digest a verifier recomputes, "
                                                      "may extend RTMR3")
         name, payload = entry["event"], entry["event_payload"]
-        if entry["digest"] != event_digest(name, payload, version):
+        if entry["digest"] != entries.event_digest(name, payload, version):
             raise DstackError(f"{where}.digest", f"is not the digest of the event {name[:64]!r} and its payload")
         event = RuntimeEvent(name, payload)
         if phase == "app":

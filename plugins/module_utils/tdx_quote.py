@@ -36,6 +36,7 @@ the verifier accepts, every other encoding it also accepts has the same identity
 """
 
 import base64
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass, field, fields, replace
@@ -72,17 +73,22 @@ class _Struct:
     """A fixed layout of byte fields; subclasses list (name, size) pairs in LAYOUT."""
 
     LAYOUT = ()
+    _SIZE = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._SIZE = sum(size for _name, size in cls.LAYOUT)  # read on every parse: summed once per layout
 
     @classmethod
     def size(cls):
-        return sum(size for _name, size in cls.LAYOUT)
+        return cls._SIZE
 
     @classmethod
     def from_bytes(cls, data, offset=0, what=None):
         what = what or cls.__name__
-        end = offset + cls.size()
+        end = offset + cls._SIZE
         if len(data) < end:
-            raise QuoteError(f"truncated in the {what} at offset {offset}: needs {cls.size()} bytes, "
+            raise QuoteError(f"truncated in the {what} at offset {offset}: needs {cls._SIZE} bytes, "
                              f"{max(0, len(data) - offset)} left")
         values = {}
         pos = offset
@@ -232,14 +238,12 @@ class QeCertificationData:
         if self.cert_type != CERT_TYPE_PCK_CHAIN:
             raise QuoteError(f"carries certification data of type {self.cert_type} inside its QE report "
                              f"data; TDX quotes carry the PCK certificate chain (type {CERT_TYPE_PCK_CHAIN})")
-        return _pem_certificates(self.cert_data)
+        return list(_pck_chain(bytes(self.cert_data))[0])
 
     def pck_leaf_tbs(self):
         """The PCK leaf's tbsCertificate in DER: the bytes the PCK CA signs."""
-        leaf = self.pck_chain_der()[0]
-        tbs_start, _leaf_end = _der_sequence(leaf, 0, "PCK leaf certificate")
-        _content_start, tbs_end = _der_sequence(leaf, tbs_start, "PCK leaf certificate's tbsCertificate")
-        return leaf[tbs_start:tbs_end]
+        self.pck_chain_der()  # the certification data type, checked first
+        return _pck_chain(bytes(self.cert_data))[1]
 
 
 @dataclass
@@ -325,6 +329,23 @@ def _der_sequence(data, offset, what):
     if start + length > len(data):
         raise QuoteError(f"has a {what} of {length} bytes where {len(data) - start} are left")
     return start, start + length
+
+
+# A platform's PCK chain is the same in every quote it makes: its reading (the certificates, the
+# leaf's tbsCertificate) is kept per exact chain bytes, so that a quote's parse and its identity
+# read it once, and a platform's next quotes not again. Only a chain that reads is kept (lru_cache
+# keeps no exception): a bad one is refused by name every time.
+PCK_CHAIN_CACHE_SIZE = 64
+
+
+@functools.lru_cache(maxsize=PCK_CHAIN_CACHE_SIZE)
+def _pck_chain(chain):
+    """(DER certificates leaf first, the leaf's tbsCertificate DER) of a PEM PCK chain (bytes)."""
+    certs = tuple(_pem_certificates(chain))
+    leaf = certs[0]
+    tbs_start, _leaf_end = _der_sequence(leaf, 0, "PCK leaf certificate")
+    _content_start, tbs_end = _der_sequence(leaf, tbs_start, "PCK leaf certificate's tbsCertificate")
+    return certs, leaf[tbs_start:tbs_end]
 
 
 def _pem_certificates(chain):
