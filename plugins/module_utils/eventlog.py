@@ -36,6 +36,7 @@ PRE_BOOT_EVENTS = ("system-preparing",) + IDENTITY_EVENTS + ("init-script-hash",
 POST_BOOT_EVENTS = ("mr-kms", "os-image-hash", "key-provider", "storage-fs", "system-ready")
 # Every name the boot uses: EmitEvent refuses them all, and none may follow system-ready.
 RESERVED_EVENTS = tuple(dict.fromkeys(PRE_BOOT_EVENTS + ("boot-mr-done",) + POST_BOOT_EVENTS))
+_BOOT_PHASE_EVENTS = PRE_BOOT_EVENTS + ("boot-mr-done",)  # what read_boot_log allows up to boot-mr-done
 
 
 def _jcs(value):
@@ -146,29 +147,30 @@ def parse_event_log(event_log, field="event_log"):
         raise DstackError(field, "must be a JSON array of events")
     entries = []
     for pos, entry in enumerate(event_log):
-        where = f"{field}[{pos}]"
+        # Every entry of every request passes here: the field names are only spelled out for an error.
         if not isinstance(entry, dict):
-            raise DstackError(where, "must be an object")
+            raise DstackError(f"{field}[{pos}]", "must be an object")
         imr = entry.get("imr")
         if isinstance(imr, bool) or not isinstance(imr, int) or not 0 <= imr <= 3:
-            raise DstackError(f"{where}.imr", "must be an integer 0 to 3")
-        if isinstance(entry.get("event_type"), bool) or not isinstance(entry.get("event_type"), int):
-            raise DstackError(f"{where}.event_type", "must be an integer")
+            raise DstackError(f"{field}[{pos}].imr", "must be an integer 0 to 3")
+        event_type = entry.get("event_type")
+        if isinstance(event_type, bool) or not isinstance(event_type, int):
+            raise DstackError(f"{field}[{pos}].event_type", "must be an integer")
         name = entry.get("event", "") or ""
         if not isinstance(name, str):
-            raise DstackError(f"{where}.event", "must be a string")
+            raise DstackError(f"{field}[{pos}].event", "must be a string")
+        if not name.isascii():  # ASCII always encodes; a lone surrogate does not
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DstackError(f"{field}[{pos}].event", "is not valid Unicode") from None
         try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DstackError(f"{where}.event", "is not valid Unicode") from None
-        entries.append({
-            "imr": imr,
-            "event_type": entry["event_type"],
-            "digest": parse_hex(entry.get("digest", ""), f"{where}.digest", length=(48,)),
-            "event": entry.get("event", "") or "",
-            "event_payload": parse_hex(entry.get("event_payload", "") or "", f"{where}.event_payload",
-                                       allow_empty=True),
-        })
+            digest = parse_hex(entry.get("digest", ""), "digest", length=(48,))
+            payload = parse_hex(entry.get("event_payload", "") or "", "event_payload", allow_empty=True)
+        except DstackError as exc:
+            raise DstackError(f"{field}[{pos}].{exc.field}", exc.reason) from None
+        entries.append({"imr": imr, "event_type": event_type, "digest": digest, "event": name,
+                        "event_payload": payload})
     return ParsedEventLog(entries)
 
 
@@ -244,7 +246,7 @@ def read_boot_log(event_log, version=1):
             continue
         if not result.events and name != "system-preparing":
             raise DstackError(where, f"is {name[:64]!r}: a boot's first event is system-preparing")
-        allowed = PRE_BOOT_EVENTS + ("boot-mr-done",) if phase == "boot" else POST_BOOT_EVENTS
+        allowed = _BOOT_PHASE_EVENTS if phase == "boot" else POST_BOOT_EVENTS
         if name not in allowed:
             raise DstackError(where, f"the event {name[:64]!r} cannot come "
                                      f"{'before boot-mr-done' if phase == 'boot' else 'between boot-mr-done and system-ready'}")
