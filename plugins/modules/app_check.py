@@ -229,7 +229,8 @@ def _place(app, p):
     for vmm in p["vmms"]:
         try:
             cvms = _vmm_cvms(vmm["url"], vmm["token"])
-            meta = VmmClient(vmm["url"], token=vmm["token"], timeout=TIMEOUT).call("GetMeta", {})
+            # Its capacity chooses among hosts; one VMM's CreateVm says itself when it is full.
+            meta = VmmClient(vmm["url"], token=vmm["token"], timeout=TIMEOUT).call("GetMeta", {}) if several else {}
         except DstackError as exc:
             if not several:
                 raise
