@@ -3,9 +3,7 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The one error type of the dstack formats, and the hex parsing every format shares."""
 
-import re
-
-_HEX_RE = re.compile(r"\A(?:[0-9a-fA-F]{2})*\Z")
+import binascii
 
 
 class DstackError(ValueError):
@@ -35,11 +33,14 @@ def parse_hex(value, field, length=None, allow_empty=False):
         text = value.strip()
         if text[:2] in ("0x", "0X"):
             text = text[2:]
-        if not _HEX_RE.match(text):
+        # binascii takes only pairs of ASCII hex digits (no spaces, unlike bytes.fromhex), in C: a
+        # regular expression over a 10 KB quote cost ~0.1 ms, ~27 hex fields per key release.
+        try:
+            data = binascii.unhexlify(text)
+        except ValueError:
             if len(text) % 2:
-                raise DstackError(field, f"is not hex: odd number of digits ({len(text)})")
-            raise DstackError(field, "is not hex: it has characters outside 0-9 and a-f")
-        data = bytes.fromhex(text)
+                raise DstackError(field, f"is not hex: odd number of digits ({len(text)})") from None
+            raise DstackError(field, "is not hex: it has characters outside 0-9 and a-f") from None
     if not data and not allow_empty and length != 0:
         raise DstackError(field, "must not be empty")
     if length is not None:
