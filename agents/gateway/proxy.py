@@ -23,8 +23,11 @@ The path of one connection:
    set_custom_contexts) is terminated instead, with that name's own certificate, when the record
    names exactly that app and port. A refusal here is a TLS alert to the client
    (nothing was consumed, so it reads as the server's answer to its hello).
-3. connect to the first connect_top_n candidates at once; the first that answers wins, the
-   others are closed. A PROXY v2 header goes first when the winner's policy says pp for the port.
+3. connect to the first connect_top_n candidates, starting with the next in turn (so an app's
+   connections go round its instances) and starting the next candidate when one fails or has not
+   answered within CONNECT_STAGGER (Happy Eyeballs, RFC 8305); the first that answers wins, the
+   others are closed. dstack starts them all at once, so the nearest instance takes nearly every
+   connection; in turn, each takes its share and a dead one costs at most the stagger. A PROXY v2 header goes first when the winner's policy says pp for the port.
 4. hand the socket to the event loop: as it is for passthrough (the peeked ClientHello is still
    in the socket, so the app sees the client's own handshake), or with TLS (the caller's wildcard
    context; the h2-only one for `g`) for termination. Then asyncio Protocols relay bytes both
@@ -58,6 +61,7 @@ log = logging.getLogger("dstack.gateway.proxy")
 RESERVED_GATEWAY_ID = "gateway"
 MAX_PEEK = 2 * sni.MAX_CLIENT_HELLO   # record headers around a ClientHello split in many records
 ACCEPT_BATCH = 64
+CONNECT_STAGGER = 0.25     # s before the next candidate is tried too (RFC 8305's Connection Attempt Delay)
 HEALTH_REQUEST_LIMIT = 8192
 
 # TLS alert descriptions (RFC 8446 6): the client's TLS stack names them in its error.
@@ -443,6 +447,7 @@ class GatewayProxy:
         self.hellos = set()               # accepted connections whose ClientHello is not whole yet
         self.connections = set()          # the routed connections, relaying or still connecting
         self.per_app = {}                 # routed id -> live connections
+        self.turn = 0                     # which candidate an app's next connection tries first
         self.refused = 0                  # connections refused (tests and status pages read it)
         self.custom_domains = None        # custom_domains.AppAddressResolver, made at start
         self.custom_tls = {}              # declared custom domain -> custom_certs.ServedDomain
@@ -642,16 +647,24 @@ class GatewayProxy:
         return side
 
     async def _connect_first(self, candidates, port):
-        """Connect to every candidate at once; the first success wins, the rest are closed."""
+        """Connect to the candidates from the next in turn, one more each CONNECT_STAGGER or failure;
+        the first success wins, the rest are closed."""
         if len(candidates) == 1:
             instance_id, address, send_pp = candidates[0]
             return await self._connect_one(address, port), instance_id, send_pp
-        tasks = {self.loop.create_task(self._connect_one(address, port)): (instance_id, send_pp)
-                 for instance_id, address, send_pp in candidates}
-        pending, failures = set(tasks), []
+        self.turn += 1
+        first = self.turn % len(candidates)
+        waiting = list(candidates[first:] + candidates[:first])
+        tasks, pending, failures = {}, set(), []
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            while pending or waiting:
+                if waiting:
+                    instance_id, address, send_pp = waiting.pop(0)
+                    task = self.loop.create_task(self._connect_one(address, port))
+                    tasks[task] = (instance_id, send_pp)
+                    pending.add(task)
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED,
+                                                   timeout=CONNECT_STAGGER if waiting else None)
                 winner = None
                 for task in done:
                     if task.exception() is not None:

@@ -365,19 +365,47 @@ def _pump(conn, data):
     return bytes(received)
 
 
-def test_an_app_id_balances_over_its_instances_first_success_wins(gateway, pki, backends, router):
+def test_an_app_id_balances_over_its_instances_in_turn_and_passes_over_a_dead_one(gateway, pki, backends, router):
     gw = gateway()
     port = backends["a"].port
-    seen = {get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] for _round in range(12)}
-    assert seen <= {"A", "B"} and seen            # both were tried at once; whichever answered first
-    # The freshest candidate is dead: the other one answers.
+    seen = [get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] for _round in range(12)]
+    # Each connection starts with the next instance in turn: they take turns, not the nearest all.
+    assert sorted(seen) == ["A"] * 6 + ["B"] * 6, seen
+    # One candidate is dead (connection refused): the other one answers every time, at once.
     router.routes[APP] = [("dead", HOST_DEAD), (INST_B, HOST_B)]
-    for _round in range(3):
+    for _round in range(4):
         assert get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] == "B"
     # Only the first connect_top_n are tried.
     gw1 = gateway(connect_top_n=1)
     with pytest.raises(ssl.SSLError, match="INTERNAL_ERROR"):
         get_via_gateway(gw1, pki, f"{APP}-{port}.{BASE}")
+
+
+def test_a_silent_candidate_costs_a_stagger_not_the_connect_timeout(gateway, pki, backends, router):
+    """A candidate that never answers (its accept queue full: the kernel drops new SYNs) does not
+    hold the connection until the connect timeout: the next candidate is tried after the stagger."""
+    port = backends["a"].port
+    silent = socket.socket()
+    silent.bind(("127.77.0.6", port))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _unused in range(2):       # fill the accept queue (listen(0) keeps one) without accepting
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.77.0.6", port))
+            fillers.append(filler)
+        time.sleep(0.2)
+        gw = gateway(timeouts={"connect": 2})
+        router.routes[APP] = [("silent", "127.77.0.6"), (INST_B, HOST_B)]
+        # Whichever candidate each connection starts with, B answers, after the stagger when the
+        # silent one went first (waiting for it would run out the 2-s connect timeout: a refusal).
+        for _round in range(4):
+            assert get_via_gateway(gw, pki, f"{APP}-{port}.{BASE}")[1]["backend"] == "B"
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()
 
 
 def test_an_instance_id_reaches_that_instance_only(gateway, pki, backends):
