@@ -27,7 +27,8 @@ The path of one connection:
    connections go round its instances) and starting the next candidate when one fails or has not
    answered within CONNECT_STAGGER (Happy Eyeballs, RFC 8305); the first that answers wins, the
    others are closed. dstack starts them all at once, so the nearest instance takes nearly every
-   connection; in turn, each takes its share and a dead one costs at most the stagger. A PROXY v2 header goes first when the winner's policy says pp for the port.
+   connection; in turn, each takes its share and a dead one costs at most the stagger. A PROXY
+   v2 header goes first when the winner's policy says pp for the port.
 4. hand the socket to the event loop: as it is for passthrough (the peeked ClientHello is still
    in the socket, so the app sees the client's own handshake), or with TLS (the caller's wildcard
    context; the h2-only one for `g`) for termination. Then asyncio Protocols relay bytes both
