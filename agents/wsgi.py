@@ -48,18 +48,189 @@ def deadline_worker_class():
     return DeadlineThreadWorker, DeadlineSSLSocket
 
 
-def run_gunicorn(app, **settings):
+def deadline_asgi_worker_class():
+    """gunicorn's asyncio (ASGI) worker, with the deadlines of deadline_worker_class and a cap.
+
+    Its protocol reads a request with no deadline (a client that sent half a request and went
+    quiet kept its connection for good) and counts connections without capping them. Here a
+    request must arrive whole within CLIENT_IO_TIMEOUT seconds of its first byte (the first
+    request: of the connection), and a connection past the worker's worker_connections is closed
+    at once. A client that does not read its answer is closed by the keepalive timer after it.
+    """
+    from gunicorn.asgi.protocol import ASGIProtocol  # pylint: disable=import-outside-toplevel
+    from gunicorn.workers import gasgi  # pylint: disable=import-outside-toplevel
+
+    class DeadlineProtocol(ASGIProtocol):
+        deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if self.worker.nr_conns > self.worker.worker_connections:
+                transport.abort()
+                return
+            self._arm_deadline()
+
+        def data_received(self, data):
+            if self.deadline is None:
+                self._arm_deadline()
+            super().data_received(data)
+
+        def _on_message_complete(self):
+            self._disarm_deadline()
+            super()._on_message_complete()
+
+        def connection_lost(self, exc):
+            self._disarm_deadline()
+            super().connection_lost(exc)
+
+        def _arm_deadline(self):
+            self.deadline = self.worker.loop.call_later(CLIENT_IO_TIMEOUT, self.transport.abort)
+
+        def _disarm_deadline(self):
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+    class DeadlineASGIWorker(gasgi.ASGIWorker):
+        def run(self):
+            # The worker makes its connections' protocol by this module-level name (gasgi._serve).
+            gasgi.ASGIProtocol = DeadlineProtocol
+            super().run()
+
+    return DeadlineASGIWorker
+
+
+def asgi_app(app, inline=True, threads=4, access_log=False):
+    """The Flask app `app` as an ASGI app, for gunicorn's asyncio worker (run_gunicorn(asgi=...)).
+
+    Its direct pRPC routes (add_prpc_routes(direct=True)) are answered by the same _DirectPrpc
+    rules and bytes as under WSGI, on the event loop when `inline` (handlers that answer from
+    memory and the local disk: a thread handoff per request cost more CPU than a key release's
+    HTTP), else on a pool of `threads` threads (handlers that wait on the network). Everything else
+    goes to Flask on a2wsgi's threads. access_log: a line per request on stdout, in gunicorn's
+    default format (AccessLine; gunicorn's own costs more than the HTTP of a request here).
+    """
+    import asyncio  # pylint: disable=import-outside-toplevel
+    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+    from a2wsgi import WSGIMiddleware  # pylint: disable=import-outside-toplevel
+    from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge  # pylint: disable=import-outside-toplevel
+
+    direct = app.extensions.get("dstack.direct_prpc")
+    flask_app = WSGIMiddleware(app, workers=threads)
+    pool = None if inline else ThreadPoolExecutor(threads, thread_name_prefix="prpc")
+    access = AccessLine() if access_log else None
+    json_headers = [(b"content-type", b"application/json")]
+
+    async def read_body(receive, length):
+        parts, size = [], 0
+        while size < length:
+            message = await receive()
+            if message["type"] != "http.request":
+                break      # http.disconnect
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if not message.get("more_body"):
+                break
+        raw = b"".join(parts)
+        return raw if len(raw) == length else ClientDisconnected()
+
+    async def serve(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        handler = direct.routes.get(scope.get("path")) if direct is not None and scope["type"] == "http" else None
+        headers = dict(scope.get("headers", ())) if handler or access else {}
+        if handler is None or not direct.accepts(scope["method"], scope["query_string"], b"transfer-encoding" in headers,
+                                                 headers.get(b"content-length", b"0").decode("latin-1")):
+            if access is None or scope["type"] != "http":
+                await flask_app(scope, receive, send)
+                return
+            answered = [500, 0]
+
+            async def send_counted(message):
+                if message["type"] == "http.response.start":
+                    answered[0] = message["status"]
+                elif message["type"] == "http.response.body":
+                    answered[1] += len(message.get("body", b""))
+                await send(message)
+            try:
+                await flask_app(scope, receive, send_counted)
+            finally:
+                access.write(scope, headers, *answered)
+            return
+        path, remote = scope["path"], (scope.get("client") or ("",))[0]
+        length = int(headers.get(b"content-length", b"0"))
+        raw = RequestEntityTooLarge() if direct.too_large(length) else await read_body(receive, length)
+        if pool is None:
+            status, body = direct.answer(handler, path, remote, raw)
+        else:
+            status, body = await asyncio.get_running_loop().run_in_executor(pool, direct.answer, handler, path, remote, raw)
+        await send({"type": "http.response.start", "status": int(status.split(" ", 1)[0]),
+                    "headers": json_headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        if access is not None:
+            access.write(scope, headers, status[:3], len(body))
+
+    return serve
+
+
+class AccessLine:
+    """An access line per request, as gunicorn's default access_log_format writes it
+    (`host - - [time] "request line" status bytes "referer" "user agent"`), with one write(2) of
+    the whole line on stdout (lines of several workers never interleave), the time text made
+    once a second, and the client's bytes escaped (no control character reaches the log)."""
+
+    ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f)} | {ord('"'): '\\"', ord("\\"): "\\\\"}
+
+    def __init__(self, fd=1):
+        self.fd = fd
+        self.second = None
+        self.stamp = ""
+
+    def text(self, raw):
+        return raw.decode("latin-1").translate(self.ESCAPES)
+
+    def write(self, scope, headers, status, size):
+        import os  # pylint: disable=import-outside-toplevel
+        import time  # pylint: disable=import-outside-toplevel
+
+        now = int(time.time())
+        if now != self.second:
+            self.second, self.stamp = now, time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
+        target = scope.get("raw_path") or scope.get("path", "").encode("utf-8")
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        line = (f'{(scope.get("client") or ("-",))[0]} - - {self.stamp} "{scope.get("method", "-")} '
+                f'{self.text(target)} HTTP/{scope.get("http_version", "1.1")}" {status} {size} '
+                f'"{self.text(headers.get(b"referer", b"-"))}" "{self.text(headers.get(b"user-agent", b"-"))}"\n')
+        try:
+            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass   # a closed stdout loses the access line, never the answer
+
+
+def run_gunicorn(app, asgi=None, **settings):
     """Serve `app` with these gunicorn settings until SIGTERM/SIGINT (returns via SystemExit).
 
     Settings this gunicorn does not know are skipped (so a newer setting can be passed safely);
     gunicorn's control socket (on by default in gunicorn 25+, under $HOME) is always off: two
     agents of one user would otherwise fight over it, and none needs it. Workers are threaded with
     a deadline on each client read and write (deadline_worker_class) unless a worker_class is given.
+    asgi={"inline": bool, "threads": N}: the app served on gunicorn's asyncio worker instead, as
+    asgi_app(app, **asgi), with deadline_asgi_worker_class's deadlines; its access lines (accesslog
+    "-") are asgi_app's.
     """
     from gunicorn.app.base import BaseApplication  # pylint: disable=import-outside-toplevel
 
     settings = dict(settings, control_socket_disable=True)
-    if "worker_class" not in settings:
+    if asgi is not None:
+        app = asgi_app(app, access_log=settings.pop("accesslog", None) == "-", **asgi)
+        settings.pop("threads", None)
+        settings.setdefault("worker_class", deadline_asgi_worker_class())
+        settings.setdefault("asgi_loop", "uvloop")
+    elif "worker_class" not in settings:
         worker, ssl_socket_class = deadline_worker_class()
         settings["worker_class"] = worker
         given_context = settings.get("ssl_context")
@@ -229,7 +400,8 @@ class _DirectPrpc:
     else (GET, query strings, other paths, an app with hooks) goes to Flask unchanged. The answer
     is what Flask gives: jsonify's bytes (app.json, compact, a newline), the JSON errors of
     install_json_errors, 413 past MAX_CONTENT_LENGTH. It saves about a third of a millisecond per
-    request, which a key release (two requests) pays twice.
+    request, which a key release (two requests) pays twice. asgi_app serves the same routes on an
+    event loop, through the same accepts/answer.
     """
 
     def __init__(self, app):
@@ -238,32 +410,27 @@ class _DirectPrpc:
         self.flask_wsgi_app = app.wsgi_app
         app.wsgi_app = self
 
-    def _direct(self, environ):
+    def accepts(self, method, query, chunked, content_length):
+        """Whether a request of this method, query string, framing and Content-Length is answered here."""
         app = self.app
-        return (environ.get("REQUEST_METHOD") == "POST" and not environ.get("QUERY_STRING")
-                and "HTTP_TRANSFER_ENCODING" not in environ and str(environ.get("CONTENT_LENGTH", "0")).isdigit()
+        return (method == "POST" and not query and not chunked and str(content_length).isdigit()
                 and "dstack.json_errors" in app.extensions
                 and not any(app.before_request_funcs.values()) and not any(app.after_request_funcs.values())
                 and not any(app.teardown_request_funcs.values()) and not any(app.url_value_preprocessors.values()))
 
-    def __call__(self, environ, start_response):
-        from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge  # pylint: disable=import-outside-toplevel
+    def too_large(self, length):
+        limit = self.app.config.get("MAX_CONTENT_LENGTH")
+        return limit is not None and length > limit
+
+    def answer(self, handler, path, remote, raw):
+        """(status line, body bytes) of handler(params of the body `raw`), or of the exception
+        `raw` is (a body too large or cut short): as Flask would answer."""
         from werkzeug.http import HTTP_STATUS_CODES  # pylint: disable=import-outside-toplevel
 
-        path = environ.get("PATH_INFO", "")
-        handler = self.routes.get(path)
-        if handler is None or not self._direct(environ):
-            return self.flask_wsgi_app(environ, start_response)
-        remote = environ.get("REMOTE_ADDR") or ""
         token = _DIRECT_REMOTE.set(remote)
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            limit = self.app.config.get("MAX_CONTENT_LENGTH")
-            if limit is not None and length > limit:
-                raise RequestEntityTooLarge()
-            raw = _read_exactly(environ["wsgi.input"], length)
-            if len(raw) < length:
-                raise ClientDisconnected()
+            if isinstance(raw, Exception):
+                raise raw
             value, code = handler(_body_params(raw)), 200
         except Exception as exc:  # pylint: disable=broad-exception-caught  # as Flask's handlers: a JSON answer
             value, code = self.app.extensions["dstack.json_errors"](exc, path, remote)
@@ -273,8 +440,26 @@ class _DirectPrpc:
         layout = {"indent": 2} if (provider.compact is None and self.app.debug) or provider.compact is False \
             else {"separators": (",", ":")}
         body = (provider.dumps(value, **layout) + "\n").encode("utf-8")
-        start_response(f"{code} {HTTP_STATUS_CODES.get(code, 'UNKNOWN').upper()}",
-                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return f"{code} {HTTP_STATUS_CODES.get(code, 'UNKNOWN').upper()}", body
+
+    def __call__(self, environ, start_response):
+        from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge  # pylint: disable=import-outside-toplevel
+
+        path = environ.get("PATH_INFO", "")
+        handler = self.routes.get(path)
+        if handler is None or not self.accepts(environ.get("REQUEST_METHOD"), environ.get("QUERY_STRING"),
+                                               "HTTP_TRANSFER_ENCODING" in environ,
+                                               environ.get("CONTENT_LENGTH", "0")):
+            return self.flask_wsgi_app(environ, start_response)
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        if self.too_large(length):
+            raw = RequestEntityTooLarge()
+        else:
+            raw = _read_exactly(environ["wsgi.input"], length)
+            if len(raw) < length:
+                raw = ClientDisconnected()
+        status, body = self.answer(handler, path, environ.get("REMOTE_ADDR") or "", raw)
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
 

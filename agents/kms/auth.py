@@ -56,6 +56,7 @@ def _hex0x(value):
 
 class LocalAllowlist:
     """auth-simple's rules over its auth-config.json, re-read whenever the file changes."""
+    asks_the_network = False  # the KMS answers on its event loop only when no backend call waits on the network
 
     def __init__(self, path):
         self.path = path
@@ -124,6 +125,7 @@ class LocalAllowlist:
 
 class Webhook:
     """dstack's bootAuth webhook; timeouts, errors and anything but {"isAllowed": true} deny."""
+    asks_the_network = True
 
     def __init__(self, url, timeout=5.0):
         self.url = url.rstrip("/")
@@ -160,6 +162,7 @@ class Ethereum:
     chain (a new block) is seen at once. A release thus costs two RPCs: the block number and the
     question.
     """
+    asks_the_network = True
 
     def __init__(self, rpc_url, contract_address, chain_id, w3=None):
         from ansible_collections.dstack.tee.plugins.module_utils import contracts  # pylint: disable=import-outside-toplevel

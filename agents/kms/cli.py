@@ -172,12 +172,15 @@ def cmd_serve(args):
     app = create_app(config)  # fails here, before listening, on a bad configuration
     print(f"dstack-kms: {config.get('mode', 'production')} mode, serving https://{host}:{port}/prpc/KMS.*",
           file=sys.stderr)
-    # The access log (a line per request, stdout) costs about 0.1 ms of a worker's CPU per request:
-    # it formats more than it writes, so batching the writes saved nothing; access_log = false drops
-    # it (every release and refusal stays in the audit log, refusals in the error log too).
+    # The access log: a line per request on stdout (wsgi.AccessLine: gunicorn's own cost ~0.3 ms per
+    # request on this worker); access_log = false drops it (every release and refusal stays in the
+    # audit log, refusals in the error log too).
+    # gunicorn's asyncio worker: a threaded worker's handoffs between its threads cost more CPU per
+    # request than the HTTP itself. With the local allowlist a release waits on nothing but the
+    # local disk, so it is answered on the event loop; a chain or webhook backend gets threads.
     run_gunicorn(app, bind=f"{host}:{port}", certfile=cert, keyfile=key, workers=int(config.get("workers") or 2),
-                 threads=4, timeout=60, accesslog="-" if config["access_log"] else None, errorlog="-",
-                 loglevel="info")
+                 asgi={"inline": not app.extensions["dstack_kms"].auth.asks_the_network, "threads": 4},
+                 timeout=60, accesslog="-" if config["access_log"] else None, errorlog="-", loglevel="info")
     return None
 
 

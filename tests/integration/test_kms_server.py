@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -144,3 +146,26 @@ def test_no_access_log_keeps_the_refusals_in_the_error_log(tmp_path):
     assert "403 /prpc/KMS.GetAppKey from 127.0.0.1" in output, output[-2000:]
     assert [line["decision"] for line in map(json.loads, (tmp_path / "kms" / "audit.log").read_text().splitlines())] \
         == ["refuse"]
+
+
+def test_the_access_log_has_a_line_per_request_in_gunicorns_format(tmp_path):
+    server = KmsProcess(tmp_path / "kms", free_port()).start()
+    try:
+        server.client().get_meta()
+        context = ssl.create_default_context(cafile=str(server.state_dir / "root-ca.crt"))
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10),
+                                 server_hostname="127.0.0.1") as conn:
+            # A GET with a query string goes to Flask (on threads); the client's quote is escaped.
+            conn.sendall(b'GET /prpc/KMS.GetMeta?x=1 HTTP/1.1\r\nHost: k\r\nUser-Agent: t"ua\r\n'
+                         b"Connection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    finally:
+        output = server.stop()
+    lines = [line for line in output.splitlines() if '"POST /prpc/KMS.GetMeta' in line or '"GET /prpc/' in line]
+    assert len(lines) == 2, output[-3000:]
+    assert re.fullmatch(r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "POST /prpc/KMS\.GetMeta '
+                        r'HTTP/1\.1" 200 \d+ "-" "[^"]*"', lines[0]), lines
+    assert re.search(r'"GET /prpc/KMS\.GetMeta\?x=1 HTTP/1\.1" 200 \d+ "-" "t\\"ua"$', lines[1]), lines
