@@ -307,7 +307,7 @@ def main():
             print(f"floor: bare dcap-qvl {floor:6.0f} verifications/s per core ({1000 / floor:5.2f} ms)")
             print(f"KMS in process (no HTTP, no TLS): {in_process:6.0f} releases/s per core ({1000 / in_process:5.2f} "
                   f"ms CPU per GetAppKey) = {in_process / floor:4.2f}x bare dcap-qvl")
-            print(f"over HTTPS, {args.workers} gunicorn workers x 4 threads, clients keep their connections"
+            print(f"over HTTPS, {args.workers} gunicorn asyncio workers, clients keep their connections"
                   f"{', no access log' if args.no_access_log else ''}")
             local = measure_kms("local allowlist", url, str(state / "root-ca.crt"), app_id, chash, tmp, args,
                                 str(state / "tdx-sim"), pgid=server.pid, floor=floor)
