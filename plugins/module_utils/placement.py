@@ -10,12 +10,15 @@ configurations), capacity its GetMeta max_cvm_number (None: unknown). An instanc
 after the app. Rules, so that a second run places nothing anew:
   - the candidates are the pinned hosts (app.yml `hosts`), else every VMM host;
   - a candidate that runs an instance keeps it (inventory order), up to `replicas`;
-  - the rest go to candidates without one and with a free CVM slot: the most free slots first,
-    then the least memory given to CVMs, then inventory order;
+  - the rest go to candidates without one and with a free CVM slot: the most free slots first
+    (unknown capacity: unlimited), then the fewest CVMs, the least memory given to CVMs,
+    inventory order;
   - every other instance, on any VMM host, is surplus (removed when the app shrinks).
 placed is in inventory order (the order a rolling upgrade takes), each {host, url, existing (the
 CVM or None)}; surplus each {host, url, existing}.
 """
+
+import math
 
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
@@ -60,7 +63,7 @@ def place(name, vmms, replicas, pinned=None, field="replicas"):
                                  f"{len(candidates)}: {', '.join(v['host'] for v in candidates) or 'none'}")
     keep = [vmm for vmm in candidates if instance_on(vmm, name)][:replicas]
     free = sorted((vmm for vmm in candidates if vmm not in keep and not instance_on(vmm, name) and _slots(vmm) > 0),
-                  key=lambda vmm: (-_slots(vmm), _memory(vmm), known.index(vmm["host"])))
+                  key=lambda vmm: (-_slots(vmm), len(vmm.get("cvms") or []), _memory(vmm), known.index(vmm["host"])))
     chosen = keep + free[:replicas - len(keep)]
     if len(chosen) < replicas:
         full = [vmm["host"] for vmm in candidates if vmm not in chosen and _slots(vmm) <= 0]
@@ -75,10 +78,11 @@ def place(name, vmms, replicas, pinned=None, field="replicas"):
 
 
 def _slots(vmm):
-    """Free CVM slots of a VMM (capacity unknown: plenty, so the fewest CVMs come first)."""
-    used = len(vmm.get("cvms") or [])
+    """Free CVM slots of a VMM; unknown capacity counts as unlimited (then the fewest CVMs come first)."""
     capacity = vmm.get("capacity")
-    return capacity - used if isinstance(capacity, int) and not isinstance(capacity, bool) else 1_000_000 - used
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        return math.inf
+    return capacity - len(vmm.get("cvms") or [])
 
 
 def _memory(vmm):
