@@ -347,13 +347,10 @@ def gather(sysroot="/", run=None):
     qemu_out, _why = root.command("qemu-system-x86_64-version")
     qemu_version = _version_line(qemu_out, r"QEMU emulator version (\S+(?: \([^)]*\))?)")
     qemu_upstream = _version_tuple(qemu_version)
-    qemu = {
-        "version": qemu_version,
-        "package_version": packages.get("qemu-system-x86"),
-        "tdx": bool(qemu_version) and ("tdx" in qemu_version.lower()
-                                        or "tdx" in (packages.get("qemu-system-x86") or "")
-                                        or (qemu_upstream is not None and qemu_upstream >= QEMU_TDX_UPSTREAM)),
-    }
+    qemu_pkg = packages.get("qemu-system-x86")
+    qemu_tdx = ("tdx" in qemu_version.lower() or "tdx" in (qemu_pkg or "")
+                or (qemu_upstream is not None and qemu_upstream >= QEMU_TDX_UPSTREAM)) if qemu_version else False
+    qemu = {"version": qemu_version, "package_version": qemu_pkg, "tdx": qemu_tdx}
     libvirt_out, _why = root.command("libvirtd-version")
     libvirt_version = _version_line(libvirt_out, r"libvirtd \(libvirt\) (\S+)")
     libvirt_upstream = _version_tuple(libvirt_version)
@@ -406,7 +403,8 @@ def gather(sysroot="/", run=None):
 
 
 def _item(item, found, fix, kind):
-    assert kind in KINDS, kind
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     return {"item": item, "found": found, "fix": fix, "kind": kind}
 
 

@@ -12,17 +12,19 @@ description:
   - Reads a host's Intel TDX readiness from its files and commands, and returns the facts and the
     list of what is missing, each item with the fix in words (a BIOS setting by name, a package,
     a kernel parameter) and a kind that says who can fix it.
-  - Reads the CPU model and flags (C(/proc/cpuinfo); C(tdx_host_platform) is the kernel's flag for
+  - >-
+    Reads the CPU model and flags (C(/proc/cpuinfo); C(tdx_host_platform) is the kernel's flag for
     a CPU whose BIOS enabled TDX), the kernel release and command line, the kernel build config
     (C(/boot/config-<release>)), C(/sys/module/kvm_intel/parameters/tdx), the kernel log lines of
-    TDX (C(virt/tdx: BIOS enabled: private KeyID range [a, b\)), C(virt/tdx: module initialized),
-    C(virt/tdx: module initialization failed (N\)), C(virt/tdx: module not loaded)), of TME
-    (C(x86/tme: enabled by BIOS), C(x86/mktme: ...)) and of SGX (C(x86/cpu: SGX disabled by BIOS.)),
+    TDX (C(virt/tdx: BIOS enabled: private KeyID range), C(virt/tdx: module initialized),
+    C(virt/tdx: module initialization failed), C(virt/tdx: module not loaded)), of TME
+    (C(x86/tme: enabled by BIOS), C(x86/mktme)) and of SGX (C(x86/cpu: SGX disabled by BIOS.)),
     the SGX devices (C(/dev/sgx_enclave), C(/dev/sgx_provision)), the QGS (C(qgsd)) and PCCS
     (C(pccs)) service states, the QEMU and libvirt versions, the installed packages
     (C(/var/lib/dpkg/status)), the TDX firmware (OVMF/TDVF) and the memory (C(/proc/meminfo),
     NUMA nodes, the DIMMs EDAC lists).
-  - Every file is read under O(sysroot). Commands run only when O(sysroot) is C(/); under another
+  - >-
+    Every file is read under O(sysroot). Commands run only when O(sysroot) is C(/); under another
     sysroot each command's output is read from C(<sysroot>/.dstack-commands/<name>.txt), and a
     missing file means the command is absent (not installed, or its output unknown).
     The names are C(dmesg) (the kernel log; on a live host C(journalctl -k -b 0), else C(dmesg)),
