@@ -33,7 +33,7 @@ description:
     (C(systemctl is-active qgsd), C(systemctl is-active pccs)).
   - The kernel log needs root where C(kernel.dmesg_restrict=1) (Ubuntu's default); run the module
     with C(become). Without the log, C(kvm_intel.tdx=Y) alone shows an initialized TDX module.
-  - Reads only; never changes anything (RV(changed) is always false).
+  - Reads only; never changes anything (C(changed) is always false).
 author:
   - dstack.tee contributors (@dstack-tee)
 attributes:
