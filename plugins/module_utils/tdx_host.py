@@ -143,6 +143,10 @@ class Sysroot:
                 why.append(f"{argv[0]} is not installed")
                 continue
             rc, out, err = result
+            if name == "dmesg" and rc == 0 and not out.strip():
+                # journalctl exits 0 with nothing for a user who may not read the system journal.
+                why.append(f"{' '.join(argv)} printed nothing")
+                continue
             if rc == 0 or name in ANY_EXIT:
                 return out, " ".join(argv)
             why.append(f"{' '.join(argv)} exited {rc}: {(err or out).strip()[:200]}")
