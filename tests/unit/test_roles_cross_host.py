@@ -25,6 +25,7 @@ FOREIGN_PATHS = {
     "kms": {"dstack_kms_sim_state_src": "dstack_kms_sim_state_host"},
     "vmm": {},
     "acme_lab": {},
+    "tdx_host": {},
 }
 NO_FILES = {"ansible.builtin.debug", "ansible.builtin.fail", "ansible.builtin.assert", "ansible.builtin.set_fact",
             "ansible.builtin.include_tasks", "ansible.builtin.import_tasks", "ansible.builtin.include_role",
