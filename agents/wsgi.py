@@ -54,14 +54,22 @@ def deadline_asgi_worker_class():
     Its protocol reads a request with no deadline (a client that sent half a request and went
     quiet kept its connection for good) and counts connections without capping them. Here a
     request must arrive whole within CLIENT_IO_TIMEOUT seconds of its first byte (the first
-    request: of the connection), and a connection past the worker's worker_connections is closed
-    at once. A client that does not read its answer is closed by the keepalive timer after it.
+    request: of the connection; a pipelined one: of its headers), and a connection past the
+    worker's worker_connections is closed at once. So is, after CLIENT_IO_TIMEOUT seconds, a client
+    that leaves its TLS handshake unfinished (asyncio waits 60 s, and counts the connection only
+    once it is done), its answers unread (their writes waited for good) or a close unfinished (TLS:
+    30 s for its close_notify; plain: for good while the last answer is unread). A request gunicorn's
+    parser fails on with a ValueError (a Content-Length past Python's 4300 digits) is a 400, not a
+    traceback in the error log.
     """
+    import functools  # pylint: disable=import-outside-toplevel
     from gunicorn.asgi.protocol import ASGIProtocol  # pylint: disable=import-outside-toplevel
     from gunicorn.workers import gasgi  # pylint: disable=import-outside-toplevel
 
     class DeadlineProtocol(ASGIProtocol):
-        deadline = None
+        deadline = None         # the request being read arrives whole before it
+        write_deadline = None   # the client reads enough of its answers before it
+        close_deadline = None   # a close is done before it
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -75,12 +83,46 @@ def deadline_asgi_worker_class():
                 self._arm_deadline()
             super().data_received(data)
 
+        def _on_headers_complete(self):
+            # A pipelined request is parsed from bytes read with the one before it, no
+            # data_received armed its deadline: its body has CLIENT_IO_TIMEOUT from here.
+            if self.deadline is None:
+                self._arm_deadline()
+            return super()._on_headers_complete()
+
         def _on_message_complete(self):
             self._disarm_deadline()
             super()._on_message_complete()
 
+        def _feed_callback_parser(self, data):
+            try:
+                return super()._feed_callback_parser(data)
+            except ValueError:  # int() of a Content-Length of 4301+ digits; the parser's own errors are caught above
+                self._send_error_response(400, "Invalid request")
+                self._close_transport()
+                return False
+
+        def pause_writing(self):
+            super().pause_writing()
+            if self.write_deadline is None:
+                self.write_deadline = self.worker.loop.call_later(CLIENT_IO_TIMEOUT, self.transport.abort)
+
+        def resume_writing(self):
+            if self.write_deadline is not None:
+                self.write_deadline.cancel()
+                self.write_deadline = None
+            super().resume_writing()
+
+        def _close_transport(self):
+            super()._close_transport()
+            if self.close_deadline is None and self.transport is not None and not self._conn_lost_handled:
+                self.close_deadline = self.worker.loop.call_later(CLIENT_IO_TIMEOUT, self.transport.abort)
+
         def connection_lost(self, exc):
             self._disarm_deadline()
+            for handle in (self.write_deadline, self.close_deadline):
+                if handle is not None:
+                    handle.cancel()
             super().connection_lost(exc)
 
         def _arm_deadline(self):
@@ -95,6 +137,10 @@ def deadline_asgi_worker_class():
         def run(self):
             # The worker makes its connections' protocol by this module-level name (gasgi._serve).
             gasgi.ASGIProtocol = DeadlineProtocol
+            if self.cfg.is_ssl:
+                # gasgi._serve passes no handshake timeout: asyncio's is 60 s.
+                self.loop.create_server = functools.partial(self.loop.create_server,
+                                                            ssl_handshake_timeout=CLIENT_IO_TIMEOUT)
             super().run()
 
     return DeadlineASGIWorker
@@ -182,7 +228,10 @@ class AccessLine:
     the whole line on stdout (lines of several workers never interleave), the time text made
     once a second, and the client's bytes escaped (no control character reaches the log)."""
 
-    ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f)} | {ord('"'): '\\"', ord("\\"): "\\\\"}
+    # C0, DEL and C1 (the client's latin-1 bytes 0x80-0x9f: U+0085 ends a line for str.splitlines,
+    # U+009B starts a terminal escape).
+    ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0))} \
+        | {ord('"'): '\\"', ord("\\"): "\\\\"}
 
     def __init__(self, fd=1):
         self.fd = fd
