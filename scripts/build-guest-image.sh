@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# Builds the dstack.tee guest image from Debian packages, in the layout dstack's VMM expects:
+#   metadata.json  bzImage  initramfs.img  ovmf.fd  rootfs.img.verity  packages.manifest
+#   sha256sum.txt  digest.txt (the os_image_hash = sha256 of sha256sum.txt, as dstack computes it)
+# The rootfs is Debian 12 (debootstrap --variant=minbase) with Debian's kernel, python3, podman and
+# this checkout's guest agent (the collection's agents/ and plugins/module_utils/ under
+# /opt/dstack/ansible_collections/dstack/tee, started by /usr/local/bin/dstack-guest-agent). It is
+# a squashfs with a dm-verity hash tree appended; the root hash is in metadata.json and the cmdline.
+#
+# Usage: scripts/build-guest-image.sh [--out DIR] [--cache DIR] [--no-cache]
+#   --out DIR    where the image folder goes (default: build/guest-image); replaced as a whole
+#   --cache DIR  built images by inputs' hash, and the downloaded .debs (default:
+#                /var/cache/dstack-guest-image)
+#   --no-cache   build even if an image with the same inputs is cached, and do not store it (the
+#                downloaded .debs are still shared: apt checks each against the signed indexes)
+#
+# Reproducible: the inputs are this script, the collection's files that go into the image, and the
+# Debian mirror's state (the sha256 of each suite's Packages index, which fixes every version apt
+# resolves). Their hash is the cache key; the versions apt installed are recorded in
+# packages.manifest (inside the rootfs too). Every time in the image is SOURCE_DATE_EPOCH, files
+# that differ from build to build (logs, caches, machine-id, .pyc) are removed.
+set -euo pipefail
+
+MIRROR="${DSTACK_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+SECURITY_MIRROR="${DSTACK_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
+SUITE=bookworm
+# Every time stamp in the image (2024-01-01). A constant, so that it is part of this script's hash.
+export SOURCE_DATE_EPOCH=1704067200
+# Packages on top of minbase. --no-install-recommends: only what is named here and its Depends.
+PACKAGES=(
+  linux-image-amd64 initramfs-tools kmod udev
+  python3 python3-cryptography python3-flask python3-yaml python3-pycryptodome python3-pyroute2
+  gunicorn
+  podman runc conmon iptables iproute2 wireguard-tools ca-certificates cryptsetup-bin
+)
+# Modules the boot needs before the rootfs is mounted (virtio disk, verity, squashfs, vsock, 9p).
+INITRAMFS_MODULES=(virtio_pci virtio_blk virtio_net squashfs dm_verity overlay vsock
+                   vmw_vsock_virtio_transport 9p 9pnet_virtio)
+CMDLINE_BASE="console=ttyS0 panic=1 net.ifnames=0 biosdevname=0 mce=off oops=panic pci=noearly pci=nommconf random.trust_cpu=y random.trust_bootloader=n tsc=reliable no-kvmclock"
+# The collection's home inside the rootfs (PYTHONPATH of the guest agent).
+COLLECTION_ROOT=/opt/dstack
+OVMF=/usr/share/OVMF/OVMF_CODE.fd
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT="$ROOT/scripts/build-guest-image.sh"
+OUT="$ROOT/build/guest-image"
+CACHE=/var/cache/dstack-guest-image
+USE_CACHE=1
+
+step() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'build-guest-image: %s\n' "$*" >&2; exit 1; }
+
+while (($#)); do
+  case "$1" in
+    --out) [[ $# -ge 2 && -n "$2" ]] || die "--out needs a folder"; OUT="$2"; shift 2 ;;
+    --cache) [[ $# -ge 2 && -n "$2" ]] || die "--cache needs a folder"; CACHE="$2"; shift 2 ;;
+    --no-cache) USE_CACHE=0; shift ;;
+    -h|--help) sed -n '2,22p' "$SCRIPT"; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+OUT="$(realpath -m "$OUT")"
+CACHE="$(realpath -m "$CACHE")"
+
+((EUID == 0)) || die "must run as root (debootstrap, chroot and mounts need it)"
+[[ "$(uname -m)" == x86_64 ]] || die "builds an amd64 image and must run on x86_64, not $(uname -m)"
+
+step "host tools"
+need=()
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v mksquashfs >/dev/null || need+=(squashfs-tools)
+command -v veritysetup >/dev/null || need+=(cryptsetup-bin)
+command -v curl >/dev/null || need+=(curl)
+[[ -f "$OVMF" ]] || need+=(ovmf)
+if ((${#need[@]})); then
+  step "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2 \
+    || die "could not install ${need[*]} with apt-get"
+fi
+
+mkdir -p "$CACHE/images" "$CACHE/debs" "$CACHE/work"
+# One build at a time per cache (the .deb folder and apt's lock in it are shared).
+exec 9>"$CACHE/lock"
+flock 9
+
+# --- inputs -------------------------------------------------------------------------------------
+step "resolve: the mirror's package indexes"
+# The Packages index of each suite names every version apt can resolve: its sha256 (from the suite's
+# InRelease, stable across re-signing) pins the package set. apt checks InRelease's signature in the
+# build; the same lines are compared with what apt verified once the rootfs is made.
+packages_index_hashes() {  # stdin: an InRelease file; prints "<sha256> main/binary-amd64/Packages.xz"
+  awk '/^SHA256:/ {s=1; next} /^[A-Za-z]/ {s=0} s && $3 == "main/binary-amd64/Packages.xz" {print $1, $3}'
+}
+mirror_state=""
+for suite_url in "$MIRROR/dists/$SUITE" "$MIRROR/dists/$SUITE-updates" "$SECURITY_MIRROR/dists/$SUITE-security"; do
+  line="$(curl -fsSL --retry 3 -m 60 "$suite_url/InRelease" | packages_index_hashes)" \
+    || die "could not read $suite_url/InRelease (is the Debian mirror reachable?)"
+  [[ -n "$line" ]] || die "$suite_url/InRelease names no main/binary-amd64/Packages.xz"
+  mirror_state+="${suite_url##*/dists/} $line"$'\n'
+done
+
+collection_files() {  # the collection's files that go into the image, relative to $ROOT, sorted
+  (cd "$ROOT" && git ls-files -- agents plugins/module_utils galaxy.yml) \
+    | grep -v -e '/__pycache__/' -e '\.pyc$' | LC_ALL=C sort
+}
+mapfile -t files < <(collection_files)
+((${#files[@]})) || die "no collection files found under $ROOT (not a git checkout?)"
+for f in "${files[@]}"; do [[ -f "$ROOT/$f" ]] || die "$f is tracked by git but missing from the checkout"; done
+inputs="$(
+  printf 'script %s\n' "$(sha256sum <"$SCRIPT" | cut -d' ' -f1)"
+  printf '%s' "$mirror_state"
+  (cd "$ROOT" && sha256sum -- "${files[@]}")
+)"
+KEY="$(printf '%s' "$inputs" | sha256sum | cut -d' ' -f1)"
+step "inputs hash $KEY"
+
+publish() {  # copy the image folder $1 to $OUT, replacing what was there
+  local tmp="$OUT.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$(dirname "$OUT")"
+  cp -a "$1" "$tmp"
+  rm -rf "$OUT"
+  mv "$tmp" "$OUT"
+}
+
+if ((USE_CACHE)) && [[ -f "$CACHE/images/$KEY/digest.txt" ]]; then
+  echo "build-guest-image: reusing the cached image for inputs $KEY ($CACHE/images/$KEY)" >&2
+  publish "$CACHE/images/$KEY"
+  step "done: $OUT (os_image_hash $(cat "$OUT/digest.txt"))"
+  exit 0
+fi
+
+# --- build --------------------------------------------------------------------------------------
+WORK="$(mktemp -d "$CACHE/work/build.XXXXXX")"
+RFS="$WORK/rootfs"
+IMG="$WORK/image"
+mkdir -p "$RFS" "$IMG"
+
+unmount_all() {  # every mount under the rootfs, deepest first
+  local m
+  while read -r m; do umount -l "$m" 2>/dev/null || true; done \
+    < <(findmnt -rn -o TARGET | grep -F "$RFS/" | LC_ALL=C sort -r)
+}
+cleanup() {
+  unmount_all
+  # Never delete through a mount that is still there (/dev, /proc of the host).
+  if findmnt -rn -o TARGET | grep -qF "$RFS/"; then
+    echo "build-guest-image: mounts remain under $RFS; not removing $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+in_root() {  # a command inside the rootfs with a fixed environment
+  chroot "$RFS" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 TZ=UTC HOME=/root \
+    DEBIAN_FRONTEND=noninteractive SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" "$@"
+}
+
+step "debootstrap --variant=minbase $SUITE (the .debs are cached in $CACHE/debs)"
+debootstrap --variant=minbase --arch=amd64 --cache-dir="$CACHE/debs" "$SUITE" "$RFS" "$MIRROR" \
+  >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
+
+step "apt sources, mounts"
+cat >"$RFS/etc/apt/sources.list" <<EOF
+deb $MIRROR $SUITE main
+deb $MIRROR $SUITE-updates main
+deb $SECURITY_MIRROR $SUITE-security main
+EOF
+# No daemon starts inside the build; no docs or translations.
+printf '#!/bin/sh\nexit 101\n' >"$RFS/usr/sbin/policy-rc.d"
+chmod 755 "$RFS/usr/sbin/policy-rc.d"
+cat >"$RFS/etc/dpkg/dpkg.cfg.d/01-dstack-nodoc" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+EOF
+printf 'Acquire::Languages "none";\nAPT::Install-Recommends "false";\n' >"$RFS/etc/apt/apt.conf.d/01-dstack"
+mount -t proc proc "$RFS/proc"
+mount -t sysfs sysfs "$RFS/sys"
+mount --bind /dev "$RFS/dev"
+mount --bind "$CACHE/debs" "$RFS/var/cache/apt/archives"
+
+step "apt-get install ${PACKAGES[*]}"
+{
+  in_root apt-get update &&
+  in_root apt-get -y dist-upgrade &&
+  in_root apt-get install -y "${PACKAGES[@]}"
+} >"$WORK/apt.log" 2>&1 || { tail -30 "$WORK/apt.log" >&2; die "apt-get in the rootfs failed (log above)"; }
+
+step "check the mirror state apt verified"
+verified=""
+for suite in "$SUITE" "$SUITE-updates" "$SUITE-security"; do
+  release="$(ls "$RFS"/var/lib/apt/lists/*_dists_"${suite}"_InRelease 2>/dev/null | head -1)"
+  [[ -n "$release" ]] || die "apt fetched no InRelease for $suite"
+  verified+="$suite $(packages_index_hashes <"$release")"$'\n'
+done
+[[ "$verified" == "$mirror_state" ]] || die "the Debian mirror changed during the build (its Packages indexes differ from the ones hashed at the start); run the build again"
+
+step "guest agent: the collection under $COLLECTION_ROOT"
+dest="$RFS$COLLECTION_ROOT/ansible_collections/dstack/tee"
+mkdir -p "$dest"
+(cd "$ROOT" && cp --parents -- "${files[@]}" "$dest/")
+cat >"$RFS/usr/local/bin/dstack-guest-agent" <<EOF
+#!/bin/sh
+# The guest agent of dstack.tee (the collection is in $COLLECTION_ROOT; the rootfs is read-only).
+export PYTHONPATH=$COLLECTION_ROOT PYTHONDONTWRITEBYTECODE=1
+exec /usr/bin/python3 -m ansible_collections.dstack.tee.agents.guest.cli "\$@"
+EOF
+chmod 755 "$RFS/usr/local/bin/dstack-guest-agent"
+in_root /usr/local/bin/dstack-guest-agent --help >"$WORK/agent-help.txt" 2>&1 \
+  || { cat "$WORK/agent-help.txt" >&2; die "the guest agent does not start inside the rootfs"; }
+
+step "package manifest"
+in_root dpkg-query -W -f '${Package} ${Version} ${Architecture}\n' | LC_ALL=C sort >"$IMG/packages.manifest"
+cp "$IMG/packages.manifest" "$RFS$COLLECTION_ROOT/packages.manifest"
+
+step "initramfs (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
+# After the install: a conffile written before it would make dpkg ask what to keep.
+printf '%s\n' "${INITRAMFS_MODULES[@]}" >>"$RFS/etc/initramfs-tools/modules"
+kver="$(in_root linux-version list | LC_ALL=C sort -V | tail -1)"
+[[ -n "$kver" ]] || die "no kernel installed in the rootfs"
+in_root update-initramfs -u -k "$kver" >"$WORK/initramfs.log" 2>&1 \
+  || { tail -20 "$WORK/initramfs.log" >&2; die "update-initramfs failed"; }
+cp "$RFS/boot/vmlinuz-$kver" "$IMG/bzImage"
+cp "$RFS/boot/initrd.img-$kver" "$IMG/initramfs.img"
+cp "$OVMF" "$IMG/ovmf.fd"
+
+step "strip what differs from build to build"
+unmount_all
+rm -f "$RFS/usr/sbin/policy-rc.d" "$RFS"/boot/initrd.img-* "$RFS"/boot/vmlinuz-*
+rm -rf "$RFS"/var/lib/apt/lists/* "$RFS"/var/cache/apt/* "$RFS"/var/cache/debconf/*-old \
+  "$RFS"/var/cache/ldconfig/aux-cache "$RFS"/var/lib/dpkg/*-old "$RFS"/etc/*- \
+  "$RFS"/var/lib/systemd/random-seed "$RFS"/var/lib/dbus/machine-id "$RFS"/etc/ssh/ssh_host_* \
+  "$RFS"/tmp/* "$RFS"/var/tmp/* "$RFS"/root/.bash_history "$RFS"/var/log/* "$RFS"/run/*
+mkdir -p "$RFS/var/cache/apt/archives/partial"
+find "$RFS" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
+: >"$RFS/etc/machine-id"
+echo dstack >"$RFS/etc/hostname"
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tdstack\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$RFS/etc/hosts"
+: >"$RFS/etc/resolv.conf"
+
+step "rootfs: squashfs (all times $SOURCE_DATE_EPOCH) and dm-verity"
+# mksquashfs refuses SOURCE_DATE_EPOCH together with the options that say the same.
+env -u SOURCE_DATE_EPOCH mksquashfs "$RFS" "$WORK/rootfs.squashfs" -noappend -comp zstd -all-time "$SOURCE_DATE_EPOCH" \
+  -mkfs-time "$SOURCE_DATE_EPOCH" -no-progress >"$WORK/mksquashfs.log" 2>&1 \
+  || { tail -20 "$WORK/mksquashfs.log" >&2; die "mksquashfs failed"; }
+data_size=$(stat -c %s "$WORK/rootfs.squashfs")
+data_size=$(( (data_size + 4095) / 4096 * 4096 ))  # verity works on whole 4 KiB blocks
+truncate -s "$data_size" "$WORK/rootfs.squashfs"
+mv "$WORK/rootfs.squashfs" "$IMG/rootfs.img.verity"
+# A fixed salt and UUID: veritysetup picks random ones otherwise.
+salt="$(printf 'dstack.tee guest rootfs' | sha256sum | cut -d' ' -f1)"
+veritysetup format --salt="$salt" --uuid=00000000-0000-4000-8000-000000000000 \
+  --data-block-size=4096 --hash-block-size=4096 --hash-offset="$data_size" \
+  "$IMG/rootfs.img.verity" "$IMG/rootfs.img.verity" >"$WORK/verity.txt" \
+  || die "veritysetup format failed"
+rootfs_hash="$(awk -F: '/^Root hash/ {gsub(/[ \t]/, "", $2); print $2}' "$WORK/verity.txt")"
+[[ "$rootfs_hash" =~ ^[0-9a-f]{64}$ ]] || die "veritysetup printed no root hash"
+
+step "metadata.json, sha256sum.txt, digest.txt"
+version="$(awk '$1 == "version:" {print $2}' "$ROOT/galaxy.yml")"
+cmdline="$CMDLINE_BASE dstack.rootfs_hash=$rootfs_hash dstack.rootfs_size=$data_size"
+python3 - "$IMG/metadata.json" "$cmdline" "$rootfs_hash" "$version" "$kver" "$KEY" <<'EOF'
+import json, os, sys
+path, cmdline, rootfs_hash, version, kernel_version, inputs_hash = sys.argv[1:]
+meta = {"cmdline": cmdline, "kernel": "bzImage", "initrd": "initramfs.img", "bios": "ovmf.fd",
+        "rootfs": "rootfs.img.verity", "rootfs_hash": rootfs_hash, "shared_ro": True,
+        "version": version, "is_dev": False, "ovmf_variant": "debian-ovmf",
+        "kernel_version": kernel_version, "distribution": "debian-12", "packages": "packages.manifest",
+        "inputs_hash": inputs_hash, "source_date_epoch": int(os.environ["SOURCE_DATE_EPOCH"])}
+with open(path, "w", encoding="utf-8") as out:
+    json.dump(meta, out, indent=2, sort_keys=True)
+    out.write("\n")
+EOF
+(cd "$IMG" && LC_ALL=C ls | grep -v -x -e sha256sum.txt -e digest.txt | LC_ALL=C sort \
+  | xargs sha256sum >sha256sum.txt)
+sha256sum <"$IMG/sha256sum.txt" | cut -d' ' -f1 >"$IMG/digest.txt"
+find "$IMG" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+
+if ((USE_CACHE)); then
+  rm -rf "$CACHE/images/$KEY.tmp"
+  cp -a "$IMG" "$CACHE/images/$KEY.tmp"
+  rm -rf "$CACHE/images/$KEY"
+  mv "$CACHE/images/$KEY.tmp" "$CACHE/images/$KEY"
+fi
+publish "$IMG"
+step "done: $OUT (os_image_hash $(cat "$OUT/digest.txt"))"
