@@ -162,7 +162,14 @@ def asgi_app(app, inline=True, threads=4, access_log=False):
     from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge  # pylint: disable=import-outside-toplevel
 
     direct = app.extensions.get("dstack.direct_prpc")
-    flask_app = WSGIMiddleware(app, workers=threads)
+
+    def flask_wsgi(environ, start_response):
+        # A chunked body has no Content-Length: a2wsgi's input ends where the body does, but says
+        # not so (gunicorn's WSGI workers did), and Werkzeug would read it as empty.
+        if "HTTP_TRANSFER_ENCODING" in environ:
+            environ["wsgi.input_terminated"] = True
+        return app(environ, start_response)
+    flask_app = WSGIMiddleware(flask_wsgi, workers=threads)
     pool = None if inline else ThreadPoolExecutor(threads, thread_name_prefix="prpc")
     access = AccessLine() if access_log else None
     json_headers = [(b"content-type", b"application/json")]

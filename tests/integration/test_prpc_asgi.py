@@ -103,10 +103,14 @@ def test_direct_routes_and_flask_routes(servers, inline):
     status, _head, answer = server.request(b"GET /prpc/T.Echo?b=2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert status == 200 and answer["params"] == {"b": "2"}
     assert server.request(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")[2] == {"ok": True}
+    # A chunked body goes to Flask too, and is read whole.
+    status, _head, answer = server.request(b"POST /prpc/T.Echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                                           b"Connection: close\r\n\r\n4\r\n{\"c\"\r\n4\r\n: 3}\r\n0\r\n\r\n")
+    assert status == 200 and answer["params"] == {"c": 3}, answer
     status, _head, answer = server.request(b"GET /nope HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert status == 404 and "error" in answer
     output = server.stop()
-    assert output.count('"POST /prpc/T.Echo HTTP/1.1" 200 ') == 1 and '"GET /health HTTP/1.1" 200 ' in output, output
+    assert output.count('"POST /prpc/T.Echo HTTP/1.1" 200 ') == 2 and '"GET /health HTTP/1.1" 200 ' in output, output
 
 
 def test_a_request_that_never_arrives_whole_is_closed(servers):
