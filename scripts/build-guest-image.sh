@@ -47,7 +47,7 @@ OUT="$ROOT/build/guest-image"
 CACHE=/var/cache/dstack-guest-image
 USE_CACHE=1
 
-step() { printf '==> %s\n' "$*" >&2; }
+step() { printf '==> [%4ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'build-guest-image: %s\n' "$*" >&2; exit 1; }
 
 while (($#)); do
@@ -171,7 +171,7 @@ EOF
 # No daemon starts inside the build; no docs or translations.
 printf '#!/bin/sh\nexit 101\n' >"$RFS/usr/sbin/policy-rc.d"
 chmod 755 "$RFS/usr/sbin/policy-rc.d"
-cat >"$RFS/etc/dpkg/dpkg.cfg.d/01-dstack-nodoc" <<'EOF'
+cat >"$RFS/etc/dpkg/dpkg.cfg.d/01-dstack-exclude" <<'EOF'
 path-exclude /usr/share/doc/*
 path-include /usr/share/doc/*/copyright
 path-exclude /usr/share/man/*
@@ -179,7 +179,21 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 path-include /usr/share/locale/locale.alias
 EOF
-printf 'Acquire::Languages "none";\nAPT::Install-Recommends "false";\n' >"$RFS/etc/apt/apt.conf.d/01-dstack"
+# Kernel modules for hardware a VM does not have: never unpacked (smaller, faster rootfs and initramfs).
+for dir in sound drivers/media drivers/net/wireless net/wireless net/mac80211 drivers/bluetooth net/bluetooth \
+           drivers/infiniband drivers/staging drivers/gpu drivers/isdn drivers/iio drivers/net/can \
+           drivers/input/touchscreen drivers/input/joystick drivers/usb/serial drivers/hid; do
+  echo "path-exclude /lib/modules/*/kernel/$dir/*" >>"$RFS/etc/dpkg/dpkg.cfg.d/01-dstack-exclude"
+done
+cat >"$RFS/etc/apt/apt.conf.d/01-dstack" <<'EOF'
+Acquire::Languages "none";
+APT::Install-Recommends "false";
+Dpkg::Options { "--force-confdef"; "--force-confold"; };
+EOF
+# Read when the kernel's initramfs is made (a dpkg trigger, at the end of the install): the file is
+# initramfs-tools' conffile, kept as written here (--force-confold).
+mkdir -p "$RFS/etc/initramfs-tools"
+printf '%s\n' "${INITRAMFS_MODULES[@]}" >"$RFS/etc/initramfs-tools/modules"
 mount -t proc proc "$RFS/proc"
 mount -t sysfs sysfs "$RFS/sys"
 mount --bind /dev "$RFS/dev"
@@ -219,13 +233,11 @@ step "package manifest"
 in_root dpkg-query -W -f '${Package} ${Version} ${Architecture}\n' | LC_ALL=C sort >"$IMG/packages.manifest"
 cp "$IMG/packages.manifest" "$RFS$COLLECTION_ROOT/packages.manifest"
 
-step "initramfs (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
-# After the install: a conffile written before it would make dpkg ask what to keep.
-printf '%s\n' "${INITRAMFS_MODULES[@]}" >>"$RFS/etc/initramfs-tools/modules"
+step "kernel and initramfs (made in the install, with SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
 kver="$(in_root linux-version list | LC_ALL=C sort -V | tail -1)"
 [[ -n "$kver" ]] || die "no kernel installed in the rootfs"
-in_root update-initramfs -u -k "$kver" >"$WORK/initramfs.log" 2>&1 \
-  || { tail -20 "$WORK/initramfs.log" >&2; die "update-initramfs failed"; }
+[[ -f "$RFS/boot/initrd.img-$kver" ]] || die "the kernel's install made no initramfs"
+grep -qx dm_verity "$RFS/etc/initramfs-tools/modules" || die "initramfs-tools replaced its modules list"
 cp "$RFS/boot/vmlinuz-$kver" "$IMG/bzImage"
 cp "$RFS/boot/initrd.img-$kver" "$IMG/initramfs.img"
 cp "$OVMF" "$IMG/ovmf.fd"
@@ -246,7 +258,7 @@ printf '127.0.0.1\tlocalhost\n127.0.1.1\tdstack\n::1\tlocalhost ip6-localhost ip
 
 step "rootfs: squashfs (all times $SOURCE_DATE_EPOCH) and dm-verity"
 # mksquashfs refuses SOURCE_DATE_EPOCH together with the options that say the same.
-env -u SOURCE_DATE_EPOCH mksquashfs "$RFS" "$WORK/rootfs.squashfs" -noappend -comp zstd -all-time "$SOURCE_DATE_EPOCH" \
+env -u SOURCE_DATE_EPOCH mksquashfs "$RFS" "$WORK/rootfs.squashfs" -noappend -comp zstd -Xcompression-level 6 -all-time "$SOURCE_DATE_EPOCH" \
   -mkfs-time "$SOURCE_DATE_EPOCH" -no-progress >"$WORK/mksquashfs.log" 2>&1 \
   || { tail -20 "$WORK/mksquashfs.log" >&2; die "mksquashfs failed"; }
 data_size=$(stat -c %s "$WORK/rootfs.squashfs")
@@ -265,14 +277,14 @@ rootfs_hash="$(awk -F: '/^Root hash/ {gsub(/[ \t]/, "", $2); print $2}' "$WORK/v
 step "metadata.json, sha256sum.txt, digest.txt"
 version="$(awk '$1 == "version:" {print $2}' "$ROOT/galaxy.yml")"
 cmdline="$CMDLINE_BASE dstack.rootfs_hash=$rootfs_hash dstack.rootfs_size=$data_size"
-python3 - "$IMG/metadata.json" "$cmdline" "$rootfs_hash" "$version" "$kver" "$KEY" <<'EOF'
+python3 - "$IMG/metadata.json" "$cmdline" "$rootfs_hash" "$version" "$kver" <<'EOF'
 import json, os, sys
-path, cmdline, rootfs_hash, version, kernel_version, inputs_hash = sys.argv[1:]
+path, cmdline, rootfs_hash, version, kernel_version = sys.argv[1:]
 meta = {"cmdline": cmdline, "kernel": "bzImage", "initrd": "initramfs.img", "bios": "ovmf.fd",
         "rootfs": "rootfs.img.verity", "rootfs_hash": rootfs_hash, "shared_ro": True,
         "version": version, "is_dev": False, "ovmf_variant": "debian-ovmf",
         "kernel_version": kernel_version, "distribution": "debian-12", "packages": "packages.manifest",
-        "inputs_hash": inputs_hash, "source_date_epoch": int(os.environ["SOURCE_DATE_EPOCH"])}
+        "source_date_epoch": int(os.environ["SOURCE_DATE_EPOCH"])}
 with open(path, "w", encoding="utf-8") as out:
     json.dump(meta, out, indent=2, sort_keys=True)
     out.write("\n")
@@ -287,6 +299,7 @@ if ((USE_CACHE)); then
   cp -a "$IMG" "$CACHE/images/$KEY.tmp"
   rm -rf "$CACHE/images/$KEY"
   mv "$CACHE/images/$KEY.tmp" "$CACHE/images/$KEY"
+  printf '%s\n' "$inputs" >"$CACHE/images/$KEY.inputs"  # what the key is a hash of
 fi
 publish "$IMG"
 step "done: $OUT (os_image_hash $(cat "$OUT/digest.txt"))"

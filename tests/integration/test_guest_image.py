@@ -1,0 +1,120 @@
+"""scripts/build-guest-image.sh: the guest image from Debian packages, in dstack's image layout, and
+reproducible (two builds from the same inputs give the same os_image_hash).
+
+Two full builds without the image cache (they share the downloaded .debs): a few minutes.
+No skip: where the build cannot run (no root, no debootstrap, no Debian mirror) the test fails and
+says why.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+AGENT_IN_ROOTFS = "opt/dstack/ansible_collections/dstack/tee/agents/guest/cli.py"
+
+
+def snapshot(dest):
+    """The script and the collection files it puts in the image, as a git checkout of their own: both
+    builds read the same inputs even while someone edits this worktree."""
+    files = subprocess.run(["git", "ls-files", "--", "scripts/build-guest-image.sh", "agents",
+                            "plugins/module_utils", "galaxy.yml"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "--", *files], cwd=dest, check=True)
+    return dest / "scripts" / "build-guest-image.sh"
+
+
+def build(script, *args):
+    proc = subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, timeout=1200,
+                          check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"build-guest-image.sh {' '.join(map(str, args))} failed (exit {proc.returncode}):\n"
+                    f"{proc.stderr[-4000:]}")
+    return proc.stderr
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as src:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_layout(image):
+    """metadata.json names files that exist, sha256sum.txt covers every image file with its real
+    hash, digest.txt is sha256(sha256sum.txt), and the rootfs's dm-verity root hash checks out."""
+    meta = json.loads((image / "metadata.json").read_text())
+    for field in ("kernel", "initrd", "bios", "rootfs"):
+        assert (image / meta[field]).is_file(), f"metadata.json {field}: {meta[field]} is missing"
+    assert meta["is_dev"] is False and meta["version"]
+    listed = {}
+    for line in (image / "sha256sum.txt").read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        listed[name] = digest
+    files = {p.name for p in image.iterdir()} - {"sha256sum.txt", "digest.txt"}
+    assert set(listed) == files
+    for name, digest in listed.items():
+        assert sha256_file(image / name) == digest, f"sha256sum.txt: {name} does not match"
+    digest = (image / "digest.txt").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    assert digest == sha256_file(image / "sha256sum.txt")
+
+    rootfs_hash = meta["rootfs_hash"]
+    assert f"dstack.rootfs_hash={rootfs_hash}" in meta["cmdline"]
+    size = int(re.search(r"dstack\.rootfs_size=(\d+)", meta["cmdline"]).group(1))
+    rootfs = image / meta["rootfs"]
+    subprocess.run(["veritysetup", "verify", f"--hash-offset={size}", str(rootfs), str(rootfs), rootfs_hash],
+                   check=True, capture_output=True)
+    return meta, digest
+
+
+def rootfs_file(image, path):
+    """A file's bytes from the image's squashfs rootfs (the verity tree after it is ignored)."""
+    meta = json.loads((image / "metadata.json").read_text())
+    return subprocess.run(["unsquashfs", "-cat", str(image / meta["rootfs"]), path],
+                          check=True, capture_output=True).stdout
+
+
+@pytest.mark.slow
+def test_two_builds_give_the_same_os_image_hash_and_the_cache_reuses_it(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("build-guest-image.sh needs root (debootstrap, chroot, mounts); run the tests as root")
+    src = tmp_path / "src"
+    src.mkdir()
+    script = snapshot(src)
+    first, second = tmp_path / "first", tmp_path / "second"
+    log = build(script, "--no-cache", "--out", first)
+    build(script, "--no-cache", "--out", second)
+
+    _, digest = check_layout(first)
+    _, digest_again = check_layout(second)
+    assert digest == digest_again, "two builds from the same inputs gave different os_image_hashes"
+
+    # The guest agent is this checkout's, under the collection's fixed path, with its launcher.
+    assert rootfs_file(first, AGENT_IN_ROOTFS) == (src / "agents/guest/cli.py").read_bytes()
+    assert b"agents.guest.cli" in rootfs_file(first, "usr/local/bin/dstack-guest-agent")
+    manifest = (first / "packages.manifest").read_text()
+    for package in ("podman", "python3", "linux-image-amd64"):
+        assert re.search(rf"^{package} \S+ \S+$", manifest, re.M), f"{package} not in packages.manifest"
+    assert rootfs_file(first, "opt/dstack/packages.manifest").decode() == manifest
+
+    # With the cache: an image already built for these inputs is reused, not rebuilt.
+    inputs_hash = re.search(r"inputs hash ([0-9a-f]{64})", log).group(1)
+    cache = tmp_path / "cache"
+    (cache / "images").mkdir(parents=True)
+    shutil.copytree(first, cache / "images" / inputs_hash)
+    reused = tmp_path / "reused"
+    log = build(script, "--cache", cache, "--out", reused)
+    assert f"reusing the cached image for inputs {inputs_hash}" in log
+    assert (reused / "digest.txt").read_text() == (first / "digest.txt").read_text()
