@@ -20,6 +20,8 @@
 # packages.manifest (inside the rootfs too). Every time in the image is SOURCE_DATE_EPOCH, files
 # that differ from build to build (logs, caches, machine-id, .pyc) are removed.
 set -euo pipefail
+# debootstrap, chroot and veritysetup live in sbin, which a user's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 MIRROR="${DSTACK_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${DSTACK_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
@@ -34,8 +36,9 @@ PACKAGES=(
   podman runc conmon iptables iproute2 wireguard-tools ca-certificates cryptsetup-bin
 )
 # Modules the boot needs before the rootfs is mounted (virtio disk, verity, squashfs, vsock, 9p).
-INITRAMFS_MODULES=(virtio_pci virtio_blk virtio_net squashfs dm_verity overlay vsock
-                   vmw_vsock_virtio_transport 9p 9pnet_virtio)
+# Only these (and what they depend on) go into the initramfs (MODULES=list): a VM's hardware is known.
+INITRAMFS_MODULES=(virtio_pci virtio_blk virtio_net virtio_console virtio_rng squashfs dm_verity
+                   dm_crypt ext4 overlay vsock vmw_vsock_virtio_transport 9p 9pnet_virtio)
 CMDLINE_BASE="console=ttyS0 panic=1 net.ifnames=0 biosdevname=0 mce=off oops=panic pci=noearly pci=nommconf random.trust_cpu=y random.trust_bootloader=n tsc=reliable no-kvmclock"
 # The collection's home inside the rootfs (PYTHONPATH of the guest agent).
 COLLECTION_ROOT=/opt/dstack
@@ -55,7 +58,7 @@ while (($#)); do
     --out) [[ $# -ge 2 && -n "$2" ]] || die "--out needs a folder"; OUT="$2"; shift 2 ;;
     --cache) [[ $# -ge 2 && -n "$2" ]] || die "--cache needs a folder"; CACHE="$2"; shift 2 ;;
     --no-cache) USE_CACHE=0; shift ;;
-    -h|--help) sed -n '2,22p' "$SCRIPT"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$SCRIPT"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -159,6 +162,9 @@ in_root() {  # a command inside the rootfs with a fixed environment
 }
 
 step "debootstrap --variant=minbase $SUITE (the .debs are cached in $CACHE/debs)"
+# No fsync per unpacked file: a crash only loses this throwaway tree (removed again before packing).
+mkdir -p "$RFS/etc/dpkg/dpkg.cfg.d"
+echo force-unsafe-io >"$RFS/etc/dpkg/dpkg.cfg.d/00-dstack-build-unsafe-io"
 debootstrap --variant=minbase --arch=amd64 --cache-dir="$CACHE/debs" "$SUITE" "$RFS" "$MIRROR" \
   >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
 
@@ -192,8 +198,9 @@ Dpkg::Options { "--force-confdef"; "--force-confold"; };
 EOF
 # Read when the kernel's initramfs is made (a dpkg trigger, at the end of the install): the file is
 # initramfs-tools' conffile, kept as written here (--force-confold).
-mkdir -p "$RFS/etc/initramfs-tools"
+mkdir -p "$RFS/etc/initramfs-tools/conf.d"
 printf '%s\n' "${INITRAMFS_MODULES[@]}" >"$RFS/etc/initramfs-tools/modules"
+echo MODULES=list >"$RFS/etc/initramfs-tools/conf.d/dstack-modules"
 mount -t proc proc "$RFS/proc"
 mount -t sysfs sysfs "$RFS/sys"
 mount --bind /dev "$RFS/dev"
@@ -244,7 +251,7 @@ cp "$OVMF" "$IMG/ovmf.fd"
 
 step "strip what differs from build to build"
 unmount_all
-rm -f "$RFS/usr/sbin/policy-rc.d" "$RFS"/boot/initrd.img-* "$RFS"/boot/vmlinuz-*
+rm -f "$RFS/usr/sbin/policy-rc.d" "$RFS/etc/dpkg/dpkg.cfg.d/00-dstack-build-unsafe-io" "$RFS"/boot/initrd.img-* "$RFS"/boot/vmlinuz-*
 rm -rf "$RFS"/var/lib/apt/lists/* "$RFS"/var/cache/apt/* "$RFS"/var/cache/debconf/*-old \
   "$RFS"/var/cache/ldconfig/aux-cache "$RFS"/var/lib/dpkg/*-old "$RFS"/etc/*- \
   "$RFS"/var/lib/systemd/random-seed "$RFS"/var/lib/dbus/machine-id "$RFS"/etc/ssh/ssh_host_* \
