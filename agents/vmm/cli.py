@@ -17,6 +17,9 @@ start it finds the VMs of its run path again and starts those that should run.
 --cvm-netns (vmm.toml cvm_netns = true; process backend, as root): each CVM in its own network
 namespace with a veth to the host (cvm_netns_range, default 10.213.0.0/16, one /30 each), the
 guest agent run with --netns; needed by CVMs that use the gateway.
+The libvirt backend (vmm.toml libvirt_uri, default qemu:///system; image_path): domains of type
+libvirt_domain_type, kvm (default) or qemu (TCG, for a host whose /dev/kvm is PVM and runs a stock
+guest kernel ~100x slower than TCG: README, machine notes).
 
     dstack-vmm logs NAME [--follow] [--lines N] [--ch stdout|stderr|serial] [--service SERVICE]
                     [--url URL] [--token TOKEN] [--ca-cert FILE]
@@ -46,7 +49,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.prpc import Unauthorize
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
 
 KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_dir", "auth_tokens", "base_domain",
-        "os_image_hash", "gateway_urls", "libvirt_uri", "image_path", "host_api_base", "server_names",
+        "os_image_hash", "gateway_urls", "libvirt_uri", "libvirt_domain_type", "image_path", "host_api_base", "server_names",
         "allowed_host_addresses", "max_allocable_vcpu", "max_allocable_memory_in_mb", "max_disk_size_gb",
         "max_name_length", "max_cvm_number", "max_log_followers", "api_threads", "max_request_bytes", "cvm_netns",
         "cvm_netns_range")
@@ -87,7 +90,13 @@ def make_backend(config):
                               cvm_netns_range=config.get("cvm_netns_range") or "10.213.0.0/16")
     if config["backend"] == "libvirt":
         from ansible_collections.dstack.tee.agents.vmm.backends.libvirt import LibvirtBackend  # pylint: disable=import-outside-toplevel
-        return LibvirtBackend(config.get("libvirt_uri", "qemu:///system"), image_dir=config.get("image_path", "images"))
+        # kvm (hardware virtualization), or qemu (TCG) where /dev/kvm cannot run a stock guest kernel
+        # at speed: a PVM host (kvm_pvm; README, machine notes).
+        domain_type = config.get("libvirt_domain_type", "kvm")
+        if domain_type not in ("kvm", "qemu"):
+            raise DstackError("libvirt_domain_type", f"must be kvm or qemu, not {str(domain_type)[:20]!r}")
+        return LibvirtBackend(config.get("libvirt_uri", "qemu:///system"), image_dir=config.get("image_path", "images"),
+                              domain_type=domain_type)
     raise DstackError("backend", f"unknown backend {str(config['backend'])[:20]!r} (expected process or libvirt)")
 
 

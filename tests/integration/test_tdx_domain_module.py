@@ -461,3 +461,17 @@ def test_the_backend_boots_a_no_tee_vm_on_qemu_system(system_libvirt, host_dir):
         if dom is not None:
             lv.remove(dom)
         backend.close()
+
+
+def test_the_vmm_config_chooses_the_libvirt_domain_type():
+    """vmm.toml libvirt_domain_type: kvm by default, qemu (TCG) for a PVM host; anything else named."""
+    from ansible_collections.dstack.tee.agents.vmm.cli import make_backend  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # pylint: disable=import-outside-toplevel
+    base = {"backend": "libvirt", "libvirt_uri": "test:///default"}
+    assert make_backend(base).domain_type == "kvm"
+    backend = make_backend(dict(base, libvirt_domain_type="qemu"))
+    xml = ld.render_domain_xml(ld.DomainSpec(name="t", kernel="/k", no_tee=True, domain_type=backend.domain_type))
+    assert re.search(r"<domain [^>]*type=.qemu.", xml), xml[:200]
+    with pytest.raises(DstackError) as err:
+        make_backend(dict(base, libvirt_domain_type="xen"))
+    assert err.value.field == "libvirt_domain_type"
