@@ -47,6 +47,8 @@ APT_PACKAGES+=(pebble bind9 bind9-dnsutils)
 # QEMU/KVM for qemu:///system (the tests start the daemon), qemu-img, and xmllint for the schema checks.
 ((WITH_TEST)) && APT_PACKAGES+=(libvirt-dev pkg-config libvirt-daemon-system libvirt-daemon-driver-qemu
                                 libvirt-clients qemu-system-x86 qemu-utils libxml2-utils)
+# The guest image's build (scripts/build-guest-image.sh, tests/integration/test_guest_image.py).
+((WITH_TEST)) && APT_PACKAGES+=(debootstrap squashfs-tools cryptsetup-bin)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
