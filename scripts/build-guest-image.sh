@@ -2,10 +2,12 @@
 # Builds the dstack.tee guest image from Debian packages, in the layout dstack's VMM expects:
 #   metadata.json  bzImage  initramfs.img  ovmf.fd  rootfs.img.verity  packages.manifest
 #   sha256sum.txt  digest.txt (the os_image_hash = sha256 of sha256sum.txt, as dstack computes it)
-# The rootfs is Debian 12 (debootstrap --variant=minbase) with Debian's kernel, python3, podman and
-# this checkout's guest agent (the collection's agents/ and plugins/module_utils/ under
-# /opt/dstack/ansible_collections/dstack/tee, started by /usr/local/bin/dstack-guest-agent). It is
-# a squashfs with a dm-verity hash tree appended; the root hash is in metadata.json and the cmdline.
+# The rootfs is Debian 12 (debootstrap --variant=minbase) with Debian's kernel (from
+# bookworm-backports, for TDX guest support), python3, podman and this checkout's guest agent
+# (agents/guest/, what it imports from agents/ and plugins/module_utils/, under
+# /opt/dstack/ansible_collections/dstack/tee, started by /usr/local/bin/dstack-guest-agent).
+# It is a squashfs with a dm-verity hash tree appended; the root hash is in metadata.json and the
+# cmdline.
 #
 # Usage: scripts/build-guest-image.sh [--out DIR] [--cache DIR] [--no-cache]
 #   --out DIR    where the image folder goes (default: build/guest-image); replaced as a whole
@@ -29,8 +31,10 @@ SUITE=bookworm
 # Every time stamp in the image (2024-01-01). A constant, so that it is part of this script's hash.
 export SOURCE_DATE_EPOCH=1704067200
 # Packages on top of minbase. --no-install-recommends: only what is named here and its Depends.
+# The kernel comes from bookworm-backports: bookworm's own 6.1 is built without CONFIG_INTEL_TDX_GUEST
+# (and has neither /dev/tdx_guest nor configfs-tsm), so it could not boot as a TDX guest.
 PACKAGES=(
-  linux-image-amd64 initramfs-tools kmod udev
+  "linux-image-amd64/$SUITE-backports" initramfs-tools kmod udev
   python3 python3-cryptography python3-flask python3-yaml python3-pycryptodome python3-pyroute2
   gunicorn
   podman runc conmon iptables iproute2 wireguard-tools ca-certificates cryptsetup-bin
@@ -58,7 +62,7 @@ while (($#)); do
     --out) [[ $# -ge 2 && -n "$2" ]] || die "--out needs a folder"; OUT="$2"; shift 2 ;;
     --cache) [[ $# -ge 2 && -n "$2" ]] || die "--cache needs a folder"; CACHE="$2"; shift 2 ;;
     --no-cache) USE_CACHE=0; shift ;;
-    -h|--help) sed -n '2,21p' "$SCRIPT"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$SCRIPT"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -95,15 +99,17 @@ packages_index_hashes() {  # stdin: an InRelease file; prints "<sha256> main/bin
   awk '/^SHA256:/ {s=1; next} /^[A-Za-z]/ {s=0} s && $3 == "main/binary-amd64/Packages.xz" {print $1, $3}'
 }
 mirror_state=""
-for suite_url in "$MIRROR/dists/$SUITE" "$MIRROR/dists/$SUITE-updates" "$SECURITY_MIRROR/dists/$SUITE-security"; do
+for suite_url in "$MIRROR/dists/$SUITE" "$MIRROR/dists/$SUITE-updates" "$MIRROR/dists/$SUITE-backports" \
+                 "$SECURITY_MIRROR/dists/$SUITE-security"; do
   line="$(curl -fsSL --retry 3 -m 60 "$suite_url/InRelease" | packages_index_hashes)" \
     || die "could not read $suite_url/InRelease (is the Debian mirror reachable?)"
   [[ -n "$line" ]] || die "$suite_url/InRelease names no main/binary-amd64/Packages.xz"
   mirror_state+="${suite_url##*/dists/} $line"$'\n'
 done
 
+# The guest agent and what it imports (not the host's agents: a VMM change is no new image).
 collection_files() {  # the collection's files that go into the image, relative to $ROOT, sorted
-  (cd "$ROOT" && git ls-files -- agents plugins/module_utils galaxy.yml) \
+  (cd "$ROOT" && git ls-files -- agents/guest agents/cli_support.py agents/wsgi.py plugins/module_utils galaxy.yml) \
     | grep -v -e '/__pycache__/' -e '\.pyc$' | LC_ALL=C sort
 }
 mapfile -t files < <(collection_files)
@@ -172,6 +178,7 @@ step "apt sources, mounts"
 cat >"$RFS/etc/apt/sources.list" <<EOF
 deb $MIRROR $SUITE main
 deb $MIRROR $SUITE-updates main
+deb $MIRROR $SUITE-backports main
 deb $SECURITY_MIRROR $SUITE-security main
 EOF
 # No daemon starts inside the build; no docs or translations.
@@ -215,7 +222,7 @@ step "apt-get install ${PACKAGES[*]}"
 
 step "check the mirror state apt verified"
 verified=""
-for suite in "$SUITE" "$SUITE-updates" "$SUITE-security"; do
+for suite in "$SUITE" "$SUITE-updates" "$SUITE-backports" "$SUITE-security"; do
   release="$(ls "$RFS"/var/lib/apt/lists/*_dists_"${suite}"_InRelease 2>/dev/null | head -1)"
   [[ -n "$release" ]] || die "apt fetched no InRelease for $suite"
   verified+="$suite $(packages_index_hashes <"$release")"$'\n'
@@ -307,6 +314,10 @@ if ((USE_CACHE)); then
   rm -rf "$CACHE/images/$KEY"
   mv "$CACHE/images/$KEY.tmp" "$CACHE/images/$KEY"
   printf '%s\n' "$inputs" >"$CACHE/images/$KEY.inputs"  # what the key is a hash of
+  # Only the three newest images stay (each is about 180 MB); the .inputs file's time is the build's.
+  ls -1t "$CACHE"/images/*.inputs | tail -n +4 | while read -r stale; do
+    rm -rf "${stale%.inputs}" "$stale"
+  done
 fi
 publish "$IMG"
 step "done: $OUT (os_image_hash $(cat "$OUT/digest.txt"))"

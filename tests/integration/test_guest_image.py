@@ -23,7 +23,7 @@ AGENT_IN_ROOTFS = "opt/dstack/ansible_collections/dstack/tee/agents/guest/cli.py
 def snapshot(dest):
     """The script and the collection files it puts in the image, as a git checkout of their own: both
     builds read the same inputs even while someone edits this worktree."""
-    files = subprocess.run(["git", "ls-files", "--", "scripts/build-guest-image.sh", "agents",
+    files = subprocess.run(["git", "ls-files", "--", "scripts/build-guest-image.sh", "agents/guest", "agents/*.py",
                             "plugins/module_utils", "galaxy.yml"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
     for name in files:
