@@ -208,6 +208,15 @@ EOF
 mkdir -p "$RFS/etc/initramfs-tools/conf.d"
 printf '%s\n' "${INITRAMFS_MODULES[@]}" >"$RFS/etc/initramfs-tools/modules"
 echo MODULES=list >"$RFS/etc/initramfs-tools/conf.d/dstack-modules"
+# veritysetup in the initramfs: the boot opens the rootfs with the root hash from the cmdline.
+mkdir -p "$RFS/etc/initramfs-tools/hooks"
+cat >"$RFS/etc/initramfs-tools/hooks/dstack-verity" <<'EOF'
+#!/bin/sh
+case "$1" in prereqs) exit 0 ;; esac
+. /usr/share/initramfs-tools/hook-functions
+copy_exec /usr/sbin/veritysetup /usr/sbin
+EOF
+chmod 755 "$RFS/etc/initramfs-tools/hooks/dstack-verity"
 mount -t proc proc "$RFS/proc"
 mount -t sysfs sysfs "$RFS/sys"
 mount --bind /dev "$RFS/dev"
@@ -252,6 +261,8 @@ kver="$(in_root linux-version list | LC_ALL=C sort -V | tail -1)"
 [[ -n "$kver" ]] || die "no kernel installed in the rootfs"
 [[ -f "$RFS/boot/initrd.img-$kver" ]] || die "the kernel's install made no initramfs"
 grep -qx dm_verity "$RFS/etc/initramfs-tools/modules" || die "initramfs-tools replaced its modules list"
+in_root lsinitramfs "/boot/initrd.img-$kver" | grep -q 'sbin/veritysetup$' \
+  || die "the initramfs has no veritysetup (hook /etc/initramfs-tools/hooks/dstack-verity)"
 cp "$RFS/boot/vmlinuz-$kver" "$IMG/bzImage"
 cp "$RFS/boot/initrd.img-$kver" "$IMG/initramfs.img"
 cp "$OVMF" "$IMG/ovmf.fd"
