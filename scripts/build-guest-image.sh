@@ -232,8 +232,9 @@ step "apt-get install ${PACKAGES[*]}"
 step "check the mirror state apt verified"
 verified=""
 for suite in "$SUITE" "$SUITE-updates" "$SUITE-backports" "$SUITE-security"; do
-  release="$(ls "$RFS"/var/lib/apt/lists/*_dists_"${suite}"_InRelease 2>/dev/null | head -1)"
-  [[ -n "$release" ]] || die "apt fetched no InRelease for $suite"
+  releases=("$RFS"/var/lib/apt/lists/*_dists_"${suite}"_InRelease)
+  release="${releases[0]}"
+  [[ -e "$release" ]] || die "apt fetched no InRelease for $suite"
   verified+="$suite $(packages_index_hashes <"$release")"$'\n'
 done
 [[ "$verified" == "$mirror_state" ]] || die "the Debian mirror changed during the build (its Packages indexes differ from the ones hashed at the start); run the build again"
@@ -253,6 +254,7 @@ in_root /usr/local/bin/dstack-guest-agent --help >"$WORK/agent-help.txt" 2>&1 \
   || { cat "$WORK/agent-help.txt" >&2; die "the guest agent does not start inside the rootfs"; }
 
 step "package manifest"
+# shellcheck disable=SC2016  # dpkg-query's own ${...} fields
 in_root dpkg-query -W -f '${Package} ${Version} ${Architecture}\n' | LC_ALL=C sort >"$IMG/packages.manifest"
 cp "$IMG/packages.manifest" "$RFS$COLLECTION_ROOT/packages.manifest"
 
@@ -314,8 +316,15 @@ with open(path, "w", encoding="utf-8") as out:
     json.dump(meta, out, indent=2, sort_keys=True)
     out.write("\n")
 EOF
-(cd "$IMG" && LC_ALL=C ls | grep -v -x -e sha256sum.txt -e digest.txt | LC_ALL=C sort \
-  | xargs sha256sum >sha256sum.txt)
+(
+  cd "$IMG" || exit 1
+  export LC_ALL=C  # the glob sorts bytewise, as sort(1) in C
+  files=()
+  for name in *; do
+    [[ "$name" == sha256sum.txt || "$name" == digest.txt ]] || files+=("$name")
+  done
+  sha256sum -- "${files[@]}" >sha256sum.txt
+)
 sha256sum <"$IMG/sha256sum.txt" | cut -d' ' -f1 >"$IMG/digest.txt"
 find "$IMG" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
@@ -326,7 +335,8 @@ if ((USE_CACHE)); then
   mv "$CACHE/images/$KEY.tmp" "$CACHE/images/$KEY"
   printf '%s\n' "$inputs" >"$CACHE/images/$KEY.inputs"  # what the key is a hash of
   # Only the three newest images stay (each is about 180 MB); the .inputs file's time is the build's.
-  ls -1t "$CACHE"/images/*.inputs | tail -n +4 | while read -r stale; do
+  find "$CACHE/images" -maxdepth 1 -name '*.inputs' -printf '%T@ %p\n' | sort -rn | tail -n +4 | cut -d' ' -f2- \
+    | while read -r stale; do
     rm -rf "${stale%.inputs}" "$stale"
   done
 fi

@@ -29,7 +29,7 @@ DOMAIN=kvm-boot-probe
 die() { echo "kvm-boot-probe: $*" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || die "run as root (it opens /dev/kvm and may start libvirtd)"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing (apt-get install -y qemu-system-x86)"
-mkdir -p "$WORK" && chmod 755 "$WORK" && cd "$WORK" || die "cannot use $WORK"
+if ! { mkdir -p "$WORK" && chmod 755 "$WORK" && cd "$WORK"; }; then die "cannot use $WORK"; fi
 
 # ---- inputs: Debian's kernel, busybox-static, OVMF (downloaded once, kept in $WORK) ------------
 fetch() {
@@ -37,8 +37,9 @@ fetch() {
     local kpkg
     kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
     [ -n "$kpkg" ] || die "apt-cache does not know linux-image-amd64 (apt-get update?)"
-    rm -rf debs root && mkdir debs && (cd debs && apt-get download "$kpkg" busybox-static ovmf >/dev/null 2>&1) \
-        || die "apt-get download $kpkg busybox-static ovmf failed"
+    if ! { rm -rf debs root && mkdir debs && (cd debs && apt-get download "$kpkg" busybox-static ovmf >/dev/null 2>&1); }; then
+        die "apt-get download $kpkg busybox-static ovmf failed"
+    fi
     for deb in debs/*.deb; do dpkg-deb -x "$deb" root; done
     cp root/boot/vmlinuz-* vmlinuz && cp root/usr/share/ovmf/OVMF.fd OVMF.fd && echo "$kpkg" > kernel.txt
     rm -rf initfs && mkdir -p initfs/bin initfs/proc && cp root/bin/busybox initfs/bin/
@@ -162,21 +163,21 @@ libvirt_up() {
     virsh -c qemu:///system uri >/dev/null 2>&1 && return 0
     [ -x /usr/sbin/libvirtd ] && [ -x /usr/sbin/virtlogd ] || return 1
     chgrp kvm /dev/kvm 2>/dev/null && chmod 660 /dev/kvm   # machine-recipes.md: qemu runs as libvirt-qemu
-    local exe pid i
+    local exe pid _try
     for exe in virtlogd libvirtd; do
         if ! pgrep -x "$exe" >/dev/null; then
             "/usr/sbin/$exe" -d && sleep 0.5
             pid=$(pgrep -nx "$exe") && STARTED_DAEMONS+=("$pid")
         fi
     done
-    for i in $(seq 50); do virsh -c qemu:///system uri >/dev/null 2>&1 && return 0; sleep 0.2; done
+    for _try in $(seq 50); do virsh -c qemu:///system uri >/dev/null 2>&1 && return 0; sleep 0.2; done
     return 1
 }
 
 case_libvirt() {  # $1 name, $2 domain type (kvm|qemu)
     local name=$1 dtype=$2
     [[ $name =~ $ONLY ]] || return 0
-    local py="$REPO/.venv/bin/python" log="$WORK/$name.log" xml="$WORK/$name.xml" t0 i wall
+    local py="$REPO/.venv/bin/python" log="$WORK/$name.log" xml="$WORK/$name.xml" t0 _tick wall
     if [ ! -x "$py" ]; then printf '%-26s %s\n' "$name" "SKIPPED: no $py (scripts/setup.sh)"; return; fi
     if ! command -v virsh >/dev/null || ! libvirt_up; then
         printf '%-26s %s\n' "$name" "SKIPPED: libvirt's daemon is not installed or did not start"; return
@@ -200,7 +201,7 @@ EOF
         printf '%-26s %s\n' "$name" "ABORT (start): $(head -n1 "$WORK/$name.err")"
         virsh -c qemu:///system undefine "$DOMAIN" >/dev/null 2>&1; return
     fi
-    for i in $(seq $((TIMEOUT * 5))); do
+    for _tick in $(seq $((TIMEOUT * 5))); do
         grep -aq "$MARK" "$log" 2>/dev/null && break
         virsh -c qemu:///system domstate "$DOMAIN" 2>/dev/null | grep -q 'shut off' && break
         sleep 0.2
@@ -220,7 +221,7 @@ EOF
 fetch
 echo "kernel: $(cat kernel.txt); QEMU: $(qemu-system-x86_64 --version | head -n1); logs in $WORK"
 kvm_mod=$(for m in kvm_intel kvm_amd kvm_pvm; do [ -d /sys/module/$m ] && printf '%s ' $m; done)
-echo "/dev/kvm: $(ls -l /dev/kvm 2>/dev/null | awk '{print $1, $3":"$4}' || echo missing); KVM modules: ${kvm_mod:-none};" \
+echo "/dev/kvm: $(stat -c '%A %U:%G' /dev/kvm 2>/dev/null || echo missing); KVM modules: ${kvm_mod:-none};" \
      "CPU: $(sed -n 's/^model name.*: //p' /proc/cpuinfo | head -n1), vmx/svm flag: $(grep -m1 -ow 'vmx\|svm' /proc/cpuinfo || echo none)"
 case " $kvm_mod " in *" kvm_pvm "*) echo "note: kvm_pvm is PVM (pagetable-based virtualization), not VMX/SVM: it runs only PVM-enabled guest kernels";; esac
 echo "cases (timeout ${TIMEOUT}s each):"

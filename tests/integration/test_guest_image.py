@@ -97,8 +97,8 @@ def test_two_builds_give_the_same_os_image_hash_and_the_cache_reuses_it(tmp_path
     log = build(script, "--no-cache", "--out", first)
     build(script, "--no-cache", "--out", second)
 
-    _, digest = check_layout(first)
-    _, digest_again = check_layout(second)
+    digest = check_layout(first)[1]
+    digest_again = check_layout(second)[1]
     assert digest == digest_again, "two builds from the same inputs gave different os_image_hashes"
 
     # The guest agent is this checkout's, under the collection's fixed path, with its launcher.
