@@ -6,52 +6,14 @@ Flask, a deadline on a request that never arrives whole, and a cap on a worker's
 
 import json
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 
-from conftest import free_port, stop_process_group
-
-SERVER = textwrap.dedent('''
-    import sys, threading
-    from flask import Flask, jsonify
-    from ansible_collections.dstack.tee.agents import wsgi
-    import logging
-    port, timeout, cap, inline = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "inline"
-    wsgi.CLIENT_IO_TIMEOUT = timeout
-    app = Flask("t")
-    app.config["MAX_CONTENT_LENGTH"] = 1024
-    wsgi.add_prpc_routes(app, "/prpc/T.", {"Echo": lambda params: {"params": params, "remote": wsgi.remote_addr(),
-                                                                   "thread": threading.current_thread().name}},
-                         direct=True)
-    @app.get("/health")
-    def health():
-        return jsonify({"ok": True})
-    wsgi.install_json_errors(app, logging.getLogger("t"))
-    wsgi.run_gunicorn(app, asgi={"inline": inline, "threads": 2}, bind=f"127.0.0.1:{port}", workers=1,
-                      worker_connections=cap, accesslog="-", errorlog="-")
-''')
+from asgi_fixtures import AsgiServer, server_factory
 
 
-class Server:
-    def __init__(self, timeout=30.0, cap=1000, inline=True):
-        self.port = free_port()
-        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, "-c", SERVER, str(self.port), str(timeout), str(cap), "inline" if inline else "pool"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("the server did not listen")
-
+class Server(AsgiServer):
     def request(self, raw):
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as conn:
             conn.sendall(raw)
@@ -65,17 +27,10 @@ class Server:
         return self.request(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
                             f"Connection: close\r\n\r\n".encode() + body)
 
-    def stop(self):
-        stop_process_group(self.proc)
-        return self.proc.stdout.read()
-
 
 @pytest.fixture
 def servers():
-    made = []
-    yield lambda **kw: made.append(Server(**kw)) or made[-1]
-    for server in made:
-        server.stop()
+    yield from server_factory(Server)
 
 
 def _closed(sock, within):

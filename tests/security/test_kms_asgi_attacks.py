@@ -23,10 +23,7 @@ and `dstack-kms serve` for the TLS handshake.
 import json
 import resource
 import socket
-import ssl
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -36,65 +33,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
 # pylint: disable=wrong-import-position
 from ansible_collections.dstack.tee.agents.wsgi import CLIENT_IO_TIMEOUT  # noqa: E402
-from ansible_collections.dstack.tee.plugins.module_utils import acme_lab  # noqa: E402
-from conftest import free_port, stop_process_group  # noqa: E402
+from asgi_fixtures import AsgiServer, server_factory  # noqa: E402
+from conftest import free_port  # noqa: E402
 from test_kms_server import KmsProcess  # noqa: E402
 
 TIMEOUT = 1.0  # the servers' CLIENT_IO_TIMEOUT here
-
-SERVER = textwrap.dedent('''
-    import logging, sys
-    from flask import Flask
-    from ansible_collections.dstack.tee.agents import wsgi
-    port, timeout, cap, cert, key = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    wsgi.CLIENT_IO_TIMEOUT = timeout
-    app = Flask("t")
-    app.config["MAX_CONTENT_LENGTH"] = 256 * 1024
-    wsgi.add_prpc_routes(app, "/prpc/T.", {"Echo": lambda params: {"params": params, "remote": wsgi.remote_addr()},
-                                           "Big": lambda params: {"x": "a" * 200000}}, direct=True)
-    wsgi.install_json_errors(app, logging.getLogger("t"))
-    tls = {"certfile": cert, "keyfile": key} if cert else {}
-    # timeout=60 as the KMS: gunicorn's wait for a body's next bytes is that long.
-    wsgi.run_gunicorn(app, asgi={"inline": True, "threads": 2}, bind=f"127.0.0.1:{port}", workers=1,
-                      worker_connections=cap, timeout=60, accesslog="-", errorlog="-", **tls)
-''')
 
 ECHO = b"POST /prpc/T.Echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
 ECHO_CLOSE = b"POST /prpc/T.Echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
 
 
-class Server:
-    def __init__(self, folder=None, cap=1000):
-        self.port = free_port()
-        self.context = None
-        cert = key = ""
-        if folder is not None:
-            _ca, cert_pem, key_pem = acme_lab.listener_tls(("localhost", "127.0.0.1"), days=2)
-            cert, key = str(folder / "server.pem"), str(folder / "server.key")
-            Path(cert).write_text(cert_pem, encoding="ascii")
-            Path(key).write_text(key_pem, encoding="ascii")
-            self.context = ssl.create_default_context()
-            self.context.check_hostname, self.context.verify_mode = False, ssl.CERT_NONE
-        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, "-c", SERVER, str(self.port), str(TIMEOUT), str(cap), cert, key],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("the server did not listen")
+class Server(AsgiServer):
+    """asgi_fixtures' server with CLIENT_IO_TIMEOUT 1 s and the KMS's 256 KiB request limit."""
 
-    def connect(self, rcvbuf=None):
-        sock = socket.socket()
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(5)
-        sock.connect(("127.0.0.1", self.port))
-        return self.context.wrap_socket(sock) if self.context else sock
+    def __init__(self, folder=None, cap=1000):
+        super().__init__(timeout=TIMEOUT, cap=cap, max_bytes=256 * 1024, folder=folder)
 
     def request(self, raw):
         """(status, whole answer) of one request on its own connection; status 0 if none came."""
@@ -111,17 +64,10 @@ class Server:
     def echo(self):
         return self.request(ECHO_CLOSE)[0]
 
-    def stop(self):
-        stop_process_group(self.proc)
-        return self.proc.stdout.read()
-
 
 @pytest.fixture
 def servers():
-    made = []
-    yield lambda **kw: made.append(Server(**kw)) or made[-1]
-    for server in made:
-        server.stop()
+    yield from server_factory(Server)
 
 
 def _served_within(server, seconds):
