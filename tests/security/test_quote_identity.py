@@ -25,7 +25,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import tdx_quote as tq
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 
 TESTDATA = Path(__file__).resolve().parents[1] / "data" / "tdx"  # real Intel TDX evidence (README there)
-PINNED = 1750331763  # when the sample's collateral is valid (shared/testdata/tdx/README.md)
+PINNED = 1750331763  # when the sample's collateral is valid (tests/data/tdx/README.md)
 # The identity of Intel's sample quote. Audit logs keep identities: a change of definition must
 # be deliberate (a new IDENTITY_DOMAIN), never a side effect.
 SAMPLE_IDENTITY = "0e6168a02029ada1dd52abd87e89337461ce9ca75ec004874b2e5b86e00e9cce"

@@ -1,4 +1,4 @@
-"""The verifier on real Intel TDX evidence (../shared/testdata/tdx): accepted only when all is right."""
+"""The verifier on real Intel TDX evidence (tests/data/tdx): accepted only when all is right."""
 
 import datetime
 import json

@@ -14,7 +14,7 @@ from eth_hash.auto import keccak
 from ansible_collections.dstack.tee.plugins.module_utils import env_crypt, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
-# ../shared/testdata/vectors.md: dstack's test_derive_dh_secret_stable_output.
+# dstack's test_derive_dh_secret_stable_output (its kms crate's tests): the root key and the secret it derives.
 VECTOR_ROOT_DER = bytes.fromhex(
     "308187020100301306072a8648ce3d020106082a8648ce3d030107046d306b0201010420f57527cea4ab7ffb49af"
     "99b158cdc0e3ec06398f528349ea236b7d2afe19cec1a1440342000491f50522407ce29dce3ed7d31a15d80c1c42"

@@ -26,8 +26,8 @@ from ansible_collections.dstack.tee.plugins.module_utils import attestation
 from ansible_collections.dstack.tee.plugins.module_utils import tdx_quote as tq
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
 
-SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tdx" / "tdx_quote"
-PINNED = 1750331763  # when the real sample's collateral is valid (shared/testdata/tdx/README.md)
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "tdx" / "tdx_quote"  # real Intel TDX evidence (README there)
+PINNED = 1750331763  # when the real sample's collateral is valid (tests/data/tdx/README.md)
 SCALE = 10 if settings.get_current_profile_name() == "long" else 1
 PARSER_EXAMPLES = 3000 * SCALE
 VERIFIER_EXAMPLES = 400 * SCALE
@@ -77,10 +77,9 @@ class Evidence:
 
 
 def _evidence():
-    found = []
-    if SAMPLE.exists():
-        collateral = attestation.load_collateral(str(SAMPLE.with_name("tdx_quote_collateral.json")))
-        found.append(Evidence("intel", SAMPLE.read_bytes(), collateral, None, PINNED))
+    # The real sample is in the repository: a missing one fails here instead of being left out.
+    collateral = attestation.load_collateral(str(SAMPLE.with_name("tdx_quote_collateral.json")))
+    found = [Evidence("intel", SAMPLE.read_bytes(), collateral, None, PINNED)]
     with tempfile.TemporaryDirectory() as state:
         sim = SimTdx(state)
         now = int(time.time())
@@ -188,7 +187,7 @@ def test_random_bytes_raise_only_quote_error(data):
 
 
 def test_seeds_parse_and_verify():
-    assert [e.name for e in VERIFIABLE][-1] == "sim"
+    assert [e.name for e in VERIFIABLE] == ["intel", "sim"]
     for seed in SEEDS:
         assert tq.parse_quote(seed.raw).to_bytes() == seed.raw
     for seed in VERIFIABLE:
