@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from cryptography.x509.oid import NameOID
 
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx
-from conftest import free_port, stop_process_group
+from conftest import ROOT, free_port, stop_process_group
 from test_guest_api import Agent, short_dir
 from test_kms import VM_CONFIG, boot, make_kms
 
@@ -134,8 +134,12 @@ def test_a_quote_from_dstack_guest_agent_simulate_verifies_through_the_pccs(tmp_
         quote_file = tmp_path / "quote.json"
         quote_file.write_text(json.dumps({"quote": answer.quote, "event_log": answer.event_log}))
         sim_state = agent.state / "tdx-sim"
-        # Exactly the README's line for a simulated CVM: `dstack-verify QUOTE_FILE --sim-state DIR/tdx-sim`.
-        alone = verify(quote_file, "--sim-state", str(sim_state))
+        # Exactly the README's line (the simulate row; DIR its --state-dir), with the placeholders filled in.
+        readme_line = "dstack-verify QUOTE_FILE --sim-state DIR/tdx-sim"
+        assert f"`{readme_line}`" in (ROOT / "README.md").read_text(encoding="utf-8")
+        filled = {"QUOTE_FILE": str(quote_file), "DIR/tdx-sim": str(sim_state)}
+        alone = subprocess.run([VERIFY, *(filled.get(word, word) for word in readme_line.split()[1:])],
+                               capture_output=True, text=True, timeout=60, check=False)
         assert alone.returncode == 0, alone.stderr
         assert json.loads(alone.stdout)["boot_info"]["compose_hash"] == hashlib.sha256(agent.app_compose_bytes()).hexdigest()
         server = PccsProcess(sim_state, tmp_path / "pccs.log")
