@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -35,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acme_fixtures import acme_world, needs_acme_world, ZONE  # noqa: E402,F401
 from conftest import free_port, stop_process_group  # noqa: E402
 from dns_fixtures import TSIG_NAME, free_port as free_tcp_udp_port  # noqa: E402
+from etcd_fixtures import etcd_cluster, needs_etcd  # noqa: E402,F401
 from ansible_collections.dstack.tee.agents.gateway import acme  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.app import create_app  # noqa: E402
-from ansible_collections.dstack.tee.agents.gateway.store import Store  # noqa: E402
+from ansible_collections.dstack.tee.agents.gateway.store import Store, open_store  # noqa: E402
+from ansible_collections.dstack.tee.agents.gateway.store_etcd import EtcdClient  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import parse_attestation_document, spki_der  # noqa: E402
 
@@ -201,6 +204,46 @@ def test_two_renewers_racing_order_one_certificate(acme_world, gateway_cvm, tmp_
     assert _certificate(config).public_key == keys[0]["public_key"]
 
 
+@needs_etcd
+def test_two_nodes_on_one_etcd_racing_order_one_certificate_sealed_and_shared(acme_world, gateway_cvm, etcd_cluster,
+                                                                              tmp_path):
+    """Two nodes of a cluster ([core.sync] on a three-member etcd, each its own hub address): the
+    etcd lock lets one order; the certificate, its quoted key and the ACME account are then both
+    nodes', sealed in etcd (rpc.guest_agent's key), never in clear."""
+    prefix = f"/acme-{PID}-{time.time_ns()}/"
+    configs = [gateway_config(tmp_path / f"node{n}", acme_world, gateway_cvm, **{
+        "core.wg": {"ip": f"10.0.0.{n}/24"},
+        "core.sync": {"etcd_endpoints": etcd_cluster.endpoints, "etcd_prefix": prefix}}) for n in (1, 2)]
+    procs = [subprocess.Popen(  # pylint: disable=consider-using-with
+        [str(BIN / "dstack-gateway"), "renew-cert", "--config", str(config)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for config in configs]
+    answers = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        answers.append(json.loads(out))
+    assert sorted(a["renewed"] for a in answers) == [False, True], answers
+    loser = next(a for a in answers if not a["renewed"])
+    assert "is held by node " in loser["reason"] and "another gateway node" in loser["reason"], loser
+    # Either node now finds the one certificate in etcd: nothing due, nothing ordered.
+    for config in configs:
+        again = gateway_cli(config, "renew-cert")
+        assert again.returncode == 0 and json.loads(again.stdout)["renewed"] is False, again.stdout + again.stderr
+        assert "valid until" in json.loads(again.stdout)["reason"]
+        assert not (Path(config).parent / "state" / "gateway.sqlite3").exists()   # the cluster's state is etcd's
+    from ansible_collections.dstack.tee.agents.gateway import server  # pylint: disable=import-outside-toplevel
+    store = open_store(server.load_config(str(configs[1]), {"admin.listen": ""}))
+    keys = json.loads(store.get_blob(acme.KEYS_BLOB))
+    certificate = acme.Certificate.from_json(store.get_blob(acme.CERT_BLOB + ZONE))
+    assert len(keys) == 1 and certificate.public_key == keys[0]["public_key"]
+    assert acme.acme_info(store)["account_uri"].startswith(f"https://127.0.0.1:{acme_world.pebble.port}/my-account/")
+    raw = {item["key"].removeprefix(prefix + "blob/"): item["value"]
+           for item in EtcdClient(etcd_cluster.endpoints).get(prefix + "blob/", prefix=True)}
+    assert {acme.ACCOUNT_BLOB, acme.KEYS_BLOB, acme.CERT_BLOB + ZONE} <= set(raw), sorted(raw)
+    for name, value in raw.items():
+        assert value.startswith(b"dstack-gateway-sealed-v1:") and b"PRIVATE KEY" not in value, name
+
+
 # ---- a credentials error ------------------------------------------------------------------------------------
 
 def test_a_wrong_tsig_secret_is_named_without_any_secret(acme_world, gateway_cvm, tmp_path):
@@ -255,6 +298,42 @@ def test_set_caa_pins_issuance_to_the_attested_account_in_dstacks_order(issued, 
     again = gateway_cli(config, "set-caa")
     assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False
     assert sorted(dns.dig(ZONE, "CAA")) == sorted(wanted) and len(_journal(acme_world)) == before + len(changes)
+
+
+# ---- the renewal schedule -------------------------------------------------------------------------------
+
+def test_the_schedule_renews_only_within_renew_before_expiration(issued, caplog):
+    """acme.RenewalSchedule as serve runs it: a round every renew_interval, which orders a new
+    certificate only once the held one expires within renew_before_expiration (both configured)."""
+    from ansible_collections.dstack.tee.agents.gateway import server  # pylint: disable=import-outside-toplevel
+    config, _answer = issued
+    caplog.set_level(logging.DEBUG, logger="dstack.gateway.acme")
+
+    def one_round(before):
+        """One round of the schedule (renew_interval 1 s) with this renew_before_expiration; its seconds."""
+        settings = {"admin.listen": "", "core.certbot.renew_interval": "1s",
+                    "core.certbot.renew_before_expiration": before}
+        schedule = acme.RenewalSchedule(create_app(server.load_config(str(config), settings)).extensions[
+            "dstack_gateway"].acme)
+        schedule.also = (schedule.stop_event.set,)   # after the round's renewal: stop
+        started = time.monotonic()
+        schedule.start()
+        schedule.thread.join(180)
+        assert not schedule.thread.is_alive(), "the renewal round did not end"
+        return time.monotonic() - started
+
+    held = _certificate(config)
+    left = int(held.not_after - time.time())
+    # Expiring later than renew_before_expiration: the round orders nothing.
+    assert one_round(f"{left - 3600}s") >= 1.0          # the first round waits out renew_interval
+    assert _certificate(config) == held
+    assert "renewal check: valid until" in caplog.text
+    # Within it: the round orders a new certificate for a new key, quoted like the first.
+    one_round(f"{left + 3600}s")
+    renewed = _certificate(config)
+    assert renewed.public_key != held.public_key and renewed.not_after >= held.not_after
+    assert "renewal check: it expires in" in caplog.text and ": issued, valid until" in caplog.text
+    assert acme.acme_info(_store(config))["quoted_hist_keys"][-1]["public_key"] == renewed.public_key
 
 
 # ---- serve: the certificate served, renewed with connections open ---------------------------------------
