@@ -19,7 +19,9 @@ namespace with a veth to the host (cvm_netns_range, default 10.213.0.0/16, one /
 guest agent run with --netns; needed by CVMs that use the gateway.
 The libvirt backend (vmm.toml libvirt_uri, default qemu:///system; image_path): domains of type
 libvirt_domain_type, kvm (default) or qemu (TCG, for a host whose /dev/kvm is PVM and runs a stock
-guest kernel ~100x slower than TCG: README, machine notes).
+guest kernel ~100x slower than TCG: README, machine notes). A no_tee VM's quotes come from the
+VMM over the VM's org.dstack.quote virtio-serial port, signed by the simulated platform in
+sim_state_dir (as the process backend's CVMs are).
 
     dstack-vmm logs NAME [--follow] [--lines N] [--ch stdout|stderr|serial] [--service SERVICE]
                     [--url URL] [--token TOKEN] [--ca-cert FILE]
@@ -96,7 +98,7 @@ def make_backend(config):
         if domain_type not in ("kvm", "qemu"):
             raise DstackError("libvirt_domain_type", f"must be kvm or qemu, not {str(domain_type)[:20]!r}")
         return LibvirtBackend(config.get("libvirt_uri", "qemu:///system"), image_dir=config.get("image_path", "images"),
-                              domain_type=domain_type)
+                              domain_type=domain_type, sim_state_dir=config.get("sim_state_dir"))
     raise DstackError("backend", f"unknown backend {str(config['backend'])[:20]!r} (expected process or libvirt)")
 
 

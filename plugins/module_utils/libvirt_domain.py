@@ -16,6 +16,8 @@ libvirt's domain XML:
     -device vhost-vsock-pci,guest-cid=N           <vsock><cid auto='no' address='N'/></vsock>
     -smbios type=1 (vendor/product "dstack")      <sysinfo type='smbios'>
     tdx-guest object: mrconfigid, QGS             <launchSecurity type='tdx'>
+    (no_tee only) the simulated TEE's quotes      <channel type='unix'> virtio-serial port
+                                                  org.dstack.quote (module_utils/quote_channel.py)
 
 <launchSecurity type='tdx'> follows the form libvirt documents since its TDX support (libvirt 11):
 <policy> (the 64-bit TD attributes, hex; QEMU's default 0x10000000 is SEPT_VE_DISABLE without
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
+from ansible_collections.dstack.tee.plugins.module_utils.quote_channel import PORT_NAME as QUOTE_PORT_NAME
 
 DEFAULT_QGS_SOCKET = "/var/run/tdx-qgs/qgs.socket"
 # TD attributes: bit 28 SEPT_VE_DISABLE set, bit 0 DEBUG clear (QEMU's default).
@@ -100,6 +103,7 @@ class DomainSpec:
     qgs_socket: str = DEFAULT_QGS_SOCKET
     serial_log: str = None
     domain_type: str = "kvm"
+    quote_channel: str = None     # no_tee: the host socket of the `org.dstack.quote` port (quote_channel)
 
 
 # ---- identities ---------------------------------------------------------------------------------
@@ -238,6 +242,7 @@ def validate(spec):
         qgs_socket=_path(spec.qgs_socket, "qgs_socket"),
         serial_log=_path(spec.serial_log, "serial_log"),
         domain_type=spec.domain_type,
+        quote_channel=_path(spec.quote_channel, "quote_channel"),
     )
 
 
@@ -323,6 +328,11 @@ def _domain_tree(spec):
     if spec.serial_log:
         _sub(serial, "log", file=spec.serial_log, append="on")
         _sub(console, "log", file=spec.serial_log, append="on")
+    if spec.quote_channel:
+        # The simulated TEE of a VM without TDX: quotes from the host, as QGS serves them on TDX.
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "source", mode="bind", path=spec.quote_channel)
+        _sub(channel, "target", type="virtio", name=QUOTE_PORT_NAME)
     _sub(devices, "memballoon", model="none")
     if spec.cid is not None:
         vsock = _sub(devices, "vsock", model="virtio")
@@ -395,7 +405,7 @@ def parse(xml_text, field_name="xml"):
 MANAGED_CHILDREN = {
     "domain": ("title", "launchSecurity"),
     "os": ("loader", "nvram", "kernel", "initrd", "cmdline"),
-    "devices": ("disk", "filesystem", "interface", "vsock", "memballoon", "serial", "console"),
+    "devices": ("disk", "filesystem", "interface", "vsock", "memballoon", "serial", "console", "channel"),
     "interface": ("backend", "portForward"),           # no MAC wanted: libvirt's own one is fine
     "disk": ("readonly",),
     "filesystem": ("readonly",),

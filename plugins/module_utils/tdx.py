@@ -18,7 +18,7 @@ import errno
 import os
 import uuid
 
-from ansible_collections.dstack.tee.plugins.module_utils import eventlog
+from ansible_collections.dstack.tee.plugins.module_utils import eventlog, quote_channel
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.eventlog import RTMR_SIZE, check_rtmr_args
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes
@@ -114,11 +114,18 @@ def _remove_entry(entry):
 def open_provider(kind="auto", sim_state_dir=None, tsm_dir=TSM_REPORT_DIR, measurements_dir=TDX_MEASUREMENTS_DIR,
                   rtmr_state=None):
     """The TEE provider: "tdx", "sim", or "auto" (tdx when configfs-tsm is there, else sim).
-    rtmr_state: the simulated TD's own RTMR file (SimTdx), for a CVM on a shared simulated platform."""
+    rtmr_state: the simulated TD's own RTMR file (SimTdx), for a CVM on a shared simulated platform.
+    In a VM without TDX whose host serves quotes on the `org.dstack.quote` virtio-serial port
+    (quote_channel: the libvirt backend's no_tee VMs), "auto" and "sim" without a sim_state_dir
+    take quotes from the host there."""
     if kind not in PROVIDERS:
         raise DstackError("tee", f"unknown provider {str(kind)[:20]!r} (expected one of {', '.join(PROVIDERS)})")
     if kind == "tdx" or (kind == "auto" and TdxProvider.available(tsm_dir)):
         return TdxProvider(tsm_dir, measurements_dir)
+    if not sim_state_dir:
+        port = quote_channel.find_port()
+        if port:
+            return quote_channel.ChannelQuoteProvider(port, rtmr_state or quote_channel.DEFAULT_RTMR_STATE)
     if not sim_state_dir:
         raise DstackError("sim_state_dir", "is required for the simulated TEE")
     # Imported here: the simulator needs cryptography, the real provider does not.

@@ -164,6 +164,7 @@ def test_optional_devices_are_left_out():
     assert dom.find("uuid") is None and dom.find("title") is None and dom.find("os/initrd") is None
     assert dom.find("os/cmdline") is None and dom.findall("devices/disk") == []
     assert dom.find("devices/filesystem") is None and dom.find("devices/vsock") is None
+    assert dom.find("devices/channel") is None
     nic = dom.find("devices/interface")
     assert nic.find("mac") is None and nic.find("backend") is None and nic.find("portForward") is None
 
@@ -286,6 +287,22 @@ needs_schema_tools = pytest.mark.skipif(
 @needs_schema_tools
 def test_the_no_tee_domain_is_valid_for_this_machines_libvirt(tmp_path):
     proc = _validate(ld.render_domain_xml(NO_TEE), tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_a_no_tee_vm_gets_its_quotes_over_a_virtio_serial_port():
+    dom = tree(dataclasses.replace(NO_TEE, quote_channel="/run/vm/quote.sock"))
+    channel = dom.find("devices/channel")
+    assert channel.get("type") == "unix"
+    assert channel.find("source").attrib == {"mode": "bind", "path": "/run/vm/quote.sock"}
+    assert channel.find("target").attrib == {"type": "virtio", "name": "org.dstack.quote"}
+    with pytest.raises(DstackError, match="quote_channel"):
+        ld.render_domain_xml(dataclasses.replace(NO_TEE, quote_channel="relative.sock"))
+
+
+@needs_schema_tools
+def test_the_no_tee_domain_with_its_quote_channel_is_valid_for_this_machines_libvirt(tmp_path):
+    proc = _validate(ld.render_domain_xml(dataclasses.replace(NO_TEE, quote_channel="/run/vm/quote.sock")), tmp_path)
     assert proc.returncode == 0, proc.stderr + proc.stdout
 
 

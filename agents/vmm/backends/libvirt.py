@@ -9,6 +9,10 @@ rootfs and cmdline, relative to that directory). Per VM the backend keeps, in th
     hda.img      the data disk, `qemu-img create -f qcow2` of disk_size GB (a sparse raw file of
                  that size when qemu-img is not installed; its format is read back from the file)
     serial.log   the serial console, written by libvirt (virtlogd)
+    quote.sock   (no_tee, with a sim_state_dir) the host end of the VM's `org.dstack.quote`
+                 virtio-serial port: QEMU listens, the backend's QuoteChannelServer answers the
+                 guest's quote requests with the simulated platform's keys and the launch
+                 measurements of the vm_config the VMM wrote to the share (quote_channel.py)
 
 The domain is named dstack-<vm id> (its UUID is the VM id, its title the VM name), its MAC comes
 from the VM id, and its vsock CID from a pool (cid_start, cid_pool_size: dstack's defaults 1000
@@ -25,7 +29,9 @@ import subprocess
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, STOPPING, Backend
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as lv
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_domain as ld
+from ansible_collections.dstack.tee.plugins.module_utils import quote_channel
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes
 
 _IMAGE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _CID_RE = re.compile(r"<cid\b[^>]*\baddress='(\d+)'")
@@ -37,8 +43,10 @@ class LibvirtBackend(Backend):
 
     def __init__(self, uri="qemu:///system", image_dir="images", domain_prefix="dstack-", vsock=None,
                  cid_start=1000, cid_pool_size=1000, domain_type="kvm", qgs_socket=ld.DEFAULT_QGS_SOCKET,
-                 qemu_img=None):
-        """`vsock`: True/False, or None to give guests a vsock device when /dev/vhost-vsock exists."""
+                 qemu_img=None, sim_state_dir=None):
+        """`vsock`: True/False, or None to give guests a vsock device when /dev/vhost-vsock exists.
+        `sim_state_dir`: the simulated TDX platform that signs the quotes of no_tee VMs (none: such
+        VMs get no quote channel)."""
         self.uri = uri
         self.image_dir = os.path.abspath(image_dir)
         self.domain_prefix = domain_prefix
@@ -48,7 +56,9 @@ class LibvirtBackend(Backend):
         self.domain_type = domain_type
         self.qgs_socket = qgs_socket
         self.qemu_img = qemu_img if qemu_img is not None else shutil.which("qemu-img")
+        self.sim_state_dir = sim_state_dir
         self._conn = None
+        self._channels = {}   # vm id -> QuoteChannelServer
 
     # ---- connection and names ---------------------------------------------------------------
 
@@ -145,7 +155,35 @@ class LibvirtBackend(Backend):
             port_forwards=tuple((p.get("protocol", "tcp"), p.get("host_address") or "127.0.0.1",
                                  p["host_port"], p["vm_port"]) for p in vm.port_map),
             mrconfigid=mrconfigid, no_tee=no_tee, qgs_socket=self.qgs_socket,
-            serial_log=os.path.abspath(vm.serial_log), domain_type=self.domain_type)
+            serial_log=os.path.abspath(vm.serial_log), domain_type=self.domain_type,
+            quote_channel=self._quote_socket(vm) if no_tee and self.sim_state_dir else None)
+
+    @staticmethod
+    def _quote_socket(vm):
+        return os.path.abspath(os.path.join(vm.run_dir, "quote.sock"))
+
+    def _ensure_channel(self, vm):
+        """The quote service of a running no_tee VM (started again after a VMM restart)."""
+        if not (self.sim_state_dir and vm.manifest.get("no_tee")):
+            return
+        server = self._channels.get(vm.id)
+        if server is not None and server.alive:
+            return
+        # Imported here: the simulator needs cryptography, which the TDX path does not.
+        from ansible_collections.dstack.tee.plugins.module_utils import tdx_sim  # pylint: disable=import-outside-toplevel
+        try:
+            sys_config = json.loads(read_bytes(os.path.join(vm.shared_dir, ".sys-config.json"), ".sys-config.json"))
+            vm_config = sys_config.get("vm_config", "") if isinstance(sys_config, dict) else ""
+        except ValueError:
+            raise DstackError(".sys-config.json", "is not JSON") from None
+        service = quote_channel.QuoteService(tdx_sim.SimTdx(self.sim_state_dir),
+                                             tdx_sim.launch_measurements(vm_config), name=vm.id)
+        self._channels[vm.id] = quote_channel.QuoteChannelServer(self._quote_socket(vm), service).start()
+
+    def _drop_channel(self, vm):
+        server = self._channels.pop(vm.id, None)
+        if server is not None:
+            server.close()
 
     def domain_xml(self, vm, dom=None):
         return ld.render_domain_xml(self.spec(vm, dom))
@@ -163,10 +201,14 @@ class LibvirtBackend(Backend):
 
     def start(self, vm):
         dom = self._domain(vm) or self.create(vm)
+        self._drop_channel(vm)   # the vm_config may have changed since the last start
         lv.start(dom)
+        self._ensure_channel(vm)
 
     def stop(self, vm, force=True):
         dom = self._domain(vm)
+        if force:
+            self._drop_channel(vm)
         if dom is None:
             return
         if force:
@@ -175,6 +217,7 @@ class LibvirtBackend(Backend):
             lv.shutdown(dom)
 
     def remove(self, vm):
+        self._drop_channel(vm)
         dom = self._domain(vm)
         if dom is not None:
             lv.remove(dom)
@@ -190,6 +233,7 @@ class LibvirtBackend(Backend):
         if name == "shutdown":
             return STOPPING
         if name in lv.ACTIVE_STATES:
+            self._ensure_channel(vm)
             return RUNNING
         if name == "crashed" or (name == "shutoff" and reason in lv.SHUTOFF_BY_GUEST):
             return EXITED
