@@ -7,6 +7,7 @@ by another, and a holder that dies frees it; a node that stops renewing its leas
 a member killed (the leader included) loses nothing and reads and writes go on.
 """
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -26,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
 
 # pylint: disable=wrong-import-position
 import test_gateway_store as sqlite_suite  # noqa: E402
-from conftest import stop_process_group  # noqa: E402
+from conftest import ROOT, run_playbook, stop_process_group  # noqa: E402
 from etcd_fixtures import EtcdCluster, etcd_cluster, needs_etcd  # noqa: E402,F401  pylint: disable=unused-import
 from ansible_collections.dstack.tee.agents.gateway import config as gateway_config  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway.store import (  # noqa: E402
     CLUSTER_BLOB_KEY_PATH, Store, Unavailable, open_store)
 from ansible_collections.dstack.tee.agents.gateway.store_etcd import EtcdClient, EtcdStore  # noqa: E402
-from ansible_collections.dstack.tee.plugins.module_utils import guest_client  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import guest_client, wireguard  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError  # noqa: E402
 
 APP, HASH, key = sqlite_suite.APP, sqlite_suite.HASH, sqlite_suite.key
@@ -182,6 +183,54 @@ def test_the_sealing_key_comes_from_the_gateway_cvms_guest_agent(etcd_cluster, t
     finally:
         stop_process_group(agent)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _role_gateway_toml(folder, **variables):
+    """roles/gateway's gateway.toml template rendered by ansible-playbook over the role's defaults
+    (variables as -e), then read as serve reads it: the checked configuration."""
+    root = folder / "root"
+    playbook = folder / "render.yml"
+    playbook.write_text(f"""
+- hosts: localhost
+  gather_facts: false
+  vars_files: [{ROOT / "roles" / "gateway" / "defaults" / "main.yml"}]
+  tasks:
+    - ansible.builtin.template:
+        src: {ROOT / "roles" / "gateway" / "templates" / "gateway.toml.j2"}
+        dest: {folder / "gateway.toml"}
+        mode: "0600"
+""")
+    done = run_playbook(playbook, "-i", str(ROOT / "playbooks" / "localhost.yml"),
+                        "-e", json.dumps(dict(variables, dstack_root=str(root))))
+    assert done.returncode == 0, done.stdout + done.stderr
+    (root / "gateway").mkdir(parents=True, exist_ok=True)
+    (root / "gateway" / "kms-root-ca.crt").write_text("x")   # the role copies the KMS's root there
+    return gateway_config.load_config(
+        str(folder / "gateway.toml"), environ={"DSTACK_GATEWAY_ADMIN_TOKEN": "t" * 32},
+        overrides={"core.wg.public_key": wireguard.public_key(wireguard.generate_private_key())})
+
+
+def test_the_gateway_roles_etcd_variables_make_a_cluster_node(tmp_path):
+    """dstack_gateway_etcd_endpoints (and its TLS files), dstack_gateway_wg_ip and dstack_gateway_url
+    become the node's [core.sync]; without endpoints the role's gateway is one node on SQLite."""
+    tls = {name: tmp_path / f"etcd-{name}.pem" for name in ("ca", "cert", "key")}
+    for path in tls.values():
+        path.write_text("x")
+    endpoints = ["http://10.99.0.1:2379", "https://10.99.0.2:2379", "https://10.99.0.3:2379"]
+    (tmp_path / "node").mkdir()
+    config = _role_gateway_toml(tmp_path / "node", dstack_gateway_etcd_endpoints=endpoints,
+                                dstack_gateway_wg_ip="10.189.0.2/24", dstack_gateway_url="https://10.99.0.2:9202",
+                                dstack_gateway_etcd_ca_cert=str(tls["ca"]), dstack_gateway_etcd_cert=str(tls["cert"]),
+                                dstack_gateway_etcd_key=str(tls["key"]))
+    sync = config["core"]["sync"]
+    assert sync["etcd_endpoints"] == endpoints and sync["my_url"] == "https://10.99.0.2:9202"
+    assert sync["node_id"] == 2 and config["core"]["wg"]["ip"] == "10.189.0.2/24"   # the hub address's host part
+    assert (sync["etcd_ca_cert"], sync["etcd_cert"], sync["etcd_key"]) == (str(tls["ca"]), str(tls["cert"]),
+                                                                           str(tls["key"]))
+    (tmp_path / "single").mkdir()
+    single = _role_gateway_toml(tmp_path / "single")
+    assert single["core"]["sync"]["etcd_endpoints"] == []
+    assert isinstance(open_store(single), Store)
 
 
 # ---- two nodes ---------------------------------------------------------------------------------------
