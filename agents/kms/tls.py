@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import subject_alt_names
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes
 from ansible_collections.dstack.tee.plugins.module_utils.root_keys import RPC_CERT, RPC_KEY
 VALIDITY_DAYS = 365
 
@@ -21,8 +22,7 @@ def ensure_rpc_cert(state_dir, root, names):
     cert_path, key_path = os.path.join(state_dir, RPC_CERT), os.path.join(state_dir, RPC_KEY)
     wanted = {str(n) for n in names if n}
     try:
-        with open(cert_path, "rb") as handle:
-            cert = x509.load_pem_x509_certificate(handle.read())
+        cert = x509.load_pem_x509_certificate(read_bytes(cert_path, RPC_CERT))
         have = {str(v) for v in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
                 .get_values_for_type(x509.DNSName)}
         have |= {str(v) for v in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -30,8 +30,8 @@ def ensure_rpc_cert(state_dir, root, names):
         fresh = cert.not_valid_after_utc - datetime.timedelta(days=30) > datetime.datetime.now(datetime.timezone.utc)
         if wanted <= have and fresh and os.path.exists(key_path):
             return cert_path, key_path
-    except (OSError, ValueError, x509.ExtensionNotFound):
-        pass
+    except (DstackError, ValueError, x509.ExtensionNotFound):
+        pass  # none yet, unreadable or not a certificate: a new one is issued
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder()
