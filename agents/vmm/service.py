@@ -332,7 +332,7 @@ class VmmService:
 
     def _sys_config(self, vm):
         token = _host_api_token(vm)
-        vm_config = {"os_image_hash": self.os_image_hash, "cpu_count": vm.manifest.get("vcpu", 1),
+        vm_config = {"os_image_hash": self.backend.os_image_hash(vm) or self.os_image_hash, "cpu_count": vm.manifest.get("vcpu", 1),
                      "memory_size": vm.manifest.get("memory", 1024) * 1024 * 1024, "image": vm.manifest.get("image", ""),
                      "spec_version": 1}
         sys_config = {"kms_urls": vm.manifest.get("kms_urls") or self.kms_urls,

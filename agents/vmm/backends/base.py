@@ -61,3 +61,8 @@ class Backend:
     def status(self, vm):
         """RUNNING, STOPPED, EXITED or STOPPING."""
         raise NotImplementedError
+
+    def os_image_hash(self, vm):  # pylint: disable=unused-argument
+        """The os_image_hash of the image the VM boots, when the backend boots one ("" otherwise:
+        the VMM's configured os_image_hash stands for the host it runs CVMs on)."""
+        return ""

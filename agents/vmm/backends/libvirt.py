@@ -82,12 +82,15 @@ class LibvirtBackend(Backend):
 
     # ---- what the domain is made of ---------------------------------------------------------
 
-    def image(self, vm):
-        """The guest image's metadata.json, with its file names made absolute paths."""
+    def _image_folder(self, vm):
         name = vm.manifest.get("image") or ""
         if not _IMAGE_NAME_RE.match(name):
             raise DstackError("image", f"is not an image name: {name[:60]!r}")
-        folder = os.path.join(self.image_dir, name)
+        return os.path.join(self.image_dir, name)
+
+    def image(self, vm):
+        """The guest image's metadata.json, with its file names made absolute paths."""
+        folder = self._image_folder(vm)
         meta_path = os.path.join(folder, "metadata.json")
         try:
             with open(meta_path, encoding="utf-8") as handle:
@@ -103,6 +106,18 @@ class LibvirtBackend(Backend):
             if meta.get(key):
                 out[key] = os.path.join(folder, meta[key])
         return out
+
+    def os_image_hash(self, vm):
+        """digest.txt of the VM's image: sha256 of its sha256sum.txt, dstack's os_image_hash ("" for
+        an image without one: the VMM's configured os_image_hash then)."""
+        folder = self._image_folder(vm)
+        raw = read_bytes(os.path.join(folder, "digest.txt"), "image", missing_ok=True)
+        if raw is None:
+            return ""
+        text = raw.decode("ascii", "replace").strip()
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise DstackError("image", f"{folder}/digest.txt holds no sha256 hex digest")
+        return text
 
     def _data_disk(self, vm):
         """hda.img, made once: (path, format)."""
@@ -160,7 +175,10 @@ class LibvirtBackend(Backend):
 
     @staticmethod
     def _quote_socket(vm):
-        return os.path.abspath(os.path.join(vm.run_dir, "quote.sock"))
+        path = os.path.abspath(os.path.join(vm.run_dir, "quote.sock"))
+        if len(path.encode()) > 107:   # sun_path holds 108 bytes with its NUL
+            raise DstackError("run_path", f"is too long for the VM's quote socket {path} (at most 107 bytes)")
+        return path
 
     def _ensure_channel(self, vm):
         """The quote service of a running no_tee VM (started again after a VMM restart)."""
