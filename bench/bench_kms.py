@@ -5,7 +5,8 @@
 Starts `dstack-kms serve --simulated` on a loopback port (its own temporary state), allows one
 app, and reports:
 - the floor: bare dcap-qvl verifications per CPU second (one core), on a quote of this KMS's
-  simulated platform;
+  simulated platform, measured again just before and after each HTTPS run and the per-core
+  ratio taken against their mean (this shared machine's speed drifts within minutes);
 - the KMS in process (no HTTP, no TLS): CPU per GetAppKey, releases per CPU second;
 - over HTTPS at 1, 16 and 64 clients, each client thread keeping its connection (KmsClient, opened
   before the clock starts):
@@ -52,6 +53,7 @@ OS_IMAGE = "11" * 32
 # Releases made before anything is measured, enough to reach every worker thread (2 x 4 by default):
 # a thread's first release opens its nonce-store connection and fills the caches it keeps.
 WARM_UP_CLIENTS = 8
+FLOOR_SECONDS = 0.5  # CPU seconds of bare verification before and after each HTTPS run
 
 
 class _Cvm:
@@ -200,7 +202,10 @@ def release_maker(url, ca, app_id, chash, sim_dir, tmp, label):
 
 
 def floor_and_in_process(state, app_id, chash, tmp, seconds=2.0):
-    """(bare dcap-qvl verifications per CPU second, in-process releases per CPU second), one core each.
+    """(floor, in-process releases per CPU second): `floor(seconds)` measures bare dcap-qvl
+    verifications per CPU second (one core) on a quote of this KMS's platform, each time it is
+    called (the HTTPS figures are set against floors measured just before and after them: this
+    machine's speed drifts by a third within minutes as its neighbours come and go).
 
     The in-process KMS is create_app on the served KMS's state directory (same keys, allowlist and
     simulated platform); requests are made beforehand so that only the KMS's work is timed."""
@@ -219,17 +224,23 @@ def floor_and_in_process(state, app_id, chash, tmp, seconds=2.0):
         requests.append({"nonce": nonce.hex(), "ephemeral_public_key": public.hex(), "quote": quote.hex(),
                          "event_log": log, "vm_config": json.dumps({"os_image_hash": OS_IMAGE})})
     service.get_app_key(requests.pop())  # warm: collateral, app cache
+    raw = bytes.fromhex(requests[0]["quote"])
+    collateral = service.collateral(raw)
+
+    def floor(duration=seconds / 2):
+        now, count = int(time.time()), 0
+        cpu = time.process_time()
+        while time.process_time() - cpu < duration or count < 20:
+            dcap_qvl.verify_with_root_ca(raw, collateral, service.root_ca_der, now)
+            count += 1
+        return count / (time.process_time() - cpu)
+
+    before = floor()
     cpu = time.process_time()
     for request in requests:
         service.get_app_key(request)
     in_process = len(requests) / (time.process_time() - cpu)
-    raw = bytes.fromhex(requests[0]["quote"])
-    collateral, now, count = service.collateral(raw), int(time.time()), 0
-    cpu = time.process_time()
-    while time.process_time() - cpu < seconds / 2 or count < 20:
-        dcap_qvl.verify_with_root_ca(raw, collateral, service.root_ca_der, now)
-        count += 1
-    return count / (time.process_time() - cpu), in_process
+    return floor, in_process, (before + floor()) / 2
 
 
 def on_chain(chain, chash):
@@ -258,12 +269,20 @@ def measure_kms(label, url, ca, app_id, chash, tmp, args, sim_dir, pgid=None, fl
                                            (lambda: group_cpu(pgid)) if pgid else None)
         return latencies, errors, wall, (cpu / max(1, len(latencies))) if pgid else None
 
+    def floor_around(work):
+        """work()'s result and the bare dcap-qvl floor measured just before and just after it."""
+        if floor is None:
+            return work(), None
+        before = floor(FLOOR_SECONDS)
+        result = work()
+        return result, (before + floor(FLOOR_SECONDS)) / 2
+
     results = {}
     print(f"{label}:")
     run(WARM_UP_CLIENTS, 4 * WARM_UP_CLIENTS, release_call)  # every worker thread's first release: not measured
     for concurrency in (1, 16, 64):
         meta, meta_err, _wall, meta_cpu = measured(concurrency, meta_call)
-        rel, rel_err, wall, rel_cpu = measured(concurrency, release_call)
+        (rel, rel_err, wall, rel_cpu), floor_now = floor_around(lambda: measured(concurrency, release_call))
         if rel_err or meta_err:
             print(f"  concurrency {concurrency}: {len(rel_err) + len(meta_err)} errors, first: "
                   f"{(rel_err or meta_err)[0]}")
@@ -276,7 +295,8 @@ def measure_kms(label, url, ca, app_id, chash, tmp, args, sim_dir, pgid=None, fl
               f"{percentile(rel, 50) / statistics.median(meta):5.1f}")
         if rel_cpu:
             per_core = 1 / rel_cpu
-            versus = f" = {per_core / floor:4.2f}x bare dcap-qvl" if floor else ""
+            versus = (f" = {per_core / floor_now:4.2f}x bare dcap-qvl, {floor_now:5.0f}/s per core measured "
+                      "around it") if floor_now else ""
             print(f"      server CPU per release {rel_cpu * 1000:5.2f} ms ({per_core:5.0f} releases/s per core"
                   f"{versus}); per GetMeta {meta_cpu * 1000:5.2f} ms; ratio "
                   f"{rel_cpu / meta_cpu if meta_cpu else float('nan'):5.1f}")
@@ -303,10 +323,11 @@ def main():
             app_id = chash[:40]
             allow(state, app_id, chash)
             print(f"KMS key release, simulated quotes, {os.cpu_count()} cores shared by clients and server")
-            floor, in_process = floor_and_in_process(state, app_id, chash, tmp)
-            print(f"floor: bare dcap-qvl {floor:6.0f} verifications/s per core ({1000 / floor:5.2f} ms)")
+            floor, in_process, floor_then = floor_and_in_process(state, app_id, chash, tmp)
+            print(f"floor: bare dcap-qvl {floor_then:6.0f} verifications/s per core ({1000 / floor_then:5.2f} ms), "
+                  "measured again around each HTTPS run")
             print(f"KMS in process (no HTTP, no TLS): {in_process:6.0f} releases/s per core ({1000 / in_process:5.2f} "
-                  f"ms CPU per GetAppKey) = {in_process / floor:4.2f}x bare dcap-qvl")
+                  f"ms CPU per GetAppKey) = {in_process / floor_then:4.2f}x bare dcap-qvl")
             print(f"over HTTPS, {args.workers} gunicorn asyncio workers, clients keep their connections"
                   f"{', no access log' if args.no_access_log else ''}")
             local = measure_kms("local allowlist", url, str(state / "root-ca.crt"), app_id, chash, tmp, args,

@@ -41,7 +41,8 @@ fi
 
 printf '\033[1m==> pytest\033[0m\n'
 # A skipped test fails the run (tests/conftest.py): setup.sh --test installs all they need.
-DSTACK_TESTS_NO_SKIPS=1 "$ROOT/.venv/bin/python" -m pytest "$@"
+# --durations: the slowest tests in the log, where to look when the suite nears its time budget.
+DSTACK_TESTS_NO_SKIPS=1 "$ROOT/.venv/bin/python" -m pytest --durations=30 "$@"
 rc=$?
 # Exit code 5 means pytest collected nothing: that is a broken suite, not a pass.
 ((rc == 0)) || failed+=("pytest (exit $rc)")
