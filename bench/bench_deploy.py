@@ -41,7 +41,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from ansible_collections.dstack.tee.agents.guest.compose_runner import CONTAINERS_CONF
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import CONTAINERS_CONF
 from ansible_collections.dstack.tee.plugins.module_utils import gateway_http, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 

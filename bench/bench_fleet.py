@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from ansible_collections.dstack.tee.agents.guest.compose_runner import CONTAINERS_CONF
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import CONTAINERS_CONF
 from ansible_collections.dstack.tee.plugins.module_utils import gateway_http
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 

@@ -92,7 +92,7 @@ def short_tmp():
 
 
 def _has_podman_compose():
-    from ansible_collections.dstack.tee.agents.guest.compose_runner import podman_compose_argv  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import podman_compose_argv  # pylint: disable=import-outside-toplevel
     return bool(podman_compose_argv())
 
 
@@ -117,7 +117,7 @@ def busybox_image(tmp_path_factory):
 
 
 def _containers_conf(folder):
-    from ansible_collections.dstack.tee.agents.guest.compose_runner import CONTAINERS_CONF  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import CONTAINERS_CONF  # pylint: disable=import-outside-toplevel
     path = folder / "containers.conf"
     path.write_text(CONTAINERS_CONF)
     return path

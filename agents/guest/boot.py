@@ -43,7 +43,7 @@ import urllib.parse
 
 from ansible_collections.dstack.tee.agents.guest import gateway_link, measure
 from ansible_collections.dstack.tee.agents.guest.api import GuestApi, NotReady, ServerFailure
-from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner
 from ansible_collections.dstack.tee.agents.guest.gateway_link import GatewayLink
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, env_crypt, kdf

@@ -177,7 +177,7 @@ def compose_project(args, ctx):
 
 
 def cmd_serve_worker(args):
-    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
     ctx = open_context(args)
 
     def ready():
@@ -208,7 +208,7 @@ def simulated_cvm(state_dir, compose_text=SAMPLE_COMPOSE, name=SIM_APP_NAME, soc
     for the same app (the instance id seed is kept). `sockets` are the agent's, for the compose file."""
     # pylint: disable=import-outside-toplevel
     from ansible_collections.dstack.tee.agents.guest.boot import Boot
-    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
+    from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner
     from ansible_collections.dstack.tee.plugins.module_utils import attestation, root_keys
     from ansible_collections.dstack.tee.plugins.module_utils.app_certs import LocalCertSigner
     from ansible_collections.dstack.tee.plugins.module_utils.local_kms import LocalKmsClient
@@ -450,7 +450,7 @@ def _serve_child(args, ready_w, ready_r):
 
 def _worker_child(args, worker_socket):
     """The Worker API, in a child, on the socket `run` bound in the namespace."""
-    from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
+    from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
 
     def run():
         fd = worker_socket.detach()  # gunicorn's now: no object here may close it
@@ -532,7 +532,7 @@ def cmd_run(args):
     signal.signal(signal.SIGINT, stop)
     try:
         from ansible_collections.dstack.tee.agents.guest.boot import Boot  # pylint: disable=import-outside-toplevel
-        from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
+        from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner  # pylint: disable=import-outside-toplevel
         from ansible_collections.dstack.tee.agents.guest import container_logs  # pylint: disable=import-outside-toplevel
         project = compose_project(args, ctx)
         runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine, netns=args.netns)

@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 
-from ansible_collections.dstack.tee.agents.guest.compose_runner import service_and_number
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import service_and_number
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError

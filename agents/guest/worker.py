@@ -34,11 +34,11 @@ import logging
 
 from flask import Flask, Response, jsonify, request
 
-from ansible_collections.dstack.tee.agents.guest import compose_runner, sysinfo
+from ansible_collections.dstack.tee.agents.guest import sysinfo
 from ansible_collections.dstack.tee.agents.guest.api import GuestApi, ServerFailure, install_errors
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
 from ansible_collections.dstack.tee.agents.wsgi import request_params, run_gunicorn
-from ansible_collections.dstack.tee.plugins.module_utils import attestation
+from ansible_collections.dstack.tee.plugins.module_utils import attestation, compose_runner
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 WORKER_PORT = 8090  # dstack's agent_port, the one the gateway's <app-id>-8090 names reach

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ansible_collections.dstack.tee.agents.guest import container_logs
-from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from conftest import IMAGE, needs_podman
 

@@ -38,7 +38,7 @@ from test_guest_boot import OS_IMAGE, NoContainers, make_share  # noqa: E402
 from test_kms import make_kms  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest import gateway_link  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.boot import Boot, BootFailed  # noqa: E402
-from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import root_keys  # noqa: E402
 from ansible_collections.dstack.tee.agents.vmm.backends.base import VmRecord  # noqa: E402

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from ansible_collections.dstack.tee.agents.guest.boot import Boot, BootFailed
-from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner
 from ansible_collections.dstack.tee.agents.guest.context import GuestContext
 from ansible_collections.dstack.tee.plugins.module_utils import attestation
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError

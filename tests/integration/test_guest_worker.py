@@ -28,7 +28,7 @@ from conftest import free_port, needs_podman  # noqa: E402
 from test_gateway_serve import needs_ip_netns  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest import netns_ports  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.api import create_app  # noqa: E402
-from ansible_collections.dstack.tee.agents.guest.compose_runner import ComposeRunner  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.cli import SIM_VM_CONFIG, simulated_cvm  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.worker import WORKER_PORT, create_worker_app  # noqa: E402
 from ansible_collections.dstack.tee.agents.vmm.backends.base import VmRecord  # noqa: E402

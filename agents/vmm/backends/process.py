@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 
-from ansible_collections.dstack.tee.agents.guest.compose_runner import PODMAN_PROJECT_LABEL, ComposeRunner
+from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import PODMAN_PROJECT_LABEL, ComposeRunner
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, STOPPING, Backend
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError

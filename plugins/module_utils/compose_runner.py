@@ -36,13 +36,16 @@ import shutil
 import subprocess
 import sys
 
-import yaml
-
 from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 from ansible_collections.dstack.tee.plugins.module_utils import system_path
 from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_netns_name
+
+try:
+    import yaml
+except ImportError:  # PyYAML comes with ansible-core; parse_compose_yaml names it when missing
+    yaml = None
 
 GUEST_SOCKETS = {"/var/run/dstack.sock": "dstack", "/run/dstack.sock": "dstack",
                  "/var/run/dstack/dstack.sock": "dstack", "/var/run/tappd.sock": "tappd", "/run/tappd.sock": "tappd"}
