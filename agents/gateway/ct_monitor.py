@@ -46,7 +46,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ansible_collections.dstack.tee.agents.gateway.acme import acme_account_report_data, zt_cert_report_data
-from ansible_collections.dstack.tee.agents.verifier.cli import read_quote_input
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, gateway_http
 from ansible_collections.dstack.tee.plugins.module_utils.app_certs import spki_der
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
@@ -99,7 +98,7 @@ class Trust:
                 quote_field = json.dumps(quote_field)
             if not isinstance(quote_field, str) or not quote_field:
                 raise DstackError(what, "has no quote")
-            quote, event_log = read_quote_input(quote_field.encode())
+            quote, event_log = attestation.read_quote_input(quote_field.encode(), what)
         except DstackError as exc:
             return [f"{exc.field}: {exc.reason}"], ""
         trust = self.quote_trust

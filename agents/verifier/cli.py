@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from ansible_collections.dstack.tee.plugins.module_utils import attestation, json_limits
+from ansible_collections.dstack.tee.plugins.module_utils import attestation
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 
 
@@ -39,23 +39,6 @@ def _read(path, field, limit=MAX_INPUT_BYTES):
     if len(data) > limit:
         raise DstackError(field, f"{path} holds more than {limit} bytes: not a quote or a GetQuote answer")
     return data
-
-
-def read_quote_input(data):
-    """(quote bytes, event_log or None) from raw bytes, hex text, or GetQuote response JSON."""
-    text = data.strip()
-    if text[:1] == b"{":
-        doc = json_limits.loads(text, "QUOTE_FILE", hint=" (it looks like a GetQuote response)")
-        if not isinstance(doc, dict) or "quote" not in doc:
-            raise DstackError("QUOTE_FILE", "is JSON without a \"quote\" field (expected a GetQuote response)")
-        return parse_hex(doc["quote"], "quote"), doc.get("event_log") or None
-    try:
-        decoded = text.decode("ascii")
-    except UnicodeDecodeError:
-        return data, None
-    if decoded and all(c in "0123456789abcdefABCDEFx" for c in decoded):
-        return parse_hex(decoded, "QUOTE_FILE"), None
-    return data, None
 
 
 def build_parser():
@@ -81,7 +64,7 @@ def build_parser():
 
 
 def run(args):
-    quote, event_log = read_quote_input(_read(args.quote_file, "QUOTE_FILE"))
+    quote, event_log = attestation.read_quote_input(_read(args.quote_file, "QUOTE_FILE"), "QUOTE_FILE")
     if args.event_log:
         event_log = _read(args.event_log, "--event-log").decode("utf-8", "replace")
     sim = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ansible_collections.dstack.tee.plugins.module_utils import eventlog, json_limits, tdx_quote
 from ansible_collections.dstack.tee.plugins.module_utils.tdx_quote import pad_report_data
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_text
 from ansible_collections.dstack.tee.plugins.module_utils.intel_root_ca import (
     INTEL_SGX_ROOT_CA_PEM, INTEL_SGX_ROOT_CA_SHA256)
@@ -104,6 +104,27 @@ class Verification:
         return {"ok": self.ok, "attestation_mode": self.attestation_mode, "tcb_status": self.tcb_status,
                 "advisory_ids": list(self.advisory_ids), "boot_info": self.boot_info,
                 "report": report, "checks": [c.to_dict() for c in self.checks]}
+
+
+# ---- quotes as given ---------------------------------------------------------------------------
+
+def read_quote_input(data, field):
+    """(quote bytes, event_log or None) from raw bytes, hex text, or a guest agent's GetQuote
+    response JSON ({"quote": hex, "event_log": ...}); `field` names the input in errors
+    (dstack-verify's QUOTE_FILE, an acme-info entry's quote for dstack-ct-monitor)."""
+    text = data.strip()
+    if text[:1] == b"{":
+        doc = json_limits.loads(text, field, hint=" (it looks like a GetQuote response)")
+        if not isinstance(doc, dict) or "quote" not in doc:
+            raise DstackError(field, "is JSON without a \"quote\" field (expected a GetQuote response)")
+        return parse_hex(doc["quote"], f"{field}.quote"), doc.get("event_log") or None
+    try:
+        decoded = text.decode("ascii")
+    except UnicodeDecodeError:
+        return data, None
+    if decoded and all(c in "0123456789abcdefABCDEFx" for c in decoded):
+        return parse_hex(decoded, field), None
+    return data, None
 
 
 # ---- trust roots ------------------------------------------------------------------------------
