@@ -421,6 +421,29 @@ def dcap_claims(raw_quote, collateral, root_ca_der, now):
         bytes(raw_quote), collateral, now, dcap_qvl.QuotePolicy.claims_only(now)).to_json())
 
 
+def dcap_verdict(raw_quote, collateral, root_ca_der, now):
+    """(TCB status, advisory ids, PPID bytes) of a quote dcap-qvl verifies; raises as dcap_claims.
+
+    A quote the bare verifier (dcap_qvl.verify_with_root_ca, the same checks) accepts needs no
+    claims document: building it and its JSON cost a fifth as much again as the verification, on
+    every key release. When the bare verifier refuses, dcap_claims decides (its claims-only policy
+    accepts what the bare one may refuse, such as a debug TD, which verify_quote refuses by name),
+    so a refusal and its message are the claims path's."""
+    if not isinstance(collateral, dcap_qvl.QuoteCollateralV3):
+        collateral = load_collateral(collateral)
+    root = root_ca_der if root_ca_der is not None else intel_root_ca_der()
+    try:
+        report = dcap_qvl.verify_with_root_ca(bytes(raw_quote), collateral, root, int(now))
+    except (ValueError, RuntimeError):
+        pass
+    else:
+        return report.status, list(report.advisory_ids or []), bytes(report.ppid or b"")
+    claims = dcap_claims(raw_quote, collateral, root_ca_der, now)
+    tcb = claims.get("tcb", {})
+    return (tcb.get("status", ""), list(tcb.get("advisory_ids") or []),
+            bytes(claims.get("platform", {}).get("pck", {}).get("ppid") or []))
+
+
 def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log=None, now=None):
     """Verify a quote and return a Verification with every check. Never raises on a bad quote.
 
@@ -448,7 +471,7 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
                else "not a debug TD")
 
     try:
-        claims = dcap_claims(raw_quote, collateral, root, now)
+        result.tcb_status, result.advisory_ids, ppid = dcap_verdict(raw_quote, collateral, root, now)
     except DstackError as exc:
         result.add("dcap", False, str(exc))
         return result
@@ -458,10 +481,6 @@ def verify_quote(raw_quote, collateral, root_ca_der=None, policy=None, event_log
         return result
     result.add("dcap", True, "quote signature, QE report, PCK chain to the trust root, CRLs, "
                              "TCB info and QE identity verified by dcap-qvl")
-    tcb = claims.get("tcb", {})
-    result.tcb_status = tcb.get("status", "")
-    result.advisory_ids = list(tcb.get("advisory_ids") or [])
-    ppid = bytes(claims.get("platform", {}).get("pck", {}).get("ppid") or [])
 
     result.add("tcb_status", result.tcb_status in policy.allowed_tcb_statuses,
                f"{result.tcb_status} (allowed: {', '.join(policy.allowed_tcb_statuses)})")
