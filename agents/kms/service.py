@@ -147,38 +147,41 @@ class KmsService:
                 raise Refused(name, f"differs from the value pinned for OS image {measured[:16]}...")
 
     def _release_request(self, request, method, remote_addr):
-        """(nonce, ephemeral public key) of a key-release request, the nonce checked (not yet used up)."""
+        """(nonce, key_release.Sealer to the requester's ephemeral key) of a key-release request, the
+        nonce checked (not yet used up)."""
         try:
             nonce = parse_hex(request.get("nonce", ""), "nonce", length=key_release.NONCE_SIZE)
-            eph = key_release.check_public_key(request.get("ephemeral_public_key", ""))
+            sealer = key_release.Sealer(nonce, request.get("ephemeral_public_key", ""))
             self.nonces.check(nonce)
         except DstackError as exc:
             self.audit.record(method=method, decision="refuse", reason=str(exc), kms_mode=self.mode,
                               remote_addr=remote_addr)
             raise Refused(exc.field, exc.reason) from None
-        return nonce, eph
+        return nonce, sealer
 
     def get_app_key(self, request, remote_addr=""):
         """Attested key release: nonce, quote bound to the ephemeral key, auth; keys sealed to that key."""
-        nonce, eph = self._release_request(request, "GetAppKey", remote_addr)
-        boot, decision, audit = self._attest(request, nonce, key_release.key_release_report_data(nonce, eph),
-                                             "GetAppKey", remote_addr)
+        nonce, sealer = self._release_request(request, "GetAppKey", remote_addr)
+        boot, decision, audit = self._attest(
+            request, nonce, key_release.key_release_report_data(nonce, sealer.requester_public_key), "GetAppKey",
+            remote_addr)
         payload = self.keys.app_key_payload(boot["app_id"], boot["instance_id"], boot["os_image_hash"],
                                             decision.gateway_app_id or self.gateway_app_id)
-        sealed = key_release.seal(payload, nonce, eph)
+        sealed = sealer.seal(payload)
         self.audit.record(decision="release", reason="", **audit)
         return sealed
 
     def get_kms_key(self, request, remote_addr=""):
         """Onboarding: the root keys, sealed to an attested KMS replica the auth backend allows
         (local kms.mrAggregated, webhook /bootAuth/kms, DstackKms.isKmsAllowed)."""
-        nonce, eph = self._release_request(request, "GetKmsKey", remote_addr)
+        nonce, sealer = self._release_request(request, "GetKmsKey", remote_addr)
         _boot, _decision, audit = self._attest(
-            request, nonce, key_release.key_release_report_data(nonce, eph, key_release.KMS_KEY_TAG),
+            request, nonce, key_release.key_release_report_data(nonce, sealer.requester_public_key,
+                                                                key_release.KMS_KEY_TAG),
             "GetKmsKey", remote_addr, kind="kms")
         ca_key_pem, ca_cert_pem, k256 = root_keys.pem_forms(self.keys)
         payload = {"ca_key": ca_key_pem.decode(), "ca_cert": ca_cert_pem.decode(), "k256_key": k256.hex()}
-        sealed = key_release.seal(payload, nonce, eph)
+        sealed = sealer.seal(payload)
         self.audit.record(decision="release", reason="root keys to a KMS replica", **audit)
         return sealed
 

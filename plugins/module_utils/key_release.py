@@ -52,27 +52,6 @@ def sign_cert_report_data(nonce, csr_der):
     return hashlib.sha512(SIGN_CERT_TAG + b":" + nonce + hashlib.sha256(csr_der).digest()).digest()
 
 
-_PROBE = []
-
-
-def _probe_key():
-    if not _PROBE:
-        _PROBE.append(X25519PrivateKey.generate())
-    return _PROBE[0]
-
-
-def check_public_key(value, field="ephemeral_public_key"):
-    """The raw 32 bytes of a requester's X25519 public key, refused when no key can be agreed with
-    it (a low-order point gives an all-zero shared secret: sealing to it would fail after the
-    checks, or seal to a key everyone knows)."""
-    raw = parse_hex(value, field, length=32)
-    try:  # any private key finds a low-order point out; one made per process is enough
-        _probe_key().exchange(X25519PublicKey.from_public_bytes(raw))
-    except ValueError:
-        raise DstackError(field, "is not a usable X25519 public key (a low-order point)") from None
-    return raw
-
-
 def new_ephemeral_key():
     """(private key, raw public key bytes) for one key release."""
     key = X25519PrivateKey.generate()
@@ -83,15 +62,34 @@ def _aead_key(shared, nonce):
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=nonce, info=KEY_RELEASE_TAG).derive(shared)
 
 
+class Sealer:
+    """The KMS side of one release, its key agreement made when the request is read: the KMS's
+    ephemeral key and the AEAD key, so that seal() after the checks only encrypts. A requester key
+    no key can be agreed with (a low-order point gives an all-zero shared secret: sealing to it
+    would fail after the checks, or seal to a key everyone knows) is refused here, before the
+    quote is verified or the nonce used up; the release's own agreement finds it out, no probe
+    exchange is needed."""
+
+    def __init__(self, nonce, requester_public_key, field="ephemeral_public_key"):
+        self.nonce = parse_hex(nonce, "nonce", length=NONCE_SIZE)
+        self.requester_public_key = parse_hex(requester_public_key, field, length=32)
+        kms_key, self.kms_public_key = new_ephemeral_key()
+        try:
+            shared = kms_key.exchange(X25519PublicKey.from_public_bytes(self.requester_public_key))
+        except ValueError:
+            raise DstackError(field, "is not a usable X25519 public key (a low-order point)") from None
+        self._aead = AESGCM(_aead_key(shared, self.nonce))
+
+    def seal(self, payload):
+        """Encrypt a JSON-able payload to the requester's ephemeral key."""
+        iv = os.urandom(12)
+        sealed = self._aead.encrypt(iv, json.dumps(payload, sort_keys=True).encode("utf-8"), self.nonce)
+        return {"kms_public_key": self.kms_public_key.hex(), "iv": iv.hex(), "ciphertext": sealed.hex()}
+
+
 def seal(payload, nonce, requester_public_key):
     """The KMS side: encrypt a JSON-able payload to the requester's ephemeral key."""
-    nonce = parse_hex(nonce, "nonce", length=NONCE_SIZE)
-    peer = X25519PublicKey.from_public_bytes(parse_hex(requester_public_key, "ephemeral_public_key", length=32))
-    kms_key, kms_pub = new_ephemeral_key()
-    iv = os.urandom(12)
-    sealed = AESGCM(_aead_key(kms_key.exchange(peer), nonce)).encrypt(
-        iv, json.dumps(payload, sort_keys=True).encode("utf-8"), nonce)
-    return {"kms_public_key": kms_pub.hex(), "iv": iv.hex(), "ciphertext": sealed.hex()}
+    return Sealer(nonce, requester_public_key).seal(payload)
 
 
 def open_sealed(answer, nonce, private_key):
