@@ -9,6 +9,12 @@
 # It is a squashfs with a dm-verity hash tree appended; the root hash is in metadata.json and the
 # cmdline.
 #
+# The boot: the kernel, then initramfs-tools, whose local-top script dstack-verity opens the rootfs
+# disk (/dev/vda) as /dev/mapper/dstack-root with the cmdline's dstack.rootfs_hash and
+# dstack.rootfs_size (the VM powers off, saying why, when it does not verify) and mounts it
+# read-only; then PID 1 is /usr/local/sbin/dstack-init (init= on the cmdline; its header says what
+# it mounts where), which runs the guest agent.
+#
 # Usage: scripts/build-guest-image.sh [--out DIR] [--cache DIR] [--no-cache]
 #   --out DIR    where the image folder goes (default: build/guest-image); replaced as a whole
 #   --cache DIR  built images by inputs' hash, and the downloaded .debs (default:
@@ -37,13 +43,20 @@ PACKAGES=(
   "linux-image-amd64/$SUITE-backports" initramfs-tools kmod udev
   python3 python3-cryptography python3-flask python3-yaml python3-pycryptodome python3-pyroute2
   gunicorn
-  podman runc conmon iptables iproute2 wireguard-tools ca-certificates cryptsetup-bin
+  podman runc conmon iptables iproute2 wireguard-tools ca-certificates cryptsetup-bin e2fsprogs
+  python3-dotenv
 )
+# The guest agent runs the app with podman-compose 1.6 or newer (plugins/module_utils/compose_runner.py;
+# bookworm has 1.0.3): this wheel from PyPI, pinned by its sha256, goes into /usr/local's dist-packages
+# (its dependencies, PyYAML and python-dotenv, are Debian's).
+PODMAN_COMPOSE_WHEEL=https://files.pythonhosted.org/packages/93/31/b38c2656bad6265168902793c60145b172788a79e4b15de212af9bd78728/podman_compose-1.6.0-py3-none-any.whl
+PODMAN_COMPOSE_SHA256=98e48af25d44c10ecef948163bfcca002e32aa8bbb7e66593fbd4faff7270c30
 # Modules the boot needs before the rootfs is mounted (virtio disk, verity, squashfs, vsock, 9p).
 # Only these (and what they depend on) go into the initramfs (MODULES=list): a VM's hardware is known.
 INITRAMFS_MODULES=(virtio_pci virtio_blk virtio_net virtio_console virtio_rng squashfs dm_verity
                    dm_crypt ext4 overlay vsock vmw_vsock_virtio_transport 9p 9pnet_virtio)
-CMDLINE_BASE="console=ttyS0 panic=1 net.ifnames=0 biosdevname=0 mce=off oops=panic pci=noearly pci=nommconf random.trust_cpu=y random.trust_bootloader=n tsc=reliable no-kvmclock"
+# root=, rootfstype= and ro are initramfs-tools' (the verity device local-top/dstack-verity opens).
+CMDLINE_BASE="root=/dev/mapper/dstack-root rootfstype=squashfs ro init=/usr/local/sbin/dstack-init console=ttyS0 panic=1 net.ifnames=0 biosdevname=0 mce=off oops=panic pci=noearly pci=nommconf random.trust_cpu=y random.trust_bootloader=n tsc=reliable no-kvmclock"
 # The collection's home inside the rootfs (PYTHONPATH of the guest agent).
 COLLECTION_ROOT=/opt/dstack
 OVMF=/usr/share/OVMF/OVMF_CODE.fd
@@ -62,7 +75,7 @@ while (($#)); do
     --out) [[ $# -ge 2 && -n "$2" ]] || die "--out needs a folder"; OUT="$2"; shift 2 ;;
     --cache) [[ $# -ge 2 && -n "$2" ]] || die "--cache needs a folder"; CACHE="$2"; shift 2 ;;
     --no-cache) USE_CACHE=0; shift ;;
-    -h|--help) sed -n '2,23p' "$SCRIPT"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$SCRIPT"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -85,7 +98,7 @@ if ((${#need[@]})); then
     || die "could not install ${need[*]} with apt-get"
 fi
 
-mkdir -p "$CACHE/images" "$CACHE/debs" "$CACHE/work"
+mkdir -p "$CACHE/images" "$CACHE/debs" "$CACHE/wheels" "$CACHE/work"
 # One build at a time per cache (the .deb folder and apt's lock in it are shared).
 exec 9>"$CACHE/lock"
 flock 9
@@ -217,6 +230,64 @@ case "$1" in prereqs) exit 0 ;; esac
 copy_exec /usr/sbin/veritysetup /usr/sbin
 EOF
 chmod 755 "$RFS/etc/initramfs-tools/hooks/dstack-verity"
+# The local-top script that opens it (initramfs-tools copies /etc/initramfs-tools/scripts/).
+mkdir -p "$RFS/etc/initramfs-tools/scripts/local-top"
+cat >"$RFS/etc/initramfs-tools/scripts/local-top/dstack-verity" <<'EOF'
+#!/bin/sh
+# dstack-verity (initramfs-tools local-top): opens the image's rootfs disk as the dm-verity device
+# /dev/mapper/dstack-root, which initramfs-tools then mounts (root= on the cmdline). The disk is
+# the squashfs with its hash tree appended at dstack.rootfs_size bytes; dstack.rootfs_hash is the
+# tree's root hash. A rootfs that does not verify is never mounted: the VM powers off with the
+# reason on the console (not initramfs-tools' panic, which panic=1 turns into a reboot: booting
+# the same disk again cannot change the answer).
+case "$1" in prereqs) exit 0 ;; esac
+. /scripts/functions
+
+DISK=/dev/vda
+NAME=dstack-root
+
+fail() {
+	echo "dstack-verity: FATAL: $*"
+	echo "dstack-verity: FATAL: the root filesystem is not verified, so it is not mounted; powering off"
+	sync
+	sleep 1
+	poweroff -f
+}
+
+hash=
+size=
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
+	case "$arg" in
+	dstack.rootfs_hash=*) hash="${arg#dstack.rootfs_hash=}" ;;
+	dstack.rootfs_size=*) size="${arg#dstack.rootfs_size=}" ;;
+	esac
+done
+[ -n "$hash" ] || fail "no dstack.rootfs_hash= on the kernel cmdline"
+[ -n "$size" ] || fail "no dstack.rootfs_size= on the kernel cmdline"
+case "$size" in *[!0-9]*) fail "dstack.rootfs_size=$size is not a number of bytes" ;; esac
+
+wait_for_udev 10
+tries=0
+while [ ! -b "$DISK" ]; do
+	tries=$((tries + 1))
+	[ "$tries" -le 30 ] || fail "no rootfs disk $DISK after 30 s"
+	sleep 1
+done
+veritysetup open "$DISK" "$NAME" "$DISK" "$hash" --hash-offset="$size" \
+	|| fail "veritysetup open $DISK with root hash $hash (hash tree at $size) failed"
+# open checks nothing against the root hash: the first read does. Read the squashfs superblock,
+# then ask the kernel whether it found a block that does not verify (C, else V).
+fstype=$(blkid -p -s TYPE -o value "/dev/mapper/$NAME" 2>/dev/null)
+status=$(dmsetup status "$NAME" 2>/dev/null)
+case "$status" in
+*" verity V"*) ;;
+*) fail "$DISK does not verify against root hash $hash (dm-verity status: ${status:-none})" ;;
+esac
+[ "$fstype" = squashfs ] || fail "/dev/mapper/$NAME holds no squashfs (found: ${fstype:-nothing})"
+echo "dstack-verity: $DISK verified: /dev/mapper/$NAME (root hash $hash, hash tree at $size)"
+EOF
+chmod 755 "$RFS/etc/initramfs-tools/scripts/local-top/dstack-verity"
 mount -t proc proc "$RFS/proc"
 mount -t sysfs sysfs "$RFS/sys"
 mount --bind /dev "$RFS/dev"
@@ -253,6 +324,187 @@ chmod 755 "$RFS/usr/local/bin/dstack-guest-agent"
 in_root /usr/local/bin/dstack-guest-agent --help >"$WORK/agent-help.txt" 2>&1 \
   || { cat "$WORK/agent-help.txt" >&2; die "the guest agent does not start inside the rootfs"; }
 
+step "podman-compose (${PODMAN_COMPOSE_WHEEL##*/})"
+wheel="$CACHE/wheels/${PODMAN_COMPOSE_WHEEL##*/}"
+if ! echo "$PODMAN_COMPOSE_SHA256  $wheel" | sha256sum -c --status 2>/dev/null; then
+  curl -fsSL --retry 3 -m 120 -o "$wheel.tmp" "$PODMAN_COMPOSE_WHEEL" || die "could not download $PODMAN_COMPOSE_WHEEL"
+  echo "$PODMAN_COMPOSE_SHA256  $wheel.tmp" | sha256sum -c --status \
+    || { rm -f "$wheel.tmp"; die "$PODMAN_COMPOSE_WHEEL does not have the pinned sha256 $PODMAN_COMPOSE_SHA256"; }
+  mv "$wheel.tmp" "$wheel"
+fi
+site="$(in_root python3 -c 'import sys; print("/usr/local/lib/python3.%d/dist-packages" % sys.version_info[1])')"
+mkdir -p "$RFS$site"
+python3 -m zipfile -e "$wheel" "$RFS$site" || die "could not unpack $wheel"
+chmod -R u=rwX,go=rX "$RFS$site"
+cat >"$RFS/usr/local/bin/podman-compose" <<'EOF'
+#!/bin/sh
+exec /usr/bin/python3 -m podman_compose "$@"
+EOF
+chmod 755 "$RFS/usr/local/bin/podman-compose"
+in_root /usr/local/bin/podman-compose --version >"$WORK/podman-compose.txt" 2>&1 \
+  || { cat "$WORK/podman-compose.txt" >&2; die "podman-compose does not run inside the rootfs"; }
+
+step "boot: /usr/local/sbin/dstack-init (PID 1)"
+mkdir -p "$RFS/dstack/share" "$RFS/dstack/data"
+cat >"$RFS/usr/local/sbin/dstack-init" <<'EOF'
+#!/bin/sh
+# dstack-init: PID 1 of the dstack.tee guest (init= on the kernel cmdline). initramfs-tools has
+# opened the dm-verity root (local-top/dstack-verity) and mounted it read-only (squashfs); /proc,
+# /sys, /dev and /run come from the initramfs. This makes what must be writable, and mounts:
+#   /dstack/share     the config share, read-only (9p, tag host-shared): app-compose.json,
+#                     .sys-config.json, .encrypted-env, .instance_info, .user-config
+#   /dstack/data      the data disk /dev/vdb, ext4 (made at the first boot, when blkid finds nothing
+#                     on the disk; anything else there stops the boot); /var/lib/containers is its
+#                     containers/ folder
+#   /var, /etc/cni/net.d  overlays: the image's folder under a tmpfs (podman writes its state and
+#                     its CNI networks there); /tmp a tmpfs; cgroup2 at /sys/fs/cgroup
+#   /etc/resolv.conf  bound from /run/dstack-init/resolv.conf; the rest of /etc stays read-only
+# sets up QEMU's user networking (eth0 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3), and runs the
+# guest agent (work folder /run/dstack, a tmpfs: its RTMR state and runtime event log start empty
+# at each power-on; socket /var/run/dstack.sock), its output on the console behind "[agent] ".
+# An agent that exits before its boot measured anything (no runtime event log yet: a host quote
+# service not there yet, say) is started again, after 1 s, doubling to 60 s. Once the boot is
+# measured the agent cannot boot again in this power-on (RTMR3 holds this boot's events; it refuses),
+# so its exit powers the VM off: the host API has the boot's error, and a start is a new power-on.
+# As PID 1 it reaps orphaned processes too: the shell waiting for the agent reaps any child that
+# exits. Progress goes to the console as "dstack-init: [<uptime>s] ..."; a step the app cannot
+# run without powers the VM off, the reason on the console.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+umask 022
+
+SHARE=/dstack/share
+SHARE_TAG=host-shared
+DATA=/dstack/data
+DATA_DISK=/dev/vdb
+STATE=/run/dstack-init
+WORK=/run/dstack
+ADDRESS=10.0.2.15/24
+GATEWAY=10.0.2.2
+DNS=10.0.2.3
+
+uptime_now() {
+	read -r up rest </proc/uptime 2>/dev/null || up=0
+	echo "$up"
+}
+
+say() {
+	echo "dstack-init: [$(uptime_now)s] $*"
+}
+
+power_off() {
+	sync
+	echo o >/proc/sysrq-trigger
+	while :; do sleep 60; done
+}
+
+fatal() {
+	say "FATAL: $*"
+	say "FATAL: the guest cannot run its app; powering off"
+	power_off
+}
+
+shown() {  # arguments as one line, an empty one as ''
+	line=
+	for arg in "$@"; do
+		[ -n "$arg" ] || arg="''"
+		line="$line $arg"
+	done
+	echo "${line# }"
+}
+
+mount_once() {  # TYPE SOURCE TARGET OPTIONS: mount unless something is mounted there already
+	mountpoint -q "$3" && return 0
+	mount -t "$1" -o "$4" "$2" "$3" || fatal "cannot mount $1 $2 on $3"
+}
+
+writable() {  # DIR NAME: DIR made writable, an overlay of the image's DIR and a tmpfs layer
+	mkdir -p "$STATE/layers/$2/upper" "$STATE/layers/$2/work"
+	mount_once overlay overlay "$1" "lowerdir=$1,upperdir=$STATE/layers/$2/upper,workdir=$STATE/layers/$2/work"
+}
+
+say "starting (kernel $(uname -r))"
+mount_once proc proc /proc nosuid,nodev,noexec
+mount_once sysfs sysfs /sys nosuid,nodev,noexec
+mount_once devtmpfs devtmpfs /dev mode=0755,nosuid
+mkdir -p /dev/pts /dev/shm
+mount_once devpts devpts /dev/pts gid=5,mode=0620,ptmxmode=0666,nosuid,noexec
+mount_once tmpfs tmpfs /dev/shm mode=1777,nosuid,nodev
+mount_once tmpfs tmpfs /run mode=0755,nosuid,nodev
+mount_once cgroup2 cgroup2 /sys/fs/cgroup nsdelegate,nosuid,nodev,noexec
+mount_once tmpfs tmpfs /tmp mode=1777,nosuid,nodev
+mkdir -p "$STATE/layers"
+mount_once tmpfs tmpfs "$STATE/layers" mode=0755
+writable /var var
+writable /etc/cni/net.d cni
+printf 'nameserver %s\n' "$DNS" >"$STATE/resolv.conf"
+mount --bind "$STATE/resolv.conf" /etc/resolv.conf || fatal "cannot bind $STATE/resolv.conf on /etc/resolv.conf"
+read -r hostname </etc/hostname && echo "$hostname" >/proc/sys/kernel/hostname
+say "mounted /proc /sys /dev /run /tmp cgroup2; /var and /etc/cni/net.d writable (overlays on tmpfs)"
+
+mount_once 9p "$SHARE_TAG" "$SHARE" trans=virtio,version=9p2000.L,ro
+names=
+for path in "$SHARE"/.[!.]* "$SHARE"/*; do
+	[ -e "$path" ] && names="$names ${path##*/}"
+done
+say "config share $SHARE_TAG mounted read-only at $SHARE:${names:- (empty)}"
+
+[ -b "$DATA_DISK" ] || fatal "no data disk $DATA_DISK"
+fstype=$(blkid -p -s TYPE -o value "$DATA_DISK")
+case $? in
+0) ;;
+2)  # blkid found no signature at all: a new disk
+	say "data disk $DATA_DISK is blank: making ext4"
+	mkfs.ext4 -q -L dstack-data "$DATA_DISK" || fatal "mkfs.ext4 $DATA_DISK failed"
+	fstype=ext4 ;;
+*) fatal "blkid cannot probe the data disk $DATA_DISK" ;;
+esac
+[ "$fstype" = ext4 ] || fatal "the data disk $DATA_DISK holds ${fstype:-something} that is not ext4; not touching it"
+mount_once ext4 "$DATA_DISK" "$DATA" noatime
+mkdir -p "$DATA/containers" /var/lib/containers
+mount --bind "$DATA/containers" /var/lib/containers || fatal "cannot bind $DATA/containers on /var/lib/containers"
+say "data disk $DATA_DISK (ext4) mounted at $DATA; /var/lib/containers on it"
+
+ip link set lo up
+if ip link show eth0 >/dev/null 2>&1; then
+	if ip link set eth0 up && ip addr add "$ADDRESS" dev eth0 && ip route add default via "$GATEWAY" dev eth0; then
+		say "network: eth0 $ADDRESS, gateway $GATEWAY, DNS $DNS"
+	else
+		say "network: could not configure eth0 ($ADDRESS via $GATEWAY); the guest may have no network"
+	fi
+else
+	say "network: no eth0; the guest has no network"
+fi
+
+mkdir -p "$WORK"
+set -- run --tee auto --config-dir "$SHARE" --work-dir "$WORK" --socket /var/run/dstack.sock --tappd-socket ''
+delay=1
+while :; do
+	say "starting the guest agent: dstack-guest-agent $(shown "$@")"
+	{
+		env -i PATH="$PATH" HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 dstack-guest-agent "$@" </dev/null 2>&1
+		echo $? >"$STATE/agent.status"
+	} | sed -u 's/^/[agent] /'
+	read -r status <"$STATE/agent.status" || status=unknown
+	# The agent's runtime event log (agents/guest/context.py): the events its boot put into RTMR3.
+	if [ -s "$WORK/runtime_events.log" ]; then
+		say "the guest agent exited with status $status after its boot was measured; it cannot boot again before the next power-on: powering off"
+		power_off
+	fi
+	say "the guest agent exited with status $status before its boot measured anything; starting it again in $delay s"
+	sleep "$delay"
+	delay=$((delay * 2))
+	[ "$delay" -le 60 ] || delay=60
+done
+EOF
+chmod 755 "$RFS/usr/local/sbin/dstack-init"
+# The agent's flags dstack-init passes: a renamed one fails here, not in a booted VM.
+in_root /usr/local/bin/dstack-guest-agent run --help >"$WORK/agent-run-help.txt" 2>&1 \
+  || { cat "$WORK/agent-run-help.txt" >&2; die "dstack-guest-agent run --help fails inside the rootfs"; }
+for flag in --tee --config-dir --work-dir --socket --tappd-socket; do
+  grep -q -e "$flag " "$WORK/agent-run-help.txt" || die "dstack-guest-agent run has no $flag (dstack-init passes it)"
+done
+
 step "package manifest"
 # shellcheck disable=SC2016  # dpkg-query's own ${...} fields
 in_root dpkg-query -W -f '${Package} ${Version} ${Architecture}\n' | LC_ALL=C sort >"$IMG/packages.manifest"
@@ -263,8 +515,11 @@ kver="$(in_root linux-version list | LC_ALL=C sort -V | tail -1)"
 [[ -n "$kver" ]] || die "no kernel installed in the rootfs"
 [[ -f "$RFS/boot/initrd.img-$kver" ]] || die "the kernel's install made no initramfs"
 grep -qx dm_verity "$RFS/etc/initramfs-tools/modules" || die "initramfs-tools replaced its modules list"
-in_root lsinitramfs "/boot/initrd.img-$kver" | grep -q 'sbin/veritysetup$' \
+in_root lsinitramfs "/boot/initrd.img-$kver" >"$WORK/initramfs.list"
+grep -q 'sbin/veritysetup$' "$WORK/initramfs.list" \
   || die "the initramfs has no veritysetup (hook /etc/initramfs-tools/hooks/dstack-verity)"
+grep -qx 'scripts/local-top/dstack-verity' "$WORK/initramfs.list" \
+  || die "the initramfs has no scripts/local-top/dstack-verity"
 cp "$RFS/boot/vmlinuz-$kver" "$IMG/bzImage"
 cp "$RFS/boot/initrd.img-$kver" "$IMG/initramfs.img"
 cp "$OVMF" "$IMG/ovmf.fd"

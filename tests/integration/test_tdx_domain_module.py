@@ -11,9 +11,9 @@ Two libvirts, for two reasons:
   process per task), so idempotence is checked against what libvirt's QEMU driver really reports
   (pc-q35-7.2 for q35, memory in KiB, added controllers and addresses), and the domain really
   boots: its kernel is a 100-byte multiboot guest that writes a line to the serial port, so the
-  serial log proves the VM ran. The fixture starts virtlogd and libvirtd when they are not
-  running (machine-recipes.md) and leaves them running, as a host's libvirt; it skips only when
-  it cannot (not root, or libvirt's daemon not installed).
+  serial log proves the VM ran. The fixture (tests/integration/libvirt_fixtures.py) starts
+  virtlogd and libvirtd when they are not running and leaves them running, as a host's libvirt;
+  it skips only when it cannot (not root, or libvirt's daemon not installed).
 
 libvirt 9.0 here refuses <launchSecurity type='tdx'>: the TDX domain is checked as text in
 tests/unit/test_libvirt_domain.py, and here for the clean refusal; everything that runs is no_tee.
@@ -21,7 +21,6 @@ tests/unit/test_libvirt_domain.py, and here for the clean refusal; everything th
 
 import base64
 import contextlib
-import grp
 import io
 import json
 import re
@@ -29,7 +28,6 @@ import os
 import shutil
 import struct
 import subprocess
-import tempfile
 import time
 import uuid
 
@@ -47,10 +45,9 @@ from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as 
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_domain as ld
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.modules import tdx_domain
+from libvirt_fixtures import host_dir, system_domains, system_libvirt  # noqa: F401  pylint: disable=unused-import
 
 TEST_URI = "test:///default"
-SYSTEM_URI = "qemu:///system"
-VIRTLOGD, LIBVIRTD = "/usr/sbin/virtlogd", "/usr/sbin/libvirtd"
 GUEST_LINE = b"dstack-guest-ok"
 COMPOSE = "services:\n  web:\n    image: nginx\n"
 
@@ -301,62 +298,6 @@ def test_the_backend_names_a_missing_image(tmp_path):
 
 
 # ---- qemu:///system: the real daemon, a real KVM guest ---------------------------------------------
-
-def _connects(uri):
-    try:
-        lv.connect(uri).close()
-        return True
-    except lv.LibvirtFailure:
-        return False
-
-
-@pytest.fixture(scope="session")
-def system_libvirt():
-    """qemu:///system, starting virtlogd and libvirtd when they are not running (left running)."""
-    if _connects(SYSTEM_URI):
-        return SYSTEM_URI
-    if os.geteuid() != 0:
-        pytest.skip("qemu:///system is not running and starting libvirtd needs root")
-    for exe in (VIRTLOGD, LIBVIRTD):
-        if not os.access(exe, os.X_OK):
-            pytest.skip(f"{exe} is not installed (scripts/setup.sh --test installs libvirt-daemon-system)")
-    if os.path.exists("/dev/kvm"):                           # machine-recipes.md: qemu runs as libvirt-qemu
-        os.chown("/dev/kvm", -1, grp.getgrnam("kvm").gr_gid)
-        os.chmod("/dev/kvm", 0o660)
-    for exe in (VIRTLOGD, LIBVIRTD):
-        subprocess.run([exe, "-d"], check=False, capture_output=True, timeout=30)
-    deadline = time.monotonic() + 20
-    while not _connects(SYSTEM_URI):
-        assert time.monotonic() < deadline, "libvirtd did not come up (see /var/log/libvirt/)"
-        time.sleep(0.2)
-    return SYSTEM_URI
-
-
-@pytest.fixture
-def host_dir():
-    """A folder libvirt's qemu user can reach (pytest's tmp_path is private to root)."""
-    path = tempfile.mkdtemp(prefix="dstack-tee-libvirt-", dir="/var/tmp")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def system_domains(system_libvirt):
-    """Names for domains on qemu:///system; whatever a test leaves defined is removed after it."""
-    names = []
-
-    def new(prefix="dstack-tee-test-"):
-        names.append(prefix + uuid.uuid4().hex[:8])
-        return names[-1]
-    yield new
-    conn = lv.connect(system_libvirt)
-    for name in names:
-        dom = lv.lookup(conn, name)
-        if dom is not None:
-            lv.remove(dom)
-    conn.close()
-
 
 def _wait_for_serial(path, timeout=20):
     deadline = time.monotonic() + timeout
