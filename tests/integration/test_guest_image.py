@@ -1,7 +1,8 @@
 """scripts/build-guest-image.sh: the guest image from Debian packages, in dstack's image layout, and
 reproducible (two builds from the same inputs give the same os_image_hash).
 
-Two full builds without the image cache (they share the downloaded .debs): a few minutes.
+Two builds (they share the downloaded .debs): the first through the machine's image cache, which
+test_guest_vm_boot boots from, the second afresh; a few minutes.
 No skip: where the build cannot run (no root, no debootstrap, no Debian mirror) the test fails and
 says why.
 """
@@ -94,7 +95,10 @@ def test_two_builds_give_the_same_os_image_hash_and_the_cache_reuses_it(tmp_path
     src.mkdir()
     script = snapshot(src)
     first, second = tmp_path / "first", tmp_path / "second"
-    log = build(script, "--no-cache", "--out", first)
+    # The first build goes through the machine's image cache (built and stored there, or, when these
+    # inputs were built before, that earlier build reused): test_guest_vm_boot then boots it without a
+    # third build. The second is built afresh: two builds, one os_image_hash.
+    log = build(script, "--out", first)
     build(script, "--no-cache", "--out", second)
 
     digest = check_layout(first)[1]
