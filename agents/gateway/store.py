@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 
+from ansible_collections.dstack.tee.plugins.module_utils import sqlite_wal
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 log = logging.getLogger("dstack.gateway")
@@ -154,11 +155,7 @@ class Store:
         local = self._local
         if getattr(local, "db", None) is None or local.pid != os.getpid():
             # After a fork the parent's connection is not ours to use: open our own.
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                 check_same_thread=True)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
+            db = sqlite_wal.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
             db.execute("PRAGMA foreign_keys = ON")
             local.db, local.pid = db, os.getpid()
             try:

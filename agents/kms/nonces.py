@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 
-from ansible_collections.dstack.tee.plugins.module_utils import kdf
+from ansible_collections.dstack.tee.plugins.module_utils import kdf, sqlite_wal
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.key_release import NONCE_SIZE
 
@@ -59,9 +59,8 @@ class NonceStore:
         a connection must not cross a fork, as gunicorn's workers are forked)."""
         held = getattr(self._local, "db", None)
         if held is None or held[0] != os.getpid():
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring: what a power loss can replay
+            # synchronous=NORMAL: see the module docstring for what a power loss can replay.
+            db = sqlite_wal.connect(self.path, timeout=10, check_same_thread=False)
             held = self._local.db = (os.getpid(), db)
         return held[1]
 
