@@ -4,11 +4,25 @@
 #   2. Molecule: every scenario in molecule/ (one per role: converge, idempotence, verify, cleanup),
 #   3. pytest (unit, integration with real processes, the demo playbook end to end).
 # pytest runs last so that its summary is the closing line. Exits non-zero if any part failed.
+# The guest image's tests (its builds: debootstrap, apt, mksquashfs; its VM boot under TCG) share
+# nothing with the others but libvirtd, and take minutes of one core: with no arguments they run
+# beside everything else (their own pytest, its output printed after the main one's), so the
+# suite's wall time stays within its budget on two cores.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 export PATH="$ROOT/.venv/bin:$PATH"
 failed=()
+
+BESIDE=(tests/integration/test_guest_image.py tests/integration/test_guest_vm_boot.py)
+beside_pid=""
+if (($# == 0)); then
+  beside_log="$(mktemp /tmp/dstack-tests-beside.XXXXXX)"
+  printf '\033[1m==> pytest %s, beside the rest (its output at the end)\033[0m\n' "${BESIDE[*]}"
+  DSTACK_TESTS_NO_SKIPS=1 "$ROOT/.venv/bin/python" -m pytest -p no:cacheprovider --durations=5 "${BESIDE[@]}" \
+    >"$beside_log" 2>&1 &
+  beside_pid=$!
+fi
 
 printf '\033[1m==> ansible-test sanity\033[0m\n'
 scripts/ansible-sanity.sh || failed+=("ansible-test sanity")
@@ -39,13 +53,25 @@ else
   printf 'molecule: %s\n' "${timings[@]}"
 fi
 
+ignore=()
+[[ -z "$beside_pid" ]] || for path in "${BESIDE[@]}"; do ignore+=("--ignore=$path"); done
+
 printf '\033[1m==> pytest\033[0m\n'
 # A skipped test fails the run (tests/conftest.py): setup.sh --test installs all they need.
 # --durations: the slowest tests in the log, where to look when the suite nears its time budget.
-DSTACK_TESTS_NO_SKIPS=1 "$ROOT/.venv/bin/python" -m pytest --durations=30 "$@"
+DSTACK_TESTS_NO_SKIPS=1 "$ROOT/.venv/bin/python" -m pytest --durations=30 "${ignore[@]}" "$@"
 rc=$?
 # Exit code 5 means pytest collected nothing: that is a broken suite, not a pass.
 ((rc == 0)) || failed+=("pytest (exit $rc)")
+
+if [[ -n "$beside_pid" ]]; then
+  wait "$beside_pid"
+  beside_rc=$?
+  printf '\033[1m==> pytest %s (run beside the rest)\033[0m\n' "${BESIDE[*]}"
+  cat "$beside_log"
+  rm -f "$beside_log"
+  ((beside_rc == 0)) || failed+=("pytest ${BESIDE[*]} (exit $beside_rc)")
+fi
 
 if ((${#failed[@]})); then
   printf 'make test: FAILED: %s\n' "${failed[*]}" >&2
