@@ -88,11 +88,11 @@ class ChannelQuoteProvider:
         except OSError as exc:
             raise DstackError("quote_channel", f"cannot open {self.device}: {exc.strerror}") from None
         try:
-            _write_all(fd, line, deadline, self.device)
+            _write_all(fd, line, deadline, self)
             buf = b""
             while True:
                 while b"\n" not in buf:
-                    buf += _read_some(fd, deadline, self.device)
+                    buf += _read_some(fd, deadline, self)
                     if len(buf) > MAX_LINE:
                         raise DstackError("quote_channel", f"the host sent a line over {MAX_LINE} bytes")
                 raw, buf = buf.split(b"\n", 1)
@@ -126,8 +126,7 @@ class ChannelQuoteProvider:
         self._write(state)
         return state
 
-    def _write(self, state):
-        os.makedirs(os.path.dirname(self.rtmr_state) or ".", exist_ok=True)
+    def _write(self, state):  # under _locked, which made the folder
         atomic_write(self.rtmr_state, (json.dumps({k: v.hex() for k, v in sorted(state.items())}) + "\n").encode(), 0o600)
 
     def _locked(self, mode):
@@ -163,18 +162,18 @@ class ChannelQuoteProvider:
         return quote
 
 
-def _write_all(fd, data, deadline, device):
+def _write_all(fd, data, deadline, provider):
     while data:
-        _wait(fd, select.POLLOUT, deadline, device)
+        _wait(fd, select.POLLOUT, deadline, provider)
         try:
             data = data[os.write(fd, data):]
         except BlockingIOError:
             continue
 
 
-def _read_some(fd, deadline, device):
+def _read_some(fd, deadline, provider):
     while True:
-        _wait(fd, select.POLLIN, deadline, device)
+        _wait(fd, select.POLLIN, deadline, provider)
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -185,13 +184,13 @@ def _read_some(fd, deadline, device):
         time.sleep(0.05)
 
 
-def _wait(fd, event, deadline, device):
+def _wait(fd, event, deadline, provider):
     poller = select.poll()
     poller.register(fd, event)
     left = deadline - time.monotonic()
     if left <= 0 or not poller.poll(left * 1000):
-        raise DstackError("quote_channel", f"no answer from the host's quote service on {device} "
-                                           f"within {GUEST_TIMEOUT:.0f} s (is the VMM running?)")
+        raise DstackError("quote_channel", f"no answer from the host's quote service on {provider.device} "
+                                           f"within {provider.timeout:g} s (is the VMM running?)")
 
 
 # ---- the host side --------------------------------------------------------------------------------
@@ -273,9 +272,9 @@ class QuoteChannelServer:
                 sock.connect(self.socket_path)
             except OSError as exc:
                 sock.close()
-                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
-                    time.sleep(self.retry * 5)
-                self._stop.wait(self.retry)
+                # Not there yet (the VM starting) or refused: soon again; anything else, later.
+                self._stop.wait(self.retry if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
+                                else self.retry * 5)
                 continue
             self._sock = sock
             try:

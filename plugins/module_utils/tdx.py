@@ -126,7 +126,6 @@ def open_provider(kind="auto", sim_state_dir=None, tsm_dir=TSM_REPORT_DIR, measu
         port = quote_channel.find_port()
         if port:
             return quote_channel.ChannelQuoteProvider(port, rtmr_state or quote_channel.DEFAULT_RTMR_STATE)
-    if not sim_state_dir:
         raise DstackError("sim_state_dir", "is required for the simulated TEE")
     # Imported here: the simulator needs cryptography, the real provider does not.
     from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # pylint: disable=import-outside-toplevel

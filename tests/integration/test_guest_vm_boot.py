@@ -23,6 +23,7 @@ build) or the Debian mirror. The image comes from the build script's cache
 inputs), else it is built (one to two minutes).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,6 +169,25 @@ def domain_name():
     return "dstack-tee-boot-" + uuid.uuid4().hex[:8]
 
 
+@contextlib.contextmanager
+def running_domain(libvirt_uri, spec):
+    """The domain of `spec`, defined and started; on a failure inside, the console's last lines are
+    printed; afterwards the domain is removed."""
+    conn = lv.connect(libvirt_uri)
+    dom = None
+    try:
+        dom = lv.define(conn, ld.render_domain_xml(spec))
+        lv.start(dom)
+        yield dom
+    except BaseException:
+        print(f"---- serial console ({spec.serial_log}), last lines:\n{tail(spec.serial_log)}")
+        raise
+    finally:
+        if dom is not None:
+            lv.remove(dom)
+        conn.close()
+
+
 def test_the_image_boots_through_verity_and_dstack_init_to_the_guest_agent(guest_image, libvirt_uri, host_api, host_dir):
     share, disk, vm_config = make_vm_folder(host_dir, guest_image, host_api.server.server_port)
     quote_socket = os.path.join(host_dir, "quote.sock")
@@ -177,12 +197,8 @@ def test_the_image_boots_through_verity_and_dstack_init_to_the_guest_agent(guest
     spec = domain_spec(domain_name(), guest_image, host_dir, share, disk, quote_socket=quote_socket)
     serial = spec.serial_log
     meta = json.load(open(os.path.join(guest_image, "metadata.json"), encoding="utf-8"))
-    conn = lv.connect(libvirt_uri)
-    dom = None
-    try:
-        started = time.monotonic()
-        dom = lv.define(conn, ld.render_domain_xml(spec))
-        lv.start(dom)
+    started = time.monotonic()
+    with contextlib.closing(quotes), running_domain(libvirt_uri, spec) as dom:
         # Until the host is told read-config, or the console shows a stop (a failed agent has told
         # the host all it had before it exits: a failed boot waits for that).
         reached = wait_until(lambda text: told(host_api, "boot.progress", "read-config") or "FATAL" in text
@@ -226,14 +242,6 @@ def test_the_image_boots_through_verity_and_dstack_init_to_the_guest_agent(guest
               "the host was told:")
         for event, payload in host_api.events:
             print(f"  {event}: {payload[:160]}")
-    except BaseException:
-        print(f"---- serial console ({serial}), last lines:\n{tail(serial)}")
-        raise
-    finally:
-        if dom is not None:
-            lv.remove(dom)
-        conn.close()
-        quotes.close()
 
 
 def test_a_rootfs_that_does_not_verify_is_never_mounted(guest_image, libvirt_uri, host_dir):
@@ -243,20 +251,9 @@ def test_a_rootfs_that_does_not_verify_is_never_mounted(guest_image, libvirt_uri
     spec = domain_spec(domain_name(), guest_image, host_dir, share, disk,
                        cmdline=meta["cmdline"].replace(meta["rootfs_hash"], wrong))
     serial = spec.serial_log
-    conn = lv.connect(libvirt_uri)
-    dom = None
-    try:
-        dom = lv.define(conn, ld.render_domain_xml(spec))
-        lv.start(dom)
+    with running_domain(libvirt_uri, spec) as dom:
         assert wait_until(lambda text: "dstack-verity: FATAL" in text, serial), "the initramfs did not refuse the rootfs"
         assert wait_for_power_off(dom, 30), "the VM did not power off after the rootfs failed to verify"
         text = read_log(serial)
         assert f"dstack-verity: FATAL: /dev/vda does not verify against root hash {wrong}" in text
         assert "dstack-verity: /dev/vda verified" not in text and "dstack-init:" not in text
-    except BaseException:
-        print(f"---- serial console ({serial}), last lines:\n{tail(serial)}")
-        raise
-    finally:
-        if dom is not None:
-            lv.remove(dom)
-        conn.close()

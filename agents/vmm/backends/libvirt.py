@@ -31,7 +31,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as 
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_domain as ld
 from ansible_collections.dstack.tee.plugins.module_utils import quote_channel
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
-from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes
+from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_bytes, read_json
 
 _IMAGE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _CID_RE = re.compile(r"<cid\b[^>]*\baddress='(\d+)'")
@@ -189,11 +189,8 @@ class LibvirtBackend(Backend):
             return
         # Imported here: the simulator needs cryptography, which the TDX path does not.
         from ansible_collections.dstack.tee.plugins.module_utils import tdx_sim  # pylint: disable=import-outside-toplevel
-        try:
-            sys_config = json.loads(read_bytes(os.path.join(vm.shared_dir, ".sys-config.json"), ".sys-config.json"))
-            vm_config = sys_config.get("vm_config", "") if isinstance(sys_config, dict) else ""
-        except ValueError:
-            raise DstackError(".sys-config.json", "is not JSON") from None
+        sys_config = read_json(os.path.join(vm.shared_dir, ".sys-config.json"), ".sys-config.json")
+        vm_config = sys_config.get("vm_config", "") if isinstance(sys_config, dict) else ""
         service = quote_channel.QuoteService(tdx_sim.SimTdx(self.sim_state_dir),
                                              tdx_sim.launch_measurements(vm_config), name=vm.id)
         self._channels[vm.id] = quote_channel.QuoteChannelServer(self._quote_socket(vm), service).start()
@@ -227,11 +224,9 @@ class LibvirtBackend(Backend):
         dom = self._domain(vm)
         if force:
             self._drop_channel(vm)
-        if dom is None:
-            return
-        if force:
-            lv.destroy(dom)
-        else:
+            if dom is not None:
+                lv.destroy(dom)
+        elif dom is not None:
             lv.shutdown(dom)
 
     def remove(self, vm):
