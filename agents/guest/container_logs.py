@@ -17,11 +17,16 @@ project's containers (ComposeRunner.ps) at the start, when a follower ends, and 
 A container is followed from its first line. Once its follower ended (the container stopped), it
 is followed again from the last timestamp printed, at the next look (at once when the follower had
 printed, then after 1, 2, 4 ... 30 s): a restarted container's new run is printed however briefly
-it ran, and no line is printed twice. The timestamps are taken off the lines. Nothing of the
-app's env is on the engine's command line.
+it ran, and no line is printed twice. Lines read together share one timestamp (conmon stamps a
+read, not a line: `echo run; echo done` gives two lines of one nanosecond), so the follow again
+starts just before that timestamp and skips only as many of its lines as were printed: a
+follower that ended between two such lines (the engine stops following when the container
+exits) loses neither. The timestamps are taken off the lines. Nothing of the app's env is on the
+engine's command line.
 """
 
 import calendar
+import collections
 import logging
 import re
 import subprocess
@@ -69,7 +74,7 @@ class ContainerLogs:
         self._stopping = threading.Event()
         self._wake = threading.Event()         # a follower ended: look at the containers again
         self._followers = {}                   # container name -> _Follower
-        self._last = {}                        # container name -> (sort key, text) of its last timestamp
+        self._last = {}                        # container name -> _Printed: its last timestamp
         self._unstamped = set()                # containers whose lines came without a timestamp
         self._watcher = threading.Thread(target=self._watch, name="container-logs", daemon=True)
 
@@ -126,7 +131,7 @@ class ContainerLogs:
                 return
             try:
                 argv, env = self.runner.logs_command(name, timestamps=True, follow=True,
-                                                     since=None if since is None else since[1])
+                                                     since=None if since is None else since.before())
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # pylint: disable=consider-using-with
                                         stderr=subprocess.STDOUT, env=env)
             except OSError as exc:
@@ -152,10 +157,12 @@ class ContainerLogs:
                 log.warning("cannot write the containers' output: %s", exc)
                 self._stopping.set()
 
-    def printed(self, container, stamp):
+    def printed(self, container, key):
         last = self._last.get(container)
-        if last is None or stamp[0] > last[0]:
-            self._last[container] = stamp
+        if last is None or key > last.key:
+            self._last[container] = _Printed(key, 1)
+        elif key == last.key:
+            self._last[container] = _Printed(key, last.count + 1)
 
     def ended(self, container, printed, stamped):
         """A follower ended. One that printed something (its container ran) has the containers
@@ -182,15 +189,20 @@ class _Follower:
 
     def _copy(self):
         printed = stamped = False
+        # The engine gives what follows since.before() (podman: after it, docker: from it); what
+        # was printed before is dropped here: older lines, and the first `count` of the last stamp.
+        skip = 0 if self.since is None else self.since.count
         try:
             for line in iter(lambda: self.proc.stdout.readline(MAX_LINE), b""):
-                stamp, text = _split_stamp(line)
-                # --since is exclusive with podman, inclusive with docker: what was printed before is
-                # dropped here either way.
-                if stamp is not None and self.since is not None and stamp[0] <= self.since[0]:
-                    continue
-                if stamp is not None:
-                    self.owner.printed(self.name, stamp)
+                key, text = _split_stamp(line)
+                if key is not None and self.since is not None:
+                    if key < self.since.key:
+                        continue
+                    if key == self.since.key and skip:
+                        skip -= 1
+                        continue
+                if key is not None:
+                    self.owner.printed(self.name, key)
                     stamped = True
                 self.owner.write(self.head, text)
                 printed = True
@@ -209,8 +221,19 @@ class _Follower:
             self.thread.join(timeout)
 
 
+class _Printed(collections.namedtuple("_Printed", "key count")):
+    """A container's last printed timestamp (its sort key: (epoch seconds, nanoseconds) UTC) and
+    how many lines of that very timestamp were printed."""
+
+    def before(self):
+        """--since for following again: RFC 3339 UTC one nanosecond before `key`, which both
+        engines read to the nanosecond."""
+        seconds, nanos = divmod(self.key[0] * 1_000_000_000 + self.key[1] - 1, 1_000_000_000)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+
+
 def _split_stamp(line):
-    """((sort key, text) of the line's timestamp, the line after it), or (None, line) when it has none."""
+    """(sort key of the line's timestamp, the line after it), or (None, line) when it has none."""
     match = _STAMP_RE.match(line)
     if not match:
         return None, line
@@ -222,5 +245,4 @@ def _split_stamp(line):
     if zone != "Z":
         sign = 1 if zone[0] == "+" else -1
         epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    stamp_text = match.group(0)[:-1].decode("ascii")
-    return ((epoch, int(fraction.ljust(9, "0"))), stamp_text), line[match.end():]
+    return (epoch, int(fraction.ljust(9, "0"))), line[match.end():]

@@ -153,5 +153,44 @@ def test_a_containers_console_name(container, label):
     (b"2026-13-30T07:19:10Z bad month\n", None, b"2026-13-30T07:19:10Z bad month\n"),
 ])
 def test_timestamps_are_read_and_taken_off(line, key, text):
-    stamp, rest = container_logs._split_stamp(line)  # pylint: disable=protected-access
-    assert (stamp[0] if stamp else None, rest) == (key, text)
+    assert container_logs._split_stamp(line) == (key, text)  # pylint: disable=protected-access
+
+
+def test_lines_of_one_timestamp_are_not_lost_when_a_follower_ends_between_them():
+    """conmon stamps what it read at once with one timestamp (`echo run; echo done` gives two lines
+    of one nanosecond), and an engine's follow may end as its container exits, between the two.
+    The follow again asks for what came from that nanosecond on and skips only the line printed:
+    "done" is printed, once; nothing is printed twice. (A scripted engine: the real one's ending
+    between the two lines cannot be made to happen on demand.)"""
+    stamp = "2026-11-30T20:19:27.921335553Z"
+    outputs = [f"{stamp} run\n",                                          # ended after the first
+               f"{stamp} run\n{stamp} done\n",                           # both, from --since on
+               f"{stamp} run\n{stamp} done\n2026-11-30T20:19:28Z again\n"]  # and a later run's line
+    calls = []
+
+    class ScriptedEngine:
+        engine, project = "podman", "proj"
+
+        def ps(self):
+            return [("proj_worker_1", "Exited (0) 1 second ago")]
+
+        def logs_command(self, container, timestamps=False, since=None, follow=False):
+            assert (container, timestamps, follow) == ("proj_worker_1", True, True)
+            calls.append(since)
+            return ["printf", "%s", outputs[min(len(calls), len(outputs)) - 1]], dict(os.environ)
+
+    console = Console()
+    following = container_logs.start_following(ScriptedEngine(), console, services=["worker"],
+                                               rescan=0.05, rescan_max=0.1)
+    try:
+        console.wait_for("worker-1  | again")
+        time.sleep(0.5)  # more follows again, each given the same lines: none printed twice
+    finally:
+        following.stop()
+    assert console.lines() == ["worker-1  | run", "worker-1  | done", "worker-1  | again"]
+    assert calls[:3] == [None, "2026-11-30T20:19:27.921335552Z", "2026-11-30T20:19:27.921335552Z"]
+    assert calls[3] == "2026-11-30T20:19:27.999999999Z"  # one nanosecond before 20:19:28
+
+
+def test_since_is_one_nanosecond_before_across_a_second():
+    assert container_logs._Printed((1796023150, 0), 1).before() == "2026-11-30T07:19:09.999999999Z"  # pylint: disable=protected-access
