@@ -41,7 +41,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import Forbidden
 
 from ansible_collections.dstack.tee.agents.wsgi import add_prpc_routes, install_json_errors, request_params
-from ansible_collections.dstack.tee.agents.vmm.service import VERSION, NotFound, VmmService
+from ansible_collections.dstack.tee.agents.vmm.service import VERSION, NotFound, VmmService, guest_url
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
@@ -59,7 +59,7 @@ def create_app(config, backend):
     service = VmmService(config, backend)
     app.extensions["dstack_vmm"] = service
     tokens = [t for t in (config.get("auth_tokens") or []) if t]
-    hosts = ServedHosts(config)
+    hosts = ServedHosts(config, guest_host_address=backend.guest_host_address)
     followers = FollowerSlots(config.get("max_log_followers", MAX_LOG_FOLLOWERS))
     app.extensions["dstack_vmm_followers"] = followers
 
@@ -175,7 +175,7 @@ class ServedHosts:
     reached this VMM at that address.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, guest_host_address=None):
         listen = str(config.get("listen") or "127.0.0.1:9080")
         host, _sep, self.port = listen.rpartition(":")
         host = host.strip("[]").lower()
@@ -193,9 +193,12 @@ class ServedHosts:
                 self.names.add(_host_port(name, self.port))
             elif port in ("80", "443"):
                 self.names.add(name)  # browsers leave a scheme's default port out of Host and Origin
-        host_api = urlsplit(str(config.get("host_api_base") or ""))
-        if host_api.netloc:
-            self.names.add(host_api.netloc.lower())
+        host_api_base = str(config.get("host_api_base") or "")
+        # The host API as the VMs reach it too (a VM on QEMU's user network: 10.0.2.2:PORT).
+        for url in (host_api_base, guest_url(host_api_base, guest_host_address)):
+            netloc = urlsplit(url).netloc
+            if netloc:
+                self.names.add(netloc.lower())
 
     def serves(self, value):
         value = (value or "").lower()

@@ -8,6 +8,8 @@
                      [--allowed-host-address IP ...] [--max-vcpu N] [--max-memory-mb N]
                      [--max-disk-size-gb N] [--max-name-length N] [--max-cvm-number N]
                      [--max-log-followers N] [--api-threads N] [--cvm-netns]
+                     [--libvirt-uri URI] [--image-path DIR] [--libvirt-domain-type kvm|qemu]
+                     [--no-preload-images]
 
 Serves the JSON API (/prpc/Vmm.*), the web UI (/) and /logs with gunicorn (one worker: the VMM
 serializes changes to a VM; api_threads threads for the API and the host API, and
@@ -17,9 +19,14 @@ start it finds the VMs of its run path again and starts those that should run.
 --cvm-netns (vmm.toml cvm_netns = true; process backend, as root): each CVM in its own network
 namespace with a veth to the host (cvm_netns_range, default 10.213.0.0/16, one /30 each), the
 guest agent run with --netns; needed by CVMs that use the gateway.
-The libvirt backend (vmm.toml libvirt_uri, default qemu:///system; image_path): domains of type
-libvirt_domain_type, kvm (default) or qemu (TCG, for a host whose /dev/kvm is PVM and runs a stock
-guest kernel ~100x slower than TCG: README, machine notes). A no_tee VM's quotes come from the
+The libvirt backend (vmm.toml libvirt_uri or --libvirt-uri, default qemu:///system; image_path or
+--image-path, default ./images): domains of type libvirt_domain_type (--libvirt-domain-type), kvm
+(default) or qemu (TCG, for a host whose /dev/kvm is PVM and runs a stock guest kernel ~100x slower
+than TCG: README, machine notes). Its VMs are on QEMU's user network, where the host's loopback is
+10.0.2.2: the KMS, gateway and host API URLs on loopback are given to them so. Before a VM starts,
+the images of its compose that the host's podman holds are saved into its config share
+(images/*.tar, loaded by the guest); vmm.toml preload_images = false (--no-preload-images) leaves
+every image to the guest to pull. A no_tee VM's quotes come from the
 VMM over the VM's org.dstack.quote virtio-serial port, signed by the simulated platform in
 sim_state_dir (as the process backend's CVMs are).
 
@@ -35,7 +42,6 @@ $DSTACK_VMM_TOKEN, else the first of $DSTACK_VMM_TOKENS, which serve reads) when
 
 import argparse
 import http.client
-import ipaddress
 import json
 import logging
 import os
@@ -43,6 +49,7 @@ import sys
 from urllib.parse import urlsplit
 
 from ansible_collections.dstack.tee.agents.cli_support import run_cli
+from ansible_collections.dstack.tee.agents.vmm.service import is_loopback_host
 from ansible_collections.dstack.tee.agents.wsgi import run_gunicorn
 from ansible_collections.dstack.tee.plugins.module_utils import service_log
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
@@ -54,7 +61,7 @@ KEYS = ("run_path", "listen", "backend", "kms_urls", "kms_ca_cert", "sim_state_d
         "os_image_hash", "gateway_urls", "libvirt_uri", "libvirt_domain_type", "image_path", "host_api_base", "server_names",
         "allowed_host_addresses", "max_allocable_vcpu", "max_allocable_memory_in_mb", "max_disk_size_gb",
         "max_name_length", "max_cvm_number", "max_log_followers", "api_threads", "max_request_bytes", "cvm_netns",
-        "cvm_netns_range")
+        "cvm_netns_range", "preload_images")
 API_THREADS = 16
 DEFAULT_URL = "http://127.0.0.1:9080"
 
@@ -70,7 +77,10 @@ def load_config(args):
              "max_name_length": args.max_name_length, "max_cvm_number": args.max_cvm_number,
              "max_log_followers": args.max_log_followers, "api_threads": args.api_threads,
              "cvm_netns": True if getattr(args, "cvm_netns", False) else None,
-             "gateway_urls": getattr(args, "gateway_url", None) or None}
+             "gateway_urls": getattr(args, "gateway_url", None) or None,
+             "libvirt_uri": getattr(args, "libvirt_uri", None), "image_path": getattr(args, "image_path", None),
+             "libvirt_domain_type": getattr(args, "libvirt_domain_type", None),
+             "preload_images": False if getattr(args, "no_preload_images", False) else None}
     config.update({k: v for k, v in flags.items() if v is not None})
     if os.environ.get("DSTACK_VMM_TOKENS") and not config.get("auth_tokens"):
         config["auth_tokens"] = [t for t in os.environ["DSTACK_VMM_TOKENS"].split(",") if t]
@@ -97,16 +107,13 @@ def make_backend(config):
         domain_type = config.get("libvirt_domain_type", "kvm")
         if domain_type not in ("kvm", "qemu"):
             raise DstackError("libvirt_domain_type", f"must be kvm or qemu, not {str(domain_type)[:20]!r}")
+        preload_images = config.get("preload_images", True)
+        if not isinstance(preload_images, bool):
+            raise DstackError("preload_images", "must be true or false")
         return LibvirtBackend(config.get("libvirt_uri", "qemu:///system"), image_dir=config.get("image_path", "images"),
-                              domain_type=domain_type, sim_state_dir=config.get("sim_state_dir"))
+                              domain_type=domain_type, sim_state_dir=config.get("sim_state_dir"),
+                              preload_images=preload_images)
     raise DstackError("backend", f"unknown backend {str(config['backend'])[:20]!r} (expected process or libvirt)")
-
-
-def _is_loopback(host):
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def cmd_serve(args):
@@ -116,7 +123,7 @@ def cmd_serve(args):
     host, _sep, port = config["listen"].rpartition(":")
     if not host or not port.isdigit():
         raise DstackError("--listen", "must be HOST:PORT")
-    if not _is_loopback(host) and not config.get("auth_tokens"):
+    if not is_loopback_host(host) and not config.get("auth_tokens"):
         raise DstackError("--token", f"is required when listening on {host} (anything but loopback)")
     connect = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host.strip("[]")
     config.setdefault("host_api_base", f"http://{connect}:{port}/host-api")
@@ -258,6 +265,16 @@ def build_parser():
     serve.add_argument("--cvm-netns", action="store_true", default=None,
                        help="process backend: each CVM in its own network namespace with a veth to the host "
                             "(vmm.toml cvm_netns; default off; needed by CVMs that use the gateway)")
+    serve.add_argument("--libvirt-uri", help="libvirt backend: the libvirt connection (default qemu:///system; "
+                                             "vmm.toml libvirt_uri)")
+    serve.add_argument("--image-path", help="libvirt backend: the folder of guest images, one folder each "
+                                            "(default ./images; vmm.toml image_path)")
+    serve.add_argument("--libvirt-domain-type", choices=["kvm", "qemu"],
+                       help="libvirt backend: kvm (default), or qemu (TCG) where /dev/kvm cannot run the guest "
+                            "(vmm.toml libvirt_domain_type)")
+    serve.add_argument("--no-preload-images", action="store_true", default=None,
+                       help="libvirt backend: do not save the compose's images from the host's podman into the VM's "
+                            "config share; the guest pulls them (vmm.toml preload_images = false)")
     serve.set_defaults(func=cmd_serve)
     logs = sub.add_parser("logs", help="print a CVM's log: its containers' output, or the guest agent's")
     logs.add_argument("name", metavar="NAME", help="the VM's name or id")

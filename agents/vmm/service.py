@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, VmRecord
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
@@ -114,6 +115,35 @@ def _url_list(value, field):
         if not url.startswith(("http://", "https://")):
             raise DstackError(f"{field}[{pos}]", "must be an http:// or https:// URL")
     return list(value)
+
+
+def is_loopback_host(host):
+    """Whether a host name or IP (IPv6 with or without brackets) is this host's loopback."""
+    host = str(host or "").strip("[]").lower()
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "localhost.")
+
+
+def guest_url(url, host_address):
+    """`url` as a VM reaches it: a loopback host (127.0.0.0/8, ::1, localhost) becomes
+    `host_address`, the host's address on the VM's network (its backend's guest_host_address);
+    port, path and the rest stay. Other URLs, and every URL when host_address is None, unchanged."""
+    if not host_address or not url:
+        return url
+    parts = urlsplit(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:   # a malformed port: nothing a VM could reach either way
+        return url
+    if host is None or not is_loopback_host(host):
+        return url
+    netloc = f"[{host_address}]" if ":" in host_address else host_address
+    if port is not None:
+        netloc += f":{port}"
+    userinfo, at_sign, _hostport = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=userinfo + at_sign + netloc))
 
 
 def _json(path, default=None):
@@ -335,10 +365,14 @@ class VmmService:
         vm_config = {"os_image_hash": self.backend.os_image_hash(vm) or self.os_image_hash, "cpu_count": vm.manifest.get("vcpu", 1),
                      "memory_size": vm.manifest.get("memory", 1024) * 1024 * 1024, "image": vm.manifest.get("image", ""),
                      "spec_version": 1}
-        sys_config = {"kms_urls": vm.manifest.get("kms_urls") or self.kms_urls,
-                      "gateway_urls": vm.manifest.get("gateway_urls") or self.gateway_urls,
+        # The VM's view of the host: loopback URLs name the host's address on the VM's network.
+        guest = self.backend.guest_host_address
+        sys_config = {"kms_urls": [guest_url(url, guest) for url in vm.manifest.get("kms_urls") or self.kms_urls],
+                      "gateway_urls": [guest_url(url, guest)
+                                       for url in vm.manifest.get("gateway_urls") or self.gateway_urls],
                       "pccs_url": "", "docker_registry": "",
-                      "host_api_url": f"{self.host_api_base}/{vm.id}/{token}" if self.host_api_base else "",
+                      "host_api_url": f"{guest_url(self.host_api_base, guest)}/{vm.id}/{token}"
+                                      if self.host_api_base else "",
                       "vm_config": json.dumps(vm_config, sort_keys=True)}
         if self.kms_ca_cert and os.path.exists(self.kms_ca_cert):
             sys_config["kms_ca_cert"] = read_text(self.kms_ca_cert, "kms_ca_cert")

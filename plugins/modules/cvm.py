@@ -13,8 +13,8 @@ description:
     (C(dstack-vmm), its JSON API at C(/prpc/Vmm.*)).
   - A CVM whose app-compose, encrypted env or ports differ from the options is updated in place
     (UpdateVm), which keeps the instance's data; the new compose_hash must be authorized first.
-  - The VMM cannot change O(vcpu), O(memory), O(disk_size), O(image) or O(app_id) of an existing
-    CVM. When one of them differs, the task fails naming them and changes nothing, unless
+  - The VMM cannot change O(vcpu), O(memory), O(disk_size), O(image), O(no_tee) or O(app_id) of an
+    existing CVM. When one of them differs, the task fails naming them and changes nothing, unless
     O(recreate=true) (see there). Check mode and the diff show every field that differs.
   - With O(wait=true) the task waits until the guest reports its boot finished, and fails with
     the guest's boot error otherwise.
@@ -27,7 +27,7 @@ attributes:
     support: full
     details: >-
       The diff shows the CVM's name, app_id, compose_hash, encrypted env digest, ports, vcpu,
-      memory, disk_size, image and state, before and after; when the app-compose changes, a
+      memory, disk_size, image, no_tee and state, before and after; when the app-compose changes, a
       second diff shows it as YAML lines, the docker-compose text line by line.
   idempotent:
     support: full
@@ -106,12 +106,22 @@ options:
     type: int
     default: 10
   image:
-    description: The guest image name (libvirt backend).
+    description:
+      - The guest image the CVM boots, a folder name in the VMM's image path (C(dstack-vmm serve
+        --image-path), vmm.toml C(image_path)). The libvirt backend needs one; the process backend
+        runs no image and ignores it.
     type: str
     default: ""
+  no_tee:
+    description:
+      - Run the CVM as a plain VM without TDX (libvirt backend); its quotes come from the VMM's
+        simulated TDX platform, which only a KMS in simulation mode trusts. For hosts without TDX.
+      - The process backend's CVMs are simulated either way.
+    type: bool
+    default: false
   recreate:
     description:
-      - What to do when O(vcpu), O(memory), O(disk_size), O(image) or O(app_id) differ from those of
+      - What to do when O(vcpu), O(memory), O(disk_size), O(image), O(no_tee) or O(app_id) differ from those of
         the existing CVM, which the VMM cannot change in place (its UpdateVm changes only the
         app-compose, the encrypted env and the ports).
       - V(false) fails, naming the fields, and leaves the CVM as it is.
@@ -161,6 +171,14 @@ EXAMPLES = r"""
     ports:
       - {host_port: 8080, vm_port: 8080}
   register: cvm
+
+- name: Run it in a VM of the guest image dstack-guest, without TDX (libvirt backend on a host without TDX)
+  dstack.tee.cvm:
+    name: hello-vm
+    app_compose_file: build/hello/app-compose.json
+    image: dstack-guest
+    no_tee: true
+    wait: false
 
 - name: Remove it
   dstack.tee.cvm:
@@ -224,7 +242,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmCl
 # What the VMM's UpdateVm changes in place (agents/vmm/service.py update_vm), keeping the
 # instance and its data; and what only a new CVM can have.
 IN_PLACE = ("compose_hash", "encrypted_env_sha256", "ports")
-NOT_IN_PLACE = ("vcpu", "memory", "disk_size", "image", "app_id")
+NOT_IN_PLACE = ("vcpu", "memory", "disk_size", "image", "no_tee", "app_id")
 
 
 def _ports(ports):
@@ -240,7 +258,7 @@ def _view(info):
     return {"name": info.get("name"), "app_id": info.get("app_id", ""), "compose_hash": info.get("compose_hash"),
             "encrypted_env_sha256": info.get("encrypted_env_sha256", ""), "ports": _ports(cfg.get("ports")),
             "vcpu": cfg.get("vcpu"), "memory": cfg.get("memory"), "disk_size": cfg.get("disk_size"),
-            "image": cfg.get("image") or "", "status": info.get("status")}
+            "image": cfg.get("image") or "", "no_tee": bool(cfg.get("no_tee")), "status": info.get("status")}
 
 
 def _result(info):
@@ -266,6 +284,7 @@ def main():
             memory=dict(type="int", default=1024),
             disk_size=dict(type="int", default=10),
             image=dict(type="str", default=""),
+            no_tee=dict(type="bool", default=False),
             recreate=dict(type="bool", default=False),
             wait=dict(type="bool", default=True),
             wait_timeout=dict(type="int", default=300),
@@ -324,10 +343,11 @@ def _apply(module, client, current):
     app_id = app_compose.app_id_for(compose_hash, p["app_id"]) if p["app_id"] or not current else before["app_id"]
     wanted = {"name": p["name"], "app_id": app_id, "compose_hash": compose_hash,
               "encrypted_env_sha256": hashlib.sha256(env).hexdigest() if env else "", "ports": _ports(p["ports"]),
-              "vcpu": p["vcpu"], "memory": p["memory"], "disk_size": p["disk_size"], "image": p["image"]}
+              "vcpu": p["vcpu"], "memory": p["memory"], "disk_size": p["disk_size"], "image": p["image"],
+              "no_tee": p["no_tee"]}
     config = {"name": p["name"], "compose_file": compose.decode("utf-8"), "encrypted_env": env.hex(),
               "ports": wanted["ports"], "vcpu": p["vcpu"], "memory": p["memory"], "disk_size": p["disk_size"],
-              "image": p["image"], "app_id": app_id}
+              "image": p["image"], "no_tee": p["no_tee"], "app_id": app_id}
     changed = recreated = start = False
     fixed = [k for k in NOT_IN_PLACE if current and before[k] != wanted[k]]
     if fixed and not p["recreate"]:

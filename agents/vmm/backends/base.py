@@ -42,6 +42,10 @@ class Backend:
     """Base class: create -> start -> (stop | shutdown) -> remove; status() at any time."""
 
     name = "base"
+    # The host's address on the VM's network, where the VM reaches what listens on the host's
+    # loopback (the VMM rewrites loopback URLs in .sys-config.json to it); None: the VM shares the
+    # host's loopback, or reaches it by its own means (the process backend).
+    guest_host_address = None
 
     def create(self, vm):
         """Prepare what the VM needs (define a domain, write a process entry). Idempotent."""

@@ -13,6 +13,15 @@ rootfs and cmdline, relative to that directory). Per VM the backend keeps, in th
                  virtio-serial port: QEMU listens, the backend's QuoteChannelServer answers the
                  guest's quote requests with the simulated platform's keys and the launch
                  measurements of the vm_config the VMM wrote to the share (quote_channel.py)
+    shared/images/<name>-<hash>.tar   (preload_images) docker-archives of the compose's images the
+                 host's podman holds, written before each start (podman save, to a temporary name
+                 then renamed; an archive of the same image ID is kept): the guest podman-loads
+                 every images/*.tar, and pulls the images the host does not have (a log line says so)
+
+Its VMs are on QEMU's user network (<interface type='user'>), where the host's loopback is 10.0.2.2
+(guest_host_address): the VMM gives them loopback URLs so. QEMU runs as libvirt's qemu user: the
+run path, the VM's run directory and its share are made reachable by that user's group (run path
+and run directory traverse only, the share readable: 0710, 0710, 0750), not by other users.
 
 The domain is named dstack-<vm id> (its UUID is the VM id, its title the VM name), its MAC comes
 from the VM id, and its vsock CID from a pool (cid_start, cid_pool_size: dstack's defaults 1000
@@ -20,13 +29,19 @@ and 1000), kept across redefinitions. mrconfigid comes from the share's app-comp
 manifest's app_id. Port forwards need libvirt's passt backend (libvirt 9.2 or later).
 """
 
+import grp
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
+import uuid
 
 from ansible_collections.dstack.tee.agents.vmm.backends.base import EXITED, RUNNING, STOPPED, STOPPING, Backend
+from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
+from ansible_collections.dstack.tee.plugins.module_utils import image_archive
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as lv
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_domain as ld
 from ansible_collections.dstack.tee.plugins.module_utils import quote_channel
@@ -36,17 +51,35 @@ from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_byte
 _IMAGE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _CID_RE = re.compile(r"<cid\b[^>]*\baddress='(\d+)'")
 QCOW2_MAGIC = b"QFI\xfb"
+# QEMU's user network: the guest reaches the host's loopback at the network's gateway address.
+USER_NET_HOST_ADDRESS = "10.0.2.2"
+# The group libvirt's QEMU runs with (Debian: user libvirt-qemu, in its group of that name).
+QEMU_GROUP = "libvirt-qemu"
+IMAGES_DIR = "images"
+log = logging.getLogger("dstack-vmm.libvirt")
+
+
+def archive_name(image):
+    """The file name of an image's archive in the share: the name made safe, plus a hash of the
+    whole name so that two names made alike stay two files."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image).strip("._-")[:80] or "image"
+    return f"{safe}-{hashlib.sha256(image.encode('utf-8')).hexdigest()[:12]}.tar"
 
 
 class LibvirtBackend(Backend):
     name = "libvirt"
+    guest_host_address = USER_NET_HOST_ADDRESS
 
     def __init__(self, uri="qemu:///system", image_dir="images", domain_prefix="dstack-", vsock=None,
                  cid_start=1000, cid_pool_size=1000, domain_type="kvm", qgs_socket=ld.DEFAULT_QGS_SOCKET,
-                 qemu_img=None, sim_state_dir=None):
+                 qemu_img=None, sim_state_dir=None, preload_images=True, image_engine="podman",
+                 qemu_group=QEMU_GROUP):
         """`vsock`: True/False, or None to give guests a vsock device when /dev/vhost-vsock exists.
         `sim_state_dir`: the simulated TDX platform that signs the quotes of no_tee VMs (none: such
-        VMs get no quote channel)."""
+        VMs get no quote channel). `preload_images`: save the compose's images the host's
+        `image_engine` (podman, or docker) holds into the share before a start. `qemu_group`: the
+        group QEMU runs with, given access to the VM's files (None, or a group this host lacks:
+        nothing is changed)."""
         self.uri = uri
         self.image_dir = os.path.abspath(image_dir)
         self.domain_prefix = domain_prefix
@@ -57,6 +90,9 @@ class LibvirtBackend(Backend):
         self.qgs_socket = qgs_socket
         self.qemu_img = qemu_img if qemu_img is not None else shutil.which("qemu-img")
         self.sim_state_dir = sim_state_dir
+        self.preload_images = preload_images
+        self.image_engine = image_engine
+        self.qemu_group = qemu_group
         self._conn = None
         self._channels = {}   # vm id -> QuoteChannelServer
 
@@ -195,6 +231,93 @@ class LibvirtBackend(Backend):
                                              tdx_sim.launch_measurements(vm_config), name=vm.id)
         self._channels[vm.id] = quote_channel.QuoteChannelServer(self._quote_socket(vm), service).start()
 
+    # ---- what QEMU reads: the share, the app's images --------------------------------------------
+
+    def _qemu_gid(self):
+        if not self.qemu_group or os.geteuid() != 0:
+            return None
+        try:
+            return grp.getgrnam(self.qemu_group).gr_gid
+        except KeyError:
+            return None
+
+    def _grant_qemu(self, vm):
+        """QEMU (as libvirt's qemu user) reaches the data disk, the quote socket and the share:
+        run path and run directory traversable by its group, the share's folders readable by it;
+        others get nothing (.sys-config.json holds the VM's host API token)."""
+        gid = self._qemu_gid()
+        if gid is None:
+            return
+        for path, mode in ((os.path.dirname(os.path.abspath(vm.run_dir)), 0o710), (vm.run_dir, 0o710)):
+            os.chown(path, -1, gid)
+            os.chmod(path, mode)
+        for folder, _dirs, files in os.walk(vm.shared_dir):
+            os.chown(folder, -1, gid)
+            os.chmod(folder, 0o755 if os.path.basename(folder) == IMAGES_DIR else 0o750)
+            for name in files:
+                os.chown(os.path.join(folder, name), -1, gid, follow_symlinks=False)
+
+    def compose_images(self, vm):
+        """The images the VM's compose services name (its share's app-compose.json), once each."""
+        data = read_bytes(os.path.join(vm.shared_dir, "app-compose.json"), "app-compose.json")
+        doc = compose.parse(data, "app-compose.json")
+        if not doc.get("docker_compose_file"):
+            return []
+        services = compose.parse_compose_yaml(doc["docker_compose_file"], "docker_compose_file")["services"]
+        names = []
+        for service in services.values():
+            image = service.get("image")
+            if isinstance(image, str) and image and image not in names:
+                names.append(image)
+        return names
+
+    def save_images(self, vm):
+        """Write docker-archives of the compose's images the host's engine holds into the share's
+        images/ (an archive already there of the same image ID is kept; the archives of images no
+        longer wanted are removed). Each is written under a temporary name and renamed, 0644 in a
+        0755 folder: QEMU reads them, the guest loads them. Returns the names saved or kept."""
+        folder = os.path.join(vm.shared_dir, IMAGES_DIR)
+        names = self.compose_images(vm)
+        if names and not shutil.which(self.image_engine):
+            log.info("VM %s: %s is not installed on this host: the guest pulls %s", vm.id, self.image_engine,
+                     ", ".join(names))
+            names = []
+        store = image_archive.PodmanStore(self.image_engine, field="preload_images")
+        wanted = {}
+        for name in names:
+            image_id = store.image_id(name)
+            if image_id is None:
+                log.info("VM %s: image %s is not in this host's %s store: the guest pulls it", vm.id, name,
+                         self.image_engine)
+            else:
+                wanted[archive_name(name)] = (name, image_id)
+        if not wanted and not os.path.isdir(folder):
+            return []
+        os.makedirs(folder, exist_ok=True)
+        os.chmod(folder, 0o755)
+        for entry in os.listdir(folder):
+            if entry not in wanted:   # an image gone from the compose or the host, or an interrupted save
+                os.unlink(os.path.join(folder, entry))
+        for entry, (name, image_id) in wanted.items():
+            path = os.path.join(folder, entry)
+            if os.path.exists(path):
+                try:
+                    if image_archive.read_archive(path, "preload_images").id == image_id:
+                        continue
+                except DstackError:
+                    pass   # damaged: saved again
+            tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp")   # not *.tar: the guest loads only those
+            try:
+                store.save(name, tmp, "preload_images")
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            log.info("VM %s: image %s (%s) saved into its share as %s/%s", vm.id, name, image_id[:12], IMAGES_DIR,
+                     entry)
+        return [name for name, _id in wanted.values()]
+
     def _drop_channel(self, vm):
         server = self._channels.pop(vm.id, None)
         if server is not None:
@@ -208,6 +331,7 @@ class LibvirtBackend(Backend):
     def create(self, vm):
         """Define the domain, or redefine it when its definition differs (a running VM picks the
         new definition up at its next start)."""
+        self._grant_qemu(vm)
         dom = self._domain(vm)
         xml = self.domain_xml(vm, dom)
         if dom is not None and ld.normalized_current(lv.current_xml(dom), xml) == xml:
@@ -216,6 +340,9 @@ class LibvirtBackend(Backend):
 
     def start(self, vm):
         dom = self._domain(vm) or self.create(vm)
+        if self.preload_images:
+            self.save_images(vm)
+        self._grant_qemu(vm)   # the VMM has just rewritten the share's files
         self._drop_channel(vm)   # the vm_config may have changed since the last start
         lv.start(dom)
         self._ensure_channel(vm)
