@@ -1,0 +1,91 @@
+"""The asyncio worker's fast path (agents/wsgi.py FastPrpc) on a real gunicorn: a plain pRPC POST is
+answered with the bytes gunicorn's own protocol gives, pipelined answers come in order (on the
+loop and on the pool's threads), the first request the fast path does not take hands that
+connection and every byte after it to gunicorn's parser, and each request leaves one access
+line in gunicorn's format."""
+
+import json
+import socket
+import time
+
+import pytest
+
+from asgi_fixtures import AsgiServer, server_factory
+
+ECHO = b"POST /prpc/T.Echo HTTP/1.1\r\nHost: t\r\nUser-Agent: fast\r\nContent-Length: %d\r\n\r\n%s"
+# The same request with a header the fast path leaves to gunicorn's parser.
+ECHO_VIA_GUNICORN = b"POST /prpc/T.Echo HTTP/1.1\r\nHost: t\r\nUser-Agent: fast\r\nX-Via: parser\r\n" \
+                    b"Content-Length: %d\r\n\r\n%s"
+CHUNKED = b"POST /prpc/T.Echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n{\"n\":9}\r\n0\r\n\r\n"
+
+
+@pytest.fixture
+def servers():
+    yield from server_factory(AsgiServer)
+
+
+def echo(template, number):
+    body = json.dumps({"n": number}).encode()
+    return template % (len(body), body)
+
+
+def read_answers(sock, count):
+    """`count` answers from a kept connection: [(head lines without Date, body)]."""
+    data, answers = b"", []
+    while len(answers) < count:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            if len(rest) >= length:
+                lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"date:")]
+                answers.append((lines, json.loads(rest[:length])))
+                data = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(answers)} answers"
+        data += chunk
+    return answers
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["loop", "pool"])
+def test_pipelined_answers_in_order_across_the_hand_over(servers, inline):
+    server = servers(inline=inline)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        # Five plain POSTs in one segment, then one the fast path leaves (chunked), then two more
+        # plain ones, which gunicorn's parser now reads too.
+        sock.sendall(b"".join(echo(ECHO, n) for n in range(5)) + CHUNKED + echo(ECHO, 10) + echo(ECHO, 11))
+        answers = read_answers(sock, 8)
+        assert [body["params"]["n"] for _head, body in answers] == [0, 1, 2, 3, 4, 9, 10, 11]
+        assert all(head[0] == b"HTTP/1.1 200 OK" and body["remote"] == "127.0.0.1" for head, body in answers)
+        # Still kept alive.
+        sock.sendall(echo(ECHO, 12))
+        assert read_answers(sock, 1)[0][1]["params"] == {"n": 12}
+    output = server.stop()
+    assert output.count('"POST /prpc/T.Echo HTTP/1.1" 200 ') == 9, output
+    assert output.count('"-" "fast"\n') == 8, output   # the access line's user agent, as gunicorn's format has it
+
+
+def test_the_fast_answer_is_gunicorns_answer(servers):
+    server = servers()
+    answers = []
+    for template in (ECHO, ECHO_VIA_GUNICORN):
+        for body in (b'{"a": [1, 2]}', b"[1]", b"{" + b" " * 2000 + b"}"):   # 200, a 400, a 413 past 1024 bytes
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(template % (len(body), body))
+                answers.append(read_answers(sock, 1)[0])
+    fast, parsed = answers[:3], answers[3:]
+    assert [head[0] for head, _body in fast] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request",
+                                                 b"HTTP/1.1 413 Payload Too Large"]
+    assert fast == parsed
+
+
+def test_a_kept_connection_left_idle_is_closed_by_the_keepalive_timer(servers):
+    server = servers(timeout=30.0)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(echo(ECHO, 1))
+        assert read_answers(sock, 1)[0][1]["params"] == {"n": 1}
+        started = time.monotonic()
+        sock.settimeout(15)
+        assert sock.recv(1) == b""           # gunicorn's keepalive (2 s), not the 30 s request deadline
+        assert time.monotonic() - started < 10
