@@ -28,7 +28,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import image_archive
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as lv
 from conftest import IMAGE, ROOT, free_port, needs_podman, run_playbook
 from libvirt_fixtures import system_libvirt  # noqa: F401  pylint: disable=unused-import
-from test_demo_playbook import TOKEN, _teardown, _vmm
+from test_demo_playbook import TOKEN, _recap, _teardown, _vmm
 from test_guest_vm_boot import BOOT_TIMEOUT, guest_image, libvirt_uri, tail  # noqa: F401  pylint: disable=unused-import
 from test_libvirt_vmm import ABSENT, podman_id
 
@@ -114,4 +114,8 @@ def test_deploy_app_gives_the_app_to_a_libvirt_vm(deploy_root):
     else:
         pytest.fail(f"the guest never told the VMM read-config (events {events}); serial console:\n"
                     f"{tail(str(run_dir / 'serial.log'))}")
+
+    # site.yml again changes nothing: the run path the VMM opened to QEMU's group is the role's.
+    again = run_playbook(ROOT / "playbooks" / "site.yml", *extra)
+    assert again.returncode == 0 and _recap(again.stdout)["changed"] == 0, again.stdout[-4000:]
 
