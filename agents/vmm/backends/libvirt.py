@@ -76,8 +76,8 @@ class LibvirtBackend(Backend):
                  qemu_group=QEMU_GROUP):
         """`vsock`: True/False, or None to give guests a vsock device when /dev/vhost-vsock exists.
         `sim_state_dir`: the simulated TDX platform that signs the quotes of no_tee VMs (none: such
-        VMs get no quote channel). `preload_images`: save the compose's images the host's
-        `image_engine` (podman, or docker) holds into the share before a start. `qemu_group`: the
+        VMs get no quote channel). `preload_images`: save the compose's images the host's podman
+        (`image_engine`, its command) holds into the share before a start. `qemu_group`: the
         group QEMU runs with, given access to the VM's files (None, or a group this host lacks:
         nothing is changed)."""
         self.uri = uri
