@@ -84,6 +84,7 @@ def deadline_asgi_worker_class():
         fast_busy = False       # an answer on the pool's threads: the next request waits for it
         fast_remote = ""
         fast_wanted = 0         # bytes the request being read needs in fast_buffer, once its head is known
+        fast_held = ()          # answers made, waiting for FastPrpc.flush: [(answer, path, headers, before)]
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -94,7 +95,7 @@ def deadline_asgi_worker_class():
             fast = getattr(self.app, "fast_prpc", None)
             if fast is not None and self._callback_parser is not None and self.reader is None \
                     and self._proxy_protocol == "off":
-                self.fast = fast
+                self.fast, self.fast_held = fast, []
                 peer = transport.get_extra_info("peername")
                 self.fast_remote = str(peer[0]) if peer else ""
 
@@ -124,6 +125,8 @@ def deadline_asgi_worker_class():
                     return   # a request still arriving (the deadline runs)
                 self.fast_wanted = 0
                 if parsed is FAST_FALLBACK:
+                    if self.fast_held:
+                        return   # handed over once the answers before it are sent (send_held)
                     buffered, self.fast, self.fast_buffer = self.fast_buffer, None, b""
                     super().data_received(buffered)
                     return
@@ -131,13 +134,38 @@ def deadline_asgi_worker_class():
                 raw, self.fast_buffer = bytes(self.fast_buffer[start:end]), self.fast_buffer[end:]
                 self._disarm_deadline()
                 if self.fast.pool is None:
-                    self._fast_answer(self.fast.direct.answer(handler, path, self.fast_remote, raw), path, headers)
+                    before = []
+                    token = _BEFORE_ANSWER.set(before)
+                    try:
+                        answer = self.fast.direct.answer(handler, path, self.fast_remote, raw)
+                    finally:
+                        _BEFORE_ANSWER.reset(token)
+                    if before or self.fast_held:   # sent in order, once FastPrpc.flush has done `before`
+                        self.fast_held.append((answer, path, headers, before))
+                        self.fast.hold(self)
+                    else:
+                        self._fast_answer(answer, path, headers)
                     continue
                 self.fast_busy = True
                 self.transport.pause_reading()   # the next request is read once this one is answered
                 future = self.worker.loop.run_in_executor(self.fast.pool, self.fast.direct.answer, handler, path,
                                                           self.fast_remote, raw)
                 future.add_done_callback(functools.partial(self._fast_done, path, headers))
+
+        def send_held(self, failed):
+            """FastPrpc.flush: send the answers held for it (`failed`: never; the connection is closed)."""
+            held, self.fast_held = self.fast_held, []
+            if self._closed:
+                return
+            if failed:
+                self.transport.abort()
+                return
+            for answer, path, headers, _before in held:
+                if self._closed:
+                    return
+                self._fast_answer(answer, path, headers)
+            if not self._closed:
+                self._fast_serve()
 
         def _fast_done(self, path, headers, future):
             self.fast_busy = False
@@ -353,6 +381,32 @@ class FastPrpc:
         self.direct = direct
         self.pool = pool
         self.access = access
+        self.holding = []   # protocols with answers waiting for flush
+
+    def hold(self, protocol):
+        """A protocol holds answers: flush once the loop has read what is ready (one per loop turn)."""
+        if not self.holding:
+            protocol.worker.loop.call_soon(self.flush)
+        if protocol not in self.holding:
+            self.holding.append(protocol)
+
+    def flush(self):
+        """Do what the held answers wait for (defer_until_answered), then send them; if any of it
+        fails, send none of them."""
+        import logging  # pylint: disable=import-outside-toplevel
+
+        holding, self.holding = self.holding, []
+        failed = False
+        try:
+            for protocol in holding:
+                for _answer, _path, _headers, before in protocol.fast_held:
+                    for done in before:
+                        done()
+        except Exception:  # pylint: disable=broad-exception-caught  # no answer leaves before its work is done
+            logging.getLogger("dstack.wsgi").exception("work an answer waited for failed; its connections are closed")
+            failed = True
+        for protocol in holding:
+            protocol.send_held(failed)
 
     def parse(self, buf):
         """(handler, path, headers, body start, body end) of the plain POST at the head of `buf`; while
@@ -535,6 +589,24 @@ def _body_params(raw):
 
 # The client address of the request a direct pRPC route is serving (None: ask Flask's request).
 _DIRECT_REMOTE = contextvars.ContextVar("dstack_direct_remote", default=None)
+# While the asyncio worker's fast path answers on its event loop: the list of what must be done before
+# that answer is sent (defer_until_answered).
+_BEFORE_ANSWER = contextvars.ContextVar("dstack_before_answer", default=None)
+
+
+def defer_until_answered(done):
+    """Whether `done` (a function) will be called before the answer being made now is sent; False
+    when there is no such answer (the caller must do that work itself, now).
+
+    The asyncio worker's fast path, answering on its event loop, sends no answer before every
+    `done` of it has returned, and calls them once per loop turn for all the answers made in it
+    (a group commit: one fdatasync for the audit lines of several releases); if one raises, those
+    answers are never sent (their connections are closed)."""
+    pending = _BEFORE_ANSWER.get()
+    if pending is None:
+        return False
+    pending.append(done)
+    return True
 
 
 def remote_addr():

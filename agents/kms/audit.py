@@ -7,17 +7,22 @@ Each line has the time, method, decision and reason, the app's identity and the 
 parse as a quote).
 It never holds a key: the writer takes only the fields listed in FIELDS.
 
-Durability: record() returns only once its line is on disk (fdatasync: the data and the file's
-size, not its times, which a reader never needs), so no answer leaves the KMS before its line is
-written. The fsyncs are batched (group commit): while one thread's fsync runs,
-the lines other threads write wait for the next one, which covers them all. The file stays open
+Durability: no answer leaves the KMS before its line is on disk (fdatasync: the data and the
+file's size, not its times, which a reader never needs). The fsyncs are batched (group commit):
+while one thread's fsync runs, the lines other threads write wait for the next one, which covers
+them all; on the asyncio worker's event loop, record() returns once the line is written and the
+answer is held until one fdatasync has covered the lines of every release answered in that loop
+turn (wsgi.defer_until_answered); anywhere else record() returns only once its line is on disk. The file stays open
 (reopened when the path is another file, e.g. after log rotation, or in a forked worker).
 """
 
+import functools
 import json
 import os
 import threading
 import time
+
+from ansible_collections.dstack.tee.agents.wsgi import defer_until_answered
 
 FIELDS = ("method", "decision", "reason", "app_id", "compose_hash", "instance_id", "device_id", "os_image_hash", "mr_aggregated",
           "quote_identity", "quote_sha256", "tcb_status", "attestation_mode", "kms_mode", "remote_addr")
@@ -43,7 +48,13 @@ class AuditLog:
             os.write(fd, data)  # one write on an O_APPEND file: lines from several workers never interleave
             self._written += 1
             mine = self._written
-            while self._durable < mine:
+        if not defer_until_answered(functools.partial(self.sync_upto, mine)):
+            self.sync_upto(mine)
+
+    def sync_upto(self, line):
+        """Return once this process's lines up to the line-th are on disk."""
+        with self._lock:
+            while self._durable < line:
                 if self._syncing:
                     self._synced.wait()
                     continue

@@ -1,8 +1,9 @@
 """The asyncio worker's fast path (agents/wsgi.py FastPrpc) on a real gunicorn: a plain pRPC POST is
 answered with the bytes gunicorn's own protocol gives, pipelined answers come in order (on the
 loop and on the pool's threads), the first request the fast path does not take hands that
-connection and every byte after it to gunicorn's parser, and each request leaves one access
-line in gunicorn's format."""
+connection and every byte after it to gunicorn's parser, each request leaves one access line in
+gunicorn's format, and an answer is sent only once the work it deferred (defer_until_answered,
+the KMS's audit fdatasync) is done, never if that work fails."""
 
 import json
 import socket
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+import asgi_fixtures
 from asgi_fixtures import AsgiServer, server_factory
 
 ECHO = b"POST /prpc/T.Echo HTTP/1.1\r\nHost: t\r\nUser-Agent: fast\r\nContent-Length: %d\r\n\r\n%s"
@@ -89,3 +91,48 @@ def test_a_kept_connection_left_idle_is_closed_by_the_keepalive_timer(servers):
         sock.settimeout(15)
         assert sock.recv(1) == b""           # gunicorn's keepalive (2 s), not the 30 s request deadline
         assert time.monotonic() - started < 10
+
+
+# Two more direct routes: T.Durable defers writing a file (slowly: an answer sent before it would be
+# read before the file has its line) until before its answer is sent, as the KMS's audit log defers
+# its fdatasync; T.Fails defers work that fails.
+DEFERRING_SERVER = asgi_fixtures.SERVER.replace('''"Big": lambda params: {"x": "a" * 200000}}''', '''"Big": lambda params: {"x": "a" * 200000},
+        "Durable": lambda params: {"deferred": wsgi.defer_until_answered(
+            lambda: threading.Event().wait(0.2) or open(params["path"], "a", encoding="ascii").write(
+                params["mark"] + "\\n"))},
+        "Fails": lambda params: {"deferred": wsgi.defer_until_answered(lambda: 1 / 0)}}''')
+
+
+def post(path, params):
+    body = json.dumps(params).encode()
+    return b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (path, len(body), body)
+
+
+def test_an_answer_waits_for_what_it_deferred(monkeypatch, servers, tmp_path):
+    assert "Durable" in DEFERRING_SERVER
+    monkeypatch.setattr(asgi_fixtures, "SERVER", DEFERRING_SERVER)
+    server = servers()
+    marks = tmp_path / "marks"
+    conns = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _number in range(4)]
+    try:
+        # Several connections, each with pipelined requests: every answer comes after its work was
+        # done (the mark is in the file when the answer is read), in order, the plain ones too.
+        for number, conn in enumerate(conns):
+            conn.sendall(post(b"/prpc/T.Durable", {"path": str(marks), "mark": f"{number}-a"}) + echo(ECHO, number)
+                         + post(b"/prpc/T.Durable", {"path": str(marks), "mark": f"{number}-b"}))
+        for number, conn in enumerate(conns):
+            answers = [body for _head, body in read_answers(conn, 3)]
+            assert answers[0] == {"deferred": True} and answers[2] == {"deferred": True}
+            assert answers[1]["params"] == {"n": number}
+            assert {f"{number}-a", f"{number}-b"} <= set(marks.read_text().split())
+        # Work that fails: no answer at all, the connection closed; the others are served on.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(post(b"/prpc/T.Fails", {}))
+            assert conn.recv(65536) == b""
+        conns[0].sendall(echo(ECHO, 7))
+        assert read_answers(conns[0], 1)[0][1]["params"] == {"n": 7}
+    finally:
+        for conn in conns:
+            conn.close()
+    output = server.stop()
+    assert "ZeroDivisionError" in output and '"POST /prpc/T.Fails' not in output, output

@@ -1,5 +1,6 @@
-"""The KMS audit log: no record() returns before an fdatasync covered its line; fsyncs are shared by
-concurrent writers (group commit); a rotated log file is followed."""
+"""The KMS audit log: no record() returns before an fdatasync covered its line (on the asyncio
+worker's loop: no answer is sent before it); fsyncs are shared by concurrent writers and by the
+releases of one loop turn (group commit); a rotated log file is followed."""
 
 import json
 import os
@@ -52,3 +53,32 @@ def test_a_rotated_log_is_followed(tmp_path):
     log.record(method="GetAppKey", decision="refuse", reason="after")
     assert [line["reason"] for line in log.read()] == ["after"]
     assert "before" in (tmp_path / "audit.log.1").read_text()
+
+
+def test_on_the_event_loop_one_fdatasync_covers_the_lines_of_a_loop_turn(tmp_path, monkeypatch):
+    # The asyncio worker's fast path collects what its answers wait for (wsgi.defer_until_answered):
+    # record() then only writes its line, and the answer waits for the fdatasync done for them all.
+    from ansible_collections.dstack.tee.agents import wsgi  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path))
+    synced_sizes, real_fdatasync = [], os.fdatasync
+
+    def counted_fdatasync(fd):
+        synced_sizes.append(os.fstat(fd).st_size)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(audit_module.os, "fdatasync", counted_fdatasync)
+    before_answers = []
+    token = wsgi._BEFORE_ANSWER.set(before_answers)  # pylint: disable=protected-access
+    try:
+        for marker in ("a", "b", "c"):
+            log.record(method="GetAppKey", decision="release", reason=marker)
+    finally:
+        wsgi._BEFORE_ANSWER.reset(token)  # pylint: disable=protected-access
+    assert [line["reason"] for line in log.read()] == ["a", "b", "c"] and synced_sizes == []
+    for done in before_answers:
+        done()
+    assert synced_sizes == [path.stat().st_size]     # one fdatasync, covering the three lines
+    log.record(method="GetAppKey", decision="refuse", reason="d")   # no answer being made: synced at once
+    assert synced_sizes[-1] == path.stat().st_size and len(synced_sizes) == 2
