@@ -90,6 +90,10 @@ def define(conn, xml):
             failure = LibvirtFailure(
                 "define", f"{failure.reason} (libvirt {_version(conn)} has no <launchSecurity type='tdx'>: "
                 "TDX guests need a libvirt with TDX support; no_tee renders the domain without it)", failure.code)
+        elif re.search(r"\bpasst\b", failure.reason):   # not host-passthrough
+            failure = LibvirtFailure(
+                "ports", f"{failure.reason} (libvirt {_version(conn)} has no passt backend, which forwards the ports "
+                "of a VM on user networking: port forwards need libvirt 9.2 or later)", failure.code)
         raise failure from None
 
 

@@ -26,6 +26,7 @@ from ansible_collections.dstack.tee.agents.vmm.backends.base import VmRecord
 from ansible_collections.dstack.tee.agents.vmm.backends.libvirt import QEMU_GROUP, archive_name
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as ac
 from ansible_collections.dstack.tee.plugins.module_utils import image_archive
+from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as lv
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from conftest import free_port
 from test_vmm import VmmProcess
@@ -194,3 +195,21 @@ def test_the_cvm_module_gives_the_image_and_no_tee_to_the_vmm(short_tmp, libvirt
 def settings(diff):
     """The CVM's settings diff (the first of two when the app-compose changes too)."""
     return diff[0] if isinstance(diff, list) else diff
+
+
+def test_a_vm_with_ports_on_a_libvirt_without_passt_is_refused_naming_ports_and_leaves_nothing(short_tmp, libvirt_vmm):
+    conn = lv.connect("test:///default")
+    try:
+        version = conn.getLibVersion()
+    finally:
+        conn.close()
+    if version >= 9002000:
+        pytest.skip("this libvirt has the passt backend: it forwards the ports")
+    client = libvirt_vmm.client()
+    with pytest.raises(DstackError) as refused:
+        client.call("CreateVm", {"name": "lv-ports", "compose_file": compose_text(ABSENT), "image": "guest",
+                                 "no_tee": True, "ports": [{"host_port": free_port(), "vm_port": 80}]})
+    assert "has no passt backend" in str(refused.value) and "libvirt 9.2 or later" in str(refused.value)
+    assert "HTTP 400: ports: " in str(refused.value), refused.value
+    assert client.call("Status")["vms"] == []
+    assert [name for name in os.listdir(short_tmp / "run") if name != "tdx-sim"] == []
