@@ -197,7 +197,8 @@ def deadline_asgi_worker_class():
                 self._close_transport()
                 self._request_ready.set()   # gunicorn's connection task ends too
             elif self.fast_buffer:
-                self._arm_deadline()   # a pipelined request: it too arrives whole in time
+                if self.deadline is None:   # never two: the one left over would close the connection later
+                    self._arm_deadline()   # a pipelined request: it too arrives whole in time
             else:
                 self._arm_keepalive_timer()
 
