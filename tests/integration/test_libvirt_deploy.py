@@ -118,4 +118,3 @@ def test_deploy_app_gives_the_app_to_a_libvirt_vm(deploy_root):
     # site.yml again changes nothing: the run path the VMM opened to QEMU's group is the role's.
     again = run_playbook(ROOT / "playbooks" / "site.yml", *extra)
     assert again.returncode == 0 and _recap(again.stdout)["changed"] == 0, again.stdout[-4000:]
-
