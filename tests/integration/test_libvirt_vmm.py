@@ -23,7 +23,7 @@ import pytest
 
 from ansible_collections.dstack.tee.agents.vmm import cli
 from ansible_collections.dstack.tee.agents.vmm.backends.base import VmRecord
-from ansible_collections.dstack.tee.agents.vmm.backends.libvirt import QEMU_GROUP, archive_name
+from ansible_collections.dstack.tee.agents.vmm.backends.libvirt import QEMU_GROUP, LibvirtBackend, archive_name
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as ac
 from ansible_collections.dstack.tee.plugins.module_utils import image_archive
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as lv
@@ -213,3 +213,23 @@ def test_a_vm_with_ports_on_a_libvirt_without_passt_is_refused_naming_ports_and_
     assert "HTTP 400: ports: " in str(refused.value), refused.value
     assert client.call("Status")["vms"] == []
     assert [name for name in os.listdir(short_tmp / "run") if name != "tdx-sim"] == []
+
+
+def test_a_damaged_archive_is_saved_again_and_leftovers_go(tmp_path, busybox_image):
+    make_image(tmp_path / "images")
+    backend = LibvirtBackend("test:///default", image_dir=str(tmp_path / "images"), vsock=False)
+    run_dir = tmp_path / "run" / "vm"
+    (run_dir / "shared" / "images").mkdir(parents=True)
+    (run_dir / "shared" / "app-compose.json").write_text(compose_text(busybox_image, ABSENT))
+    vm = VmRecord("0b6b1d2e-1111-4222-8333-444455556666", str(run_dir), {"image": "guest", "no_tee": True})
+    images = run_dir / "shared" / "images"
+    archive = images / archive_name(busybox_image)
+    archive.write_bytes(b"not a tar")                       # a damaged archive of the image
+    (images / ".0123.tmp").write_bytes(b"half")             # an interrupted save
+    (images / archive_name("localhost/gone:1")).write_bytes(b"x")   # an image the compose no longer names
+    try:
+        assert backend.save_images(vm) == [busybox_image]
+    finally:
+        backend.close()
+    assert os.listdir(images) == [archive.name]
+    assert image_archive.read_archive(str(archive), "archive").id == podman_id(busybox_image)
