@@ -167,7 +167,7 @@ def cmd_serve(args):
     if config["auth"].get("type") == "local" and not os.path.exists(config["auth"]["path"]):
         atomic_write(config["auth"]["path"], json.dumps(EMPTY_ALLOWLIST, indent=2).encode() + b"\n", mode=0o644)
         print(f"dstack-kms: made an empty allowlist {config['auth']['path']} (it allows nothing yet)", file=sys.stderr)
-    names = ["localhost", "127.0.0.1", "::1", host.strip("[]"), config.get("domain")]
+    names = ["localhost", "127.0.0.1", "::1", host.strip("[]"), config.get("domain"), *config["server_names"]]
     cert, key = tls.ensure_rpc_cert(config["state_dir"], keys, names)
     app = create_app(config)  # fails here, before listening, on a bad configuration
     print(f"dstack-kms: {config.get('mode', 'production')} mode, serving https://{host}:{port}/prpc/KMS.*",

@@ -6,7 +6,8 @@ Keys (all optional but state_dir):
     state_dir, mode ("production" | "simulation"), listen ("HOST:PORT"), domain,
     sim_state_dir, root_ca, collateral, pccs_url, collateral_cache_dir, audit_log,
     nonce_ttl, gateway_app_id, workers, access_log (true | false: gunicorn's line per request on
-    stdout; default true),
+    stdout; default true), server_names (more DNS names or IP addresses for the RPC certificate:
+    the address a libvirt VM reaches the host's loopback at, 10.0.2.2, say),
     [policy] allowed_tcb_statuses, allowed_advisory_ids, os_image_measurements
              ({os_image_hash = {mrtd, rtmr0, rtmr1, rtmr2}}), require_os_image_measurements
              (default: true in production)
@@ -17,11 +18,13 @@ DSTACK_KMS_AUTH_<KEY> for [auth].
 
 import os
 
+from ansible_collections.dstack.tee.plugins.module_utils.app_certs import is_server_name
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
 
 TOP_KEYS = ("state_dir", "mode", "listen", "domain", "sim_state_dir", "root_ca", "collateral", "pccs_url",
-            "collateral_cache_dir", "audit_log", "nonce_ttl", "gateway_app_id", "workers", "access_log")
+            "collateral_cache_dir", "audit_log", "nonce_ttl", "gateway_app_id", "workers", "access_log",
+            "server_names")
 AUTH_KEYS = ("type", "path", "url", "timeout", "rpc_url", "contract_address", "chain_id")
 
 
@@ -44,9 +47,22 @@ def load_config(path=None, environ=None, **overrides):
         auth.setdefault("path", os.path.join(state, "auth-config.json"))
     config["auth"] = auth
     config["access_log"] = _flag(config.get("access_log", True), "access_log")
+    config["server_names"] = _server_names(config.get("server_names", []))
     if config.get("mode", "production") == "simulation" and not config.get("root_ca"):
         config.setdefault("sim_state_dir", os.path.join(state, "tdx-sim"))
     return config
+
+
+def _server_names(value):
+    """More names for the RPC certificate (DNS names or IP addresses): a TOML list, or its
+    comma-separated text from the environment (DSTACK_KMS_SERVER_NAMES)."""
+    names = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    if not isinstance(names, list):
+        raise DstackError("server_names", "must be a list of DNS names or IP addresses")
+    for pos, name in enumerate(names):
+        if not is_server_name(name):
+            raise DstackError(f"server_names[{pos}]", f"{str(name)[:80]!r} is not a DNS name or an IP address")
+    return names
 
 
 def _flag(value, field):

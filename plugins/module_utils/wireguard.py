@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ansible_collections.dstack.tee.plugins.module_utils.app_certs import HOST_NAME_RE
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 try:
@@ -56,8 +57,6 @@ KEY_LEN = 32
 
 _IFNAME_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}\Z")  # IFNAMSIZ: 15 bytes
 _NETNS_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
-_HOSTNAME_RE = re.compile(r"\A(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-                          r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
 # What could be a key in text that comes from outside (wireguard-go's output): base64 of 32
 # bytes, or 64 hex digits (the UAPI form). Cut out before such text goes into an error.
 _KEYLIKE_RE = re.compile(r"[A-Za-z0-9+/]{42,43}=|[0-9a-fA-F]{64}")
@@ -205,7 +204,7 @@ def _host_endpoint(value, field_name):
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        if not _HOSTNAME_RE.match(host):
+        if not HOST_NAME_RE.match(host):
             raise DstackError(field_name, "the host is neither an IP address nor a DNS name") from None
         return f"{host}:{port}"
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"

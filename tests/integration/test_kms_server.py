@@ -169,3 +169,40 @@ def test_the_access_log_has_a_line_per_request_in_gunicorns_format(tmp_path):
     assert re.fullmatch(r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "POST /prpc/KMS\.GetMeta '
                         r'HTTP/1\.1" 200 \d+ "-" "[^"]*"', lines[0]), lines
     assert re.search(r'"GET /prpc/KMS\.GetMeta\?x=1 HTTP/1\.1" 200 \d+ "-" "t\\"ua"$', lines[1]), lines
+
+
+def _certificate_names_checked(port, state_dir, name):
+    """Whether the KMS's HTTPS certificate on 127.0.0.1:port passes a client's check for `name`
+    (what a guest checks when it reaches the host's loopback at another address)."""
+    context = ssl.create_default_context(cafile=str(state_dir / "root-ca.crt"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=name):
+                return True
+        except ssl.SSLCertVerificationError:
+            return False
+
+
+def test_server_names_are_in_the_rpc_certificate(tmp_path):
+    """kms.toml's server_names: a libvirt VM reaches the host's loopback at 10.0.2.2 and checks the
+    KMS's certificate for that address. Without it the same check fails; a bad name is refused
+    naming its place."""
+    state = tmp_path / "kms"
+    server = KmsProcess(state, free_port()).start()
+    try:
+        assert _certificate_names_checked(server.port, state, "127.0.0.1")
+        assert not _certificate_names_checked(server.port, state, "10.0.2.2")
+    finally:
+        server.stop()
+    config = tmp_path / "kms.toml"
+    config.write_text('server_names = ["10.0.2.2", "kms.example.test"]\n')
+    server = KmsProcess(state, free_port(), "--config", str(config)).start()
+    try:
+        for name in ("10.0.2.2", "kms.example.test", "127.0.0.1"):
+            assert _certificate_names_checked(server.port, state, name), name
+    finally:
+        server.stop()
+    config.write_text('server_names = ["10.0.2.2", "not a name"]\n')
+    done = subprocess.run([KMS, "serve", "--simulated", "--state-dir", str(state), "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0 and "server_names[1]: 'not a name' is not a DNS name or an IP address" in done.stderr
