@@ -437,3 +437,13 @@ def test_a_member_killed_loses_nothing_and_reads_and_writes_go_on(tmp_path):
         assert err.value.field == "core.sync.etcd_endpoints" and "no etcd member answered" in err.value.reason
     finally:
         cluster.stop()
+
+
+def test_the_gateway_roles_wireguard_endpoint_for_libvirt_vms(tmp_path):
+    """The hub's endpoint RegisterCvm gives the CVMs: the host address, or 10.0.2.2 (where a VM on
+    QEMU's user networking reaches the host's loopback) when the VMMs are libvirt ones."""
+    (tmp_path / "process").mkdir()
+    (tmp_path / "libvirt").mkdir()
+    assert _role_gateway_toml(tmp_path / "process")["core"]["wg"]["endpoint"] == "127.0.0.1:51830"
+    libvirt = _role_gateway_toml(tmp_path / "libvirt", dstack_vmm_backend="libvirt")
+    assert libvirt["core"]["wg"]["endpoint"] == "10.0.2.2:51830"
