@@ -41,16 +41,33 @@ export SOURCE_DATE_EPOCH=1704067200
 # (and has neither /dev/tdx_guest nor configfs-tsm), so it could not boot as a TDX guest.
 PACKAGES=(
   "linux-image-amd64/$SUITE-backports" initramfs-tools kmod udev
-  python3 python3-cryptography python3-flask python3-yaml python3-pycryptodome python3-pyroute2
-  gunicorn
-  podman runc conmon iptables iproute2 wireguard-tools ca-certificates cryptsetup-bin e2fsprogs
+  python3 python3-cryptography python3-flask python3-yaml python3-pyroute2 python3-cytoolz
+  python3-typing-extensions gunicorn
+  podman runc conmon iptables iproute2 wireguard-tools wireguard-go ca-certificates cryptsetup-bin e2fsprogs
   python3-dotenv
 )
-# The guest agent runs the app with podman-compose 1.6 or newer (plugins/module_utils/compose_runner.py;
-# bookworm has 1.0.3): this wheel from PyPI, pinned by its sha256, goes into /usr/local's dist-packages
-# (its dependencies, PyYAML and python-dotenv, are Debian's).
-PODMAN_COMPOSE_WHEEL=https://files.pythonhosted.org/packages/93/31/b38c2656bad6265168902793c60145b172788a79e4b15de212af9bd78728/podman_compose-1.6.0-py3-none-any.whl
-PODMAN_COMPOSE_SHA256=98e48af25d44c10ecef948163bfcca002e32aa8bbb7e66593fbd4faff7270c30
+# Python packages the guest agent needs that bookworm lacks or has too old: these wheels from PyPI,
+# each pinned by version and sha256 ("URL SHA256"), unpacked into /usr/local's dist-packages. Their
+# own dependencies are Debian's (PACKAGES): PyYAML and python-dotenv (podman-compose), cytoolz and
+# typing-extensions (eth-utils, eth-typing).
+#   podman-compose 1.6  the app's runner (plugins/module_utils/compose_runner.py; bookworm has 1.0.3)
+#   eth-keys, eth-utils, eth-typing, eth-hash  secp256k1 (module_utils/kdf.py: the app's k256 key,
+#                       GetKey's signature chain, the KMS's env key signature); eth-utils 4.1, the
+#                       last without pydantic 2 (bookworm has 1.10), and eth-typing 3.5, which
+#                       bookworm's typing-extensions 4.4 satisfies; eth-keys' pure-Python backend
+#                       (coincurve, its optional fast one, is not needed for a few signatures a boot)
+#   pycryptodome        keccak (module_utils/signatures.py, eth-hash) as Crypto.Hash: Debian's
+#                       python3-pycryptodome is the Cryptodome (pycryptodomex) namespace
+#   dcap-qvl 0.7        quote verification (module_utils/attestation.py: the gateway's RA-TLS quote)
+WHEELS=(
+  "https://files.pythonhosted.org/packages/93/31/b38c2656bad6265168902793c60145b172788a79e4b15de212af9bd78728/podman_compose-1.6.0-py3-none-any.whl 98e48af25d44c10ecef948163bfcca002e32aa8bbb7e66593fbd4faff7270c30"
+  "https://files.pythonhosted.org/packages/f9/f5/24806598664a2fbc65d5ed4f0e9e986e7f9061e3b43738412c8df7ba1cbd/eth_keys-0.8.0-py3-none-any.whl a7b94222638cccbdf2b5dae5c365d883a96826d82bb0faeb56baa65375f514ae"
+  "https://files.pythonhosted.org/packages/9e/5a/cfa1ba791233728236ca7cc32bbd18d1c84d4bbc735636cc57a9754a6c4d/eth_utils-4.1.1-py3-none-any.whl ccbbac68a6d65cb6e294c5bcb6c6a5cec79a241c56dc5d9c345ed788c30f8534"
+  "https://files.pythonhosted.org/packages/d0/36/50c5d5f070b7e4318dc906f8bf642719418ffef741db94f85ab6447563e1/eth_typing-3.5.2-py3-none-any.whl 1842e628fb1ffa929b94f89a9d33caafbeb9978dc96abb6036a12bc91f1c624b"
+  "https://files.pythonhosted.org/packages/eb/db/f8775490669d28aca24871c67dd56b3e72105cb3bcae9a4ec65dd70859b3/eth_hash-0.7.1-py3-none-any.whl 0fb1add2adf99ef28883fd6228eb447ef519ea72933535ad1a0b28c6f65f868a"
+  "https://files.pythonhosted.org/packages/5f/e9/a09476d436d0ff1402ac3867d933c61805ec2326c6ea557aeeac3825604e/pycryptodome-3.23.0-cp37-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl c8987bd3307a39bc03df5c8e0e3d8be0c4c3518b7f044b0f4c15d1aa78f52575"
+  "https://files.pythonhosted.org/packages/c7/36/57a333cfb37a2f9d0e3e5bd43f9939c0ad4c48c41667ae2243ef46e69d7e/dcap_qvl-0.7.0-cp38-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl 131e991020a9c02b1e6043b2ac0bdae3f7eb02cbfbde8faac4aa2b9336ab3857"
+)
 # Modules the boot needs before the rootfs is mounted (virtio disk, verity, squashfs, vsock, 9p).
 # Only these (and what they depend on) go into the initramfs (MODULES=list): a VM's hardware is known.
 INITRAMFS_MODULES=(virtio_pci virtio_blk virtio_net virtio_console virtio_rng squashfs dm_verity
@@ -324,18 +341,50 @@ chmod 755 "$RFS/usr/local/bin/dstack-guest-agent"
 in_root /usr/local/bin/dstack-guest-agent --help >"$WORK/agent-help.txt" 2>&1 \
   || { cat "$WORK/agent-help.txt" >&2; die "the guest agent does not start inside the rootfs"; }
 
-step "podman-compose (${PODMAN_COMPOSE_WHEEL##*/})"
-wheel="$CACHE/wheels/${PODMAN_COMPOSE_WHEEL##*/}"
-if ! echo "$PODMAN_COMPOSE_SHA256  $wheel" | sha256sum -c --status 2>/dev/null; then
-  curl -fsSL --retry 3 -m 120 -o "$wheel.tmp" "$PODMAN_COMPOSE_WHEEL" || die "could not download $PODMAN_COMPOSE_WHEEL"
-  echo "$PODMAN_COMPOSE_SHA256  $wheel.tmp" | sha256sum -c --status \
-    || { rm -f "$wheel.tmp"; die "$PODMAN_COMPOSE_WHEEL does not have the pinned sha256 $PODMAN_COMPOSE_SHA256"; }
-  mv "$wheel.tmp" "$wheel"
-fi
+step "Python wheels from PyPI (${#WHEELS[@]}, pinned by sha256)"
+fetch_wheel() {  # URL SHA256: the wheel in $CACHE/wheels (downloaded once, checked every time); prints its path
+  local url="$1" sum="$2" wheel="$CACHE/wheels/${1##*/}"
+  if ! echo "$sum  $wheel" | sha256sum -c --status 2>/dev/null; then
+    curl -fsSL --retry 3 -m 120 -o "$wheel.tmp" "$url" || die "could not download $url"
+    echo "$sum  $wheel.tmp" | sha256sum -c --status \
+      || { rm -f "$wheel.tmp"; die "$url does not have the pinned sha256 $sum"; }
+    mv "$wheel.tmp" "$wheel"
+  fi
+  printf '%s\n' "$wheel"
+}
 site="$(in_root python3 -c 'import sys; print("/usr/local/lib/python3.%d/dist-packages" % sys.version_info[1])')"
 mkdir -p "$RFS$site"
-python3 -m zipfile -e "$wheel" "$RFS$site" || die "could not unpack $wheel"
+for entry in "${WHEELS[@]}"; do
+  read -r url sum <<<"$entry"
+  wheel="$(fetch_wheel "$url" "$sum")"
+  python3 -m zipfile -e "$wheel" "$RFS$site" || die "could not unpack $wheel"
+done
 chmod -R u=rwX,go=rX "$RFS$site"
+# The agent's whole boot path inside the rootfs: each module it imports, and the optional packages
+# those modules only report missing when used (a boot with the KMS or the gateway would fail late).
+in_root /usr/bin/env PYTHONPATH="$COLLECTION_ROOT" PYTHONDONTWRITEBYTECODE=1 python3 - >"$WORK/agent-imports.txt" 2>&1 <<'PYEOF' \
+  || { cat "$WORK/agent-imports.txt" >&2; die "the guest agent's boot path lacks a Python package inside the rootfs (above)"; }
+import importlib
+base = "ansible_collections.dstack.tee."
+for name in ("agents.guest.cli", "agents.guest.boot", "agents.guest.api", "agents.guest.worker",
+             "agents.guest.gateway_link", "plugins.module_utils.kms_client", "plugins.module_utils.gateway_client",
+             "gunicorn.app.base", "gunicorn.workers.gthread", "podman_compose"):
+    importlib.import_module(name if name.startswith(("gunicorn", "podman")) else base + name)
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, kdf, signatures, wireguard
+missing = [what for what, present in (("dcap-qvl (attestation)", attestation.HAS_DCAP_QVL),
+                                      ("eth-keys (kdf)", kdf.HAS_ETH_KEYS),
+                                      ("cryptography (app_certs)", app_certs.HAS_CRYPTOGRAPHY),
+                                      ("pyroute2 (wireguard)", wireguard.HAS_PYROUTE2))
+           if not present]
+if missing:
+    raise SystemExit("missing: " + ", ".join(missing))
+secret = bytes(range(1, 33))
+assert kdf.k256_recover(b"1" * 32, kdf.k256_sign(secret, b"1" * 32)) == kdf.k256_public_key(secret)
+assert signatures.keccak(b"").hex().startswith("c5d24601")
+PYEOF
+# The gateway step's tunnel (wireguard.WgInterface runs wireguard-go, as on the hosts).
+in_root wireguard-go --version >"$WORK/wireguard-go.txt" 2>&1 \
+  || { cat "$WORK/wireguard-go.txt" >&2; die "wireguard-go does not run inside the rootfs"; }
 cat >"$RFS/usr/local/bin/podman-compose" <<'EOF'
 #!/bin/sh
 exec /usr/bin/python3 -m podman_compose "$@"
@@ -343,6 +392,25 @@ EOF
 chmod 755 "$RFS/usr/local/bin/podman-compose"
 in_root /usr/local/bin/podman-compose --version >"$WORK/podman-compose.txt" 2>&1 \
   || { cat "$WORK/podman-compose.txt" >&2; die "podman-compose does not run inside the rootfs"; }
+
+step "podman: /etc/containers/containers.conf"
+# The app's podman (dstack-init gives the agent CONTAINERS_CONF=this file, which replaces podman's
+# defaults): runc and rlimits as compose_runner.CONTAINERS_CONF sets them on the hosts; no systemd
+# and no journald in the guest, so cgroupfs, events to a file and k8s-file container logs (which
+# `podman logs` reads for the console and the Worker's /logs). Storage: overlay on the data disk
+# (/var/lib/containers, dstack-init), not on a tmpfs: the app's images would fill the VM's memory.
+mkdir -p "$RFS/etc/containers"
+cat >"$RFS/etc/containers/containers.conf" <<'CONF'
+# dstack.tee guest: podman without systemd (scripts/build-guest-image.sh)
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+log_driver = "k8s-file"
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
 
 step "boot: /usr/local/sbin/dstack-init (PID 1)"
 mkdir -p "$RFS/dstack/share" "$RFS/dstack/data"
@@ -359,9 +427,11 @@ cat >"$RFS/usr/local/sbin/dstack-init" <<'EOF'
 #   /var, /etc/cni/net.d  overlays: the image's folder under a tmpfs (podman writes its state and
 #                     its CNI networks there); /tmp a tmpfs; cgroup2 at /sys/fs/cgroup
 #   /etc/resolv.conf  bound from /run/dstack-init/resolv.conf; the rest of /etc stays read-only
-# sets up QEMU's user networking (eth0 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3), and runs the
-# guest agent (work folder /run/dstack, a tmpfs: its RTMR state and runtime event log start empty
-# at each power-on; socket /var/run/dstack.sock), its output on the console behind "[agent] ".
+# sets up QEMU's user networking (eth0 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3) and loads tun
+# (wireguard-go's), and runs the guest agent (work folder /run/dstack, a tmpfs: its RTMR state and
+# runtime event log start empty at each power-on; socket /var/run/dstack.sock; --own-network: the
+# VM's network is the CVM's, the gateway's tunnel goes up in it; CONTAINERS_CONF the image's
+# /etc/containers/containers.conf), its output on the console behind "[agent] ".
 # An agent that exits before its boot measured anything (no runtime event log yet: a host quote
 # service not there yet, say) is started again, after 1 s, doubling to 60 s. Once the boot is
 # measured the agent cannot boot again in this power-on (RTMR3 holds this boot's events; it refuses),
@@ -466,6 +536,8 @@ mount --bind "$DATA/containers" /var/lib/containers || fatal "cannot bind $DATA/
 say "data disk $DATA_DISK (ext4) mounted at $DATA; /var/lib/containers on it"
 
 ip link set lo up
+# wireguard-go (the gateway step's tunnel) opens /dev/net/tun, which exists once the module is in.
+modprobe tun 2>/dev/null || say "network: no tun module; a gateway tunnel cannot come up"
 if ip link show eth0 >/dev/null 2>&1; then
 	if ip link set eth0 up && ip addr add "$ADDRESS" dev eth0 && ip route add default via "$GATEWAY" dev eth0; then
 		say "network: eth0 $ADDRESS, gateway $GATEWAY, DNS $DNS"
@@ -477,12 +549,14 @@ else
 fi
 
 mkdir -p "$WORK"
-set -- run --tee auto --config-dir "$SHARE" --work-dir "$WORK" --socket /var/run/dstack.sock --tappd-socket ''
+set -- run --tee auto --config-dir "$SHARE" --work-dir "$WORK" --socket /var/run/dstack.sock --tappd-socket '' \
+	--own-network
 delay=1
 while :; do
 	say "starting the guest agent: dstack-guest-agent $(shown "$@")"
 	{
-		env -i PATH="$PATH" HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 dstack-guest-agent "$@" </dev/null 2>&1
+		env -i PATH="$PATH" HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 CONTAINERS_CONF=/etc/containers/containers.conf \
+			dstack-guest-agent "$@" </dev/null 2>&1
 		echo $? >"$STATE/agent.status"
 	} | sed -u 's/^/[agent] /'
 	read -r status <"$STATE/agent.status" || status=unknown
@@ -501,7 +575,7 @@ chmod 755 "$RFS/usr/local/sbin/dstack-init"
 # The agent's flags dstack-init passes: a renamed one fails here, not in a booted VM.
 in_root /usr/local/bin/dstack-guest-agent run --help >"$WORK/agent-run-help.txt" 2>&1 \
   || { cat "$WORK/agent-run-help.txt" >&2; die "dstack-guest-agent run --help fails inside the rootfs"; }
-for flag in --tee --config-dir --work-dir --socket --tappd-socket; do
+for flag in --tee --config-dir --work-dir --socket --tappd-socket --own-network; do
   grep -q -e "$flag " "$WORK/agent-run-help.txt" || die "dstack-guest-agent run has no $flag (dstack-init passes it)"
 done
 

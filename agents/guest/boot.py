@@ -17,11 +17,14 @@
                     RegisterCvm with the first gateway that answers (RA-TLS both ways: this
                     CVM's GetTlsKey certificate from the KMS; the gateway's must be the KMS's
                     gateway_app_id, attested), the WireGuard interface up in the CVM's network
-                    namespace (required: `netns`), and a checker that registers again when the
-                    tunnel goes stale (agents/guest/gateway_link.py)
-    containers      start the compose services (docker compose or podman-compose), once the socket
-                    API they mount listens (`before_containers`); started beside the gateway step,
-                    which they do not need, and reported after it
+                    namespace (required: `netns`, or `own_network` in a VM), and a checker that
+                    registers again when the tunnel goes stale (agents/guest/gateway_link.py)
+    containers      load the app's images the host put in the config share (images/*.tar,
+                    docker-archive; a loaded image is as trusted as one pulled through the host's
+                    network: the measured compose names it), then start the compose services
+                    (docker compose or podman-compose), once the socket API they mount listens
+                    (`before_containers`); started beside the gateway step, which they do not
+                    need, and reported after it
 
 Progress and errors go to boot.json in the work folder and, when .sys-config.json names a
 host_api_url (http://...), to the host as HostApi.Notify events: POST <host_api_url>/Notify
@@ -53,6 +56,7 @@ from ansible_collections.dstack.tee.plugins.module_utils.gateway_client import G
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsCertSigner, KmsClient
 
 log = logging.getLogger("dstack.guest.boot")
+IMAGES_DIR = "images"  # in the config share: the app's images as docker-archive tarballs (*.tar)
 STEPS = ("read-config", "instance-id", "measure", "keys", "measure-system", "env", "gateway", "containers")
 
 
@@ -148,7 +152,7 @@ class Boot:
     """One boot of one CVM. `kms_client` / `runner` may be given (tests, other engines)."""
 
     def __init__(self, ctx, kms_client=None, runner=None, sockets=None, port_map=None, netns=None,
-                 gateway_settings=None, before_containers=None):
+                 gateway_settings=None, before_containers=None, own_network=False):
         self.ctx = ctx
         self.before_containers = before_containers  # e.g. wait until the socket API the containers mount listens
         self.kms_client = kms_client
@@ -156,6 +160,7 @@ class Boot:
         self.sockets = sockets or {}
         self.port_map = port_map
         self.netns = netns
+        self.own_network = own_network  # a VM: this namespace is the CVM's own (the gateway's tunnel goes here)
         self.gateway_settings = dict(gateway_settings or {})  # GatewayLink's checker settings (tests)
         self.gateway_link = None
         self.notifier = HostNotifier(ctx)
@@ -167,6 +172,7 @@ class Boot:
         self._kms = None
         self._containers = None  # the containers' start, beside the gateway step (_Beside)
         self._prepared = False  # the runner made something before the containers step (its network)
+        self._loaded_images = []  # "images/<file> (what the engine loaded)", told with the containers step
 
     def run(self):
         """Run every step; raise BootFailed naming the step that failed.
@@ -344,7 +350,8 @@ class Boot:
         if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
             raise DstackError("gateway_urls", "must be a list of https:// URLs")
         link = GatewayLink(self._gateway_client(), urls, self.netns,
-                           gateway_link.interface_name(self.instance_id, self.app_id), **self.gateway_settings)
+                           gateway_link.interface_name(self.instance_id, self.app_id), own_network=self.own_network,
+                           **self.gateway_settings)
         try:
             registration = link.connect()
         except BaseException:
@@ -353,7 +360,8 @@ class Boot:
         self.gateway_link = link
         link.start_checker()
         self.notifier.progress("gateway", f"registered with {link.url} (gateway app {registration.gateway['app_id']}): "
-                                          f"{registration.client_ip} on {link.interface.name} in netns {self.netns}")
+                                          f"{registration.client_ip} on {link.interface.name} "
+                                          + (f"in netns {self.netns}" if self.netns else "in this VM's network"))
 
     def _gateway_client(self):
         """GatewayClient over this CVM's own GetTlsKey (the KMS signs, with this CVM's quote), its KMS
@@ -406,13 +414,30 @@ class Boot:
         if self.app.get("runner", "docker-compose") not in ("docker-compose", "nerdctl-compose"):
             raise DstackError("runner", f"{self.app.get('runner')!r} is not supported by this agent")
         runner = self._runner()
+        self._load_images(runner)
         if self.before_containers is not None:
             self.before_containers()
         runner.up(self.app["docker_compose_file"], dict(self.env), self.sockets, self.port_map)
 
+    def _load_images(self, runner):
+        """The app's images the host gave in the config share (images/*.tar, docker-archive), loaded
+        before compose up, in name order. Trust: the compose (measured, by its hash) names each image
+        by reference; a loaded image is as trusted as the same tag pulled from a registry through the
+        host's network, which the host controls as well (pin digests in the compose for more)."""
+        folder = self.ctx.paths.config(IMAGES_DIR)
+        if not os.path.isdir(folder):
+            return
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".tar") or name.startswith("."):
+                continue
+            loaded = runner.load_image(os.path.join(folder, name), f"{IMAGES_DIR}/{name}")
+            log.info("containers: image %s/%s: %s", IMAGES_DIR, name, loaded)
+            self._loaded_images.append(f"{IMAGES_DIR}/{name} ({loaded})")
+
     def step_containers(self):
         self._containers.wait()
-        self.notifier.progress("containers", "compose services started")
+        images = f"; images loaded: {', '.join(self._loaded_images)}" if self._loaded_images else ""
+        self.notifier.progress("containers", "compose services started" + images)
 
 
 class _Beside:

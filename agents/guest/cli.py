@@ -26,7 +26,7 @@
       makes a new app (new app id, keys and measurements) on the same simulated platform and KMS.
 
   dstack-guest-agent run --config-dir DIR --work-dir DIR [serve's options] [--project NAME]
-                         [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman|none] [--netns NAME]
+                         [--port VM_PORT=HOST:PORT ...] [--engine auto|docker|podman|none] [--netns NAME | --own-network]
                          [--worker-port 8090]
       a CVM's main process: serves the socket API, boots the app (agents/guest/boot.py: measure,
       keys from the KMS, env, gateway, containers), and keeps it running until SIGTERM, when it takes
@@ -38,7 +38,8 @@
       the agent itself stays in the host's (its KMS, host API and the gateway's control API are
       reached from there, as a VM's agent reaches them over its NIC); the WireGuard interface of the
       gateway step and the app's containers (podman, run inside it) are put in NAME. The gateway
-      step needs it. With --netns, too: the public Worker API (agents/guest/worker.py) on
+      step needs it, or --own-network in a VM (whose network is the CVM's own: the WireGuard interface
+      goes up in the agent's namespace). With --netns, too: the public Worker API (agents/guest/worker.py) on
       0.0.0.0:--worker-port (8090) inside NAME, refused on NAME's eth0 (the host's way in) unless a
       --port maps it; and each --port VM_PORT=HOST_ADDR:HOST_PORT is a TCP forwarder on
       HOST_ADDR:HOST_PORT here to VM_PORT of NAME's eth0 address (agents/guest/netns_ports.py),
@@ -274,6 +275,9 @@ def add_run_arguments(parser):
                              "no containers, the workload runs beside the agent)")
     parser.add_argument("--netns", help="the CVM's network namespace (/run/netns/NAME): its WireGuard interface and "
                                         "containers go there (podman); required by the gateway step")
+    parser.add_argument("--own-network", action="store_true",
+                        help="the agent runs in the CVM's own network (a VM): the gateway step's WireGuard interface "
+                             "goes up here (not with --netns)")
     parser.add_argument("--worker-port", type=_tcp_port, default=worker.WORKER_PORT,
                         help=f"with --netns: the public Worker API's port in the namespace (default {worker.WORKER_PORT})")
 
@@ -479,6 +483,8 @@ def cmd_run(args):
     import importlib  # pylint: disable=import-outside-toplevel
 
     ports = _port_map(args.port)
+    if args.netns and args.own_network:
+        raise DstackError("--own-network", "is a VM's network; it cannot go with --netns (a namespace on the host)")
     if args.netns:
         from ansible_collections.dstack.tee.plugins.module_utils import wireguard  # pylint: disable=import-outside-toplevel
         if not wireguard.netns_exists(args.netns):
@@ -538,7 +544,7 @@ def cmd_run(args):
         runner = ComposeRunner(project, ctx.paths.work_dir, engine=args.engine, netns=args.netns)
         boot = Boot(ctx, runner=runner, sockets={"dstack": os.path.abspath(args.socket),
                                                  "tappd": os.path.abspath(args.tappd_socket) if args.tappd_socket else ""},
-                    port_map=ports or None, netns=args.netns,
+                    port_map=ports or None, netns=args.netns, own_network=args.own_network,
                     before_containers=lambda: _wait_ready(ready_r, children["serve"]))
         boot.run()
         _say(f"booted: app_id {boot.app_id}, instance_id {boot.instance_id}, compose_hash {boot.compose_hash}")

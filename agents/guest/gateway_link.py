@@ -4,7 +4,8 @@
 
 GatewayLink(client, urls, netns, interface).connect() registers with the first gateway URL that
 answers (gateway_client.GatewayClient: RA-TLS both ways, the gateway's attested app id checked),
-then brings this CVM's WireGuard interface up in the CVM's network namespace with the answer:
+then brings this CVM's WireGuard interface up in the CVM's network namespace (in a VM, whose
+network is the CVM's own, `own_network=True` and no netns: in the VM's namespace) with the answer:
 the returned client_ip (/32), the gateway peers (each accepting its gateway's tunnel address
 alone, keepalive 25 s), a route to each gateway address through the interface, and the CVM's
 WireGuard port open to the gateways' endpoint addresses only (iptables chain DSTACK_WG, as dstack). The interface
@@ -67,16 +68,17 @@ class GatewayLink:
     """One CVM's registration and tunnel (see the module docstring)."""
 
     def __init__(self, client, urls, netns, interface, port_policy=None, stale_after=STALE_AFTER,
-                 interval=CHECK_INTERVAL, clock=time.time):
-        if not netns:
+                 interval=CHECK_INTERVAL, clock=time.time, own_network=False):
+        if not netns and not own_network:
             raise DstackError("netns", "the gateway needs the CVM's own network namespace (dstack-guest-agent run "
-                                       "--netns NAME; the VMM's cvm_netns = true): the app must be reachable only "
-                                       "through the WireGuard tunnel, not on the host's network")
+                                       "--netns NAME; the VMM's cvm_netns = true), or a VM's (run --own-network): "
+                                       "the app must be reachable only through the WireGuard tunnel, not on the "
+                                       "host's network")
         if not urls:
             raise DstackError("gateway_urls", "are empty")
         self.client = client
         self.urls = list(urls)
-        self.netns = wireguard.check_netns_name(netns)
+        self.netns = wireguard.check_netns_name(netns) if netns else None
         self.interface = wireguard.WgInterface(wireguard.check_interface_name(interface), netns=self.netns)
         self.port_policy = port_policy
         self.stale_after = stale_after
@@ -217,22 +219,32 @@ def _resolved(endpoint, field_name):
 def _host_loopback(endpoint, netns):
     """A loopback endpoint (a gateway on this host, e.g. the simulated default's 127.0.0.1:51830)
     as seen from the CVM's namespace: the host's side of its veth, the namespace's default route,
-    as a VM on QEMU's user network reaches the host's loopback at its gateway (10.0.2.2)."""
+    as a VM on QEMU's user network reaches the host's loopback at its gateway (10.0.2.2; netns None:
+    the VM's own default route)."""
     host, _sep, port = endpoint.rpartition(":")
     if not ipaddress.ip_address(host.strip("[]")).is_loopback:
         return endpoint
-    done = subprocess.run(["ip", "-n", netns, "-4", "route", "show", "default"], capture_output=True, text=True,
+    done = subprocess.run(_ip(netns, "-4", "route", "show", "default"), capture_output=True, text=True,
                           timeout=10, check=False)
     words = done.stdout.split()
     if done.returncode != 0 or "via" not in words:
-        raise DstackError("endpoint", f"the gateway is at {endpoint}, on this host's loopback, and the namespace {netns} "
-                                      "has no default route to the host")
+        raise DstackError("endpoint", f"the gateway is at {endpoint}, on this host's loopback, and "
+                                      f"{_where(netns)} has no default route to the host")
     return f"{words[words.index('via') + 1]}:{port}"
 
 
+def _ip(netns, *args):
+    """`ip` argv in the CVM's namespace, or in this one (a VM's) when netns is None."""
+    return ["ip", *(["-n", netns] if netns else []), *args]
+
+
+def _where(netns):
+    return f"the namespace {netns}" if netns else "this VM's network"
+
+
 def _ip_route(netns, prefix, interface):
-    done = subprocess.run(["ip", "-n", netns, "route", "replace", prefix, "dev", interface], capture_output=True,
+    done = subprocess.run(_ip(netns, "route", "replace", prefix, "dev", interface), capture_output=True,
                           text=True, timeout=10, check=False)
     if done.returncode != 0:
-        raise DstackError("route", f"cannot route {prefix} through {interface} in {netns}: "
+        raise DstackError("route", f"cannot route {prefix} through {interface} in {_where(netns)}: "
                                    f"{done.stderr.strip()[:200]}")

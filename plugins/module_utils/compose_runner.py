@@ -235,6 +235,18 @@ class ComposeRunner:
             raise DstackError("containers", f"{self.engine} compose up failed (exit {proc.returncode}): "
                                             f"{scrub(_last_line(proc.stderr or proc.stdout), app_env.values())}")
 
+    def load_image(self, path, field):
+        """`<engine> load` of an image archive (docker-archive, as `podman save` writes it); returns
+        what the engine says it loaded. DstackError(field) when it cannot."""
+        if self.engine == "none":
+            return ""
+        proc = subprocess.run(self._engine("load", "-i", path), capture_output=True, text=True, env=self._env({}),
+                              timeout=600, check=False)
+        if proc.returncode != 0:
+            raise DstackError(field, f"{self.engine} load failed (exit {proc.returncode}): "
+                                     f"{_last_line(proc.stderr or proc.stdout)}")
+        return _last_line(proc.stdout or proc.stderr)
+
     def down(self):
         """Stop and remove the project's containers, then (podman) its networks."""
         if self.engine == "none":
