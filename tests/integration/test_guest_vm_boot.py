@@ -264,6 +264,7 @@ def test_a_rootfs_that_does_not_verify_is_never_mounted(guest_image, libvirt_uri
         assert f"dstack-verity: FATAL: /dev/vda does not verify against root hash {wrong}" in text
         assert "dstack-verity: /dev/vda verified" not in text and "dstack-init:" not in text
 
+
 # ---- an app in the VM, with its keys from a real KMS ---------------------------------------------
 #
 # An app runs in the guest image's VM, with its keys from a real KMS on the host: the whole boot the
@@ -286,7 +287,6 @@ def test_a_rootfs_that_does_not_verify_is_never_mounted(guest_image, libvirt_uri
 # a QEMU port forward: libvirt forwards user-net ports only through passt (libvirt 9.2+), and this
 # machine has libvirt 9.0 without passt, so the container reaching the host stands in for it.
 # About 70 s (the boot to the app about 60 s).
-
 GUEST_HOST = "10.0.2.2"   # the host's loopback, as QEMU's user networking shows it to the guest
 APP_HOST_TOKEN = "fedcba9876543210"
 # The container tells the host it runs, with a value only the env the KMS's key decrypts holds.
