@@ -383,12 +383,24 @@ class Boot:
             except (NotReady, ServerFailure) as exc:
                 raise DstackError("get_tls_key", str(exc)) from None
 
-        sim_state = getattr(self.ctx.provider, "state_dir", None)
-        settings = {"mode": "simulation", "sim_state_dir": sim_state} if sim_state else \
-            {"mode": "production", "pccs_url": self.sys_config.get("pccs_url") or ""}
-        trust = attestation.QuoteTrust(settings, self.ctx.paths.work_dir)
+        trust = attestation.QuoteTrust(self._quote_trust_settings(), self.ctx.paths.work_dir)
         return GatewayClient(self.ctx.paths.work("gateway-cache.json"), get_tls_key, self.keys["ca_cert"], trust,
                              self.keys["gateway_app_id"])
+
+    def _quote_trust_settings(self):
+        """What the gateway's quotes are verified under: the simulator's trust where this CVM's own
+        quotes are simulated (its state folder, or a no_tee VM's host over the quote channel: the
+        platform that signs this VM's quotes signs the gateway's), else Intel's root and the PCCS."""
+        sim_state = getattr(self.ctx.provider, "state_dir", None)
+        if sim_state:
+            return {"mode": "simulation", "sim_state_dir": sim_state}
+        platform_trust = getattr(self.ctx.provider, "platform_trust", None)
+        if platform_trust is not None:
+            root_ca, collateral = platform_trust()
+            path = self.ctx.paths.work("platform-root-ca.der")
+            atomic_write(path, root_ca, mode=0o644)
+            return {"mode": "simulation", "root_ca": path, "collateral": attestation.load_collateral(collateral)}
+        return {"mode": "production", "pccs_url": self.sys_config.get("pccs_url") or ""}
 
     def close(self):
         """Stop the gateway checker and take the WireGuard interface down (the agent is stopping)."""

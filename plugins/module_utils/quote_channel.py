@@ -16,9 +16,14 @@ it with the report_data, as the TD report carries RTMR3 on real TDX.
 The wire: one JSON object per line each way, at most MAX_LINE bytes:
     guest -> host  {"id": "<hex>", "op": "launch"}
                    {"id": "<hex>", "op": "quote", "report_data": "<128 hex>", "rtmr3": "<96 hex>"}
+                   {"id": "<hex>", "op": "platform"}
     host -> guest  {"id": "<same>", "mr_td": ..., "rtmr0": ..., "rtmr1": ..., "rtmr2": ...}
                    {"id": "<same>", "quote": "<hex>"}
+                   {"id": "<same>", "root_ca": "<DER hex>", "collateral": {QuoteCollateralV3 JSON}}
                    {"id": "<same>", "error": "<reason>"}
+`platform` is the simulated platform's public trust (its root CA and collateral): what the guest
+verifies other CVMs' quotes under (the gateway's RA-TLS), as the gateway and the KMS on the host do.
+The guest takes it from its host, which signs its own quotes anyway: a no_tee VM trusts its host.
 A guest skips lines with another id (an answer to a request a restarted agent gave up on).
 """
 
@@ -148,6 +153,19 @@ class ChannelQuoteProvider:
             state["rtmr3"] = eventlog.extend(state["rtmr3"], bytes(digest))
             self._write(state)
 
+    def platform_trust(self):
+        """(root CA DER, collateral JSON text) of the host's simulated platform (the `platform` op)."""
+        with self._locked(fcntl.LOCK_EX):
+            answer = self._ask({"op": "platform"})
+        try:
+            root_ca = bytes.fromhex(str(answer.get("root_ca", "")))
+        except ValueError:
+            root_ca = b""
+        collateral = answer.get("collateral")
+        if not root_ca or not isinstance(collateral, dict):
+            raise DstackError("quote_channel", "the host's platform answer has no root_ca and collateral")
+        return root_ca, json.dumps(collateral)
+
     def get_quote(self, report_data):
         padded = pad_report_data(report_data)
         with self._locked(fcntl.LOCK_EX):
@@ -231,7 +249,9 @@ class QuoteService:
             rtmr3 = parse_hex(str(request.get("rtmr3", "")), "rtmr3", RTMR_SIZE)
             quote = self.sim.get_quote(report_data, rtmr3=rtmr3, **self.launch)
             return {"quote": quote.hex()}
-        raise DstackError("op", f"unknown operation {str(op)[:20]!r} (launch or quote)")
+        if op == "platform":
+            return {"root_ca": self.sim.root_ca_der.hex(), "collateral": json.loads(self.sim.collateral_json())}
+        raise DstackError("op", f"unknown operation {str(op)[:20]!r} (launch, quote or platform)")
 
 
 class QuoteChannelServer:
