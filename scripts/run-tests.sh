@@ -14,7 +14,8 @@ cd "$ROOT" || exit 2
 export PATH="$ROOT/.venv/bin:$PATH"
 failed=()
 
-BESIDE=(tests/integration/test_guest_image.py tests/integration/test_guest_vm_boot.py)
+BESIDE=(tests/integration/test_guest_image.py tests/integration/test_guest_vm_boot.py
+        tests/integration/test_libvirt_deploy.py)
 beside_pid=""
 if (($# == 0)); then
   beside_log="$(mktemp /tmp/dstack-tests-beside.XXXXXX)"
