@@ -37,6 +37,7 @@ POST_BOOT_EVENTS = ("mr-kms", "os-image-hash", "key-provider", "storage-fs", "sy
 # Every name the boot uses: EmitEvent refuses them all, and none may follow system-ready.
 RESERVED_EVENTS = tuple(dict.fromkeys(PRE_BOOT_EVENTS + ("boot-mr-done",) + POST_BOOT_EVENTS))
 _BOOT_PHASE_EVENTS = PRE_BOOT_EVENTS + ("boot-mr-done",)  # what read_boot_log allows up to boot-mr-done
+_V1_PREFIX = DSTACK_EVENT_TYPE.to_bytes(4, "little") + b":"
 
 
 def _jcs(value):
@@ -48,8 +49,7 @@ def event_digest(name, payload, version=1):
     """The 48-byte digest of a dstack runtime event."""
     payload = bytes(payload)
     if version == 1:
-        return hashlib.sha384(DSTACK_EVENT_TYPE.to_bytes(4, "little") + b":" + name.encode("utf-8")
-                              + b":" + payload).digest()
+        return hashlib.sha384(b"".join((_V1_PREFIX, name.encode("utf-8"), b":", payload))).digest()
     if version == 2:
         return hashlib.sha384(_jcs({"name": name, "payload": payload.hex(),
                                     "type": DSTACK_EVENT_TYPE})).digest()
@@ -73,6 +73,11 @@ def _check_digest(digest):
 def extend(mr, digest):
     """One RTMR extend: SHA-384(mr || digest)."""
     _check_digest(digest)
+    return _extend(mr, digest)
+
+
+def _extend(mr, digest):
+    """extend() of a digest already known to be 48 bytes (parsed to that length, or computed)."""
     return hashlib.sha384(bytes(mr) + bytes(digest)).digest()
 
 
@@ -188,7 +193,7 @@ def replay_event_log(event_log, version=1):
             digest = entries.event_digest(entry["event"], entry["event_payload"], version)
         else:
             digest = entry["digest"]
-        per_imr[entry["imr"]] = extend(per_imr[entry["imr"]], digest)
+        per_imr[entry["imr"]] = _extend(per_imr[entry["imr"]], digest)
     return per_imr
 
 
@@ -230,28 +235,29 @@ def read_boot_log(event_log, version=1):
     for pos, entry in enumerate(entries):
         if entry["imr"] != RTMR3:
             continue
-        where = f"event_log[{pos}]"
         if entry["event_type"] != DSTACK_EVENT_TYPE:
-            raise DstackError(f"{where}.event_type", f"is {entry['event_type']}: only dstack runtime events "
-                                                     f"({DSTACK_EVENT_TYPE}), whose digest a verifier recomputes, "
-                                                     "may extend RTMR3")
+            raise DstackError(f"event_log[{pos}].event_type",
+                              f"is {entry['event_type']}: only dstack runtime events ({DSTACK_EVENT_TYPE}), whose "
+                              "digest a verifier recomputes, may extend RTMR3")
         name, payload = entry["event"], entry["event_payload"]
         if entry["digest"] != entries.event_digest(name, payload, version):
-            raise DstackError(f"{where}.digest", f"is not the digest of the event {name[:64]!r} and its payload")
+            raise DstackError(f"event_log[{pos}].digest",
+                              f"is not the digest of the event {name[:64]!r} and its payload")
         event = RuntimeEvent(name, payload)
         if phase == "app":
             if name in RESERVED_EVENTS:
-                raise DstackError(where, f"the boot event {name!r} follows system-ready (an app cannot measure it)")
+                raise DstackError(f"event_log[{pos}]",
+                                  f"the boot event {name!r} follows system-ready (an app cannot measure it)")
             result.app_events.append(event)
             continue
         if not result.events and name != "system-preparing":
-            raise DstackError(where, f"is {name[:64]!r}: a boot's first event is system-preparing")
+            raise DstackError(f"event_log[{pos}]", f"is {name[:64]!r}: a boot's first event is system-preparing")
         allowed = _BOOT_PHASE_EVENTS if phase == "boot" else POST_BOOT_EVENTS
         if name not in allowed:
-            raise DstackError(where, f"the event {name[:64]!r} cannot come "
-                                     f"{'before boot-mr-done' if phase == 'boot' else 'between boot-mr-done and system-ready'}")
+            when = "before boot-mr-done" if phase == "boot" else "between boot-mr-done and system-ready"
+            raise DstackError(f"event_log[{pos}]", f"the event {name[:64]!r} cannot come {when}")
         if name in seen:
-            raise DstackError(where, f"has the boot event {name!r} a second time")
+            raise DstackError(f"event_log[{pos}]", f"has the boot event {name!r} a second time")
         seen.add(name)
         result.events.append(event)
         if phase == "boot" and name in IDENTITY_EVENTS:

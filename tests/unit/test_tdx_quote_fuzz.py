@@ -16,7 +16,7 @@ machine, so a failure is a regression. A deeper random search:
 import struct
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pytest
@@ -192,6 +192,26 @@ def test_seeds_parse_and_verify():
         assert tq.parse_quote(seed.raw).to_bytes() == seed.raw
     for seed in VERIFIABLE:
         assert seed.verify(seed.raw).ok, seed.name
+
+
+@pytest.mark.parametrize("cls", [tq.TdReport10, tq.TdReport15, tq.SgxReportBody])
+def test_layouts_read_and_write_each_field_at_its_offset(cls):
+    """from_bytes reads the fields in one call, in LAYOUT's order: the dataclass fields must be in it."""
+    assert [f.name for f in fields(cls)] == [name for name, _size in cls.LAYOUT]
+    data = bytes(range(256)) * 4
+    parsed = cls.from_bytes(data, 5)
+    pos = 5
+    for name, size in cls.LAYOUT:
+        assert getattr(parsed, name) == data[pos:pos + size], name
+        pos += size
+    assert parsed.to_bytes() == data[5:pos] and pos - 5 == cls.size()
+    (first, first_size), (second, second_size) = cls.LAYOUT[:2]
+    # One field a byte long, the next a byte short: the total is right, the fields are not.
+    swapped = replace(parsed, **{first: bytes(first_size + 1), second: bytes(second_size - 1)})
+    with pytest.raises(tq.QuoteError, match=f"^{first}: {first} must be {first_size} bytes, got {first_size + 1}$"):
+        swapped.to_bytes()
+    with pytest.raises(tq.QuoteError, match=f"truncated in the TD report at offset 7: needs {cls.size()} bytes, 3 left"):
+        cls.from_bytes(bytes(10), 7, "TD report")
 
 
 @pytest.mark.parametrize("data, reason", [
