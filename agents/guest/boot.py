@@ -193,6 +193,12 @@ class Boot:
                     self._failed(step, str(exc), str(exc))
                 except OSError as exc:
                     self._failed(step, f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})", str(exc.strerror or exc))
+                except Exception as exc:  # pylint: disable=broad-exception-caught
+                    # A bug or a library too old in the image: still a failed step, told to the host, with
+                    # what it started taken down (else the agent hangs with the containers half up).
+                    log.exception("boot step %s failed unexpectedly", step)
+                    what = f"unexpected {type(exc).__name__} (the agent's log has its traceback)"
+                    self._failed(step, what, what)
         except BootFailed:
             if self._containers is not None or self._prepared:
                 if self._containers is not None:

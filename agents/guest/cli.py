@@ -39,7 +39,8 @@
       reached from there, as a VM's agent reaches them over its NIC); the WireGuard interface of the
       gateway step and the app's containers (podman, run inside it) are put in NAME. The gateway
       step needs it, or --own-network in a VM (whose network is the CVM's own: the WireGuard interface
-      goes up in the agent's namespace). With --netns, too: the public Worker API (agents/guest/worker.py) on
+      goes up in the agent's namespace, and the public Worker API listens on 0.0.0.0:--worker-port of
+      the VM, which the gateway reaches through the tunnel). With --netns, too: the public Worker API (agents/guest/worker.py) on
       0.0.0.0:--worker-port (8090) inside NAME, refused on NAME's eth0 (the host's way in) unless a
       --port maps it; and each --port VM_PORT=HOST_ADDR:HOST_PORT is a TCP forwarder on
       HOST_ADDR:HOST_PORT here to VM_PORT of NAME's eth0 address (agents/guest/netns_ports.py),
@@ -279,7 +280,8 @@ def add_run_arguments(parser):
                         help="the agent runs in the CVM's own network (a VM): the gateway step's WireGuard interface "
                              "goes up here (not with --netns)")
     parser.add_argument("--worker-port", type=_tcp_port, default=worker.WORKER_PORT,
-                        help=f"with --netns: the public Worker API's port in the namespace (default {worker.WORKER_PORT})")
+                        help=f"with --netns or --own-network: the public Worker API's port in the namespace or the VM "
+                             f"(default {worker.WORKER_PORT})")
 
 
 def _tcp_port(text):
@@ -424,6 +426,30 @@ class _NamespacePorts:
             forwarder.close()
 
 
+class _VmWorkerPort:
+    """With --own-network: the Worker's listening socket on the VM's own network (0.0.0.0:worker port),
+    as dstack's guest serves its agent port: the gateway reaches it through the WireGuard tunnel
+    (https://<app-id>-8090.<base_domain>); from outside the VM only the VMM's port map reaches in."""
+
+    forwarders = ()
+
+    def __init__(self, worker_port):
+        import socket  # pylint: disable=import-outside-toplevel
+        try:
+            self.worker_socket = socket.create_server(("0.0.0.0", worker_port), backlog=128)
+        except OSError as exc:
+            raise DstackError("--worker-port", f"cannot listen on 0.0.0.0:{worker_port}: {exc.strerror or exc}") from None
+
+    def forward(self):
+        pass
+
+    def handed_over(self):
+        self.worker_socket.close()
+
+    def close(self):
+        self.worker_socket.close()
+
+
 def _wait_any(children):
     """The first child to exit: (name, exit code). Blocks on their pidfds (a signal's handler runs
     meanwhile: SIGTERM's terminates them, which ends the wait)."""
@@ -464,7 +490,8 @@ def _worker_child(args, worker_socket):
             return ComposeRunner(compose_project(args, ctx), ctx.paths.work_dir, engine=args.engine, netns=args.netns)
 
         worker.serve(worker.create_worker_app(ctx, runner=runner), fd, threads=worker.DEFAULT_THREADS,
-                     on_ready=lambda: _say(f"{ctx.attestation_mode}: Worker API serving in {args.netns}"))
+                     on_ready=lambda: _say(f"{ctx.attestation_mode}: Worker API serving "
+                                             f"{'in ' + args.netns if args.netns else 'on the VM network'}"))
     return run
 
 
@@ -501,6 +528,8 @@ def cmd_run(args):
         importlib.import_module(module)
     # With a namespace, the CVM's ports are made before the boot: a port in use fails the start.
     netns_ports = _NamespacePorts(args.netns, ports, args.worker_port) if args.netns else None
+    if args.own_network:   # a VM: the Worker API on its own network, as with a namespace
+        netns_ports = _VmWorkerPort(args.worker_port)
     children = {}
     ready_r, ready_w = os.pipe()
     try:
