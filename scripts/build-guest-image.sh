@@ -59,6 +59,11 @@ PACKAGES=(
 #   pycryptodome        keccak (module_utils/signatures.py, eth-hash) as Crypto.Hash: Debian's
 #                       python3-pycryptodome is the Cryptodome (pycryptodomex) namespace
 #   dcap-qvl 0.7        quote verification (module_utils/attestation.py: the gateway's RA-TLS quote)
+#   cryptography 44     the certificate API the agent uses (not_valid_after_utc, 42+;
+#                       verify_directly_issued_by, 40+: RA-TLS, the gateway client's cache): bookworm's
+#                       python3-cryptography is 38 (kept: it brings python3-cffi-backend, which 44 needs)
+#   gunicorn 27         the project's (pyproject.toml): bookworm's 20.1 cannot run a worker class given
+#                       as a class (its worker_class_str), which the Worker API's deadline worker is
 WHEELS=(
   "https://files.pythonhosted.org/packages/93/31/b38c2656bad6265168902793c60145b172788a79e4b15de212af9bd78728/podman_compose-1.6.0-py3-none-any.whl 98e48af25d44c10ecef948163bfcca002e32aa8bbb7e66593fbd4faff7270c30"
   "https://files.pythonhosted.org/packages/f9/f5/24806598664a2fbc65d5ed4f0e9e986e7f9061e3b43738412c8df7ba1cbd/eth_keys-0.8.0-py3-none-any.whl a7b94222638cccbdf2b5dae5c365d883a96826d82bb0faeb56baa65375f514ae"
@@ -67,6 +72,8 @@ WHEELS=(
   "https://files.pythonhosted.org/packages/eb/db/f8775490669d28aca24871c67dd56b3e72105cb3bcae9a4ec65dd70859b3/eth_hash-0.7.1-py3-none-any.whl 0fb1add2adf99ef28883fd6228eb447ef519ea72933535ad1a0b28c6f65f868a"
   "https://files.pythonhosted.org/packages/5f/e9/a09476d436d0ff1402ac3867d933c61805ec2326c6ea557aeeac3825604e/pycryptodome-3.23.0-cp37-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl c8987bd3307a39bc03df5c8e0e3d8be0c4c3518b7f044b0f4c15d1aa78f52575"
   "https://files.pythonhosted.org/packages/c7/36/57a333cfb37a2f9d0e3e5bd43f9939c0ad4c48c41667ae2243ef46e69d7e/dcap_qvl-0.7.0-cp38-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl 131e991020a9c02b1e6043b2ac0bdae3f7eb02cbfbde8faac4aa2b9336ab3857"
+  "https://files.pythonhosted.org/packages/68/fb/d61a4defd0d6cee20b1b8a1ea8f5e25007e26aeb413ca53835f0cae2bcd1/cryptography-44.0.3-cp39-abi3-manylinux_2_28_x86_64.whl cb90f60e03d563ca2445099edf605c16ed1d5b15182d21831f58460c48bffb93"
+  "https://files.pythonhosted.org/packages/f7/46/19ce73424bc4bcac3f0c104950fa776abdfa4515f25104916a62b63b672a/gunicorn-27.0.1-py3-none-any.whl 378b26b9a38adcf4592f28828233c1716acc55e833ea06bf48719782efaa0d10"
 )
 # Modules the boot needs before the rootfs is mounted (virtio disk, verity, squashfs, vsock, 9p).
 # Only these (and what they depend on) go into the initramfs (MODULES=list): a VM's hardware is known.
@@ -376,6 +383,12 @@ missing = [what for what, present in (("dcap-qvl (attestation)", attestation.HAS
                                       ("cryptography (app_certs)", app_certs.HAS_CRYPTOGRAPHY),
                                       ("pyroute2 (wireguard)", wireguard.HAS_PYROUTE2))
            if not present]
+import cryptography
+if int(cryptography.__version__.split(".", maxsplit=1)[0]) < 42:
+    missing.append(f"cryptography 42+ (found {cryptography.__version__}: no Certificate.not_valid_after_utc)")
+import gunicorn
+if gunicorn.version_info[0] != 27:
+    missing.append(f"gunicorn 27 (found {gunicorn.__version__}: the Worker API's worker class needs it)")
 if missing:
     raise SystemExit("missing: " + ", ".join(missing))
 secret = bytes(range(1, 33))

@@ -15,8 +15,9 @@ the data disk without formatting it. A boot with a wrong root hash on the cmdlin
 initramfs: the rootfs is never mounted, the VM powers off. About 90 s with the image cached.
 
 An app then boots in a VM with its keys from a real KMS on the host, its image from the config
-share, its container running (test_an_app_boots_in_the_vm_with_keys_from_the_kms; about 70 s more,
-the section's comment says how).
+share, its container running, and answers through a real `dstack-gateway serve` on the host over
+the VM's WireGuard tunnel, with a quote naming the image's os_image_hash
+(test_an_app_boots_in_the_vm_with_keys_from_the_kms; about 140 s more, the section's comment says how).
 
 The domain's type is 'qemu' (TCG), not 'kvm': /dev/kvm on these machines is PVM, which runs a stock
 Debian kernel through KVM's instruction emulator, far too slowly to boot (README, machine notes);
@@ -31,7 +32,11 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
+import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -42,9 +47,12 @@ import pytest
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as ac
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as lv
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_domain as ld
-from ansible_collections.dstack.tee.plugins.module_utils import quote_channel, tdx_sim
-from conftest import IMAGE, ROOT, free_port, needs_podman
-from test_guest_boot import SECRETS, HostApi, make_share
+from ansible_collections.dstack.tee.plugins.module_utils import attestation, quote_channel, tdx_sim, wireguard
+from conftest import IMAGE, ROOT, free_port, needs_podman, run_module
+from test_gateway_client import GATEWAY_COMPOSE, GuestTlsKey, _boot
+from test_gateway_control import ADMIN_TOKEN
+from test_gateway_serve import BASE, Network, _gateway_toml, _kill_everything_in, _remove_socket, _write_certs
+from test_guest_boot import OS_IMAGE, SECRETS, HostApi, make_share
 from test_kms_server import KmsProcess
 from libvirt_fixtures import LIBVIRTD, VIRTLOGD, host_dir, system_libvirt  # noqa: F401  pylint: disable=unused-import
 
@@ -265,28 +273,38 @@ def test_a_rootfs_that_does_not_verify_is_never_mounted(guest_image, libvirt_uri
         assert "dstack-verity: /dev/vda verified" not in text and "dstack-init:" not in text
 
 
-# ---- an app in the VM, with its keys from a real KMS ---------------------------------------------
+# ---- an app in the VM, with its keys from a real KMS, answering through a real gateway -----------
 #
-# An app runs in the guest image's VM, with its keys from a real KMS on the host: the whole boot the
-# process backend runs (test_guest_boot), inside a VM under libvirt (TCG, as above).
+# An app runs in the guest image's VM, with its keys from a real KMS on the host, and answers through
+# a real gateway on the host: the whole boot the process backend runs (test_guest_boot, test_gateway_cvm),
+# inside a VM under libvirt (TCG, as above).
 #
 # The host side, as the VMM and the operator make it:
 # - `dstack-kms serve --simulated` on 127.0.0.1 (QEMU's user networking takes the guest's 10.0.2.2 to
 #   the host's loopback), its RPC certificate naming 10.0.2.2 (kms.toml's domain), allowing the image's
 #   os_image_hash and the app's compose hash; the VM's quotes come from the KMS's simulated platform
 #   over the org.dstack.quote channel (the quote service the libvirt backend runs);
-# - the config share: app-compose.json (key_provider kms), .encrypted-env sealed to the app's env key
-#   from that KMS, .sys-config.json naming the KMS (https://10.0.2.2:PORT and its root CA) and the
-#   host API, and images/app.tar, the compose's image saved with `podman save --format docker-archive`
+# - `dstack-gateway serve` (HostGateway): control, Admin and proxy on 127.0.0.1, WireGuard UDP on the
+#   host's network with the endpoint 10.0.2.2:PORT (the gateway role's default for libvirt), its tunnel
+#   link in a namespace of its own; its RA-TLS certificate the gateway app's, from a CVM booted against
+#   the same KMS, whose allowlist names it gatewayAppId;
+# - the config share: app-compose.json (key_provider kms, gateway_enabled), .encrypted-env sealed to the
+#   app's env key from that KMS, .sys-config.json naming the KMS (https://10.0.2.2:PORT and its root CA),
+#   the gateway (https://10.0.2.2:PORT) and the host API, and images/app.tar, the compose's image saved with `podman save --format docker-archive`
 #   (no registry is reachable from the VM: the image exists only there).
 #
 # One boot serves every assertion: the agent measures, gets its keys from the KMS (the KMS's audit log
 # has the release), decrypts the env, loads the image, starts the container with podman in the VM; the
 # container POSTs to the host API over the VM's network (through podman's bridge and the VM's NAT) with
-# a value of the encrypted env, which proves it runs with its keys' env. The app does not answer through
-# a QEMU port forward: libvirt forwards user-net ports only through passt (libvirt 9.2+), and this
-# machine has libvirt 9.0 without passt, so the container reaching the host stands in for it.
-# About 70 s (the boot to the app about 60 s).
+# a value of the encrypted env, which proves it runs with its keys' env. The gateway step registers
+# (RA-TLS both ways: the VM checks the gateway's quote under the host's simulated platform, the quote
+# channel's `platform`), brings its wireguard-go interface up in the VM (run --own-network) and the app
+# answers through the gateway: https://<app-id>.<base> (SNI, the gateway's wildcard certificate) reaches
+# the container's published port 80 in the VM over the tunnel (QEMU's user networking carries its UDP to
+# the host's loopback), and https://<app-id>-8090.<base> the agent's Worker API, whose Attest quote
+# verifies and names the image's os_image_hash (digest.txt). libvirt 9.0 here has no passt, so no QEMU
+# port forward: the gateway is the app's way in, as in dstack.
+# About 140 s here (the boot to the app about 65 s, the first request through the gateway answered at once).
 GUEST_HOST = "10.0.2.2"   # the host's loopback, as QEMU's user networking shows it to the guest
 APP_HOST_TOKEN = "fedcba9876543210"
 # The container tells the host it runs, with a value only the env the KMS's key decrypts holds.
@@ -300,9 +318,12 @@ APP_COMPOSE = """services:
         for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
         busybox wget -q -O /dev/null --header 'Content-Type: application/json'
         --post-data "{{\\"event\\": \\"app.hello\\", \\"payload\\": \\"$$GREETING\\"}}" {host_api}/App && break;
-        sleep 1; done; echo told the host; exec sleep 3600
+        sleep 1; done; echo told the host; mkdir -p /w; echo app-says-$$GREETING > /w/index.html;
+        exec httpd -f -p 80 -h /w
     environment:
       GREETING: ${{GREETING}}
+    ports:
+      - "80:80"
 """
 
 
@@ -321,36 +342,166 @@ def save_image(image, dest, conf_dir):
     os.chmod(dest, 0o644)
 
 
+class HostGateway:
+    """`dstack-gateway serve` on the host, as the gateway role runs it beside a libvirt VMM: its
+    control API, Admin API and proxy on 127.0.0.1 (the VM reaches the control API at 10.0.2.2), its
+    WireGuard UDP socket on the host's network (the endpoint it gives the CVMs is 10.0.2.2:PORT, as
+    the role's default for libvirt), its tunnel link in a namespace of its own ([core.wg] netns), so
+    the CVMs' tunnel addresses are reachable only from the proxy. Its RA-TLS certificate is the
+    gateway app's, from a CVM booted against the same KMS (the KMS's gatewayAppId)."""
+
+    def __init__(self, folder, kms, sim):
+        self.folder = folder
+        folder.mkdir()
+        self.rpc_port, self.admin_port, self.proxy_port, self.wg_port = (free_port() for _ in range(4))
+        pid = os.getpid()
+        self.interface, self.netns = f"wgv{pid}", f"gwv-{pid}"
+        self.server_ca = _write_certs(folder, ["127.0.0.1"])   # the proxy's wildcard certificate's CA
+        self.config = _gateway_toml(
+            folder, sim, kms.state_dir, Network(1),
+            **{"core.wg": {"interface": self.interface, "netns": self.netns, "listen_port": self.wg_port,
+                           "endpoint": f"{GUEST_HOST}:{self.wg_port}"},
+               "core.proxy": {"listen_addr": "127.0.0.1", "listen_port": self.proxy_port},
+               "rpc": {"listen": f"127.0.0.1:{self.rpc_port}"},
+               "admin": {"listen": f"127.0.0.1:{self.admin_port}"}})
+        self.log_path = folder / "serve.log"
+        self.proc = None
+
+    def use_certificate(self, answer):
+        (self.folder / "rpc.crt").write_text("".join(answer["certificate_chain"][:2]))
+        (self.folder / "rpc.key").write_text(answer["key"])
+        (self.folder / "rpc.key").chmod(0o600)
+
+    @property
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout=30):
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+                [sys.executable, "-m", "ansible_collections.dstack.tee.agents.gateway.cli", "serve",
+                 "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.monotonic() + timeout
+        while " ready: " not in self.log:
+            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}:\n{self.log[-6000:]}"
+            assert time.monotonic() < deadline, f"serve did not get ready in {timeout} s:\n{self.log[-6000:]}"
+            time.sleep(0.1)
+
+    def stop(self, timeout=20):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def remove(self):
+        """Whatever is left, even after a failure: the process group, the link's namespace, its socket."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if wireguard.netns_exists(self.netns):
+            _kill_everything_in(self.netns)
+            wireguard.netns_remove(self.netns)
+        _remove_socket(self.interface)
+
+    def request(self, server_name, request, timeout=10.0):
+        """One request through the proxy, by SNI, the wildcard certificate checked: (status, body)."""
+        context = ssl.create_default_context(cafile=str(self.server_ca))
+        with socket.create_connection(("127.0.0.1", self.proxy_port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name) as conn:
+                conn.sendall(request)
+                data = b""
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        head, _sep, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1."), data[:300]
+        return int(head.split()[1]), body
+
+    def get(self, server_name):
+        return self.request(server_name, f"GET / HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+
+    def post(self, server_name, path, params):
+        body = json.dumps(params).encode()
+        return self.request(server_name, f"POST {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n"
+                                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                                         .encode() + body)
+
+    def registered(self, kms_root):
+        """Admin.Status's hosts (the gateway's RA-TLS certificate, checked against the KMS root)."""
+        import urllib.request  # pylint: disable=import-outside-toplevel
+        context = ssl.create_default_context(cafile=str(kms_root))
+        context.check_hostname = False   # an RA-TLS certificate names no address
+        request = urllib.request.Request(f"https://127.0.0.1:{self.admin_port}/prpc/Admin.Status", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json",
+                                                                 "Authorization": f"Bearer {ADMIN_TOKEN}"})
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return {h["instance_id"]: h["ip"] for h in json.loads(response.read())["hosts"]}
+
+
+def _eventually(call, timeout, errors=(OSError, AssertionError)):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except errors:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 @needs_podman
 def test_an_app_boots_in_the_vm_with_keys_from_the_kms(guest_image, libvirt_uri, host_dir, module, busybox_image):
-    """The whole boot with a real KMS, the image from the share, the container running (see the
-    comment above)."""
+    """The whole boot with a real KMS, the image from the share, the container running, and the app
+    answering through a real gateway (see the comment above)."""
     folder = Path(host_dir)
     os_image_hash = (Path(guest_image) / "digest.txt").read_text().strip()
     host_api = HostApi()
     kms = KmsProcess(folder / "kms", free_port(), "--config", kms_config(folder),
                      "--auth-config", str(folder / "auth-config.json"))
     (folder / "auth-config.json").write_text(json.dumps({"osImages": [], "apps": {}}))
+    gateway = None
     try:
         kms.start()
+        sim = tdx_sim.SimTdx(str(kms.state_dir / "tdx-sim"))
         host_url = f"http://{GUEST_HOST}:{host_api.server.server_port}/host-api/app-test/{APP_HOST_TOKEN}"
         share, app = make_share(folder, module, kms.client(),
                                 compose=APP_COMPOSE.format(image=IMAGE, host_api=host_url))
-        _finish_share(share, app, kms, host_url, os_image_hash, folder, busybox_image)
-        _boot_and_check(libvirt_uri, share, app, kms, host_api, guest_image, folder)
+        gateway = HostGateway(folder / "gateway", kms, sim)
+        _finish_share(share, app, kms, host_url, os_image_hash, folder, busybox_image, gateway)
+        gateway.start()
+        _boot_and_check(libvirt_uri, share, app, kms, host_api, guest_image, folder, gateway, sim, os_image_hash)
+        assert gateway.stop() == 0, gateway.log[-6000:]
     finally:
+        if gateway is not None:
+            gateway.remove()
         kms_output = kms.stop()
         host_api.close()
     assert "Traceback" not in kms_output, kms_output[-3000:]
+    assert "Traceback" not in gateway.log, gateway.log[-6000:]
 
 
-def _finish_share(share, app, kms, host_url, os_image_hash, folder, image):
+def _gateway_app(folder, kms):
+    """The gateway app's share and app (the caller allows it and names it gatewayAppId)."""
+    (folder / "g").mkdir()
+    return make_share(folder / "g", run_module, kms.client(), compose=GATEWAY_COMPOSE)
+
+
+def _finish_share(share, app, kms, host_url, os_image_hash, folder, image, gateway):
+    share_g, app_g = _gateway_app(folder, kms)
     (folder / "auth-config.json").write_text(json.dumps({
-        "osImages": ["0x" + os_image_hash],
-        "apps": {"0x" + app["app_id"]: {"composeHashes": ["0x" + app["compose_hash"]], "allowAnyDevice": True}}}))
+        "gatewayAppId": app_g["app_id"], "osImages": ["0x" + os_image_hash, "0x" + OS_IMAGE],
+        "apps": {"0x" + a["app_id"]: {"composeHashes": ["0x" + a["compose_hash"]], "allowAnyDevice": True}
+                 for a in (app, app_g)}}))
+    # The gateway app's RA-TLS server certificate, from its CVM (the KMS signs it).
+    gateway_cvm = _boot(folder, "g1", share_g, tdx_sim.SimTdx(str(kms.state_dir / "tdx-sim")), kms.client())
+    gateway.use_certificate(GuestTlsKey(gateway_cvm)({"subject": "gateway.test", "usage_ra_tls": True,
+                                                      "usage_server_auth": True}))
     vm_config = {"os_image_hash": os_image_hash, "cpu_count": 1, "memory_size": 1024 << 20, "image": "guest-image",
                  "spec_version": 1}
-    sys_config = {"kms_urls": [f"https://{GUEST_HOST}:{kms.port}"], "gateway_urls": [], "pccs_url": "",
+    sys_config = {"kms_urls": [f"https://{GUEST_HOST}:{kms.port}"],
+                  "gateway_urls": [f"https://{GUEST_HOST}:{gateway.rpc_port}"], "pccs_url": "",
                   "docker_registry": "",
                   "kms_ca_cert": (kms.state_dir / "root-ca.crt").read_text(),
                   "host_api_url": host_url,
@@ -364,10 +515,9 @@ def _finish_share(share, app, kms, host_url, os_image_hash, folder, image):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
 
 
-def _boot_and_check(libvirt_uri, share, app, kms, host_api, image, folder):
+def _boot_and_check(libvirt_uri, share, app, kms, host_api, image, folder, gateway, sim, os_image_hash):
     sys_config = json.loads((share / ".sys-config.json").read_text())
     quote_socket = str(folder / "quote.sock")
-    sim = tdx_sim.SimTdx(str(kms.state_dir / "tdx-sim"))
     quotes = quote_channel.QuoteChannelServer(
         quote_socket, quote_channel.QuoteService(sim, tdx_sim.launch_measurements(sys_config["vm_config"]))).start()
     spec = domain_spec(domain_name(), image, str(folder), str(share), str(folder / "hda.img"),
@@ -403,3 +553,31 @@ def _boot_and_check(libvirt_uri, share, app, kms, host_api, image, folder):
         assert releases and releases[-1]["app_id"] == app["app_id"]
         assert releases[-1]["compose_hash"] == app["compose_hash"]
         assert SECRETS["API_TOKEN"] not in read_log(serial)
+        _check_the_gateway_route(gateway, host_api, app, kms, sim, os_image_hash)
+
+
+def _check_the_gateway_route(gateway, host_api, app, kms, sim, os_image_hash):
+    """The app answers through the gateway: the VM registered (RA-TLS both ways) and its tunnel is up;
+    https://<app-id>.<base> reaches the container's port 80 in the VM, and <app-id>-8090 the agent's
+    Worker API, whose Attest quote verifies under the host's simulated platform and names the image."""
+    gateway_told = told(host_api, "boot.progress", "gateway")
+    assert len(gateway_told) == 1 and gateway_told[0].startswith(
+        f"gateway: registered with https://{GUEST_HOST}:{gateway.rpc_port} (gateway app "), gateway_told
+    started = time.monotonic()
+    status, body = _eventually(lambda: gateway.get(f"{app['app_id']}.{BASE}"), timeout=60)
+    print(f"the app answered through the gateway {time.monotonic() - started:.1f} s after the boot")
+    assert (status, body) == (200, f"app-says-{SECRETS['GREETING']}\n".encode()), (status, body)
+    nonce = os.urandom(32)
+    status, body = _eventually(lambda: gateway.post(f"{app['app_id']}-8090.{BASE}", "/prpc/Worker.Attest",
+                                                    {"nonce": nonce.hex()}), timeout=30)
+    assert status == 200, body
+    answer = json.loads(body)
+    result = attestation.verify_quote(bytes.fromhex(answer["quote"]), sim.collateral(), sim.root_ca_der,
+                                      event_log=answer["event_log"])
+    assert result.ok, [(c.name, c.detail) for c in result.checks if not c.ok]
+    assert result.quote.report.report_data == attestation.worker_report_data(nonce)
+    assert result.boot_info["os_image_hash"] == os_image_hash
+    assert (result.boot_info["app_id"], result.boot_info["compose_hash"]) == (app["app_id"], app["compose_hash"])
+    # The gateway's record of the VM: this instance, at its tunnel address.
+    assert gateway.registered(kms.state_dir / "root-ca.crt") == {result.boot_info["instance_id"]: "10.77.0.2"}
+
