@@ -17,7 +17,7 @@ initramfs: the rootfs is never mounted, the VM powers off. About 90 s with the i
 An app then boots in a VM with its keys from a real KMS on the host, its image from the config
 share, its container running, and answers through a real `dstack-gateway serve` on the host over
 the VM's WireGuard tunnel, with a quote naming the image's os_image_hash
-(test_an_app_boots_in_the_vm_with_keys_from_the_kms; about 140 s more, the section's comment says how).
+(test_an_app_boots_in_the_vm_with_keys_from_the_kms; about 65 s more, the section's comment says how).
 
 The domain's type is 'qemu' (TCG), not 'kvm': /dev/kvm on these machines is PVM, which runs a stock
 Debian kernel through KVM's instruction emulator, far too slowly to boot (README, machine notes);
@@ -304,7 +304,8 @@ def test_a_rootfs_that_does_not_verify_is_never_mounted(guest_image, libvirt_uri
 # the host's loopback), and https://<app-id>-8090.<base> the agent's Worker API, whose Attest quote
 # verifies and names the image's os_image_hash (digest.txt). libvirt 9.0 here has no passt, so no QEMU
 # port forward: the gateway is the app's way in, as in dstack.
-# About 140 s here (the boot to the app about 65 s, the first request through the gateway answered at once).
+# About 65 s (the boot to the app about 60 s; the gateway adds a second or two: its first request is
+# answered at once, the tunnel up while the containers start).
 GUEST_HOST = "10.0.2.2"   # the host's loopback, as QEMU's user networking shows it to the guest
 APP_HOST_TOKEN = "fedcba9876543210"
 # The container tells the host it runs, with a value only the env the KMS's key decrypts holds.
