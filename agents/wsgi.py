@@ -72,7 +72,7 @@ def deadline_asgi_worker_class():
     # The bytes gunicorn's protocol puts in each answer, so that the fast path's answers are the same.
     from gunicorn.asgi.protocol import (  # pylint: disable=import-outside-toplevel
         _CACHED_SERVER_HEADER as SERVER_HEADER, _get_cached_date_header as date_header,
-        _get_cached_status_line as status_line)
+        _get_cached_status_line as status_line, HIGH_WATER_LIMIT)
     from gunicorn.workers import gasgi  # pylint: disable=import-outside-toplevel
 
     class DeadlineProtocol(ASGIProtocol):
@@ -85,6 +85,7 @@ def deadline_asgi_worker_class():
         fast_remote = ""
         fast_wanted = 0         # bytes the request being read needs in fast_buffer, once its head is known
         fast_held = ()          # answers made, waiting for FastPrpc.flush: [(answer, path, headers, before)]
+        fast_held_bytes = 0     # the size of their bodies: past the write buffer's limit, no more are made
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -117,6 +118,8 @@ def deadline_asgi_worker_class():
                 if self._flow_control.write_paused:   # answers unread: read no more (resume_writing goes on)
                     self.transport.pause_reading()
                     return
+                if self.fast_held_bytes > HIGH_WATER_LIMIT:
+                    return   # held answers are written without flow control: make more once they are (send_held)
                 if len(self.fast_buffer) < self.fast_wanted:
                     return   # a body still arriving (the deadline runs)
                 parsed = self.fast.parse(self.fast_buffer)
@@ -142,6 +145,7 @@ def deadline_asgi_worker_class():
                         _BEFORE_ANSWER.reset(token)
                     if before or self.fast_held:   # sent in order, once FastPrpc.flush has done `before`
                         self.fast_held.append((answer, path, headers, before))
+                        self.fast_held_bytes += len(answer[1])
                         self.fast.hold(self)
                     else:
                         self._fast_answer(answer, path, headers)
@@ -154,7 +158,7 @@ def deadline_asgi_worker_class():
 
         def send_held(self, failed):
             """FastPrpc.flush: send the answers held for it (`failed`: never; the connection is closed)."""
-            held, self.fast_held = self.fast_held, []
+            held, self.fast_held, self.fast_held_bytes = self.fast_held, [], 0
             if self._closed:
                 return
             if failed:

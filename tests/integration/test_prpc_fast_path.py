@@ -8,6 +8,7 @@ the KMS's audit fdatasync) is done, never if that work fails."""
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,27 @@ def test_an_answer_waits_for_what_it_deferred(monkeypatch, servers, tmp_path):
             conn.close()
     output = server.stop()
     assert "ZeroDivisionError" in output and '"POST /prpc/T.Fails' not in output, output
+
+
+def _workers_rss_kib(server):
+    children = (Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text(encoding="ascii")
+                .split())
+    return sum(int(next(line.split()[1] for line in Path(f"/proc/{child}/status").read_text(encoding="ascii")
+                        .splitlines() if line.startswith("VmRSS:"))) for child in children)
+
+
+def test_held_answers_keep_the_write_flow_control(monkeypatch, servers, tmp_path):
+    # Answers held for deferred work are written together once it is done, with no look at the write
+    # buffer: a client that reads nothing and pipelines a deferring request before 300 requests of a
+    # 200 kB answer (20 kB sent) made them all at once, 60 MB in the worker. Only up to the write
+    # buffer's limit is made before they are written; then the client's unread answers stop reading.
+    monkeypatch.setattr(asgi_fixtures, "SERVER", DEFERRING_SERVER)
+    server = servers()
+    time.sleep(0.5)
+    before = _workers_rss_kib(server)
+    with server.connect(rcvbuf=4096) as conn:
+        conn.sendall(post(b"/prpc/T.Durable", {"path": str(tmp_path / "marks"), "mark": "a"})
+                     + post(b"/prpc/T.Big", {}) * 300)
+        time.sleep(2)
+        grown = _workers_rss_kib(server) - before
+    assert grown < 20000, f"the worker grew by {grown} kB"
