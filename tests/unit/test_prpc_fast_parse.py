@@ -4,6 +4,7 @@ our own client sends; whatever gunicorn's parser would refuse, or read otherwise
 here. A real Flask app with direct pRPC routes (add_prpc_routes(direct=True))."""
 
 import logging
+import random
 
 import flask
 import pytest
@@ -81,3 +82,37 @@ def test_anything_else_goes_to_gunicorns_parser(fast, raw):
 def test_an_app_with_request_hooks_is_never_answered_here(fast):
     fast.direct.app.before_request(lambda: None)
     assert fast.parse(_request()) is wsgi.FAST_FALLBACK
+
+
+def test_what_is_taken_here_gunicorns_parser_reads_the_same_way(fast):
+    # Mutations of a plain POST (CR, LF, NUL, spaces, tabs, colons, obs-fold, commas, signs, latin-1,
+    # a second Content-Length or a Transfer-Encoding spliced in): whenever the fast path takes one,
+    # gunicorn's own parser (the one it hands the connection to) accepts it too, as a POST of the
+    # same path whose body is the same bytes, with no chunked framing.
+    from gunicorn.asgi.parser import PythonProtocol  # pylint: disable=import-outside-toplevel
+
+    base = _request(b"User-Agent: u\r\nContent-Length: 2\r\nConnection: keep-alive\r\n")
+    atoms = [b"\r", b"\n", b"\x00", b" ", b"\t", b":", b"\x0b", b"\x85", b"\xff", b"1", b"0", b",", b"+",
+             b"\r\n", b"\r\n ", b"\r\nTransfer-Encoding: chunked", b"\r\nContent-Length: 3", b"\r\nContent-length: 2"]
+    rand = random.Random(7)
+    taken = 0
+    for _number in range(20000):
+        raw = bytearray(base)
+        for _edit in range(rand.randint(1, 3)):
+            pos = rand.randrange(len(raw) + 1)
+            if rand.random() < 0.5:
+                raw[pos:pos] = rand.choice(atoms)
+            else:
+                raw[pos:pos + 1] = rand.choice(atoms) if rand.random() < 0.5 else b""
+        raw = bytes(raw) + b"POST /next"
+        parsed = fast.parse(raw)
+        if not isinstance(parsed, tuple):
+            continue
+        taken += 1
+        _handler, path, _headers, start, end = parsed
+        body, done = [], []
+        parser = PythonProtocol(on_body=body.append, on_message_complete=lambda: done.append(True))
+        parser.feed(raw)
+        assert (parser.method, parser.path, parser.is_chunked, parser.content_length, done, b"".join(body)) \
+            == (b"POST", path.encode(), False, end - start, [True], raw[start:end]), raw
+    assert taken > 1000   # the mutations that keep a plain POST (spaces in values, ...) are taken
