@@ -170,7 +170,7 @@ def parse_event_log(event_log, field="event_log"):
             except UnicodeEncodeError:
                 raise DstackError(f"{field}[{pos}].event", "is not valid Unicode") from None
         try:
-            digest = parse_hex(entry.get("digest", ""), "digest", length=(48,))
+            digest = parse_hex(entry.get("digest", ""), "digest", length=RTMR_SIZE)
             payload = parse_hex(entry.get("event_payload", "") or "", "event_payload", allow_empty=True)
         except DstackError as exc:
             raise DstackError(f"{field}[{pos}].{exc.field}", exc.reason) from None
