@@ -491,7 +491,7 @@ def _worker_child(args, worker_socket):
 
         worker.serve(worker.create_worker_app(ctx, runner=runner), fd, threads=worker.DEFAULT_THREADS,
                      on_ready=lambda: _say(f"{ctx.attestation_mode}: Worker API serving "
-                                             f"{'in ' + args.netns if args.netns else 'on the VM network'}"))
+                                           f"{'in ' + args.netns if args.netns else 'on the VM network'}"))
     return run
 
 

@@ -354,7 +354,7 @@ class HostGateway:
     def __init__(self, folder, kms, sim):
         self.folder = folder
         folder.mkdir()
-        self.rpc_port, self.admin_port, self.proxy_port, self.wg_port = (free_port() for _ in range(4))
+        self.rpc_port, self.admin_port, self.proxy_port, self.wg_port = (free_port() for _port in range(4))
         pid = os.getpid()
         self.interface, self.netns = f"wgv{pid}", f"gwv-{pid}"
         self.server_ca = _write_certs(folder, ["127.0.0.1"])   # the proxy's wildcard certificate's CA
@@ -581,4 +581,3 @@ def _check_the_gateway_route(gateway, host_api, app, kms, sim, os_image_hash):
     assert (result.boot_info["app_id"], result.boot_info["compose_hash"]) == (app["app_id"], app["compose_hash"])
     # The gateway's record of the VM: this instance, at its tunnel address.
     assert gateway.registered(kms.state_dir / "root-ca.crt") == {result.boot_info["instance_id"]: "10.77.0.2"}
-
