@@ -527,9 +527,12 @@ def cmd_run(args):
     for module in CHILDREN_IMPORT:  # here, once, for both children
         importlib.import_module(module)
     # With a namespace, the CVM's ports are made before the boot: a port in use fails the start.
-    netns_ports = _NamespacePorts(args.netns, ports, args.worker_port) if args.netns else None
-    if args.own_network:   # a VM: the Worker API on its own network, as with a namespace
+    if args.netns:
+        netns_ports = _NamespacePorts(args.netns, ports, args.worker_port)
+    elif args.own_network:   # a VM: the Worker API on its own network, as with a namespace
         netns_ports = _VmWorkerPort(args.worker_port)
+    else:
+        netns_ports = None
     children = {}
     ready_r, ready_w = os.pipe()
     try:

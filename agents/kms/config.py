@@ -18,7 +18,7 @@ DSTACK_KMS_AUTH_<KEY> for [auth].
 
 import os
 
-from ansible_collections.dstack.tee.plugins.module_utils.app_certs import is_server_name
+from ansible_collections.dstack.tee.plugins.module_utils.host_names import is_server_name
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import read_toml
 

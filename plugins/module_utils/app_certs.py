@@ -12,7 +12,6 @@ import datetime
 import hashlib
 import ipaddress
 import json
-import re
 
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits, kdf
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
@@ -32,22 +31,6 @@ OID_ATTESTATION = "1.3.6.1.4.1.62397.1.8"
 RATLS_PREFIX = b"ratls-cert:"
 APP_CA_DAYS = 3650
 LEAF_DEFAULT_DAYS = 365
-
-
-# A DNS name (RFC 1123 labels, a trailing dot allowed): what a certificate's or an endpoint's host may be.
-HOST_NAME_RE = re.compile(r"\A(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-                          r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
-
-
-def is_server_name(name):
-    """Whether `name` can be a server's name in a certificate: an IP address or a DNS name."""
-    if not isinstance(name, str):
-        return False
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return bool(HOST_NAME_RE.match(name))
 
 
 def subject_alt_names(names):

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ansible_collections.dstack.tee.plugins.module_utils.app_certs import HOST_NAME_RE
+from ansible_collections.dstack.tee.plugins.module_utils.host_names import HOST_NAME_RE
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
 
 try:
