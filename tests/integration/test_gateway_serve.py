@@ -40,7 +40,7 @@ from cryptography.x509.oid import NameOID
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position
-from conftest import run_module  # noqa: E402
+from conftest import eventually, run_module  # noqa: E402
 from test_gateway_control import ADMIN_TOKEN, Cvm, _allow, _boot  # noqa: E402
 from test_guest_boot import COMPOSE, make_share  # noqa: E402
 from test_kms import make_kms  # noqa: E402
@@ -390,17 +390,6 @@ def _body(answer):
     return body
 
 
-def _eventually(call, timeout=10.0, errors=(OSError,)):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except errors:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def _admin(net, server_ca, method, **params):
     import urllib.request  # pylint: disable=import-outside-toplevel
     request = urllib.request.Request(f"https://{net.gw_ip}:{ADMIN_PORT}/prpc/Admin.{method}",
@@ -459,7 +448,8 @@ def test_serve_routes_through_wireguard_keeps_routes_across_a_restart_and_drops_
         _start_in(cleanup, CVM_NS, APP_SERVERS, client_ip, app_id, APP_TLS_PORT, tmp_path / "app.crt", tmp_path / "app.key")
 
         # Terminated with the wildcard certificate, by app id, to port 80 through the tunnel.
-        answer_text, served = _eventually(lambda: _https_get(net.gw_ip, f"{app_id}.{BASE}", server_ca))
+        answer_text, served = eventually(lambda: _https_get(net.gw_ip, f"{app_id}.{BASE}", server_ca), 10.0,
+                                         interval=0.2)
         assert _body(answer_text) == f"http app {app_id} answers 10.77.0.1"
         assert x509.load_der_x509_certificate(served).subject == _name("wildcard")
         # Passthrough: the CVM's own certificate (its chain to the KMS root checked by the client).
@@ -500,7 +490,8 @@ def test_serve_routes_through_wireguard_keeps_routes_across_a_restart_and_drops_
             assert time.monotonic() < deadline, [vars(p) for p in gateway_hub.get()["peers"]]
             time.sleep(0.2)
         assert "a handshake started with 1 CVM(s)" in gateway.log
-        answer_text, _served = _eventually(lambda: _https_get(net.gw_ip, f"{app_id}.{BASE}", server_ca), timeout=8)
+        answer_text, _served = eventually(lambda: _https_get(net.gw_ip, f"{app_id}.{BASE}", server_ca), 8,
+                                          interval=0.2)
         assert _body(answer_text) == f"http app {app_id} answers 10.77.0.1"
         assert gateway.log.count("registered instance") == 1
 

@@ -48,7 +48,7 @@ from ansible_collections.dstack.tee.plugins.module_utils import app_compose as a
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_conn as lv
 from ansible_collections.dstack.tee.plugins.module_utils import libvirt_domain as ld
 from ansible_collections.dstack.tee.plugins.module_utils import attestation, quote_channel, tdx_sim, wireguard
-from conftest import IMAGE, ROOT, free_port, needs_podman, run_module
+from conftest import IMAGE, ROOT, eventually, free_port, needs_podman, run_module
 from test_gateway_client import GATEWAY_COMPOSE, GuestTlsKey, _boot
 from test_gateway_control import ADMIN_TOKEN
 from test_gateway_serve import BASE, Network, _gateway_toml, _kill_everything_in, _remove_socket, _write_certs
@@ -441,17 +441,6 @@ class HostGateway:
             return {h["instance_id"]: h["ip"] for h in json.loads(response.read())["hosts"]}
 
 
-def _eventually(call, timeout, errors=(OSError, AssertionError)):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except errors:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 @needs_podman
 def test_an_app_boots_in_the_vm_with_keys_from_the_kms(guest_image, libvirt_uri, host_dir, module, busybox_image):
     """The whole boot with a real KMS, the image from the share, the container running, and the app
@@ -565,12 +554,12 @@ def _check_the_gateway_route(gateway, host_api, app, kms, sim, os_image_hash):
     assert len(gateway_told) == 1 and gateway_told[0].startswith(
         f"gateway: registered with https://{GUEST_HOST}:{gateway.rpc_port} (gateway app "), gateway_told
     started = time.monotonic()
-    status, body = _eventually(lambda: gateway.get(f"{app['app_id']}.{BASE}"), timeout=60)
+    status, body = eventually(lambda: gateway.get(f"{app['app_id']}.{BASE}"), 60, (OSError, AssertionError), 1)
     print(f"the app answered through the gateway {time.monotonic() - started:.1f} s after the boot")
     assert (status, body) == (200, f"app-says-{SECRETS['GREETING']}\n".encode()), (status, body)
     nonce = os.urandom(32)
-    status, body = _eventually(lambda: gateway.post(f"{app['app_id']}-8090.{BASE}", "/prpc/Worker.Attest",
-                                                    {"nonce": nonce.hex()}), timeout=30)
+    status, body = eventually(lambda: gateway.post(f"{app['app_id']}-8090.{BASE}", "/prpc/Worker.Attest",
+                                                   {"nonce": nonce.hex()}), 30, (OSError, AssertionError), 1)
     assert status == 200, body
     answer = json.loads(body)
     result = attestation.verify_quote(bytes.fromhex(answer["quote"]), sim.collateral(), sim.root_ca_der,

@@ -24,7 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position
-from conftest import free_port, needs_podman  # noqa: E402
+from conftest import eventually, free_port, needs_podman  # noqa: E402
 from test_gateway_serve import needs_ip_netns  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest import netns_ports  # noqa: E402
 from ansible_collections.dstack.tee.agents.guest.api import create_app  # noqa: E402
@@ -457,7 +457,7 @@ def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, b
             with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/i", timeout=5) as response:
                 return response.read()
 
-        assert _eventually(fetch) == b"in-the-cvm\n"
+        assert eventually(fetch, 30) == b"in-the-cvm\n"
         # public_logs: the Worker serves the container's log, by service name, and nothing of another's.
         status, text = _get_in(netns, "logs/web?tail=5")
         assert status == 200 and "started-in-the-cvm" in text, (status, text)
@@ -469,17 +469,6 @@ def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, b
         # The container's own output on the agent's console (what the VMM's /logs shows), prefixed
         # with its compose name as docker compose prints it.
         assert "web-1  | started-in-the-cvm" in agent.stdout.read()
-
-
-def _eventually(call, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
 
 
 def test_a_process_forked_from_run_cannot_stop_its_apis():
