@@ -252,6 +252,21 @@ while True:
 """
 
 
+def attest_verified(netns, sim_state_dir, **where):
+    """Worker.Attest with a fresh nonce in the namespace (_call_in's address/port), its quote
+    verified under the simulated platform in sim_state_dir and carrying the nonce's report_data:
+    (the verification result, the answer)."""
+    nonce = os.urandom(24)
+    status, answer = _call_in(netns, "prpc/Worker.Attest", {"nonce": nonce.hex()}, **where)
+    assert status == 200, answer
+    sim = SimTdx(str(sim_state_dir))
+    result = attestation.verify_quote(bytes.fromhex(answer["quote"]), sim.collateral(), sim.root_ca_der,
+                                      event_log=answer["event_log"])
+    assert result.ok, [(c.name, c.detail) for c in result.checks if not c.ok]
+    assert result.quote.report.report_data == attestation.worker_report_data(nonce)
+    return result, answer
+
+
 def _call_in(netns, method, body=None, address="127.0.0.1", port=WORKER_PORT):
     done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", CALL,
                            f"http://{address}:{port}/{method}", json.dumps(body) if body is not None else ""],
@@ -331,14 +346,7 @@ def test_run_serves_the_worker_in_the_namespace_and_forwards_the_port_map(tmp_pa
         assert info["app_name"] == "worker-test" and json.loads(info["tcb_info"])["mrtd"]
         status, version = _call_in(netns, "prpc/Worker.Version")
         assert status == 200 and version["rev"] == "dstack.tee"
-        nonce = os.urandom(24)
-        status, answer = _call_in(netns, "prpc/Worker.Attest", {"nonce": nonce.hex()}, address=cvm_ip)
-        assert status == 200, answer
-        sim = SimTdx(str(tmp_path / "sim"))
-        result = attestation.verify_quote(bytes.fromhex(answer["quote"]), sim.collateral(), sim.root_ca_der,
-                                          event_log=answer["event_log"])
-        assert result.ok, [(c.name, c.detail) for c in result.checks if not c.ok]
-        assert result.quote.report.report_data == attestation.worker_report_data(nonce)
+        result, answer = attest_verified(netns, tmp_path / "sim", address=cvm_ip)
         assert result.boot_info["instance_id"] == instance["instance_id"]
         assert json.loads(answer["event_log"])[-1]["event"] == "system-ready"
         status, error = _call_in(netns, "prpc/Worker.Attest", {"nonce": "xyz"})

@@ -19,9 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # pylint: disable=wrong-import-position
 from conftest import free_port  # noqa: E402
 from test_gateway_serve import needs_ip_netns  # noqa: E402
-from test_guest_worker import AGENT, _call_in, _share, _wait_booted  # noqa: E402
-from ansible_collections.dstack.tee.plugins.module_utils import attestation, wireguard  # noqa: E402
-from ansible_collections.dstack.tee.plugins.module_utils.tdx_sim import SimTdx  # noqa: E402
+from test_guest_worker import AGENT, _call_in, _share, _wait_booted, attest_verified  # noqa: E402
+from ansible_collections.dstack.tee.plugins.module_utils import wireguard  # noqa: E402
 
 
 @needs_ip_netns
@@ -44,14 +43,7 @@ def test_run_own_network_serves_the_worker_on_the_vms_network(tmp_path):
         instance = json.loads((tmp_path / "work" / "instance.json").read_text())
         status, info = _call_in(netns, "prpc/Worker.Info", {}, port=port)
         assert status == 200 and info["instance_id"] == instance["instance_id"], info
-        nonce = os.urandom(24)
-        status, answer = _call_in(netns, "prpc/Worker.Attest", {"nonce": nonce.hex()}, port=port)
-        assert status == 200, answer
-        sim = SimTdx(str(tmp_path / "sim"))
-        result = attestation.verify_quote(bytes.fromhex(answer["quote"]), sim.collateral(), sim.root_ca_der,
-                                          event_log=answer["event_log"])
-        assert result.ok, [(c.name, c.detail) for c in result.checks if not c.ok]
-        assert result.quote.report.report_data == attestation.worker_report_data(nonce)
+        attest_verified(netns, tmp_path / "sim", port=port)
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0, agent.stderr.read()[-3000:]
         assert "Worker API serving on the VM network" in agent.stderr.read() + (agent.stdout.read() or "")
