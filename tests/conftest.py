@@ -76,7 +76,7 @@ def stop_process_group(proc, timeout=20):
             proc.wait()
 
 
-def eventually(call, timeout, errors=(OSError,), interval=0.3):
+def eventually(call, timeout=10.0, errors=(OSError,), interval=0.2):
     """call()'s result once it stops raising one of `errors`; the last error after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position
+from conftest import eventually  # noqa: E402
 from dns_fixtures import Bind, needs_bind  # noqa: E402
 from test_gateway_proxy import BASE, HOST_A, HOST_OTHER, Backend, Gateway, Pki, Router, http_get, tls_connect  # noqa: E402
 from ansible_collections.dstack.tee.agents.gateway import custom_domains  # noqa: E402
@@ -270,7 +271,7 @@ def test_names_of_the_base_domain_are_never_looked_up(gateway, world, dns):
 def test_serve_routes_a_custom_domain_to_a_registered_cvm_and_refuses_an_unregistered_app(tmp_path):
     from test_gateway_serve import (  # pylint: disable=import-outside-toplevel
         APP_SERVERS, APP_TLS_PORT, CVM_NS, GW_NS, PID, GatewayProcess, _boot_cvm, _build_network, _body,
-        _cvm_tunnel, _eventually, _gateway_toml, _https_get, _kill_everything_in, _register, _start_in, _write_certs)
+        _cvm_tunnel, _gateway_toml, _https_get, _kill_everything_in, _register, _start_in, _write_certs)
     from ansible_collections.dstack.tee.plugins.module_utils import root_keys, wireguard  # pylint: disable=import-outside-toplevel
 
     wg_netns = f"gwt-{PID}"
@@ -310,7 +311,7 @@ def test_serve_routes_a_custom_domain_to_a_registered_cvm_and_refuses_an_unregis
 
         # The custom domain, passed through: the CVM's own certificate, checked up to the KMS root
         # for the custom name by the client; the app saw the gateway's tunnel address.
-        answer_text, served = _eventually(lambda: _https_get(net.gw_ip, f"shop.{ZONE}", kms_root))
+        answer_text, served = eventually(lambda: _https_get(net.gw_ip, f"shop.{ZONE}", kms_root))
         assert _body(answer_text) == f"tls app {app_id} answers 10.77.0.1"
         assert served == x509.load_pem_x509_certificate(own["certificate_chain"][0].encode()).public_bytes(
             serialization.Encoding.DER)

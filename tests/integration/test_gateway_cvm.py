@@ -28,11 +28,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position
-from conftest import IMAGE, free_port, needs_podman, run_module  # noqa: E402
+from conftest import IMAGE, eventually, free_port, needs_podman, run_module  # noqa: E402
 from test_gateway_client import GATEWAY_COMPOSE, GuestTlsKey, _boot  # noqa: E402
 from test_gateway_control import ADMIN_TOKEN  # noqa: E402
 from test_gateway_serve import (  # noqa: E402
-    ADMIN_PORT, APP_SERVERS, BASE, CVM_NS, RPC_PORT, GatewayProcess, _body, _build_network, _eventually,
+    ADMIN_PORT, APP_SERVERS, BASE, CVM_NS, RPC_PORT, GatewayProcess, _body, _build_network,
     _gateway_toml, _https_get, _remove_socket, _write_certs, needs_ip_netns, needs_wireguard_go)
 from test_guest_boot import OS_IMAGE, NoContainers, make_share  # noqa: E402
 from test_kms import make_kms  # noqa: E402
@@ -176,7 +176,7 @@ def test_the_boot_registers_tunnels_and_the_checker_registers_again(tmp_path):
         def through_gateway():
             return _body(_https_get(net.gw_ip, f"{boot.app_id}.{BASE}", server_ca, timeout=3)[0])
 
-        assert _eventually(through_gateway, errors=(OSError, AssertionError)) == \
+        assert eventually(through_gateway, errors=(OSError, AssertionError)) == \
             f"http app {boot.app_id} answers 10.77.0.1"
 
         # The checker leaves a fresh tunnel alone.
@@ -194,7 +194,7 @@ def test_the_boot_registers_tunnels_and_the_checker_registers_again(tmp_path):
             assert time.monotonic() < deadline, gateway.log[-3000:]
             time.sleep(0.2)
         assert link.registrations == 2
-        assert _eventually(through_gateway, errors=(OSError, AssertionError)) == \
+        assert eventually(through_gateway, errors=(OSError, AssertionError)) == \
             f"http app {boot.app_id} answers 10.77.0.1"
 
         # wireguard-go dies: the checker brings the interface up again and registers.
@@ -203,7 +203,7 @@ def test_the_boot_registers_tunnels_and_the_checker_registers_again(tmp_path):
         while link.registrations < 3 or not link.link_up():
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        assert _eventually(through_gateway, errors=(OSError, AssertionError)) == \
+        assert eventually(through_gateway, errors=(OSError, AssertionError)) == \
             f"http app {boot.app_id} answers 10.77.0.1"
 
         # The agent stops: the checker ends and the interface goes.
@@ -280,7 +280,7 @@ def test_with_a_namespace_the_containers_run_in_it(tmp_path, busybox_image):  # 
             assert done.stdout == "in-the-cvm\n", done
             return done.stdout
 
-        _eventually(fetch, errors=(AssertionError,))
+        eventually(fetch, errors=(AssertionError,))
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", host_port), timeout=1).close()
         runner.down()
@@ -320,7 +320,7 @@ def test_the_process_backend_makes_a_namespace_per_cvm_only_when_asked(tmp_path)
             pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=True).stdout
             assert str(sleeper.pid) in pids.split()
 
-        _eventually(entered, errors=(AssertionError,))
+        eventually(entered, errors=(AssertionError,))
         backend._remove_netns(vm)  # pylint: disable=protected-access
         assert sleeper.wait(10) == -9
         assert not wireguard.netns_exists(name) and not wireguard.link_exists(backend.host_veth(vm))

@@ -33,9 +33,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # pylint: disable=wrong-import-position
-from conftest import IMAGE  # noqa: E402
+from conftest import IMAGE, eventually  # noqa: E402
 from test_gateway_serve import (  # noqa: E402
-    BASE, GW_WG, PROXY_PORT, GatewayProcess, _admin, _body, _boot_cvms, _build_network, _cvm_tunnel, _eventually,
+    BASE, GW_WG, PROXY_PORT, GatewayProcess, _admin, _body, _boot_cvms, _build_network, _cvm_tunnel,
     _gateway_toml, _in_cvm, _register, _start_in, _write_certs, needs_ip_netns, needs_wireguard_go)
 from test_guest_boot import COMPOSE  # noqa: E402
 from ansible_collections.dstack.tee.plugins.module_utils import wireguard  # noqa: E402
@@ -209,8 +209,8 @@ def fleet(tmp_path_factory):
         assert [world.answers[name]["wg"]["client_ip"] for name, _folder in FLEET] == \
             ["10.77.0.2", "10.77.0.3", "10.77.0.4", "10.77.0.5"]
         for name, _folder in FLEET:   # every tunnel carries a request before the tests start
-            assert _eventually(lambda name=name: world.instance(f"{world.ids[name]}.{BASE}", timeout=3),
-                               errors=(OSError, AssertionError)) == world.ids[name]
+            assert eventually(lambda name=name: world.instance(f"{world.ids[name]}.{BASE}", timeout=3),
+                              errors=(OSError, AssertionError)) == world.ids[name]
         yield world
 
 
@@ -409,7 +409,7 @@ def test_a_stale_peer_is_recycled_and_live_ones_stay(fleet):
             assert all(status[ids[name]] >= time.time() - RECYCLE_TIMEOUT for name in live), status
             assert set(fleet.gateway_peers()) == {keys[name] for name in live}
             assert gateway.log.count("recycled instance") == 1
-            assert _eventually(lambda: fleet.instance(f"{ids['a1']}.{BASE}"), errors=(OSError,)) == ids["a1"]
+            assert eventually(lambda: fleet.instance(f"{ids['a1']}.{BASE}"), errors=(OSError,)) == ids["a1"]
             assert keeper.failures == []
         finally:
             # The module's gateway again (no quick recycling) for whatever runs next.

@@ -465,7 +465,7 @@ def test_the_port_map_reaches_a_container_published_in_the_namespace(tmp_path, b
             with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/i", timeout=5) as response:
                 return response.read()
 
-        assert eventually(fetch, 30) == b"in-the-cvm\n"
+        assert eventually(fetch, 30, interval=0.3) == b"in-the-cvm\n"
         # public_logs: the Worker serves the container's log, by service name, and nothing of another's.
         status, text = _get_in(netns, "logs/web?tail=5")
         assert status == 200 and "started-in-the-cvm" in text, (status, text)
