@@ -41,22 +41,17 @@ export SOURCE_DATE_EPOCH=1704067200
 # (and has neither /dev/tdx_guest nor configfs-tsm), so it could not boot as a TDX guest.
 PACKAGES=(
   "linux-image-amd64/$SUITE-backports" initramfs-tools kmod udev
-  python3 python3-cryptography python3-flask python3-yaml python3-pyroute2 python3-cytoolz
-  python3-typing-extensions gunicorn
+  python3 python3-cryptography python3-flask python3-yaml python3-pyroute2 gunicorn
   podman runc conmon iptables iproute2 wireguard-tools wireguard-go ca-certificates cryptsetup-bin e2fsprogs
   python3-dotenv
 )
 # Python packages the guest agent needs that bookworm lacks or has too old: these wheels from PyPI,
 # each pinned by version and sha256 ("URL SHA256"), unpacked into /usr/local's dist-packages. Their
-# own dependencies are Debian's (PACKAGES): PyYAML and python-dotenv (podman-compose), cytoolz and
-# typing-extensions (eth-utils, eth-typing).
+# own dependencies are Debian's (PACKAGES): PyYAML and python-dotenv (podman-compose).
 #   podman-compose 1.6  the app's runner (plugins/module_utils/compose_runner.py; bookworm has 1.0.3)
-#   eth-keys, eth-utils, eth-typing, eth-hash  secp256k1 (module_utils/kdf.py: the app's k256 key,
-#                       GetKey's signature chain, the KMS's env key signature); eth-utils 4.1, the
-#                       last without pydantic 2 (bookworm has 1.10), and eth-typing 3.5, which
-#                       bookworm's typing-extensions 4.4 satisfies; eth-keys' pure-Python backend
-#                       (coincurve, its optional fast one, is not needed for a few signatures a boot)
-#   pycryptodome        keccak (module_utils/signatures.py, eth-hash) as Crypto.Hash: Debian's
+#   coincurve 21        secp256k1 through libsecp256k1 (module_utils/kdf.py: the app's k256 key,
+#                       GetKey's signature chain, the KMS's env key signature); no dependencies
+#   pycryptodome        keccak (module_utils/signatures.py) as Crypto.Hash: Debian's
 #                       python3-pycryptodome is the Cryptodome (pycryptodomex) namespace
 #   dcap-qvl 0.7        quote verification (module_utils/attestation.py: the gateway's RA-TLS quote)
 #   cryptography 44     the certificate API the agent uses (not_valid_after_utc, 42+;
@@ -66,10 +61,7 @@ PACKAGES=(
 #                       as a class (its worker_class_str), which the Worker API's deadline worker is
 WHEELS=(
   "https://files.pythonhosted.org/packages/93/31/b38c2656bad6265168902793c60145b172788a79e4b15de212af9bd78728/podman_compose-1.6.0-py3-none-any.whl 98e48af25d44c10ecef948163bfcca002e32aa8bbb7e66593fbd4faff7270c30"
-  "https://files.pythonhosted.org/packages/f9/f5/24806598664a2fbc65d5ed4f0e9e986e7f9061e3b43738412c8df7ba1cbd/eth_keys-0.8.0-py3-none-any.whl a7b94222638cccbdf2b5dae5c365d883a96826d82bb0faeb56baa65375f514ae"
-  "https://files.pythonhosted.org/packages/9e/5a/cfa1ba791233728236ca7cc32bbd18d1c84d4bbc735636cc57a9754a6c4d/eth_utils-4.1.1-py3-none-any.whl ccbbac68a6d65cb6e294c5bcb6c6a5cec79a241c56dc5d9c345ed788c30f8534"
-  "https://files.pythonhosted.org/packages/d0/36/50c5d5f070b7e4318dc906f8bf642719418ffef741db94f85ab6447563e1/eth_typing-3.5.2-py3-none-any.whl 1842e628fb1ffa929b94f89a9d33caafbeb9978dc96abb6036a12bc91f1c624b"
-  "https://files.pythonhosted.org/packages/eb/db/f8775490669d28aca24871c67dd56b3e72105cb3bcae9a4ec65dd70859b3/eth_hash-0.7.1-py3-none-any.whl 0fb1add2adf99ef28883fd6228eb447ef519ea72933535ad1a0b28c6f65f868a"
+  "https://files.pythonhosted.org/packages/9d/b7/df41dbcec3f70e383fa024949ce8956ff3b2a1b9eac330fba18c2115eece/coincurve-21.0.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl 9070804d7c71badfe4f0bf19b728cfe7c70c12e733938ead6b1db37920b745c0"
   "https://files.pythonhosted.org/packages/5f/e9/a09476d436d0ff1402ac3867d933c61805ec2326c6ea557aeeac3825604e/pycryptodome-3.23.0-cp37-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl c8987bd3307a39bc03df5c8e0e3d8be0c4c3518b7f044b0f4c15d1aa78f52575"
   "https://files.pythonhosted.org/packages/c7/36/57a333cfb37a2f9d0e3e5bd43f9939c0ad4c48c41667ae2243ef46e69d7e/dcap_qvl-0.7.0-cp38-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl 131e991020a9c02b1e6043b2ac0bdae3f7eb02cbfbde8faac4aa2b9336ab3857"
   "https://files.pythonhosted.org/packages/68/fb/d61a4defd0d6cee20b1b8a1ea8f5e25007e26aeb413ca53835f0cae2bcd1/cryptography-44.0.3-cp39-abi3-manylinux_2_28_x86_64.whl cb90f60e03d563ca2445099edf605c16ed1d5b15182d21831f58460c48bffb93"
@@ -379,7 +371,7 @@ for name in ("agents.guest.cli", "agents.guest.boot", "agents.guest.api", "agent
     importlib.import_module(name if name.startswith(("gunicorn", "podman")) else base + name)
 from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, kdf, signatures, wireguard
 missing = [what for what, present in (("dcap-qvl (attestation)", attestation.HAS_DCAP_QVL),
-                                      ("eth-keys (kdf)", kdf.HAS_ETH_KEYS),
+                                      ("coincurve (kdf)", kdf.HAS_SECP256K1),
                                       ("cryptography (app_certs)", app_certs.HAS_CRYPTOGRAPHY),
                                       ("pyroute2 (wireguard)", wireguard.HAS_PYROUTE2))
            if not present]

@@ -64,8 +64,11 @@ if ((${#missing[@]})); then
     SUDO="sudo"
   fi
   export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq || die "apt-get update failed (is a Debian mirror reachable?)"
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+  # Another apt (unattended-upgrades on a fresh machine, a second setup) holds dpkg's lock for a
+  # while: wait for it up to 10 minutes rather than fail at once.
+  APT_WAIT=(-o DPkg::Lock::Timeout=600)
+  $SUDO apt-get "${APT_WAIT[@]}" update -qq || die "apt-get update failed (is a Debian mirror reachable?)"
+  $SUDO apt-get "${APT_WAIT[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
 else
   step "Debian packages: all present"

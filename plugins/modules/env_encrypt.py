@@ -221,8 +221,8 @@ def main():
     )
     if not (env_crypt.HAS_CRYPTOGRAPHY and kdf.HAS_CRYPTOGRAPHY):
         module.fail_json(msg=missing_required_lib("cryptography"))
-    if module.params["verify_signature"] and not kdf.HAS_ETH_KEYS:
-        module.fail_json(msg=missing_required_lib("eth-keys and eth-hash[pycryptodome]"))
+    if module.params["verify_signature"] and not kdf.HAS_SECP256K1:
+        module.fail_json(msg=missing_required_lib("coincurve"))
     params = module.params
 
     try:
