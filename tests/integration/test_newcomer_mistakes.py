@@ -199,6 +199,21 @@ def test_a_missing_app_dir_names_the_option(stack):
 
 
 @needs_podman
+@pytest.mark.parametrize("settings, message", [
+    ({"dstack_app_auth": "contract", "dstack_app_eth_chain_id": 1},
+     "dstack_app_eth_rpc_url: is required with dstack_app_auth=contract, an http:// or https:// JSON-RPC URL (got '')"),
+    ({"dstack_app_auth": "contract", "dstack_app_eth_rpc_url": "http://127.0.0.1:1", "dstack_app_eth_chain_id": 0},
+     "dstack_app_eth_chain_id: is required with dstack_app_auth=contract, the chain id the RPC serves (got '0')"),
+    ({"dstack_app_contract_address": "0x12"}, "dstack_app_contract_address: must be a DstackApp address"),
+    ({"revoke_old": True, "dstack_app_auth": "contract", "dstack_app_eth_rpc_url": "http://127.0.0.1:1",
+      "dstack_app_eth_chain_id": 1}, "revoke_old: works with dstack_app_auth=local only"),
+])
+def test_a_bad_setting_is_named_before_anything_is_made(stack, settings, message):
+    app = _app(stack["root"], "badsetting", free_port())
+    assert _refused(stack, "-e", f"app_dir={app}", "-e", json.dumps(settings)).startswith(message)
+
+
+@needs_podman
 def test_a_relative_app_dir_is_taken_from_where_the_command_runs(stack, tmp_path):
     # Missing: the error shows the absolute path, from the command's directory (not the playbook's).
     message = _refused(stack, "-e", "app_dir=no-such-app", cwd=tmp_path)
