@@ -25,11 +25,6 @@ try:
 except ImportError:  # keccak, low_s and is_k256_secret need no cryptography; the signing functions do
     pass
 
-try:
-    from Crypto.Hash import keccak as _pycryptodome_keccak
-except ImportError:  # keccak() says so
-    _pycryptodome_keccak = None
-
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 SIGN_ALGORITHMS = ("ed25519", "secp256k1", "secp256k1_prehashed")
@@ -38,9 +33,13 @@ PREHASHED_SIZE = 32
 
 def keccak(data, bits=256):
     """Keccak (Ethereum's, not SHA-3) of `data`, bits 256, 384 or 512."""
-    if _pycryptodome_keccak is None:
-        raise DstackError("keccak", "needs the pycryptodome package")
-    return _pycryptodome_keccak.new(digest_bits=bits, data=bytes(data)).digest()
+    # Imported on first use: pycryptodome loads cffi and pycparser (30-50 ms), which most importers
+    # of this file (every module that reads an app-compose) never need.
+    try:
+        from Crypto.Hash import keccak as pycryptodome_keccak  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise DstackError("keccak", "needs the pycryptodome package") from None
+    return pycryptodome_keccak.new(digest_bits=bits, data=bytes(data)).digest()
 
 
 def low_s(s_value, order):
