@@ -266,7 +266,14 @@ class Deploy:
         started = next(e["timestamp_ms"] for e in events if e["event"] == "started") / 1000
         running = next(e["timestamp_ms"] for e in events if e["body"] == "running") / 1000
         recorded = json.loads(times.read_text())
-        figures = {"gateway": gateway_watch.answered - start, "host": host_watch.answered - start,
+        # Each boot stage from the event before it (the process start, then each progress report).
+        stages, last = {}, started
+        for event in events:
+            if event["event"] == "boot.progress" and event["timestamp_ms"] / 1000 >= started:
+                stage = event["body"].split(" ", 1)[0].rstrip(":")
+                stages[f"boot stage {stage}"] = event["timestamp_ms"] / 1000 - last
+                last = event["timestamp_ms"] / 1000
+        figures = {**stages, "gateway": gateway_watch.answered - start, "host": host_watch.answered - start,
                    "playbook": done - start, "boot": running - started, "startup": recorded["tasks"][0]["start"] - start}
         return figures, recorded["tasks"]
 
@@ -281,7 +288,9 @@ def summary(label, results, tasks, bare, slowest):
             f" = CVM boot {med['boot']:.2f} s + Ansible and the rest {med['playbook'] - med['boot']:.2f} s"
             f" (ansible-playbook start-up before its first task {med['startup']:.2f} s)\n"
             f"  ratio first answer through the gateway / bare podman run {med['gateway'] / bare:.1f}x\n"
-            + task_report(tasks, slowest))
+            f"  the CVM boot's stages (each from the report before it; the first from the VMM's start):\n    "
+            + ", ".join(f"{key.split()[-1]} {value:.2f} s" for key, value in med.items() if key.startswith("boot stage "))
+            + "\n" + task_report(tasks, slowest))
 
 
 def main():

@@ -65,9 +65,9 @@ def listen_in_netns(netns, host, port, field="port", backlog=128):
     return made["sock"]
 
 
-def _run(argv, what):
+def _run(argv, what, stdin=None):
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, input=stdin)
     except (OSError, subprocess.SubprocessError) as exc:
         raise DstackError("--netns", f"{what}: {exc}") from None
 
@@ -101,17 +101,20 @@ WG_CHAIN = "DSTACK_WG"  # dstack's chain name
 def guard_wireguard_port(netns, port, sources):
     """Accept UDP `port` (the CVM's WireGuard) in `netns` only from the gateways' addresses
     `sources`, as dstack's chain DSTACK_WG does; made again with every registration's answer."""
-    steps = [["-N", WG_CHAIN], ["-F", WG_CHAIN]]
-    steps += [["-A", WG_CHAIN, "-s", str(ipaddress.ip_address(source)), "-j", "ACCEPT"] for source in sources]
-    steps += [["-A", WG_CHAIN, "-j", "DROP"]]
+    # One iptables-restore for the chain (with --noflush a declared chain is made or emptied, and
+    # nothing else is touched), after one check of the jump: two processes instead of six, each an
+    # `ip netns exec` and an nft transaction (0.2-0.3 s of every boot that registers with a gateway).
+    rules = [f":{WG_CHAIN} - [0:0]"]
+    rules += [f"-A {WG_CHAIN} -s {ipaddress.ip_address(source)} -j ACCEPT" for source in sources]
+    rules += [f"-A {WG_CHAIN} -j DROP"]
     jump = ["INPUT", "-p", "udp", "--dport", str(int(port)), "-j", WG_CHAIN]
     if _run(netns_exec_argv(netns, [system_path.which("iptables"), "-w", "-C", *jump]), "iptables").returncode != 0:
-        steps.append(["-I", *jump])
-    for step in steps:
-        done = _run(netns_exec_argv(netns, [system_path.which("iptables"), "-w", *step]), "iptables")
-        if done.returncode != 0 and not (step[0] == "-N" and "exists" in (done.stderr or "")):
-            raise DstackError("netns", f"cannot keep the WireGuard port {port} to the gateways in {netns} (iptables "
-                                       f"{step[0]}: {(done.stderr or done.stdout).strip()[:200]})")
+        rules.append(" ".join(["-I", *jump]))
+    done = _run(netns_exec_argv(netns, [system_path.which("iptables-restore"), "-w", "--noflush"]), "iptables-restore",
+                stdin="\n".join(["*filter", *rules, "COMMIT", ""]))
+    if done.returncode != 0:
+        raise DstackError("netns", f"cannot keep the WireGuard port {port} to the gateways in {netns} "
+                                   f"(iptables-restore: {(done.stderr or done.stdout).strip()[:200]})")
 
 
 def parse_host_port(text, field="--port"):
