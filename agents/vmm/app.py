@@ -108,6 +108,7 @@ def create_app(config, backend):
         "Status": service.status,
         "GetInfo": lambda p: service.get_info(p.get("id")),
         "GetMeta": lambda p: service.get_meta(),
+        "ListImages": lambda p: service.list_images(),
         "GetComposeHash": service.get_compose_hash,
         "GetAppEnvEncryptPubKey": lambda p: service.get_app_env_encrypt_pubkey(p.get("app_id", "")),
         "Version": lambda p: {"version": VERSION, "rev": ""},

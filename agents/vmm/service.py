@@ -571,6 +571,11 @@ class VmmService:
                 "resources": {**{key: self.limits[key] for key in LIMIT_DEFAULTS},
                               "allowed_host_addresses": [str(a) for a in self.limits["allowed_host_addresses"]]}}
 
+    def list_images(self):
+        """dstack's ListImages (name, version, is_dev), with each image's os_image_hash (not in
+        dstack's answer): the hash a deployer allows at the KMS for the CVMs that boot it."""
+        return {"images": self.backend.images()}
+
     def get_compose_hash(self, cfg):
         text = cfg.get("compose_file")
         if not isinstance(text, str) or not text:

@@ -118,3 +118,28 @@ def test_without_a_sim_state_a_no_tee_vm_has_no_quote_channel(tmp_path):
         assert "org.dstack.quote" not in backend.domain_xml(make_vm(str(tmp_path / "run")))
     finally:
         backend.close()
+
+
+def test_list_images_names_each_image_with_its_os_image_hash(tmp_path):
+    """Vmm.ListImages: the image folders with a metadata.json, each with its digest.txt (what
+    deploy-app.yml allows at the KMS); a damaged one is named as such, the others still listed."""
+    from ansible_collections.dstack.tee.agents.vmm.app import create_app  # pylint: disable=import-outside-toplevel
+    images = tmp_path / "images"
+    make_image(images / "guest")
+    (images / "guest" / "metadata.json").write_text(json.dumps({"kernel": "bzImage", "version": "0.1.0"}))
+    make_image(images / "broken")
+    (images / "broken" / "digest.txt").write_text("not a digest\n")
+    (images / "notes").mkdir()   # no metadata.json: not an image
+    backend = LibvirtBackend("test:///default", image_dir=str(images), vsock=False)
+    try:
+        client = create_app({"run_path": str(tmp_path / "run"), "auth_tokens": ["t0ken"]}, backend).test_client()
+        local = {"Host": "127.0.0.1:9080"}
+        assert client.post("/prpc/Vmm.ListImages", json={}, headers=local).status_code == 401
+        answer = client.post("/prpc/Vmm.ListImages", json={}, headers={**local, "Authorization": "Bearer t0ken"})
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        assert answer.get_json()["images"] == [
+            {"name": "broken", "version": "", "is_dev": False, "os_image_hash": "",
+             "error": f"image: {images / 'broken'}/digest.txt holds no sha256 hex digest"},
+            {"name": "guest", "version": "0.1.0", "is_dev": False, "os_image_hash": DIGEST, "error": ""}]
+    finally:
+        backend.close()

@@ -70,3 +70,8 @@ class Backend:
         """The os_image_hash of the image the VM boots, when the backend boots one ("" otherwise:
         the VMM's configured os_image_hash stands for the host it runs CVMs on)."""
         return ""
+
+    def images(self):
+        """The guest images a CVM can name (ListImages): [{name, version, is_dev, os_image_hash}];
+        [] for a backend that boots none."""
+        return []

@@ -146,7 +146,34 @@ class LibvirtBackend(Backend):
     def os_image_hash(self, vm):
         """digest.txt of the VM's image: sha256 of its sha256sum.txt, dstack's os_image_hash ("" for
         an image without one: the VMM's configured os_image_hash then)."""
-        folder = self._image_folder(vm)
+        return self._digest(self._image_folder(vm))
+
+    def images(self):
+        """The folders of image_dir with a metadata.json, by name, each with its os_image_hash (its
+        digest.txt: what a deployer allows at the KMS before a CVM boots it)."""
+        try:
+            names = sorted(os.listdir(self.image_dir))
+        except OSError:
+            return []
+        found = []
+        for name in filter(_IMAGE_NAME_RE.match, names):
+            folder = os.path.join(self.image_dir, name)
+            if not os.path.isfile(os.path.join(folder, "metadata.json")):
+                continue
+            entry = {"name": name, "version": "", "is_dev": False, "os_image_hash": "", "error": ""}
+            try:   # one damaged image is named as such, and the others are still listed
+                meta = read_json(os.path.join(folder, "metadata.json"), "image")
+                if not isinstance(meta, dict):
+                    raise DstackError("image", f"{folder}/metadata.json is not a JSON object")
+                entry.update(version=str(meta.get("version", "")), is_dev=bool(meta.get("is_dev")),
+                             os_image_hash=self._digest(folder))
+            except DstackError as exc:
+                entry["error"] = str(exc)
+            found.append(entry)
+        return found
+
+    @staticmethod
+    def _digest(folder):
         raw = read_bytes(os.path.join(folder, "digest.txt"), "image", missing_ok=True)
         if raw is None:
             return ""
