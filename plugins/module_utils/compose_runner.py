@@ -37,7 +37,7 @@ import subprocess
 import sys
 
 from ansible_collections.dstack.tee.plugins.module_utils.app_compose import parse_compose_yaml
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, last_line
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write
 from ansible_collections.dstack.tee.plugins.module_utils import system_path
 from ansible_collections.dstack.tee.plugins.module_utils.wireguard import check_netns_name
@@ -233,7 +233,7 @@ class ComposeRunner:
         # podman-compose echoes its `podman create -e KEY=value` lines: never log its output unscrubbed.
         if proc.returncode != 0:
             raise DstackError("containers", f"{self.engine} compose up failed (exit {proc.returncode}): "
-                                            f"{scrub(_last_line(proc.stderr or proc.stdout), app_env.values())}")
+                                            f"{scrub(last_line(proc.stderr or proc.stdout), app_env.values())}")
 
     def load_image(self, path, field):
         """`<engine> load` of an image archive (docker-archive, as `podman save` writes it); returns
@@ -244,8 +244,8 @@ class ComposeRunner:
                               timeout=600, check=False)
         if proc.returncode != 0:
             raise DstackError(field, f"{self.engine} load failed (exit {proc.returncode}): "
-                                     f"{_last_line(proc.stderr or proc.stdout)}")
-        return _last_line(proc.stdout or proc.stderr)
+                                     f"{last_line(proc.stderr or proc.stdout)}")
+        return last_line(proc.stdout or proc.stderr)
 
     def down(self):
         """Stop and remove the project's containers, then (podman) its networks."""
@@ -277,7 +277,7 @@ class ComposeRunner:
         cmd, env = self.logs_command(found, tail=tail, timestamps=timestamps, since=since)
         proc = subprocess.run(cmd, capture_output=True, env=env, timeout=60, check=False)
         if proc.returncode != 0:
-            raise DstackError("container", f"{self.engine} logs {found} failed: {_last_line(proc.stderr.decode(errors='replace'))}")
+            raise DstackError("container", f"{self.engine} logs {found} failed: {last_line(proc.stderr.decode(errors='replace'))}")
         return (proc.stdout + proc.stderr)[-LOG_MAX_BYTES:].decode("utf-8", "replace")
 
     def logs_command(self, container, tail=None, timestamps=False, since=None, follow=False):
@@ -330,8 +330,3 @@ def scrub(text, secrets):
     for value in sorted((v for v in secrets if v and len(v) >= 3), key=len, reverse=True):
         text = text.replace(value, "***")
     return text
-
-
-def _last_line(text):
-    lines = [line for line in (text or "").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "no output"

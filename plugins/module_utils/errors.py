@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: dstack.tee contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The one error type of the dstack formats, and the hex parsing every format shares."""
+"""The one error type of the dstack formats, the hex parsing every format shares, and the last
+line of a command's output that an error message quotes."""
 
 import binascii
 
@@ -17,6 +18,12 @@ class DstackError(ValueError):
         self.field = field
         self.reason = reason
         super().__init__(f"{field}: {reason}")
+
+
+def last_line(text):
+    """The last non-blank line of a command's output, at most 300 characters (for an error message)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
 
 
 def parse_hex(value, field, length=None, allow_empty=False):

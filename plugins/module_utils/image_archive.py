@@ -19,7 +19,7 @@ import tarfile
 from dataclasses import dataclass
 
 from ansible_collections.dstack.tee.plugins.module_utils import json_limits
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, last_line
 
 MANIFEST = "manifest.json"
 # manifest.json and an image config are small; an archive's are bounded before they are parsed.
@@ -139,7 +139,7 @@ class PodmanStore:
         if proc.returncode != 0:
             if "image not known" in proc.stderr or "no such image" in proc.stderr.lower():
                 return None
-            raise DstackError(self.field, f"podman image inspect {ref} failed: {_last_line(proc.stderr)}")
+            raise DstackError(self.field, f"podman image inspect {ref} failed: {last_line(proc.stderr)}")
         return image_id(proc.stdout, self.field)
 
     def holds(self, expected_id, names):
@@ -152,16 +152,11 @@ class PodmanStore:
     def load(self, archive, field):
         proc = self._run(["load", "--quiet", "--input", archive], PODMAN_TIMEOUT)
         if proc.returncode != 0:
-            raise DstackError(field, f"podman load of {archive} failed: {_last_line(proc.stderr)}")
+            raise DstackError(field, f"podman load of {archive} failed: {last_line(proc.stderr)}")
 
     def save(self, name, archive, field):
         """`podman save --format docker-archive` of the image `name` to `archive` (which must not exist)."""
         proc = self._run(["save", "--quiet", "--format", "docker-archive", "--output", archive, "--", name],
                          PODMAN_TIMEOUT)
         if proc.returncode != 0:
-            raise DstackError(field, f"podman save of {name} failed: {_last_line(proc.stderr)}")
-
-
-def _last_line(text):
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "no message"
+            raise DstackError(field, f"podman save of {name} failed: {last_line(proc.stderr)}")
