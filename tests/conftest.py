@@ -159,13 +159,14 @@ def run_module(name, args, check=False, diff=False, timeout=300):
     return result
 
 
-def run_playbook(playbook, *extra, env=None):
-    """ansible-playbook from the venv with the project's ansible.cfg; returns the CompletedProcess."""
+def run_playbook(playbook, *extra, env=None, timeout=600):
+    """ansible-playbook from the venv with the project's ansible.cfg; returns the CompletedProcess
+    (subprocess.TimeoutExpired after `timeout` seconds)."""
     full_env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                     ANSIBLE_FORCE_COLOR="0", PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     full_env.update(env or {})
     return subprocess.run([str(VENV_BIN / "ansible-playbook"), str(playbook), *extra],
-                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=600,
+                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout,
                           check=False)
 
 

@@ -14,8 +14,10 @@ gateway and the host API at 10.0.2.2, where the VM reaches the host's loopback) 
 (the compose's image the host has). Then from outside, as anyone with the URL: the app's page
 through the gateway (https://<app-id>.<base>:<port>/ under the gateway's CA, the demo's Pebble
 root), and the Worker's quote over a fresh nonce through the gateway, verified with dstack-verify
-under the simulated platform, naming the image's os_image_hash (its digest.txt), the app's
-compose_hash and app_id. site.yml again changes nothing.
+under the simulated platform, naming the image's os_image_hash (its digest.txt, which the deploy
+allowed at the KMS as the VMM's ListImages names it), the app's compose_hash and app_id. Without the
+gateway the deploy is refused before the CVM is touched (nothing could check a libvirt VM's quote),
+and site.yml again changes nothing.
 
 Needs root, /dev/kvm, libvirt and QEMU (fails naming what is missing, as test_guest_vm_boot does),
 podman, and the guest image (its build cache; one to two minutes when it has to be built).
@@ -46,8 +48,9 @@ from test_libvirt_vmm import podman_id
 
 HELLO_IMAGE = "localhost/dstack-hello:latest"
 # The deploy's wait for the boot: TCG on two shared cores boots to the app in about two minutes on an
-# idle machine, twice that and more beside other VMs (run_playbook stops a run after 600 s).
-DEPLOY_WAIT = 420
+# idle machine, three to four times that beside another VM test and the rest of the suite (CI runs
+# them at once); the playbook's own time limit leaves room for the steps around the wait.
+DEPLOY_WAIT = 600
 # examples/hello's app.yml without its port mapping (libvirt forwards ports only through passt).
 APP_YML = """name: lv-hello
 allowed_envs: [GREETING, API_TOKEN]
@@ -132,7 +135,7 @@ def test_an_app_deployed_to_a_libvirt_vm_answers_through_the_gateway_with_a_quot
     # The deploy waits for the boot and checks the app through the gateway (its verify_app).
     deploy = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={app}", "-e",
                           json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True,
-                                      "dstack_app_wait_timeout": DEPLOY_WAIT}))
+                                      "dstack_app_wait_timeout": DEPLOY_WAIT}), timeout=DEPLOY_WAIT + 300)
     vms = _vmm(ports, "Status")["vms"]
     assert [vm["name"] for vm in vms] == ["lv-hello"], deploy.stdout[-4000:] + deploy.stderr[-2000:]
     vm = _vmm(ports, "GetInfo", {"id": vms[0]["id"]})["info"]
@@ -159,6 +162,8 @@ def test_an_app_deployed_to_a_libvirt_vm_answers_through_the_gateway_with_a_quot
     assert sys_config["gateway_urls"] == [f"https://10.0.2.2:{ports['rpc']}"]
     assert sys_config["host_api_url"].startswith(f"http://10.0.2.2:{ports['vmm']}/host-api/{vm['id']}/")
     assert json.loads(sys_config["vm_config"])["os_image_hash"] == digest
+    # The deploy allowed that image at the KMS (the VMM's ListImages named its digest.txt).
+    assert "0x" + digest in json.loads((root / "kms" / "auth-config.json").read_text())["osImages"]
     # The compose's image the host has, for the guest to load.
     archive = share / "images" / archive_name(HELLO_IMAGE)
     assert os.listdir(share / "images") == [archive.name]
@@ -194,6 +199,15 @@ def test_an_app_deployed_to_a_libvirt_vm_answers_through_the_gateway_with_a_quot
         verify.stdout[-3000:]
     print(f"site.yml {site_took:.0f} s, deploy-app.yml (boot, gateway, verify_app) {deploy_took:.0f} s; "
           f"dstack-verify's boot info: {boot_info}")
+
+    # Without the gateway nothing could check a libvirt VM's quote (it has no socket on the host):
+    # the deploy is refused, saying so, before the CVM is touched.
+    refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={app}", "-e",
+                           json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True, "dstack_gateway_enabled": False}))
+    assert refused.returncode != 0 and "whose quote is checked through the gateway only" in refused.stdout, \
+        refused.stdout[-3000:]
+    after = _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]
+    assert (after["status"], after["configuration"]) == ("running", vm["configuration"]), after
 
     # site.yml again changes nothing: the run path the VMM opened to QEMU's group is the role's.
     again = run_playbook(ROOT / "playbooks" / "site.yml", *extra)
