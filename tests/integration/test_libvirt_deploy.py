@@ -15,7 +15,7 @@ gateway and the host API at 10.0.2.2, where the VM reaches the host's loopback) 
 through the gateway (https://<app-id>.<base>:<port>/ under the gateway's CA, the demo's Pebble
 root), and the Worker's quote over a fresh nonce through the gateway, verified with dstack-verify
 under the simulated platform, naming the image's os_image_hash (its digest.txt, which the deploy
-allowed at the KMS as the VMM's ListImages names it), the app's compose_hash and app_id. Without the
+pins with dstack_app_os_image_hash and checks against the VMM's ListImages), the app's compose_hash and app_id. Without the
 gateway the deploy is refused before the CVM is touched (nothing could check a libvirt VM's quote),
 and site.yml again changes nothing.
 
@@ -134,7 +134,7 @@ def test_an_app_deployed_to_a_libvirt_vm_answers_through_the_gateway_with_a_quot
     site_took = time.monotonic() - started
     # The deploy waits for the boot and checks the app through the gateway (its verify_app).
     deploy = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={app}", "-e",
-                          json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True,
+                          json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True, "dstack_app_os_image_hash": digest,
                                       "dstack_app_wait_timeout": DEPLOY_WAIT}), timeout=DEPLOY_WAIT + 300)
     vms = _vmm(ports, "Status")["vms"]
     assert [vm["name"] for vm in vms] == ["lv-hello"], deploy.stdout[-4000:] + deploy.stderr[-2000:]
@@ -206,6 +206,15 @@ def test_an_app_deployed_to_a_libvirt_vm_answers_through_the_gateway_with_a_quot
                            json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True, "dstack_gateway_enabled": False}))
     assert refused.returncode != 0 and "whose quote is checked through the gateway only" in refused.stdout, \
         refused.stdout[-3000:]
+    after = _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]
+    assert (after["status"], after["configuration"]) == ("running", vm["configuration"]), after
+    # The image's hash is the deployer's pin, never the host's word: a pin the VMM's image does not
+    # match is refused before the CVM is touched, naming both.
+    wrong = "ab" * 32
+    refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={app}", "-e",
+                           json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True, "dstack_app_os_image_hash": wrong}))
+    assert refused.returncode != 0 and (f"dstack_app_os_image_hash: is {wrong}, but the VMM on localhost boots the image "
+                                        f"guest with os_image_hash {digest}") in " ".join(refused.stdout.split()), refused.stdout[-3000:]
     after = _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]
     assert (after["status"], after["configuration"]) == ("running", vm["configuration"]), after
 
