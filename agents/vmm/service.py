@@ -573,7 +573,8 @@ class VmmService:
 
     def list_images(self):
         """dstack's ListImages (name, version, is_dev), with each image's os_image_hash (not in
-        dstack's answer): the hash a deployer allows at the KMS for the CVMs that boot it."""
+        dstack's answer): what deploy-app.yml checks the deployer's pinned hash against (the host
+        is not trusted to name the hash the KMS allows)."""
         return {"images": self.backend.images()}
 
     def get_compose_hash(self, cfg):

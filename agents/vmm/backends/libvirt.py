@@ -150,7 +150,7 @@ class LibvirtBackend(Backend):
 
     def images(self):
         """The folders of image_dir with a metadata.json, by name, each with its os_image_hash (its
-        digest.txt: what a deployer allows at the KMS before a CVM boots it)."""
+        digest.txt, which a deployer checks against its own pin: never a source of trust)."""
         try:
             names = sorted(os.listdir(self.image_dir))
         except OSError:
