@@ -114,35 +114,70 @@ def test_no_secret_in_either_output(runs):
 def test_a_module_that_raises_or_never_exits_fails_with_its_error(tmp_path):
     """The fork's own failures: a module's exception reaches the result as Ansible's wrapper gives
     it, and a module that returns without exit_json fails instead of passing silently."""
+    out = _probe(tmp_path, {
+        "raises": "raise ValueError('the probe raised this')\n",
+        "returns": "x = 1\n",
+        "says": "import sys\nsys.exit('the probe says this')\n",
+    })
+    raised = json.loads(out["raises"]["stdout"])
+    assert out["raises"]["rc"] == 1 and raised["failed"]
+    assert "the probe raised this" in json.dumps(raised["exception"])
+    returned = json.loads(out["returns"]["stdout"])
+    assert out["returns"]["rc"] == 1 and "did not handle its own exit" in json.dumps(returned)
+    assert out["says"]["rc"] == 1 and "the probe says this" in out["says"]["stderr"]
+
+
+def test_the_child_is_a_new_interpreter_not_the_controller(tmp_path):
+    """What the worker set up does not reach the module: the controller's log handler, its signal
+    handlers, its atexit functions, its command line; and the module's own exit work runs."""
+    out = _probe(tmp_path, {"exits": textwrap.dedent(f"""
+        import atexit, json, logging, signal, sys, threading, time
+        from ansible.module_utils import _internal
+        logging.getLogger("dstack.probe").warning("probe log line")
+        def late():
+            time.sleep(0.3)
+            open({str(tmp_path / 'thread-ran')!r}, "w").close()
+        threading.Thread(target=late).start()
+        atexit.register(lambda: open({str(tmp_path / 'atexit-ran')!r}, "w").close())
+        print(json.dumps({{"is_controller": _internal.is_controller, "argv": sys.argv,
+                          "alarm_handler": signal.getsignal(signal.SIGALRM) == signal.SIG_DFL,
+                          "int_handler": signal.getsignal(signal.SIGINT) is signal.default_int_handler}}))
+        sys.exit(3)
+    """)})
+    exits = out["exits"]
+    said = json.loads(exits["stdout"])
+    assert exits["rc"] == 3 and said["is_controller"] is False
+    assert said["argv"] == [str(tmp_path / "fork_probe" / "exits.py")]
+    assert said["alarm_handler"] is True and said["int_handler"] is True
+    assert "probe log line" in exits["stderr"]  # logging's last resort, as in a new process
+    assert "probe log line" not in (tmp_path / "controller.log").read_text()
+    assert (tmp_path / "thread-ran").exists() and (tmp_path / "atexit-ran").exists()
+    # The controller's atexit function ran once, in the controller, not in the child.
+    assert (tmp_path / "controller-atexit").read_text().split() == [str(out["controller_pid"])]
+
+
+def _probe(tmp_path, modules):
+    """Run each module source of `modules` through the fork from a controller-like process (a
+    logging file handler, a SIGALRM handler, an atexit function); their rc, stdout and stderr."""
     package = tmp_path / "fork_probe"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "raises.py").write_text("raise ValueError('the probe raised this')\n")
-    (package / "returns.py").write_text("x = 1\n")
-    (package / "exits.py").write_text(textwrap.dedent("""
-        import json, sys
-        from ansible.module_utils import _internal
-        print(json.dumps({"is_controller": _internal.is_controller, "changed": False}))
-        sys.exit(3)
-    """))
+    for name, source in modules.items():
+        (package / f"{name}.py").write_text(source)
     script = textwrap.dedent(f"""
-        import json, sys
+        import atexit, json, logging, os, signal, sys
         sys.path.insert(0, {str(tmp_path)!r})
         sys.path.insert(0, {str(ROOT / '.venv' / 'collections')!r})
+        logging.basicConfig(filename={str(tmp_path / 'controller.log')!r}, level=logging.INFO)
+        signal.signal(signal.SIGALRM, lambda *_: None)
+        atexit.register(lambda: open({str(tmp_path / 'controller-atexit')!r}, "a").write(f"{{os.getpid()}}\\n"))
         from ansible_collections.dstack.tee.plugins.plugin_utils import module_in_process
-        out = {{}}
-        for name in ("raises", "returns", "exits"):
+        out = {{"controller_pid": os.getpid()}}
+        for name in {sorted(modules)!r}:
             run = dict(module_fqn="fork_probe." + name, json_params=b'{{"ANSIBLE_MODULE_ARGS": {{}}}}', profile="legacy")
             out[name] = module_in_process._run_forked(run, cwd={str(tmp_path)!r}, encoding_errors="surrogate_then_replace")
         print(json.dumps(out))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
-    raised = json.loads(out["raises"]["stdout"])
-    assert out["raises"]["rc"] == 1 and raised["failed"]
-    assert "the probe raised this" in json.dumps(raised["exception"])
-    returned = json.loads(out["returns"]["stdout"])
-    assert out["returns"]["rc"] == 1 and "did not handle its own exit" in json.dumps(returned)
-    # The module sees module_utils as in its own process (not the controller's), and its exit code.
-    assert out["exits"]["rc"] == 3 and json.loads(out["exits"]["stdout"])["is_controller"] is False
+    return json.loads(proc.stdout.splitlines()[-1])
