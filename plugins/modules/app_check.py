@@ -94,6 +94,21 @@ options:
         C(replicas), else 1.
     type: int
     default: 0
+  image:
+    description:
+      - The guest image the app's CVMs boot (a VMM of the libvirt backend). Each VMM that gets an
+        instance must serve an image of that name whose os_image_hash (C(Vmm.ListImages)) is
+        O(os_image_hash); else the check fails, naming both hashes. Empty (the process backend)
+        checks nothing.
+    type: str
+    default: ""
+  os_image_hash:
+    description:
+      - The os_image_hash the deployer allows (the image's C(digest.txt) from its reproducible
+        build), with or without C(0x). The KMS releases the app's keys only to it; the VMM's host
+        is not trusted to name it, only checked against it. Required with O(image).
+    type: str
+    default: ""
 extends_documentation_fragment:
   - dstack.tee.attributes
 seealso:
@@ -253,6 +268,19 @@ def _place(app, p):
     return brief, [dict(w, existing=_brief(w["existing"])) for w in surplus], replicas
 
 
+def _check_image(where, token, image, os_image_hash):
+    """The image `image` of the VMM at where['url'] must have the pinned os_image_hash: a wrong image,
+    or a wrong pin, stops here, before anything is made, not at the CVM's key release."""
+    images = VmmClient(where["url"], token=token, timeout=TIMEOUT).call("ListImages", {}).get("images") or []
+    served = next((str(i.get("os_image_hash") or "").lower() for i in images if i.get("name") == image), "")
+    if served == os_image_hash.lower().removeprefix("0x"):
+        return
+    vmm = f"the VMM on {where['host']}" if where["host"] else f"the VMM at {where['url']}"
+    raise DstackError("os_image_hash", f"is {os_image_hash}, but {vmm} " + (
+        f"boots the image {image} with os_image_hash {served}" if served
+        else f"names no image {image} (Vmm.ListImages)"))
+
+
 def _key(port):
     return (port.get("protocol") or "tcp", port.get("host_port"))
 
@@ -299,6 +327,8 @@ def main():
                 host=dict(type="str", required=True), url=dict(type="str", required=True),
                 token=dict(type="str", no_log=True), local=dict(type="bool", default=False))),
             replicas=dict(type="int", default=0),
+            image=dict(type="str", default=""),
+            os_image_hash=dict(type="str", default=""),
         ),
         mutually_exclusive=[("vmm_url", "vmms")],
         supports_check_mode=True,
@@ -318,6 +348,12 @@ def main():
             _check_ports(app, cvms, found, p["check_host_ports"] and bool(p["vmm_url"]))
             existing, surplus, replicas = _brief(found), [], 1
             placed = [{"host": "", "url": p["vmm_url"], "existing": existing}] if p["vmm_url"] else []
+        if p["image"]:
+            if not p["os_image_hash"]:
+                raise DstackError("os_image_hash", f"required with image {p['image']!r}: the hash you allow (its digest.txt)")
+            tokens = {vmm["host"]: vmm["token"] for vmm in p["vmms"] or []}
+            for where in placed:
+                _check_image(where, tokens.get(where["host"], p["vmm_token"]), p["image"], p["os_image_hash"])
     except DstackError as exc:
         module.fail_json(msg=str(exc), field=exc.field)
     compose_hash = app_compose.compose_hash(data)

@@ -260,7 +260,12 @@ def test_demo_deploys_verifies_and_updates(demo_root):
              ("Status code was -1", "is the KMS running?")),
             (["-e", f"app_dir={other}", "-e", "dstack_app_vmm_token=wrong"], ("Status code was 401", "(HTTP 401)")),
             (["-e", f"app_dir={other}"], (f"ports: host port {ports['app']} is already in use",
-                                          f"ports: host port {ports['app']}/tcp is held by the CVM 'hello'"))):
+                                          f"ports: host port {ports['app']}/tcp is held by the CVM 'hello'")),
+            # A guest image whose hash the VMM does not serve under that name: refused by the first
+            # check, so not even the pinned hash reaches the allowlist.
+            (["-e", f"app_dir={app}", "-e", "dstack_app_image=guest", "-e", "dstack_app_os_image_hash=" + "ab" * 32],
+             ("os_image_hash: is " + "ab" * 32 + ", but the VMM on localhost names no image guest (Vmm.ListImages); "
+              "give the os_image_hash of the image you built",))):
         refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, *flags)
         assert refused.returncode != 0 and any(r in " ".join(refused.stdout.split()) for r in reasons), \
             (reasons, refused.stdout[-2500:])

@@ -209,14 +209,17 @@ def test_an_app_deployed_to_a_libvirt_vm_answers_through_the_gateway_with_a_quot
     after = _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]
     assert (after["status"], after["configuration"]) == ("running", vm["configuration"]), after
     # The image's hash is the deployer's pin, never the host's word: a pin the VMM's image does not
-    # match is refused before the CVM is touched, naming both.
+    # match is refused before anything is changed (the KMS allowlist, the CVM), naming both.
     wrong = "ab" * 32
     refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={app}", "-e",
                            json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True, "dstack_app_os_image_hash": wrong}))
-    assert refused.returncode != 0 and (f"dstack_app_os_image_hash: is {wrong}, but the VMM on localhost boots the image "
-                                        f"guest with os_image_hash {digest}") in " ".join(refused.stdout.split()), refused.stdout[-3000:]
+    said = " ".join(refused.stdout.split())
+    assert refused.returncode != 0 and (f"os_image_hash: is {wrong}, but the VMM on localhost boots the image "
+                                        f"guest with os_image_hash {digest}") in said, refused.stdout[-3000:]
+    assert "-e dstack_app_os_image_hash=HASH" in said, refused.stdout[-3000:]
     after = _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]
     assert (after["status"], after["configuration"]) == ("running", vm["configuration"]), after
+    assert "0x" + wrong not in json.loads((root / "kms" / "auth-config.json").read_text())["osImages"]
 
     # site.yml again changes nothing: the run path the VMM opened to QEMU's group is the role's.
     again = run_playbook(ROOT / "playbooks" / "site.yml", *extra)
