@@ -301,8 +301,8 @@ def _port_map(entries):
 
 
 class _Child:
-    """A child forked from this process (so with its modules imported already: a new interpreter
-    would import them again, about 0.5 s of CPU each), waited on through a pidfd, without polling.
+    """A child forked from this process (so with what the boot imported already, where a new
+    interpreter would import it again), waited on through a pidfd, without polling.
     Its pidfd stays open while this process lives: a signal sent through it never reaches another
     process that took the pid."""
 
@@ -495,20 +495,12 @@ def _worker_child(args, worker_socket):
     return run
 
 
-# What the children run (the socket API's Flask app, gunicorn and its threaded worker), imported
-# before they are forked.
-CHILDREN_IMPORT = ("ansible_collections.dstack.tee.agents.guest.api", "gunicorn.app.base", "gunicorn.glogging",
-                   "gunicorn.workers.gthread")
-
-
 def cmd_run(args):
     """Serve the socket API (and with --netns the Worker API), boot the app, keep it running until
     SIGTERM; then stop its containers.
 
     The APIs are children forked from this process, started at once: the boot runs beside their
     start and waits for the socket API only before the containers (which mount its socket)."""
-    import importlib  # pylint: disable=import-outside-toplevel
-
     ports = _port_map(args.port)
     if args.netns and args.own_network:
         raise DstackError("--own-network", "is a VM's network; it cannot go with --netns (a namespace on the host)")
@@ -524,8 +516,8 @@ def cmd_run(args):
         kms_ca_cert = ctx.paths.work("kms-ca.crt")
         atomic_write(kms_ca_cert, sys_config["kms_ca_cert"].encode(), mode=0o644)
     child_args = argparse.Namespace(**{**vars(args), "kms_url": kms_url, "kms_ca_cert": kms_ca_cert})
-    for module in CHILDREN_IMPORT:  # here, once, for both children
-        importlib.import_module(module)
+    # The children import Flask and gunicorn themselves, once forked: beside the boot, on the other
+    # core, instead of before its first step (the socket API is awaited only before the containers).
     # With a namespace, the CVM's ports are made before the boot: a port in use fails the start.
     if args.netns:
         netns_ports = _NamespacePorts(args.netns, ports, args.worker_port)

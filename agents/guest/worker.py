@@ -32,7 +32,6 @@ socket API's (api.install_errors): 400 naming the field, 413 too large, 503 not 
 
 import logging
 
-from flask import Flask, Response, jsonify, request
 
 from ansible_collections.dstack.tee.agents.guest import sysinfo
 from ansible_collections.dstack.tee.agents.guest.api import GuestApi, ServerFailure, install_errors
@@ -58,6 +57,7 @@ def _public(context, flag):
 
 
 def _query_int(name, default, low, high):
+    from flask import request  # pylint: disable=import-outside-toplevel
     text = request.args.get(name)
     if text is None:
         return default
@@ -69,6 +69,9 @@ def _query_int(name, default, low, high):
 def create_worker_app(context, config=None, runner=None):
     """The Worker's Flask app over a GuestContext. config: {"max_request_bytes": int} (optional);
     runner: a callable giving the app's ComposeRunner (for /logs), or None (no logs)."""
+    # Flask only where the app is made: `dstack-guest-agent run` imports this module for its
+    # constants, and forks the Worker API's child before that child imports Flask (beside the boot).
+    from flask import Flask, Response, jsonify, request  # pylint: disable=import-outside-toplevel
     config = config or {}
     app = Flask("dstack-guest-worker")
     app.config["MAX_CONTENT_LENGTH"] = int(config.get("max_request_bytes") or MAX_REQUEST_BYTES)
