@@ -32,7 +32,6 @@ socket API's (api.install_errors): 400 naming the field, 413 too large, 503 not 
 
 import logging
 
-
 from ansible_collections.dstack.tee.agents.guest import sysinfo
 from ansible_collections.dstack.tee.agents.guest.api import GuestApi, ServerFailure, install_errors
 from ansible_collections.dstack.tee.agents.guest.context import VERSION
