@@ -203,7 +203,8 @@ def test_an_app_deployed_to_a_libvirt_vm_answers_through_the_gateway_with_a_quot
     # Without the gateway nothing could check a libvirt VM's quote (it has no socket on the host):
     # the deploy is refused, saying so, before the CVM is touched.
     refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, "-e", f"app_dir={app}", "-e",
-                           json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True, "dstack_gateway_enabled": False}))
+                           json.dumps({"dstack_app_image": "guest", "dstack_app_no_tee": True, "dstack_app_os_image_hash": digest,
+                                       "dstack_gateway_enabled": False}))
     assert refused.returncode != 0 and "whose quote is checked through the gateway only" in refused.stdout, \
         refused.stdout[-3000:]
     after = _vmm(ports, "GetInfo", {"id": vm["id"]})["info"]
