@@ -196,7 +196,10 @@ def _plan(doc, project, work_dir, compose_file, env):
             args += ["-p", _port(entry, subs)]
         if service.get("restart") is not None:
             args += ["--restart", _interpolate(service["restart"], subs)]
-        args.append(_interpolate(service["image"], subs))
+        image = _interpolate(service["image"], subs)
+        if not image or image.startswith("-"):
+            raise Unsupported("an image podman would read as an option")
+        args.append(image)
         command = service.get("command")
         if isinstance(command, str):
             args += shlex.split(_interpolate(command, subs))

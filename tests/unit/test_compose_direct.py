@@ -134,6 +134,8 @@ def test_a_top_level_key_beyond_services_takes_podman_compose(tmp_path, change, 
     ({"image": "img", "environment": {"A": True}}, "a boolean"),
     ({"image": "img", "environment": {"A": "$"}}, "a lone $"),
     ({"image": "img", "restart": 1}, "a restart that is not a string"),
+    ({"image": "--privileged"}, "an image podman reads as an option"),
+    ({"image": "${EMPTY}"}, "an image that is empty once interpolated"),
 ])
 def test_a_service_beyond_the_subset_takes_podman_compose(tmp_path, service, why):
     compose = {"services": {"web": service}}
