@@ -40,6 +40,12 @@ ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "GREETING": "hello world
        "TOKEN": "s3cr$t {x}"}
 
 
+def requires_sorted(arg):
+    if not arg.startswith("--requires="):
+        return arg
+    return "--requires=" + ",".join(sorted(arg.removeprefix("--requires=").split(",")))
+
+
 def podman_compose_creates(folder, compose, env, project="proj"):
     """[(name, args)] of the `podman create` calls podman-compose's `up -d` makes, in its order,
     without its own labels and without the verb."""
@@ -58,7 +64,7 @@ def podman_compose_creates(folder, compose, env, project="proj"):
                 continue
             # Its --requires lists a set's members (their order varies from run to run): sorted here
             # and in ours.
-            kept.append(",".join(sorted(arg.split(","))) if arg.startswith("--requires=") else arg)
+            kept.append(requires_sorted(arg))
         creates.append((kept[0].removeprefix("--name="), kept))
     return creates
 
@@ -68,8 +74,7 @@ def ours(folder, compose, env, project="proj"):
     assert plan is not None, "the compose should be in compose_direct's subset"
     for _name, args in plan:
         assert args[0] == "-d"
-    return [(name, [",".join(sorted(arg.split(","))) if arg.startswith("--requires=") else arg for arg in args[1:]])
-            for name, args in plan]
+    return [(name, [requires_sorted(arg) for arg in args[1:]]) for name, args in plan]
 
 
 SUBSET = [
