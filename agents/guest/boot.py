@@ -49,7 +49,7 @@ from ansible_collections.dstack.tee.agents.guest.api import GuestApi, NotReady, 
 from ansible_collections.dstack.tee.plugins.module_utils.compose_runner import ComposeRunner
 from ansible_collections.dstack.tee.agents.guest.gateway_link import GatewayLink
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose as compose
-from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, env_crypt, kdf
+from ansible_collections.dstack.tee.plugins.module_utils import app_certs, attestation, env_crypt, kdf, wireguard
 from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.fileio import atomic_write, read_bytes, read_json
 from ansible_collections.dstack.tee.plugins.module_utils.gateway_client import GatewayClient
@@ -185,6 +185,8 @@ class Boot:
             for step in STEPS:
                 if step == "measure":
                     self._prepare_containers()
+                    if self._gateway_used():
+                        wireguard.preload_pyroute2()  # the gateway step's links, off its path
                 if step == "gateway":
                     self._containers = _Beside(self._containers_up)
                 try:
@@ -348,8 +350,11 @@ class Boot:
         atomic_write(self.ctx.paths.decrypted_env, env_crypt.render_dotenv(self.env), mode=0o600)
         atomic_write(self.ctx.paths.decrypted_env_json, env_crypt.render_json(self.env), mode=0o600)
 
+    def _gateway_used(self):
+        return bool(self.app.get("gateway_enabled") and self.sys_config.get("gateway_urls"))
+
     def step_gateway(self):
-        if not self.app.get("gateway_enabled") or not self.sys_config.get("gateway_urls"):
+        if not self._gateway_used():
             self.notifier.progress("gateway", "not used")
             return
         urls = self.sys_config["gateway_urls"]
