@@ -57,31 +57,35 @@ def _interpolate(value, env):
 
 
 def _environment(service, env):
-    """[-e KEY=value, ...] and the interpolation variables of the service's other fields
-    (podman-compose lets them refer to its environment entries the process env does not have)."""
+    """[-e KEY=value, ...] and the interpolation variables of the service's other fields. As
+    podman-compose: a list is made a mapping first (KEY=value, or KEY alone for None; the last of a
+    key wins); entries the process env does not have are variables for the service's other fields;
+    KEY alone passes the process env's value, or nothing."""
     raw = service.get("environment")
     if raw is None:
         return [], env
-    if isinstance(raw, dict):
-        for key, value in raw.items():
-            if not isinstance(key, str) or not re.fullmatch(NAME, key) or not isinstance(value, (str, int)) \
-                    or isinstance(value, bool):
-                raise Unsupported("an environment entry beyond NAME: string")
-        own = {key: _interpolate(str(value), env) for key, value in raw.items() if key not in env}
-        subs = dict(env, **own)
-        return [f"{key}={_interpolate(str(value), subs)}" for key, value in raw.items()], subs
-    if not isinstance(raw, list):
-        raise Unsupported("environment that is neither a mapping nor a list")
-    args = []
-    for entry in raw:
-        if not isinstance(entry, str):
+    if isinstance(raw, list):
+        if not all(isinstance(entry, str) for entry in raw):
             raise Unsupported("an environment entry that is not a string")
-        entry = _interpolate(entry, env)
-        if "=" in entry:
-            args.append(entry)
-        elif entry in env:
-            args.append(f"{entry}={env[entry]}")
-    return args, env
+        raw = dict((entry.split("=", 1) + [None])[:2] for entry in raw)
+    if not isinstance(raw, dict):
+        raise Unsupported("environment that is neither a mapping nor a list")
+    for key, value in raw.items():
+        if not isinstance(key, str) or not re.fullmatch(NAME, key) or key.startswith("COMPOSE_") \
+                or not (value is None or isinstance(value, (str, int))) or isinstance(value, bool):
+            raise Unsupported("an environment entry beyond NAME: string or number")
+    # (A number stays a number for podman-compose, which fails where another field refers to it;
+    # here it is its text.)
+    own = {key: None if value is None else _interpolate(str(value), env) for key, value in raw.items()
+           if key not in env}
+    subs = dict(env, **own)
+    args = []
+    for key, value in raw.items():
+        if value is not None:
+            args.append(f"{key}={_interpolate(str(value), subs)}")
+        elif key in env:
+            args.append(f"{key}={env[key]}")
+    return args, subs
 
 
 def _volume(entry, env):
@@ -116,23 +120,12 @@ def _depends_on(service):
 
 
 def _start_order(services):
-    """Service names with each one's dependencies before it (compose order otherwise)."""
-    order, visiting = [], set()
-
-    def visit(name):
-        if name in order:
-            return
-        if name in visiting or name not in services:
-            raise Unsupported("a depends_on cycle or unknown service")  # podman-compose names the error
-        visiting.add(name)
-        for dep in _depends_on(services[name]):
-            visit(dep)
-        visiting.discard(name)
-        order.append(name)
-
+    """Service names as podman-compose orders its containers: by how many services each depends on,
+    directly or not (fewest first), compose order among equals; a cycle or an unknown service is
+    left to podman-compose (it names the error)."""
     for name in services:
-        visit(name)
-    return order
+        _all_dependencies(services, name)
+    return sorted(services, key=lambda name: len(_all_dependencies(services, name)))
 
 
 def _all_dependencies(services, name):
@@ -140,23 +133,26 @@ def _all_dependencies(services, name):
     found, todo = set(), list(_depends_on(services[name]))
     while todo:
         dep = todo.pop()
+        if dep == name or dep not in services:
+            raise Unsupported("a depends_on cycle or unknown service")
         if dep not in found:
             found.add(dep)
             todo.extend(_depends_on(services[dep]))
     return found
 
 
-def podman_run_plan(doc, project, work_dir, compose_file, env):
+def podman_run_plan(doc, project, compose_file, env):
     """[(container name, [`podman run` arguments after "run"])] in start order, or None when the
-    compose is not in this module's subset. `doc`: the parsed compose; `env`: the variables
-    podman-compose would interpolate with (the runner's process environment)."""
+    compose is not in this module's subset. `doc`: the parsed compose, from `compose_file` (the
+    path podman-compose would be given); `env`: the variables podman-compose would interpolate
+    with (the runner's process environment)."""
     try:
-        return _plan(doc, project, work_dir, compose_file, env)
+        return _plan(doc, project, compose_file, env)
     except Unsupported:
         return None
 
 
-def _plan(doc, project, work_dir, compose_file, env):
+def _plan(doc, project, compose_file, env):
     if not isinstance(doc, dict) or set(doc) - TOP_KEYS or not isinstance(doc.get("services"), dict) \
             or not doc["services"] or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
         raise Unsupported("top-level keys beyond services")
@@ -176,8 +172,8 @@ def _plan(doc, project, work_dir, compose_file, env):
         if deps:
             args.append("--requires=" + ",".join(f"{project}_{dep}_1" for dep in order if dep in deps))
         for label in (f"io.podman.compose.project={project}", f"com.docker.compose.project={project}",
-                      f"com.docker.compose.project.working_dir={work_dir}",
-                      f"com.docker.compose.project.config_files={os.path.basename(compose_file)}",
+                      f"com.docker.compose.project.working_dir={os.path.realpath(os.path.dirname(compose_file))}",
+                      f"com.docker.compose.project.config_files={compose_file}",
                       "com.docker.compose.container-number=1", f"io.podman.compose.service={name}",
                       f"com.docker.compose.service={name}"):
             args += ["--label", label]
@@ -202,7 +198,13 @@ def _plan(doc, project, work_dir, compose_file, env):
         args.append(image)
         command = service.get("command")
         if isinstance(command, str):
-            args += shlex.split(_interpolate(command, subs))
+            # Split as written, then each word interpolated (podman-compose's order): a value is
+            # one argument, whatever its spaces and quotes.
+            try:
+                words = shlex.split(command)
+            except ValueError:
+                raise Unsupported("a command shlex cannot split") from None
+            args += [_interpolate(word, subs) for word in words]
         elif isinstance(command, list) and all(isinstance(part, (str, int)) for part in command):
             args += [_interpolate(str(part), subs) for part in command]
         elif command is not None:

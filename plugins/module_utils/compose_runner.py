@@ -254,7 +254,7 @@ class ComposeRunner:
             return
         env = self._env(app_env)
         if self._prepared():
-            plan = podman_run_plan(yaml.safe_load(rewritten), self.project, self.work_dir, self.compose_file, env)
+            plan = podman_run_plan(yaml.safe_load(rewritten), self.project, self.compose_file, env)
             if plan is not None:
                 self._run_plan(plan, env, app_env)
                 return
@@ -270,8 +270,12 @@ class ComposeRunner:
         podman-compose's create and start would; a failure names the container (a failed boot's
         down() removes what was started: the names are podman-compose's)."""
         for container, args in plan:
-            proc = subprocess.run(self._in_netns(self._podman("run", *args)), capture_output=True, text=True,
-                                  cwd=self.work_dir, env=env, timeout=600, check=False)
+            try:
+                proc = subprocess.run(self._in_netns(self._podman("run", *args)), capture_output=True, text=True,
+                                      cwd=self.work_dir, env=env, timeout=600, check=False)
+            except subprocess.TimeoutExpired:
+                # Not raised as is: its message holds the command line, and so the app's env values.
+                raise DstackError("containers", f"podman run {container} took over 600 s (pulling its image?)") from None
             if proc.returncode != 0:
                 raise DstackError("containers", f"podman run {container} failed (exit {proc.returncode}): "
                                                 f"{scrub(last_line(proc.stderr or proc.stdout), app_env.values())}")

@@ -208,7 +208,7 @@ import errno
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.dstack.tee.plugins.module_utils import app_compose, app_folder, host_ports, placement
-from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError
+from ansible_collections.dstack.tee.plugins.module_utils.errors import DstackError, parse_hex
 from ansible_collections.dstack.tee.plugins.module_utils.kms_client import KmsClient
 from ansible_collections.dstack.tee.plugins.module_utils.prpc import Unauthorized
 from ansible_collections.dstack.tee.plugins.module_utils.vmm_client import VmmClient
@@ -351,6 +351,7 @@ def main():
         if p["image"]:
             if not p["os_image_hash"]:
                 raise DstackError("os_image_hash", f"required with image {p['image']!r}: the hash you allow (its digest.txt)")
+            parse_hex(p["os_image_hash"], "os_image_hash", length=32)  # a typo is named as one, not as a mismatch
             tokens = {vmm["host"]: vmm["token"] for vmm in p["vmms"] or []}
             for where in placed:
                 _check_image(where, tokens.get(where["host"], p["vmm_token"]), p["image"], p["os_image_hash"])

@@ -265,7 +265,10 @@ def test_demo_deploys_verifies_and_updates(demo_root):
             # check, so not even the pinned hash reaches the allowlist.
             (["-e", f"app_dir={app}", "-e", "dstack_app_image=guest", "-e", "dstack_app_os_image_hash=" + "ab" * 32],
              ("os_image_hash: is " + "ab" * 32 + ", but the VMM on localhost names no image guest (Vmm.ListImages); "
-              "give the os_image_hash of the image you built",))):
+              "give the os_image_hash of the image you built",)),
+            # A pin that is no hash at all is named as such, before any VMM is asked.
+            (["-e", f"app_dir={app}", "-e", "dstack_app_image=guest", "-e", "dstack_app_os_image_hash=ab12"],
+             ("os_image_hash: must be 32 bytes",))):
         refused = run_playbook(ROOT / "playbooks" / "deploy-app.yml", *extra, *flags)
         assert refused.returncode != 0 and any(r in " ".join(refused.stdout.split()) for r in reasons), \
             (reasons, refused.stdout[-2500:])

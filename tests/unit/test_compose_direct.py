@@ -31,13 +31,14 @@ DRY_RUN = textwrap.dedent("""
     os.chdir(sys.argv[1])
     os.environ.clear()
     os.environ.update(json.loads(sys.argv[2]))
+    # -f as ComposeRunner gives it: the compose file's absolute path.
     asyncio.run(pc.podman_compose.run(["--dry-run", "--in-pod", "false", "-p", sys.argv[3], "-f",
-                                       "docker-compose.yaml", "up", "-d"]))
+                                       os.path.join(sys.argv[1], "docker-compose.yaml"), "up", "-d"]))
     print(json.dumps(calls))
 """)
 ONLY_FOR_PODMAN_COMPOSE = ("io.podman.compose.version=", "PODMAN_SYSTEMD_UNIT=", "io.podman.compose.config-hash=")
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "GREETING": "hello world", "EMPTY": "",
-       "TOKEN": "s3cr$t {x}"}
+       "TOKEN": "s3cr$t {x} --admin 'it\"s"}
 
 
 def requires_sorted(arg):
@@ -70,7 +71,7 @@ def podman_compose_creates(folder, compose, env, project="proj"):
 
 
 def ours(folder, compose, env, project="proj"):
-    plan = podman_run_plan(compose, project, str(folder), str(folder / "docker-compose.yaml"), env)
+    plan = podman_run_plan(compose, project, str(folder / "docker-compose.yaml"), env)
     assert plan is not None, "the compose should be in compose_direct's subset"
     for _name, args in plan:
         assert args[0] == "-d"
@@ -93,10 +94,18 @@ SUBSET = [
                 "command": ["serve", "--port", 8000, "${OWN}"], "restart": "always",
                 "volumes": ["{sock}:/var/run/dstack.sock:ro", "/tmp:/data:rw"]},
         "db": {"image": "postgres:16"}}},
+    # A value is one argument of a string command, whatever its spaces and quotes (split, then
+    # interpolated); list entries are variables of the service's other fields; the last of a key wins.
+    {"services": {"app": {"image": "app:1",
+                          "command": "app --token ${TOKEN} --greeting \"$GREETING\" ${EMPTY} ${OWN} 'a b'",
+                          "environment": ["OWN=own", "REF=${OWN}", "A=1", "A=2", "NONE", "GREETING"]}}},
+    # Order: by the number of services each depends on (podman-compose's), compose order among equals.
+    {"services": {"a": {"image": "img", "depends_on": ["b"]}, "c": {"image": "img"}, "b": {"image": "img"},
+                  "d": {"image": "img", "depends_on": {"a": {"condition": "service_started"}}}}},
 ]
 
 
-@pytest.mark.parametrize("compose", SUBSET, ids=["sample", "depends_on"])
+@pytest.mark.parametrize("compose", SUBSET, ids=["sample", "depends_on", "values", "order"])
 def test_the_arguments_are_podman_composes(tmp_path, compose):
     sock = tmp_path / "dstack.sock"
     sock.touch()
@@ -114,7 +123,7 @@ def test_the_arguments_are_podman_composes(tmp_path, compose):
 ])
 def test_a_top_level_key_beyond_services_takes_podman_compose(tmp_path, change, why):
     compose = {"services": {"web": {"image": "img"}}, **change}
-    assert podman_run_plan(compose, "proj", str(tmp_path), str(tmp_path / "docker-compose.yaml"), ENV) is None, why
+    assert podman_run_plan(compose, "proj", str(tmp_path / "docker-compose.yaml"), ENV) is None, why
 
 
 @pytest.mark.parametrize("service, why", [
@@ -137,6 +146,8 @@ def test_a_top_level_key_beyond_services_takes_podman_compose(tmp_path, change, 
     ({"image": "img", "environment": {"A": "${GREETING:+alt}"}}, "an alternative form"),
     ({"image": "img", "environment": {"A": "${COMPOSE_PROJECT_NAME}"}}, "podman-compose's own variables"),
     ({"image": "img", "environment": {"A": True}}, "a boolean"),
+    ({"image": "img", "environment": ["COMPOSE_FILE"]}, "podman-compose's own variables, passed"),
+    ({"image": "img", "command": "echo 'unclosed"}, "a command shlex cannot split"),
     ({"image": "img", "environment": {"A": "$"}}, "a lone $"),
     ({"image": "img", "restart": 1}, "a restart that is not a string"),
     ({"image": "--privileged"}, "an image podman reads as an option"),
@@ -144,18 +155,18 @@ def test_a_top_level_key_beyond_services_takes_podman_compose(tmp_path, change, 
 ])
 def test_a_service_beyond_the_subset_takes_podman_compose(tmp_path, service, why):
     compose = {"services": {"web": service}}
-    assert podman_run_plan(compose, "proj", str(tmp_path), str(tmp_path / "docker-compose.yaml"), ENV) is None, why
+    assert podman_run_plan(compose, "proj", str(tmp_path / "docker-compose.yaml"), ENV) is None, why
 
 
 def test_a_dependency_cycle_takes_podman_compose(tmp_path):
     compose = {"services": {"a": {"image": "img", "depends_on": ["b"]}, "b": {"image": "img", "depends_on": ["a"]}}}
-    assert podman_run_plan(compose, "proj", str(tmp_path), str(tmp_path / "docker-compose.yaml"), ENV) is None
+    assert podman_run_plan(compose, "proj", str(tmp_path / "docker-compose.yaml"), ENV) is None
 
 
 VARIABLE_TEXT = st.text(alphabet="$ab_{}:-?+ 1", max_size=14)
 
 
-@given(VARIABLE_TEXT, st.dictionaries(st.sampled_from(["a", "b", "a_1", "_"]), st.sampled_from(["", "x", "$y"])))
+@given(VARIABLE_TEXT, st.dictionaries(st.sampled_from(["a", "b", "a_1", "_"]), st.sampled_from(["", "x", "$y", None])))
 def test_interpolation_agrees_with_podman_compose_wherever_it_answers(text, env):
     try:
         mine = _interpolate(text, env)
