@@ -23,6 +23,6 @@ PROBE = textwrap.dedent("""
 
 
 def test_preload_imports_pyroute2_beside_and_a_caller_meanwhile_gets_every_name():
-    for _ in range(3):
+    for _attempt in range(3):
         out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
