@@ -119,15 +119,6 @@ def _depends_on(service):
     return raw
 
 
-def _start_order(services):
-    """Service names as podman-compose orders its containers: by how many services each depends on,
-    directly or not (fewest first), compose order among equals; a cycle or an unknown service is
-    left to podman-compose (it names the error)."""
-    for name in services:
-        _all_dependencies(services, name)
-    return sorted(services, key=lambda name: len(_all_dependencies(services, name)))
-
-
 def _all_dependencies(services, name):
     """The services `name` depends on, directly or through others (podman-compose requires them all)."""
     found, todo = set(), list(_depends_on(services[name]))
@@ -161,18 +152,22 @@ def _plan(doc, project, compose_file, env):
         if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", name) \
                 or not isinstance(service, dict) or set(service) - SERVICE_KEYS or not service.get("image"):
             raise Unsupported("a service key beyond " + ", ".join(sorted(SERVICE_KEYS)))
+    # A cycle or an unknown service raises Unsupported here (podman-compose names the error).
+    dependencies = {name: _all_dependencies(services, name) for name in services}
+    # podman-compose's order: by how many services each depends on, directly or not (fewest first),
+    # compose order among equals.
+    order = sorted(services, key=lambda name: len(dependencies[name]))
+    working_dir = os.path.realpath(os.path.dirname(compose_file))
     plan = []
-    order = _start_order(services)
     for name in order:
         service = services[name]
         container = f"{project}_{name}_1"
         environment, subs = _environment(service, env)
         args = ["-d", f"--name={container}"]
-        deps = _all_dependencies(services, name)
-        if deps:
-            args.append("--requires=" + ",".join(f"{project}_{dep}_1" for dep in order if dep in deps))
+        if dependencies[name]:
+            args.append("--requires=" + ",".join(f"{project}_{dep}_1" for dep in order if dep in dependencies[name]))
         for label in (f"io.podman.compose.project={project}", f"com.docker.compose.project={project}",
-                      f"com.docker.compose.project.working_dir={os.path.realpath(os.path.dirname(compose_file))}",
+                      f"com.docker.compose.project.working_dir={working_dir}",
                       f"com.docker.compose.project.config_files={compose_file}",
                       "com.docker.compose.container-number=1", f"io.podman.compose.service={name}",
                       f"com.docker.compose.service={name}"):

@@ -12,8 +12,9 @@ creates and starts the containers in depends_on order with no fixed sleep; Debia
 1 s after each container), without a pod (`--in-pod false`: plain containers on the project's
 network, as before). A boot's fresh project (prepare() made its network and found none of its
 containers) with a plain compose is started without it: one `podman run -d` per container, with
-podman-compose's own arguments (compose_direct: 0.4-0.5 s less for one service). `down` also removes the project's networks, which podman-compose leaves:
-every leftover network is read by every later podman call (about 12 ms each, per call).
+podman-compose's own arguments (compose_direct: 0.4-0.5 s less for one service). `down` also
+removes the project's networks, which podman-compose leaves: every leftover network is read by
+every later podman call (about 12 ms each, per call).
 With a network namespace (`netns`, the CVM's own: podman only), the engine runs inside it
 (`nsenter --net=/run/netns/NAME podman-compose ...`; not `ip netns exec`, whose private /sys has
 no cgroup mounts for runc): the project's bridge network is made in the CVM's namespace and a
@@ -82,7 +83,8 @@ def _split_volume(entry):
 
 
 def rewrite_compose(compose_text, sockets, port_map=None):
-    """The app's compose, with this CVM's sockets mounted and ports mapped; YAML text."""
+    """The app's compose, with this CVM's sockets mounted and ports mapped; the parsed document
+    (ComposeRunner.up writes it as YAML and may start it itself, compose_direct)."""
     doc = parse_compose_yaml(compose_text, "docker_compose_file")
     for name, service in doc["services"].items():
         volumes = []
@@ -105,7 +107,7 @@ def rewrite_compose(compose_text, sockets, port_map=None):
         service["volumes"] = volumes
         if port_map is not None and service.get("ports"):
             service["ports"] = [_map_port(p, port_map, name) for p in service["ports"]]
-    return yaml.safe_dump(doc, sort_keys=False)
+    return doc
 
 
 def _map_port(entry, port_map, service):
@@ -249,12 +251,12 @@ class ComposeRunner:
         """Write the rewritten compose file and start the services, detached."""
         port_map = None if self.netns else port_map  # in its own namespace a CVM port is the CVM's
         rewritten = rewrite_compose(compose_text, sockets, port_map)
-        atomic_write(self.compose_file, rewritten.encode(), mode=0o600)
+        atomic_write(self.compose_file, yaml.safe_dump(rewritten, sort_keys=False).encode(), mode=0o600)
         if self.engine == "none":
             return
         env = self._env(app_env)
         if self._prepared():
-            plan = podman_run_plan(yaml.safe_load(rewritten), self.project, self.compose_file, env)
+            plan = podman_run_plan(rewritten, self.project, self.compose_file, env)
             if plan is not None:
                 self._run_plan(plan, env, app_env)
                 return
