@@ -14,6 +14,21 @@ cd "$ROOT" || exit 2
 export PATH="$ROOT/.venv/bin:$PATH"
 failed=()
 
+# The main pytest of a whole run spreads over TEST_WORKERS processes (pytest-xdist; default 2, one
+# per core here), one test file per worker at a time: most tests wait on real services (one worker
+# keeps the load near 1), and each test names its own ports, namespaces, interfaces and folders
+# (free ports, the worker's pid, temporary folders), so two files never meet. With arguments (one
+# test, -x, --pdb, -s) pytest runs as one process, unless they add -n themselves.
+workers=()
+if (($# > 0)); then
+  :
+elif ! [[ "${TEST_WORKERS:-2}" =~ ^[1-9][0-9]*$ ]]; then
+  echo "TEST_WORKERS must be a number of pytest processes (1 or more), not '${TEST_WORKERS}'" >&2
+  exit 2
+elif ((${TEST_WORKERS:-2} > 1)); then
+  workers=(-n "${TEST_WORKERS:-2}" --dist loadfile)
+fi
+
 BESIDE=(tests/integration/test_guest_image.py tests/integration/test_guest_vm_boot.py
         tests/integration/test_libvirt_deploy.py)
 beside_pid=""
@@ -57,10 +72,10 @@ fi
 ignore=()
 [[ -z "$beside_pid" ]] || for path in "${BESIDE[@]}"; do ignore+=("--ignore=$path"); done
 
-printf '\033[1m==> pytest\033[0m\n'
+printf '\033[1m==> pytest %s\033[0m\n' "${workers[*]}"
 # A skipped test fails the run (tests/conftest.py): setup.sh --test installs all they need.
 # --durations: the slowest tests in the log, where to look when the suite nears its time budget.
-DSTACK_TESTS_NO_SKIPS=1 "$ROOT/.venv/bin/python" -m pytest --durations=30 "${ignore[@]}" "$@"
+DSTACK_TESTS_NO_SKIPS=1 "$ROOT/.venv/bin/python" -m pytest --durations=30 "${workers[@]}" "${ignore[@]}" "$@"
 rc=$?
 # Exit code 5 means pytest collected nothing: that is a broken suite, not a pass.
 ((rc == 0)) || failed+=("pytest (exit $rc)")
