@@ -15,15 +15,21 @@
 # read-only; then PID 1 is /usr/local/sbin/dstack-init (init= on the cmdline; its header says what
 # it mounts where), which runs the guest agent.
 #
-# Usage: scripts/build-guest-image.sh [--out DIR] [--cache DIR] [--no-cache]
-#   --out DIR    where the image folder goes (default: build/guest-image); replaced as a whole
-#   --cache DIR  built images by inputs' hash, and the downloaded .debs (default:
-#                /var/cache/dstack-guest-image)
-#   --no-cache   build even if an image with the same inputs is cached, and do not store it (the
-#                downloaded .debs are still shared: apt checks each against the signed indexes)
+# Usage: scripts/build-guest-image.sh [--out DIR] [--cache DIR] [--no-cache] [--firmware FILE]
+#                                     [--print-inputs]
+#   --out DIR        where the image folder goes (default: build/guest-image); replaced as a whole
+#   --cache DIR      built images by inputs' hash, and the downloaded .debs (default:
+#                    /var/cache/dstack-guest-image)
+#   --no-cache       build even if an image with the same inputs is cached, and do not store it (the
+#                    downloaded .debs are still shared: apt checks each against the signed indexes)
+#   --firmware FILE  the VM firmware the image carries as ovmf.fd (default: this machine's Debian
+#                    OVMF, /usr/share/OVMF/OVMF_CODE.fd, which boots the no_tee VMs here). A TD needs
+#                    a TDX build of it (TDVF), such as the OVMF.fd of Canonical's TDX PPA or Ubuntu
+#                    25.10's OVMF.inteltdx.fd; metadata.json's ovmf_variant then says "custom"
+#   --print-inputs   print the inputs hash (the cache key) and stop, building nothing
 #
-# Reproducible: the inputs are this script, the collection's files that go into the image, and the
-# Debian mirror's state (the sha256 of each suite's Packages index, which fixes every version apt
+# Reproducible: the inputs are this script, the firmware, the collection's files that go into the
+# image, and the Debian mirror's state (the sha256 of each suite's Packages index, which fixes every version apt
 # resolves). Their hash is the cache key; the versions apt installed are recorded in
 # packages.manifest (inside the rootfs too). Every time in the image is SOURCE_DATE_EPOCH, files
 # that differ from build to build (logs, caches, machine-id, .pyc) are removed.
@@ -76,12 +82,14 @@ CMDLINE_BASE="root=/dev/mapper/dstack-root rootfstype=squashfs ro init=/usr/loca
 # The collection's home inside the rootfs (PYTHONPATH of the guest agent).
 COLLECTION_ROOT=/opt/dstack
 OVMF=/usr/share/OVMF/OVMF_CODE.fd
+OVMF_VARIANT=debian-ovmf
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SCRIPT="$ROOT/scripts/build-guest-image.sh"
 OUT="$ROOT/build/guest-image"
 CACHE=/var/cache/dstack-guest-image
 USE_CACHE=1
+PRINT_INPUTS=0
 
 step() { printf '==> [%4ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'build-guest-image: %s\n' "$*" >&2; exit 1; }
@@ -91,6 +99,12 @@ while (($#)); do
     --out) [[ $# -ge 2 && -n "$2" ]] || die "--out needs a folder"; OUT="$2"; shift 2 ;;
     --cache) [[ $# -ge 2 && -n "$2" ]] || die "--cache needs a folder"; CACHE="$2"; shift 2 ;;
     --no-cache) USE_CACHE=0; shift ;;
+    --firmware)
+      [[ $# -ge 2 && -n "$2" ]] || die "--firmware needs a file"
+      [[ -f "$2" && -r "$2" ]] || die "--firmware $2: not a readable file"
+      [[ -s "$2" ]] || die "--firmware $2: the file is empty"
+      OVMF="$(realpath "$2")"; OVMF_VARIANT=custom; shift 2 ;;
+    --print-inputs) PRINT_INPUTS=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$SCRIPT"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
@@ -115,9 +129,6 @@ if ((${#need[@]})); then
 fi
 
 mkdir -p "$CACHE/images" "$CACHE/debs" "$CACHE/wheels" "$CACHE/work"
-# One build at a time per cache (the .deb folder and apt's lock in it are shared).
-exec 9>"$CACHE/lock"
-flock 9
 
 # --- inputs -------------------------------------------------------------------------------------
 step "resolve: the mirror's package indexes"
@@ -146,11 +157,19 @@ mapfile -t files < <(collection_files)
 for f in "${files[@]}"; do [[ -f "$ROOT/$f" ]] || die "$f is tracked by git but missing from the checkout"; done
 inputs="$(
   printf 'script %s\n' "$(sha256sum <"$SCRIPT" | cut -d' ' -f1)"
+  printf 'firmware %s %s\n' "$OVMF_VARIANT" "$(sha256sum <"$OVMF" | cut -d' ' -f1)"
   printf '%s' "$mirror_state"
   (cd "$ROOT" && sha256sum -- "${files[@]}")
 )"
 KEY="$(printf '%s' "$inputs" | sha256sum | cut -d' ' -f1)"
 step "inputs hash $KEY"
+if ((PRINT_INPUTS)); then
+  printf '%s\n' "$KEY"
+  exit 0
+fi
+# One build at a time per cache (the .deb folder and apt's lock in it are shared).
+exec 9>"$CACHE/lock"
+flock 9
 
 publish() {  # copy the image folder $1 to $OUT, replacing what was there
   local tmp="$OUT.tmp.$$"
@@ -638,12 +657,12 @@ rootfs_hash="$(awk -F: '/^Root hash/ {gsub(/[ \t]/, "", $2); print $2}' "$WORK/v
 step "metadata.json, sha256sum.txt, digest.txt"
 version="$(awk '$1 == "version:" {print $2}' "$ROOT/galaxy.yml")"
 cmdline="$CMDLINE_BASE dstack.rootfs_hash=$rootfs_hash dstack.rootfs_size=$data_size"
-python3 - "$IMG/metadata.json" "$cmdline" "$rootfs_hash" "$version" "$kver" <<'EOF'
+python3 - "$IMG/metadata.json" "$cmdline" "$rootfs_hash" "$version" "$kver" "$OVMF_VARIANT" <<'EOF'
 import json, os, sys
-path, cmdline, rootfs_hash, version, kernel_version = sys.argv[1:]
+path, cmdline, rootfs_hash, version, kernel_version, ovmf_variant = sys.argv[1:]
 meta = {"cmdline": cmdline, "kernel": "bzImage", "initrd": "initramfs.img", "bios": "ovmf.fd",
         "rootfs": "rootfs.img.verity", "rootfs_hash": rootfs_hash, "shared_ro": True,
-        "version": version, "is_dev": False, "ovmf_variant": "debian-ovmf",
+        "version": version, "is_dev": False, "ovmf_variant": ovmf_variant,
         "kernel_version": kernel_version, "distribution": "debian-12", "packages": "packages.manifest",
         "source_date_epoch": int(os.environ["SOURCE_DATE_EPOCH"])}
 with open(path, "w", encoding="utf-8") as out:

@@ -63,9 +63,10 @@ PACKAGES = ("qemu-system-x86", "libvirt-daemon-system", "libvirt-clients", "ovmf
 PPA = "Canonical's TDX PPA (ppa:kobuk-team/tdx-release, as canonical/tdx's setup-tdx-host.sh adds it)"
 BIOS_TDX_MENU = "Socket Configuration > Processor Configuration > TME, TME-MT, TDX"
 BIOS_SGX_MENU = "Socket Configuration > Processor Configuration > Software Guard Extension (SGX)"
-FIX_KERNEL = ("boot a kernel with TDX host support: on Ubuntu 24.04, Canonical's TDX kernel "
-              "(linux-image-intel, 6.8.0-10xx-intel) from " + PPA + ", or Ubuntu 25.10 and later "
-              "whose generic kernel has it; then reboot into it")
+FIX_KERNEL = ("boot a kernel with TDX host support: on Ubuntu 24.04, the kernel of " + PPA + ", pinned "
+              "above the archive (linux-image-generic, or its linux-image-intel), which the "
+              "dstack.tee.tdx_host role installs and selects for the next boot; or Ubuntu 25.10 and "
+              "later, whose generic kernel has it; then reboot into it")
 FIX_BIOS_TDX = (f"BIOS: {BIOS_TDX_MENU}: set 'Memory Encryption (TME)' to Enable, 'Total Memory "
                 "Encryption Multi-Tenant (TME-MT)' to Enable, 'TME-MT memory integrity' to Disable, "
                 "'Trust Domain Extension (TDX)' to Enable, 'TDX Secure Arbitration Mode Loader (SEAM "
@@ -191,9 +192,8 @@ def parse_cpuinfo(text):
     return cpu
 
 
-def parse_dpkg_status(text):
-    """{package: version} of the installed packages of PACKAGES."""
-    installed = {}
+def _installed_stanzas(text):
+    """The fields of each installed package in a dpkg status file (continuation lines skipped)."""
     for stanza in (text or "").split("\n\n"):
         fields = {}
         for line in stanza.splitlines():
@@ -202,10 +202,29 @@ def parse_dpkg_status(text):
             key, sep, value = line.partition(":")
             if sep:
                 fields[key.strip()] = value.strip()
-        name = fields.get("Package")
-        if name in PACKAGES and fields.get("Status", "").endswith(" installed"):
-            installed[name] = fields.get("Version")
-    return installed
+        if fields.get("Package") and fields.get("Status", "").endswith(" installed"):
+            yield fields
+
+
+def parse_dpkg_status(text):
+    """{package: version} of the installed packages of PACKAGES."""
+    return {f["Package"]: f.get("Version") for f in _installed_stanzas(text) if f["Package"] in PACKAGES}
+
+
+# A kernel meta package (linux-image-generic, linux-image-intel) depends on its current release's
+# image: "linux-image-6.8.0-60-generic" (or linux-image-unsigned-...), the release `uname -r` names.
+KERNEL_META_DEPENDS = re.compile(r"(?:^|,)\s*linux-image-(?:unsigned-)?([0-9][^\s,(|]*)")
+
+
+def kernel_meta_releases(text):
+    """{meta package: the kernel release it brings} of the installed linux-image-<flavour> packages."""
+    releases = {}
+    for fields in _installed_stanzas(text):
+        name = fields["Package"]
+        match = KERNEL_META_DEPENDS.search(fields.get("Depends", ""))
+        if name.startswith("linux-image-") and not name[len("linux-image-"):][:1].isdigit() and match:
+            releases[name] = match.group(1)
+    return releases
 
 
 def parse_meminfo(text):
@@ -341,7 +360,9 @@ def gather(sysroot="/", run=None):
         "vepc": root.exists("/dev/sgx_vepc"),
         "bios_disabled_line": found["sgx_off"][0],
     }
-    packages = parse_dpkg_status(root.read("/var/lib/dpkg/status"))
+    dpkg_status = root.read("/var/lib/dpkg/status")
+    packages = parse_dpkg_status(dpkg_status)
+    kernel["packages"] = kernel_meta_releases(dpkg_status)
 
     services = {}
     for key, name in (("qgs", "qgsd"), ("pccs", "pccs")):

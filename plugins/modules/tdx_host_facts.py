@@ -131,7 +131,9 @@ tdx_host:
         - V(release), V(cmdline), V(tdx_param) (C(/sys/module/kvm_intel/parameters/tdx), V(Y),
           V(N) or null), V(tdx_supported) (the kernel's KVM can run TDs; null when unknown),
           V(kvm_intel_loaded), V(kvm_device) (C(/dev/kvm)), V(config_tdx), V(cmdline_tdx)
-          (C(kvm_intel.tdx=1) on the command line) and V(nohibernate).
+          (C(kvm_intel.tdx=1) on the command line), V(nohibernate), and V(packages) (each installed
+          kernel meta package (C(linux-image-generic), C(linux-image-intel)) with the kernel release
+          it brings, what C(uname -r) says once that kernel boots).
       type: dict
     kernel_log:
       description:

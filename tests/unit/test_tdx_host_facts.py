@@ -35,6 +35,7 @@ def test_the_ready_host_is_ready_and_its_facts_are_read():
     assert facts["cpu"]["model"] == "INTEL(R) XEON(R) PLATINUM 8570" and facts["cpu"]["flags_tdx"] is True
     assert facts["kernel"]["release"] == "6.8.0-1028-intel" and facts["kernel"]["tdx_param"] == "Y"
     assert "kvm_intel.tdx=1" in facts["kernel"]["cmdline"]
+    assert facts["kernel"]["packages"] == {"linux-image-intel": "6.8.0-1028-intel"}
     assert facts["tdx_module"]["initialized"] is True
     assert facts["tdx_module"]["line"].endswith("virt/tdx: module initialized")
     assert facts["keys"]["tdx_keyid_range"] == [32, 64] and facts["keys"]["tdx_keyids"] == 32
@@ -204,3 +205,20 @@ def test_on_this_machine_the_module_runs_its_commands_and_reports_without_failin
     assert result["changed"] is False and result["tdx_host"]["sysroot"] == "/"
     assert result["tdx_host"]["kernel"]["release"] == os.uname().release
     assert all(m["kind"] in tdx_host.KINDS for m in result["missing"])
+
+
+def test_kernel_packages_name_the_release_they_bring_and_only_installed_meta_packages_count():
+    status = "\n\n".join([
+        "Package: linux-image-generic\nStatus: install ok installed\nVersion: 6.8.0-60.63\n"
+        "Depends: linux-image-6.8.0-60-generic, linux-firmware, intel-microcode",
+        # The release's own image package is not a meta package.
+        "Package: linux-image-6.8.0-60-generic\nStatus: install ok installed\nDepends: linux-modules-6.8.0-60-generic",
+        "Package: linux-image-intel\nStatus: install ok installed\nDepends: linux-image-unsigned-6.8.0-1031-intel (= 6.8.0-1031.38)",
+        # Removed, its configuration kept: not installed.
+        "Package: linux-image-aws\nStatus: deinstall ok config-files\nDepends: linux-image-6.8.0-1020-aws",
+        # A meta package of something else.
+        "Package: linux-image-extra-virtual\nStatus: install ok installed\nDepends: linux-image-generic",
+    ])
+    assert tdx_host.kernel_meta_releases(status) == {"linux-image-generic": "6.8.0-60-generic",
+                                                     "linux-image-intel": "6.8.0-1031-intel"}
+    assert tdx_host.kernel_meta_releases(None) == {}
