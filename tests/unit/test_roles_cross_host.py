@@ -26,6 +26,8 @@ FOREIGN_PATHS = {
     "vmm": {},
     "acme_lab": {},
     "tdx_host": {},
+    # The collection is packed on the controller; the host gets the archive by copy's src.
+    "runtime": {"dstack_runtime_source": "localhost"},
 }
 NO_FILES = {"ansible.builtin.debug", "ansible.builtin.fail", "ansible.builtin.assert", "ansible.builtin.set_fact",
             "ansible.builtin.include_tasks", "ansible.builtin.import_tasks", "ansible.builtin.include_role",
