@@ -129,6 +129,12 @@ if ((${#need[@]})); then
 fi
 
 mkdir -p "$CACHE/images" "$CACHE/debs" "$CACHE/wheels" "$CACHE/work"
+# One build at a time per cache (the .deb folder and apt's lock in it are shared), its inputs read
+# once the lock is held; --print-inputs only reads them.
+if ((!PRINT_INPUTS)); then
+  exec 9>"$CACHE/lock"
+  flock 9
+fi
 
 # --- inputs -------------------------------------------------------------------------------------
 step "resolve: the mirror's package indexes"
@@ -167,9 +173,6 @@ if ((PRINT_INPUTS)); then
   printf '%s\n' "$KEY"
   exit 0
 fi
-# One build at a time per cache (the .deb folder and apt's lock in it are shared).
-exec 9>"$CACHE/lock"
-flock 9
 
 publish() {  # copy the image folder $1 to $OUT, replacing what was there
   local tmp="$OUT.tmp.$$"

@@ -71,16 +71,18 @@ def test_the_agents_run_from_their_own_copy_and_a_second_run_changes_nothing(tmp
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-2000:]
     assert _changed(first.stdout) > 0
     # The modules of the plays that follow run with the venv's Python.
-    assert (f"RUNTIME bin={home}/bin python={home}/venv/bin/python interpreter={home}/venv/bin/python"
+    assert (f"RUNTIME bin={home}/venv/bin python={home}/venv/bin/python interpreter={home}/venv/bin/python"
             in re.sub(r"\s+", " ", first.stdout))
 
-    # Every command of pyproject.toml, and the venv's Python beside them (the gateway role's).
+    # Every command of pyproject.toml, in the venv's bin beside its Python and supervisord (the VMM
+    # starts dstack-guest-agent from beside its own Python).
     with open(ROOT / "pyproject.toml", "rb") as src:
         scripts = tomllib.load(src)["project"]["scripts"]
-    assert sorted(p.name for p in (home / "bin").iterdir()) == sorted([*scripts, "python"])
+    bin_dir = home / "venv" / "bin"
+    assert all((bin_dir / name).is_file() for name in [*scripts, "python", "supervisord"])
 
     # The collection the venv imports is the unpacked copy, not this checkout.
-    where = subprocess.run([str(home / "bin" / "python"), "-c",
+    where = subprocess.run([str(bin_dir / "python"), "-c",
                             "import ansible_collections.dstack.tee.agents.kms.cli as m; print(m.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
     releases = sorted(home.glob("agents-*"))
@@ -90,11 +92,11 @@ def test_the_agents_run_from_their_own_copy_and_a_second_run_changes_nothing(tmp
 
     # A command works: dstack-kms makes root keys, with the venv's dependencies.
     state = tmp_path / "kms"
-    made = subprocess.run([str(home / "bin" / "dstack-kms"), "init", "--state-dir", str(state)],
+    made = subprocess.run([str(bin_dir / "dstack-kms"), "init", "--state-dir", str(state)],
                           capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     assert (state / "root-ca.crt").is_file() and (state / "root-k256.key").is_file()
-    assert str(VENV_BIN) not in (home / "bin" / "dstack-kms").read_text()
+    assert str(VENV_BIN) not in (bin_dir / "dstack-kms").read_text()
 
     second = _run(tmp_path, home, wheels)
     assert second.returncode == 0, second.stdout[-5000:]
