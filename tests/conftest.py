@@ -136,6 +136,20 @@ def _containers_conf(folder):
     return path
 
 
+@pytest.fixture(scope="session")
+def runtime_wheels(tmp_path_factory):
+    """pyproject.toml's dependencies as wheels in a folder, for dstack.tee.runtime on a host without
+    PyPI (--no-index --find-links); pip's cache makes this quick."""
+    import tomllib  # pylint: disable=import-outside-toplevel
+    folder = tmp_path_factory.mktemp("wheels")
+    with open(ROOT / "pyproject.toml", "rb") as src:
+        dependencies = tomllib.load(src)["project"]["dependencies"]
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(folder), *dependencies],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
 class ModuleResult(dict):
     """A module's JSON result, plus the raw output text (to check that no secret appears)."""
     raw = ""

@@ -11,8 +11,6 @@ import subprocess
 import sys
 import tomllib
 
-import pytest
-
 from conftest import ROOT, VENV_BIN, run_playbook
 
 PLAYBOOK = """
@@ -28,18 +26,6 @@ PLAYBOOK = """
           RUNTIME bin={{ dstack_runtime_bin_dir }} python={{ dstack_runtime_venv_python }}
           interpreter={{ ansible_python_interpreter }}
 """
-
-
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory):
-    """pyproject.toml's dependencies as wheels in a folder (pip's cache makes this quick)."""
-    folder = tmp_path_factory.mktemp("wheels")
-    with open(ROOT / "pyproject.toml", "rb") as src:
-        dependencies = tomllib.load(src)["project"]["dependencies"]
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(folder), *dependencies],
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return folder
 
 
 def _inventory(tmp_path):
@@ -65,9 +51,9 @@ def _changed(stdout):
     return int(found.group(1))
 
 
-def test_the_agents_run_from_their_own_copy_and_a_second_run_changes_nothing(tmp_path, wheels):
+def test_the_agents_run_from_their_own_copy_and_a_second_run_changes_nothing(tmp_path, runtime_wheels):
     home = tmp_path / "opt" / "dstack-tee"
-    first = _run(tmp_path, home, wheels)
+    first = _run(tmp_path, home, runtime_wheels)
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-2000:]
     assert _changed(first.stdout) > 0
     # The modules of the plays that follow run with the venv's Python.
@@ -98,15 +84,15 @@ def test_the_agents_run_from_their_own_copy_and_a_second_run_changes_nothing(tmp
     assert (state / "root-ca.crt").is_file() and (state / "root-k256.key").is_file()
     assert str(VENV_BIN) not in (bin_dir / "dstack-kms").read_text()
 
-    second = _run(tmp_path, home, wheels)
+    second = _run(tmp_path, home, runtime_wheels)
     assert second.returncode == 0, second.stdout[-5000:]
     assert _changed(second.stdout) == 0, second.stdout[-5000:]
     assert sorted(home.glob("agents-*")) == releases
 
 
-def test_check_mode_on_a_new_host_writes_nothing(tmp_path, wheels):
+def test_check_mode_on_a_new_host_writes_nothing(tmp_path, runtime_wheels):
     home = tmp_path / "new" / "dstack-tee"
-    checked = _run(tmp_path, home, wheels, "--check", "--diff")
+    checked = _run(tmp_path, home, runtime_wheels, "--check", "--diff")
     assert checked.returncode == 0, checked.stdout[-5000:] + checked.stderr[-2000:]
     assert _changed(checked.stdout) > 0
     assert not (tmp_path / "new").exists()

@@ -1,0 +1,81 @@
+"""site.yml with dstack_runtime_install on a simulated fleet: each host gets the agents in a runtime
+of its own (dstack.tee.runtime, its home in the host's private /var/lib/dstack), and the KMS and the
+VMM then run from it, with the collection's modules run by its venv's Python: nothing of this
+checkout's .venv is used on the hosts.
+
+Two hosts (host1: the KMS; host2: the VMM), no gateway; the venvs from a folder of wheels, as on
+hosts without PyPI.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fleet_fixtures import CGROUP_ROOTS, ROOT, VENV_BIN, Fleet, free_fleet_id
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"),
+    reason="needs root and openssh-server (scripts/setup.sh --test installs them)")
+
+HOME = "/var/lib/dstack/runtime"   # private to each host
+
+
+@pytest.fixture(scope="module")
+def fleet2():
+    folder = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp")) / "f"
+    fleet = Fleet(free_fleet_id(), folder)
+    try:
+        fleet.run("up", "2")
+        yield fleet
+    finally:
+        try:
+            fleet.run("down")
+        finally:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def host_commands(fleet, host):
+    """The command lines of the processes in the host's cgroup."""
+    lines = []
+    for root in CGROUP_ROOTS:
+        procs = root / f"dstack-fleet{fleet.id}" / host / "cgroup.procs"
+        for pid in procs.read_text().split() if procs.exists() else []:
+            try:
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+            except FileNotFoundError:
+                pass
+    return lines
+
+
+def test_site_installs_the_agents_on_each_host_and_runs_them_from_there(fleet2, runtime_wheels):
+    extra = {"dstack_runtime_install": True, "dstack_runtime_home": HOME,
+             # The interpreter itself, not this checkout's venv or a shim that needs a login shell.
+             "dstack_runtime_python": sys._base_executable,  # pylint: disable=protected-access
+             "dstack_runtime_pip_extra_args": f"--no-index --find-links {runtime_wheels}",
+             "dstack_gateway_enabled": False, "dstack_acme_lab_enabled": False}
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(fleet2.inventory),
+                           str(ROOT / "playbooks" / "site.yml"), "-e", json.dumps(extra)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert re.search(r"TASK \[dstack\.tee\.runtime : Install the requirements in the venv\]", out)
+
+    venv_python = f"{HOME}/venv/bin/python"
+    kms = [c for c in host_commands(fleet2, "host1") if " serve " in f"{c} " and "dstack-kms" in c]
+    vmm = [c for c in host_commands(fleet2, "host2") if " serve " in f"{c} " and "dstack-vmm" in c]
+    assert kms and all(c.startswith(f"{venv_python} {HOME}/venv/bin/dstack-kms serve") for c in kms), kms
+    assert vmm and all(c.startswith(f"{venv_python} {HOME}/venv/bin/dstack-vmm serve") for c in vmm), vmm
+    # Each host's runtime is its own (its private /var/lib/dstack), with the agents unpacked there.
+    for host in ("host1", "host2"):
+        listing = fleet2.run("ssh", host, f"ls -d {HOME}/agents-* && readlink "
+                             f"{HOME}/collections/ansible_collections/dstack/tee").stdout.split()
+        assert len(listing) == 2 and listing[0] == listing[1], listing
+    assert str(VENV_BIN) not in " ".join(kms + vmm)
