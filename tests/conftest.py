@@ -136,6 +136,11 @@ def _containers_conf(folder):
     return path
 
 
+# pip's own compiling of every installed module to .pyc is two thirds of a runtime venv's install
+# (37 s of 48 here); the tests' agents compile only what they import, as they import it.
+NO_COMPILE = "--no-compile"
+
+
 @pytest.fixture(scope="session")
 def runtime_wheels(tmp_path_factory):
     """pyproject.toml's dependencies as wheels in a folder, for dstack.tee.runtime on a host without

@@ -33,6 +33,7 @@ proves only which image the host named, not the image's bytes.
 
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -431,7 +432,7 @@ class SimTdx:
         """dstack's device id: SHA-256 of the PPID (dstack-reference 7.4)."""
         return hashlib.sha256(self.ppid).digest()
 
-    @property
+    @functools.cached_property
     def attestation_public_key(self):
         """The attestation key as a quote carries it: X || Y, 64 bytes."""
         public = self._keys["attestation"].public_key()
@@ -551,17 +552,21 @@ class SimTdx:
         return self._sign(header, report)
 
     def _sign(self, header, report):
-        attestation_key = self.attestation_public_key
+        signature = raw_ecdsa_signature(self._keys["attestation"], header.to_bytes() + report.to_bytes())
+        return Quote(header, report, signature, self.attestation_public_key, self._qe_certification).to_bytes()
+
+    @functools.cached_property
+    def _qe_certification(self):
+        """The QE's certification of the attestation key: the same in every quote of this platform (as
+        a real QE's report over its attestation key is), so it is made and signed once."""
         qe_report = SgxReportBody(
             cpu_svn=CPU_SVN, misc_select=QE_MISC_SELECT, attributes=QE_ATTRIBUTES, mr_enclave=QE_MR_ENCLAVE,
             mr_signer=QE_MR_SIGNER, isv_prod_id=QE_ISV_PROD_ID.to_bytes(2, "little"),
             isv_svn=QE_ISV_SVN.to_bytes(2, "little"),
-            report_data=hashlib.sha256(attestation_key + QE_AUTH_DATA).digest().ljust(64, b"\x00"))
-        certification = QeCertificationData(
+            report_data=hashlib.sha256(self.attestation_public_key + QE_AUTH_DATA).digest().ljust(64, b"\x00"))
+        return QeCertificationData(
             qe_report=qe_report, qe_report_signature=raw_ecdsa_signature(self._keys["pck"], qe_report.to_bytes()),
             qe_auth_data=QE_AUTH_DATA, cert_type=CERT_TYPE_PCK_CHAIN, cert_data=self.pck_chain_pem)
-        signature = raw_ecdsa_signature(self._keys["attestation"], header.to_bytes() + report.to_bytes())
-        return Quote(header, report, signature, attestation_key, certification).to_bytes()
 
     # --- RTMRs ---
 

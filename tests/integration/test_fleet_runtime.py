@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import NO_COMPILE
 from fleet_fixtures import CGROUP_ROOTS, ROOT, VENV_BIN, Fleet, free_fleet_id
 
 pytestmark = pytest.mark.skipif(
@@ -58,7 +59,7 @@ def test_site_installs_the_agents_on_each_host_and_runs_them_from_there(fleet2, 
     extra = {"dstack_runtime_install": True, "dstack_runtime_home": HOME,
              # The interpreter itself, not this checkout's venv or a shim that needs a login shell.
              "dstack_runtime_python": sys._base_executable,  # pylint: disable=protected-access
-             "dstack_runtime_pip_extra_args": f"--no-index --find-links {runtime_wheels}",
+             "dstack_runtime_pip_extra_args": f"--no-index --find-links {runtime_wheels} {NO_COMPILE}",
              "dstack_gateway_enabled": False, "dstack_acme_lab_enabled": False}
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(fleet2.inventory),

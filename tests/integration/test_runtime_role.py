@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tomllib
 
-from conftest import ROOT, VENV_BIN, run_playbook
+from conftest import NO_COMPILE, ROOT, VENV_BIN, run_playbook
 
 PLAYBOOK = """
 - name: The agents on this host
@@ -41,7 +41,7 @@ def _run(tmp_path, home, wheels, *extra):
     return run_playbook(playbook, "-i", str(_inventory(tmp_path)),
                         "-e", json.dumps({"dstack_runtime_home": str(home),
                                           "dstack_runtime_python": sys.executable,
-                                          "dstack_runtime_pip_extra_args": f"--no-index --find-links {wheels}"}),
+                                          "dstack_runtime_pip_extra_args": f"--no-index --find-links {wheels} {NO_COMPILE}"}),
                         *extra, timeout=900)
 
 
