@@ -14,8 +14,10 @@ connection the server has dropped meanwhile (its keep-alive timeout) is reopened
 request that found the connection closed before any answer came.
 """
 
+import contextlib
 import http.client
 import json
+import socket
 import ssl
 import threading
 from urllib.parse import urlsplit
@@ -93,7 +95,10 @@ class PrpcClient:
         for attempt in (1, 2):
             conn, reused = self._connection()
             try:
-                conn.request("POST", path, body=body, headers=headers)
+                if conn.sock is None:
+                    conn.connect()
+                with _one_segment(conn.sock):   # http.client sends the head and the body in two writes
+                    conn.request("POST", path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()  # read whole: the connection is then free for the next call
             except _DROPPED:
@@ -136,3 +141,21 @@ class PrpcClient:
             return json.loads(data)
         except ValueError:
             raise DstackError(self.service.lower(), f"{method} did not answer JSON") from None
+
+
+@contextlib.contextmanager
+def _one_segment(sock):
+    """The writes made meanwhile leave as one TCP segment where they fit (Linux TCP_CORK): a request's
+    head and body reach the server together, read and parsed once, not in two wake-ups."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        yield
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    try:
+        yield
+    finally:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)   # uncorking sends what is held
+        except OSError:
+            pass   # the socket was closed meanwhile (the error that closed it is the one raised)
