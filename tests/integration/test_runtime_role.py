@@ -105,6 +105,22 @@ def test_a_relative_home_is_refused_naming_the_setting(tmp_path):
     assert not (tmp_path / "opt").exists()
 
 
+def test_a_source_without_the_agents_is_refused_naming_the_setting(tmp_path):
+    playbook = tmp_path / "runtime.yml"
+    playbook.write_text(PLAYBOOK)
+    home = tmp_path / "opt" / "dstack-tee"
+    (tmp_path / "not-a-checkout" / "agents").mkdir(parents=True)
+    refused = run_playbook(playbook, "-i", str(_inventory(tmp_path)), "-e",
+                           json.dumps({"dstack_runtime_home": str(home), "dstack_runtime_python": sys.executable,
+                                       "dstack_runtime_source": str(tmp_path / "not-a-checkout")}), timeout=300)
+    assert refused.returncode != 0
+    text = re.sub(r"\s+", " ", refused.stdout)
+    assert f"dstack_runtime_source: {tmp_path / 'not-a-checkout'} has no plugins/module_utils, pyproject.toml" in text, \
+        text[-3000:]
+    assert "non-zero return code" not in text
+    assert not home.exists()
+
+
 def test_a_python_that_cannot_make_the_venv_stops_the_role_naming_it(tmp_path):
     playbook = tmp_path / "runtime.yml"
     playbook.write_text(PLAYBOOK)
