@@ -18,8 +18,9 @@ failed=()
 # per core here), one test file per worker at a time: most tests wait on real services (one worker
 # keeps the load near 1), and each test names its own ports, namespaces, interfaces and folders
 # (free ports, the worker's pid, temporary folders), so two files never meet. The files that take
-# minutes go first (tests/conftest.py SLOW_FILES), so that the run does not end with one of them alone. With arguments (one
-# test, -x, --pdb, -s) pytest runs as one process, unless they add -n themselves.
+# minutes go first (tests/conftest.py SLOW_FILES), so that the run does not end with one of them
+# alone. With arguments (one test, -x, --pdb, -s) pytest runs as one process, unless they add -n
+# themselves.
 workers=()
 if (($# > 0)); then
   :

@@ -58,6 +58,14 @@ def serve_processes(fleet, host, agent):
     return found
 
 
+def installed_release(fleet, host):
+    """The host's one agents-<checksum> folder, which its collection link points at."""
+    listing = fleet.run("ssh", host, f"ls -d {HOME}/agents-* && readlink "
+                        f"{HOME}/collections/ansible_collections/dstack/tee").stdout.split()
+    assert len(listing) == 2 and listing[0] == listing[1], listing
+    return listing[0]
+
+
 def run_site(fleet, extra):
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(fleet.inventory),
@@ -83,12 +91,7 @@ def test_site_installs_the_agents_on_each_host_and_runs_them_from_there(fleet2, 
     assert kms and all(c.startswith(f"{venv_python} {HOME}/venv/bin/dstack-kms serve") for c in kms.values()), kms
     assert vmm and all(c.startswith(f"{venv_python} {HOME}/venv/bin/dstack-vmm serve") for c in vmm.values()), vmm
     # Each host's runtime is its own (its private /var/lib/dstack), with the agents unpacked there.
-    releases = {}
-    for host in ("host1", "host2"):
-        listing = fleet2.run("ssh", host, f"ls -d {HOME}/agents-* && readlink "
-                             f"{HOME}/collections/ansible_collections/dstack/tee").stdout.split()
-        assert len(listing) == 2 and listing[0] == listing[1], listing
-        releases[host] = listing[0]
+    releases = {host: installed_release(fleet2, host) for host in ("host1", "host2")}
     assert str(VENV_BIN) not in " ".join(list(kms.values()) + list(vmm.values()))
 
     # Another version of the agents (dstack_runtime_source: a copy with one file changed): each host
@@ -101,9 +104,7 @@ def test_site_installs_the_agents_on_each_host_and_runs_them_from_there(fleet2, 
         changed.write("# another version\n")
     run_site(fleet2, dict(extra, dstack_runtime_source=str(source)))
     for host in ("host1", "host2"):
-        listing = fleet2.run("ssh", host, f"ls -d {HOME}/agents-* && readlink "
-                             f"{HOME}/collections/ansible_collections/dstack/tee").stdout.split()
-        assert len(listing) == 2 and listing[0] == listing[1] != releases[host], (listing, releases[host])
+        assert installed_release(fleet2, host) != releases[host], releases[host]
     new_kms = serve_processes(fleet2, "host1", "dstack-kms")
     new_vmm = serve_processes(fleet2, "host2", "dstack-vmm")
     assert new_kms and not set(new_kms) & set(kms), (kms, new_kms)
