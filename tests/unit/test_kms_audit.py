@@ -1,11 +1,14 @@
 """The KMS audit log: no record() returns before an fdatasync covered its line (on the asyncio
 worker's loop: no answer is sent before it); fsyncs are shared by concurrent writers and by the
-releases of one loop turn (group commit); a rotated log file is followed."""
+releases of one loop turn (group commit); a failing disk fails the answers; a rotated log file is
+followed."""
 
 import json
 import os
 import threading
 import time
+
+import pytest
 
 from ansible_collections.dstack.tee.agents.kms import audit as audit_module
 from ansible_collections.dstack.tee.agents.kms.audit import AuditLog
@@ -82,3 +85,31 @@ def test_on_the_event_loop_one_fdatasync_covers_the_lines_of_a_loop_turn(tmp_pat
     assert synced_sizes == [path.stat().st_size]     # one fdatasync, covering the three lines
     log.record(method="GetAppKey", decision="refuse", reason="d")   # no answer being made: synced at once
     assert synced_sizes[-1] == path.stat().st_size and len(synced_sizes) == 2
+
+
+def test_a_failing_fdatasync_fails_the_answer_and_the_next_line_tries_again(tmp_path, monkeypatch):
+    from ansible_collections.dstack.tee.agents import wsgi  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path))
+    failing, real_fdatasync = [True], os.fdatasync
+
+    def broken_fdatasync(fd):
+        if failing[0]:
+            raise OSError(5, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(audit_module.os, "fdatasync", broken_fdatasync)
+    before_answers = []
+    token = wsgi._BEFORE_ANSWER.set(before_answers)  # pylint: disable=protected-access
+    try:
+        log.record(method="GetAppKey", decision="release", reason="a")
+    finally:
+        wsgi._BEFORE_ANSWER.reset(token)  # pylint: disable=protected-access
+    with pytest.raises(OSError):
+        before_answers[0]()          # the answer is not sent (FastPrpc.flush closes its connection)
+    with pytest.raises(OSError):
+        log.record(method="GetAppKey", decision="release", reason="b")
+    failing[0] = False
+    log.record(method="GetAppKey", decision="release", reason="c")   # a disk that works again
+    assert [line["reason"] for line in log.read()] == ["a", "b", "c"]
