@@ -108,6 +108,11 @@ TCB_SIGNING_CN = "dstack-sim SGX TCB Signing"
 KEY_NAMES = ("root-ca", "pck-ca", "pck", "tcb-signing", "attestation")
 CERT_NAMES = ("root-ca", "pck-ca", "pck", "tcb-signing")
 PLATFORM_FILE = "platform.json"
+# The platform's files: every host that signs or verifies quotes of this installation needs a copy
+# (dstack.tee.sim_platform_info reads them, dstack.tee.sim_platform writes them; the kms role's
+# dstack_kms_sim_state_files is the same list). rtmrs.json, a TD's measurements, is not one of them.
+PLATFORM_FILES = ("root-ca.key", "root-ca.crt", "pck-ca.key", "pck-ca.crt", "pck.key", "pck.crt", "tcb-signing.key",
+                  "tcb-signing.crt", "attestation.key", PLATFORM_FILE)
 RTMRS_FILE = "rtmrs.json"
 PKI_LOCK = ".pki.lock"
 RTMRS_LOCK = ".rtmrs.lock"
@@ -324,12 +329,11 @@ class SimTdx:
         except OSError as exc:
             raise DstackError("state_dir", f"cannot prepare {self.state_dir}: {exc.strerror}") from None
         with locked(self._path(PKI_LOCK), fcntl.LOCK_EX):
-            files = [name + ".key" for name in KEY_NAMES] + [name + ".crt" for name in CERT_NAMES] + [PLATFORM_FILE]
-            present = [name for name in files if os.path.lexists(self._path(name))]
+            present = [name for name in PLATFORM_FILES if os.path.lexists(self._path(name))]
             if not present:
                 self._create()
-            elif len(present) != len(files):
-                missing = ", ".join(name for name in files if name not in present)
+            elif len(present) != len(PLATFORM_FILES):
+                missing = ", ".join(name for name in PLATFORM_FILES if name not in present)
                 raise DstackError("tdx_sim", f"the simulated PKI in {self.state_dir} is incomplete ({missing} "
                                              "missing); it is not replaced: restore the files, or remove the "
                                              "directory to start a new simulated installation")
