@@ -381,7 +381,13 @@ def _fork(name, run, let_go=()):
         os._exit(code)  # pylint: disable=protected-access  # never the parent's atexit or finally
 
 
-def _wait_ready(ready, child, timeout=60):
+# How long the socket API's child gets to listen. Its start is Python importing Flask, gunicorn and
+# cryptography: a second on a TDX host, but over 60 s in a VM under TCG emulation on a busy host
+# (seen in the suite's libvirt test). A child that fails is seen at once (its end of the pipe closes).
+API_READY_TIMEOUT = 300
+
+
+def _wait_ready(ready, child, timeout=API_READY_TIMEOUT):
     """Wait for the socket API's child to say it listens (one byte on the `ready` pipe)."""
     import select  # pylint: disable=import-outside-toplevel
     if not select.select([ready], [], [], timeout)[0]:
