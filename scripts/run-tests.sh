@@ -22,13 +22,14 @@ failed=()
 # (tests/conftest.py SLOW_FILES), so that the run does not end with one of them alone. With
 # arguments (one test, -x, --pdb, -s) pytest runs as one process, unless they add -n themselves.
 workers=()
+test_workers="${TEST_WORKERS:-3}"
 if (($# > 0)); then
   :
-elif ! [[ "${TEST_WORKERS:-3}" =~ ^[1-9][0-9]*$ ]]; then
+elif ! [[ "$test_workers" =~ ^[1-9][0-9]*$ ]]; then
   echo "TEST_WORKERS must be a number of pytest processes (1 or more), not '${TEST_WORKERS}'" >&2
   exit 2
-elif ((${TEST_WORKERS:-3} > 1)); then
-  workers=(-n "${TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder)
+elif ((test_workers > 1)); then
+  workers=(-n "$test_workers" --dist loadfile --no-loadscope-reorder)
 fi
 
 BESIDE=(tests/integration/test_guest_image.py tests/integration/test_guest_vm_boot.py
