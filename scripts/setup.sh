@@ -2,7 +2,8 @@
 # Sets up everything `make demo` and `make test` need, and is quick when it is all there already:
 #   1. Debian packages (apt-get, only the missing ones),
 #   2. the project venv .venv/ with the Python dependencies (pip, only when pyproject.toml changed),
-#   3. the collection link .venv/collections/ansible_collections/dstack/tee -> this checkout.
+#   3. the collection link .venv/collections/ansible_collections/dstack/tee -> this checkout, on the
+#      venv's path with the bytecode cache of Ansible's module payloads, and the collection compiled.
 # Usage: scripts/setup.sh [--test | --fleet]   (--test also installs what the test suite needs,
 #        --fleet what `make fleet-demo` needs besides make demo's: openssh-server for the hosts' sshd)
 set -euo pipefail
@@ -118,9 +119,17 @@ if [[ "$(readlink "$COLL/tee" 2>/dev/null)" != "$ROOT" ]]; then
   ln -sfn "$ROOT" "$COLL/tee"
 fi
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "$VENV/collections" > "$site/dstack_tee_collection.pth"
+# The collection on the venv's path, and the bytecode cache of Ansible's module payloads loaded at
+# each start (roles/runtime/files/python/dstack_tee_ansiballz_bytecode.py; the runtime role writes
+# the same lines on a fleet's hosts).
+printf '%s\n' "$VENV/collections" "$COLL/tee/roles/runtime/files/python" "import dstack_tee_ansiballz_bytecode" \
+  > "$site/dstack_tee_collection.pth"
 "$VENV/bin/python" -c 'import ansible_collections.dstack.tee.plugins.module_utils' \
   || die "the collection is not importable from .venv (see above)"
+# The collection's bytecode, written now: where PYTHONDONTWRITEBYTECODE is set (as on this project's
+# CI machines) Python would otherwise compile the agents' and the plugins' sources at each start.
+"$VENV/bin/python" -m compileall -q -j 0 "$ROOT/agents" "$ROOT/plugins" "$ROOT/roles/runtime/files/python" >/dev/null \
+  || die "python -m compileall failed on the collection (see above)"
 # ---- 4. the contracts' toolchain (tests only): solc, OpenZeppelin, ganache from the lock file ---
 if ((WITH_TEST)) && [[ -f "$ROOT/contracts/package-lock.json" ]]; then
   lock="$(sha256sum "$ROOT/contracts/package-lock.json" | cut -c1-16)"

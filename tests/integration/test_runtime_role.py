@@ -75,6 +75,14 @@ def test_the_agents_run_from_their_own_copy_and_a_second_run_changes_nothing(tmp
     assert len(releases) == 1 and where == f"{home}/collections/ansible_collections/dstack/tee/agents/kms/cli.py"
     assert (home / "collections/ansible_collections/dstack/tee").resolve() == releases[0]
     assert not str(ROOT) in where
+    # The venv's Python keeps the bytecode of Ansible's module payloads (the .pth's last line), with the
+    # module from the unpacked copy, and starts with nothing on stderr.
+    cached = subprocess.run([str(bin_dir / "python"), "-c", "import zipimport, dstack_tee_ansiballz_bytecode as m; "
+                             "print(zipimport._compile_source.dstack_tee_cached, m.__file__)"],
+                            capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert cached.stderr == ""
+    assert cached.stdout.split() == [
+        "True", f"{home}/collections/ansible_collections/dstack/tee/roles/runtime/files/python/dstack_tee_ansiballz_bytecode.py"]
 
     # A command works: dstack-kms makes root keys, with the venv's dependencies.
     state = tmp_path / "kms"
