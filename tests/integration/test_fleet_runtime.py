@@ -105,6 +105,9 @@ def test_site_installs_the_agents_on_each_host_and_runs_them_from_there(fleet2, 
     run_site(fleet2, dict(extra, dstack_runtime_source=str(source)))
     for host in ("host1", "host2"):
         assert installed_release(fleet2, host) != releases[host], releases[host]
+        # The payloads' bytecode cache comes from this collection, though the source had none.
+        cached = fleet2.run("ssh", host, f"{venv_python} -c 'import zipimport; print(zipimport._compile_source.dstack_tee_cached)'")
+        assert cached.stdout.split() == ["True"], (cached.stdout, cached.stderr)
     new_kms = serve_processes(fleet2, "host1", "dstack-kms")
     new_vmm = serve_processes(fleet2, "host2", "dstack-vmm")
     assert new_kms and not set(new_kms) & set(kms), (kms, new_kms)
