@@ -36,6 +36,13 @@ class Compiler:
         return compile(source, pathname, "exec", dont_inherit=True)
 
 
+def _folder(tmp_path):
+    """The cache folder as cache_folder() lays it out, under a cache base of this user's own."""
+    base = tmp_path / "cache-home"
+    base.mkdir(mode=0o700, exist_ok=True)
+    return base / "dstack-tee" / "ansiballz-bytecode"
+
+
 def _run(code):
     scope = {}
     exec(code, scope)  # pylint: disable=exec-used
@@ -53,7 +60,7 @@ SOURCE = b"def answer():\n    return (lambda: 42)()\n"
 
 
 def test_an_entry_serves_the_next_payload_and_names_its_path(tmp_path):
-    folder = tmp_path / "cache"
+    folder = _folder(tmp_path)
     compiler = Compiler()
     first = bytecode.compile_cached(compiler, PAYLOAD + "/ansible/module_utils/x.py", SOURCE, str(folder))
     assert len(compiler.calls) == 1 and _run(first)["answer"]() == 42
@@ -69,7 +76,7 @@ def test_an_entry_serves_the_next_payload_and_names_its_path(tmp_path):
 
 
 def test_a_changed_source_is_compiled_again_and_replaces_the_entry(tmp_path):
-    folder, compiler = tmp_path / "cache", Compiler()
+    folder, compiler = _folder(tmp_path), Compiler()
     bytecode.compile_cached(compiler, PAYLOAD + "/m.py", SOURCE, str(folder))
     changed = SOURCE.replace(b"42", b"43")
     code = bytecode.compile_cached(compiler, PAYLOAD + "/m.py", changed, str(folder))
@@ -80,7 +87,7 @@ def test_a_changed_source_is_compiled_again_and_replaces_the_entry(tmp_path):
 
 
 def test_a_corrupt_or_foreign_entry_is_compiled_over(tmp_path):
-    folder, compiler = tmp_path / "cache", Compiler()
+    folder, compiler = _folder(tmp_path), Compiler()
     bytecode.compile_cached(compiler, PAYLOAD + "/m.py", SOURCE, str(folder))
     (entry,) = folder.iterdir()
     header_length = len(importlib.util.MAGIC_NUMBER) + 1 + 32
@@ -93,25 +100,43 @@ def test_a_corrupt_or_foreign_entry_is_compiled_over(tmp_path):
     assert len(compiler.calls) == 3
 
 
+@pytest.mark.parametrize("level", [0, 1, 2])
 @pytest.mark.parametrize("mode", [0o770, 0o702, 0o777])
-def test_a_folder_others_may_write_to_is_not_used(tmp_path, mode):
-    folder, compiler = tmp_path / "cache", Compiler()
-    folder.mkdir()
-    folder.chmod(mode)
+def test_a_folder_others_may_write_to_is_not_used(tmp_path, mode, level):
+    """The cache base, dstack-tee or ansiballz-bytecode writable by others: compiled each time, nothing kept."""
+    folder, compiler = _folder(tmp_path), Compiler()
+    folder.mkdir(parents=True, mode=0o700)
+    [folder.parent.parent, folder.parent, folder][level].chmod(mode)
     for payload in (PAYLOAD, PAYLOAD.replace("x1", "y2")):
         bytecode.compile_cached(compiler, payload + "/m.py", SOURCE, str(folder))
     assert len(compiler.calls) == 2 and not list(folder.iterdir())
 
 
+def test_a_folder_of_another_user_or_a_link_is_not_used(tmp_path):
+    """Root whose HOME is another user's: nothing made there, nothing read; a symlinked folder: not followed."""
+    folder, compiler = _folder(tmp_path), Compiler()
+    os.chown(folder.parent.parent, 65534, 65534)
+    bytecode.compile_cached(compiler, PAYLOAD + "/m.py", SOURCE, str(folder))
+    assert len(compiler.calls) == 1 and not folder.parent.exists()
+
+    os.chown(folder.parent.parent, os.geteuid(), os.getegid())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    folder.parent.mkdir(mode=0o700)
+    folder.symlink_to(elsewhere)
+    for payload in (PAYLOAD, PAYLOAD.replace("x1", "y2")):
+        bytecode.compile_cached(compiler, payload + "/m.py", SOURCE, str(folder))
+    assert len(compiler.calls) == 3 and not list(elsewhere.iterdir())
+
+
 def test_zips_other_than_payloads_and_an_unwritable_folder_compile_as_before(tmp_path):
     compiler = Compiler()
-    folder = tmp_path / "cache"
+    folder = _folder(tmp_path)
     for path in ("/srv/app.zip/m.py", "/tmp/x/other_payload.zip/m.py", "/tmp/x/ansible_ping_payload.zip/"):
         bytecode.compile_cached(compiler, path, SOURCE, str(folder))
-    assert len(compiler.calls) == 3 and not folder.exists()
-    blocked = tmp_path / "file"
-    blocked.write_text("a file where the folder would be")
-    code = bytecode.compile_cached(compiler, PAYLOAD + "/m.py", SOURCE, str(blocked / "cache"))
+    assert len(compiler.calls) == 3 and not folder.parent.exists()
+    folder.parent.write_text("a file where the folder would be")
+    code = bytecode.compile_cached(compiler, PAYLOAD + "/m.py", SOURCE, str(folder))
     assert _run(code)["answer"]() == 42 and len(compiler.calls) == 4
 
 
@@ -151,10 +176,10 @@ def _ping(tmp_path, cache_home, **env):
 def _plant(folder):
     """An entry for ping's exact source whose code answers 'planted' instead of 'pong'."""
     source = Path(ansible.modules.ping.__file__).read_bytes()
-    entry, header = bytecode._entry(str(folder), "ansible/modules/ping.py", source)  # pylint: disable=protected-access
+    name, header = bytecode._entry("ansible/modules/ping.py", source)  # pylint: disable=protected-access
     planted = source.replace(b"data=dict(type='str', default='pong')", b"data=dict(type='str', default='planted')")
     assert planted != source, "ping's source changed: the planted entry needs another edit"
-    Path(entry).write_bytes(header + marshal.dumps(compile(planted, "ping.py", "exec")))
+    (folder / name).write_bytes(header + marshal.dumps(compile(planted, "ping.py", "exec")))
 
 
 def test_ansible_playbook_takes_a_payloads_bytecode_from_the_cache(tmp_path):

@@ -9,8 +9,8 @@ on every host. Imported at start-up by a .pth line in the venvs that scripts/set
 runtime role make, this wraps zipimport's compile step, for AnsiballZ payloads only, with a cache:
 one file per path inside the payload, holding the SHA-256 of the source it was compiled from, so
 a changed module or module_util is compiled again and replaces its entry. The cache is used only
-when its folder is this user's own and nobody else may write to it (bytecode is code); any error
-falls back to compiling, as without it. DSTACK_TEE_ANSIBALLZ_BYTECODE=0 turns it off.
+when its folders are this user's own and nobody else may write to them (bytecode is code: see
+_open_own_folder); any error falls back to compiling, as without it. DSTACK_TEE_ANSIBALLZ_BYTECODE=0 turns it off.
 """
 
 import marshal
@@ -34,16 +34,40 @@ def cache_folder():
     return os.path.join(base, 'dstack-tee', 'ansiballz-bytecode')
 
 
-def _own_folder(folder):
-    """The folder, made 0700 if missing, when this user owns it and no one else can write to it."""
+def _trusted(descriptor):
+    info = os.fstat(descriptor)
+    return info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
+def _open_own_folder(folder):
+    """A descriptor of the folder (made 0700 if missing), or None: the cache folder (~/.cache), then
+    dstack-tee and ansiballz-bytecode each opened from the one above it (no symlink) and each this
+    user's own with no one else allowed to write to it. Bytecode is code: root whose HOME is another
+    user's (sudo without -H) gets no cache there, and no folder above can be swapped in between."""
+    base = os.path.dirname(os.path.dirname(folder))
     try:
+        # Nothing made in a folder that is not this user's own.
+        if os.stat(base if os.path.isdir(base) else os.path.dirname(base)).st_uid != os.geteuid():
+            return None
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        info = os.stat(folder)
     except OSError:
         return None
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+    descriptor = None
+    try:
+        for name, flags in ((base, 0), (os.path.basename(os.path.dirname(folder)), os.O_NOFOLLOW),
+                            (os.path.basename(folder), os.O_NOFOLLOW)):
+            below = os.open(name, os.O_RDONLY | os.O_DIRECTORY | flags, dir_fd=descriptor)
+            if descriptor is not None:
+                os.close(descriptor)
+            descriptor = below
+            if not _trusted(descriptor):
+                os.close(descriptor)
+                return None
+        return descriptor
+    except OSError:
+        if descriptor is not None:
+            os.close(descriptor)
         return None
-    return folder
 
 
 def _with_filename(code, filename):
@@ -53,45 +77,59 @@ def _with_filename(code, filename):
     return code.replace(co_filename=filename, co_consts=consts)
 
 
-def _entry(folder, inner_path, source):
-    """The entry's file for a path inside the payloads, and the header that makes it valid for this
+def _entry(inner_path, source):
+    """The entry's name for a path inside the payloads, and the header that makes it valid for this
     source: Python's bytecode magic, the optimize level, the source's SHA-256."""
     # Imported here, not at every interpreter's start.
     import hashlib  # pylint: disable=import-outside-toplevel
     from importlib.util import MAGIC_NUMBER  # pylint: disable=import-outside-toplevel
     name = hashlib.sha256(inner_path.encode('utf-8', 'surrogateescape')).hexdigest()[:40]
-    return os.path.join(folder, name), MAGIC_NUMBER + bytes([sys.flags.optimize]) + hashlib.sha256(source).digest()
+    return name, MAGIC_NUMBER + bytes([sys.flags.optimize]) + hashlib.sha256(source).digest()
+
+
+def _read(folder, name):
+    try:
+        descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder)
+    except OSError:
+        return b''
+    with os.fdopen(descriptor, 'rb') as cached:
+        return cached.read()
+
+
+def _write(folder, name, data):
+    """The entry replaced at once (a temporary file renamed over it): a reader sees one or the other."""
+    temporary = '%s.%d.tmp' % (name, os.getpid())
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=folder)
+        with os.fdopen(descriptor, 'wb') as written:
+            written.write(data)
+        os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except (OSError, ValueError):
+        try:
+            os.unlink(temporary, dir_fd=folder)
+        except OSError:
+            pass
 
 
 def compile_cached(compile_source, pathname, source, folder):
     """compile_source(pathname, source), through the cache in folder when pathname is in a payload."""
     inner = payload_inner_path(pathname)
-    if inner is None or _own_folder(folder) is None:
+    descriptor = None if inner is None else _open_own_folder(folder)
+    if descriptor is None:
         return compile_source(pathname, source)
-    entry, header = _entry(folder, inner, source)
     try:
-        with open(entry, 'rb') as cached:
-            data = cached.read()
-    except OSError:
-        data = b''
-    if data[:len(header)] == header:
-        try:
-            return _with_filename(marshal.loads(data[len(header):]), pathname)
-        except (EOFError, ValueError, TypeError):
-            pass
-    code = compile_source(pathname, source)
-    temporary = '%s.%d.tmp' % (entry, os.getpid())
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, 'wb') as written:
-            written.write(header + marshal.dumps(code))
-        os.replace(temporary, entry)
-    except (OSError, ValueError):
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-    return code
+        name, header = _entry(inner, source)
+        data = _read(descriptor, name)
+        if data[:len(header)] == header:
+            try:
+                return _with_filename(marshal.loads(data[len(header):]), pathname)
+            except (EOFError, ValueError, TypeError):
+                pass
+        code = compile_source(pathname, source)
+        _write(descriptor, name, header + marshal.dumps(code))
+        return code
+    finally:
+        os.close(descriptor)
 
 
 def install():
