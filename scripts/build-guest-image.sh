@@ -32,7 +32,8 @@
 # image, and the Debian mirror's state (the sha256 of each suite's Packages index, which fixes every version apt
 # resolves). Their hash is the cache key; the versions apt installed are recorded in
 # packages.manifest (inside the rootfs too). Every time in the image is SOURCE_DATE_EPOCH, files
-# that differ from build to build (logs, caches, machine-id, .pyc) are removed.
+# that differ from build to build (logs, caches, machine-id, Debian's .pyc) are removed; the .pyc are
+# compiled again, reproducibly (hash-based, a fixed PYTHONHASHSEED).
 set -euo pipefail
 # debootstrap, chroot and veritysetup live in sbin, which a user's PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -634,6 +635,16 @@ rm -rf "$RFS"/var/lib/apt/lists/* "$RFS"/var/cache/apt/* "$RFS"/var/cache/debcon
   "$RFS"/tmp/* "$RFS"/var/tmp/* "$RFS"/root/.bash_history "$RFS"/var/log/* "$RFS"/run/*
 mkdir -p "$RFS/var/cache/apt/archives/partial"
 find "$RFS" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
+# The Python bytecode, compiled again the same way in every build: the rootfs is read-only, so
+# without it every Python start compiles each module it imports from source (the guest agent with
+# the standard library, podman-compose: a minute and more of a TCG VM's CPU per boot). Hash-based
+# .pyc (checked against the source's hash, no mtime in them), one process compiling the folders in
+# order, PYTHONHASHSEED fixed (set and frozenset constants are in hash order): the same bytes from
+# the same inputs.
+stdlib="$(in_root python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"
+in_root PYTHONHASHSEED=0 python3 -m compileall -q --invalidation-mode checked-hash \
+  "$stdlib" /usr/lib/python3/dist-packages "$site" "$COLLECTION_ROOT" >"$WORK/compileall.log" 2>&1 \
+  || { tail -20 "$WORK/compileall.log" >&2; die "python3 -m compileall failed inside the rootfs"; }
 : >"$RFS/etc/machine-id"
 echo dstack >"$RFS/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tdstack\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$RFS/etc/hosts"

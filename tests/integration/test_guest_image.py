@@ -7,6 +7,7 @@ No skip: where the build cannot run (no root, no debootstrap, no Debian mirror) 
 says why.
 """
 
+import _imp
 import hashlib
 import json
 import os
@@ -88,6 +89,22 @@ def check_layout(image):
     return meta, digest
 
 
+def rootfs_listing(image):
+    """The paths in the image's squashfs rootfs, relative to its root."""
+    meta = json.loads((image / "metadata.json").read_text())
+    out = subprocess.run(["unsquashfs", "-l", "-d", "", str(image / meta["rootfs"])], check=True,
+                         capture_output=True, text=True).stdout
+    return {line.lstrip("/") for line in out.splitlines() if line.startswith("/")}
+
+
+def bytecode_of(module, listed):
+    """The .pyc of `module` (a .py path) among the `listed` paths, or None."""
+    folder, _sep, name = module.rpartition("/")
+    found = [path for path in listed if path.startswith(f"{folder}/__pycache__/{name[:-3]}.cpython-")
+             and path.endswith(".pyc")]
+    return found[0] if len(found) == 1 else None
+
+
 def rootfs_file(image, path):
     """A file's bytes from the image's squashfs rootfs (the verity tree after it is ignored)."""
     meta = json.loads((image / "metadata.json").read_text())
@@ -123,6 +140,17 @@ def test_two_builds_give_the_same_os_image_hash_and_the_cache_reuses_it(tmp_path
     # The guest agent is this checkout's, under the collection's fixed path, with its launcher.
     assert rootfs_file(first, AGENT_IN_ROOTFS) == (src / "agents/guest/cli.py").read_bytes()
     assert b"agents.guest.cli" in rootfs_file(first, "usr/local/bin/dstack-guest-agent")
+    # With its bytecode (the rootfs is read-only: without it each Python start in the VM compiles
+    # every module it imports), hash-based and of this source, for each of the collection's modules
+    # and the standard library's.
+    listed = rootfs_listing(first)
+    collection = [path for path in listed if path.startswith("opt/dstack/") and path.endswith(".py")]
+    assert collection and not [path for path in collection if not bytecode_of(path, listed)], \
+        "collection modules without bytecode in the image"
+    pyc = rootfs_file(first, bytecode_of(AGENT_IN_ROOTFS, listed))
+    assert int.from_bytes(pyc[4:8], "little") == 0b11, "the agent's .pyc is not checked-hash based"
+    assert pyc[8:16] == _imp.source_hash(int.from_bytes(pyc[:4], "little"), (src / "agents/guest/cli.py").read_bytes())
+    assert [path for path in listed if re.fullmatch(r"usr/lib/python3\.\d+/__pycache__/os\.cpython-\d+\.pyc", path)]
     manifest = (first / "packages.manifest").read_text()
     for package in ("podman", "python3", "linux-image-amd64"):
         assert re.search(rf"^{package} \S+ \S+$", manifest, re.M), f"{package} not in packages.manifest"

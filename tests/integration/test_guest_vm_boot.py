@@ -238,8 +238,10 @@ def test_the_image_boots_through_verity_and_dstack_init_to_the_guest_agent(guest
 
         # The app's image is nowhere: the boot fails at its containers (podman and podman-compose
         # ran), after it was measured, so the agent's exit powers the VM off, the host told why.
-        # The failure comes after podman's pull of the absent image gives up (its registries over
-        # QEMU's user network: 50-80 s of the guest's TCG time here), so the wait is the boot's.
+        # The wait is the boot's: the containers step waits for the agent's socket API (its child
+        # process's Flask and gunicorn start, 20-40 s of the guest's TCG CPU here), podman's pull of
+        # the absent image is refused at once (localhost:443; three retries 1 s apart, idle), then
+        # the failed boot's `podman-compose down` (measured with the qemu process's CPU time).
         assert wait_for_power_off(dom, BOOT_TIMEOUT), f"the VM still runs {time.monotonic() - started:.0f} s after its start"
         powered_off = time.monotonic() - started
         in_order(read_log(serial), "[agent] boot failed at containers: ",
