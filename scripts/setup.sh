@@ -126,8 +126,9 @@ printf '%s\n' "$VENV/collections" "$COLL/tee/roles/runtime/files/python" "import
   > "$site/dstack_tee_collection.pth"
 "$VENV/bin/python" -c 'import ansible_collections.dstack.tee.plugins.module_utils' \
   || die "the collection is not importable from .venv (see above)"
-# The collection's bytecode, written now: where PYTHONDONTWRITEBYTECODE is set (as on this project's
-# CI machines) Python would otherwise compile the agents' and the plugins' sources at each start.
+# The collection's bytecode, written now: where PYTHONDONTWRITEBYTECODE is set (as in the sessions
+# on this project's machines) Python would otherwise compile the agents' and the plugins' sources at
+# each start.
 "$VENV/bin/python" -m compileall -q -j 0 "$ROOT/agents" "$ROOT/plugins" "$ROOT/roles/runtime/files/python" >/dev/null \
   || die "python -m compileall failed on the collection (see above)"
 # ---- 4. the contracts' toolchain (tests only): solc, OpenZeppelin, ganache from the lock file ---
